@@ -1,0 +1,338 @@
+"""Experiment configuration: yacs defaults, YAML files with ``BASE`` inheritance, ``--opts`` overrides.
+
+Public entry points:
+  * ``load_config(cfg_path, opts=None)`` -> frozen CfgNode (tests, scripts, tools).
+  * ``get_config(args)`` -> frozen CfgNode for ``main.py`` (applies the command-line flags too).
+  * ``validate_config(config)`` -> raises ``ConfigError`` with a one-line message naming key and fix.
+
+Every key of the official FLatten/Swin config exists here (some are only kept so that their YAML files
+and checkpoints load); keys that are new in this codebase are marked "(ours)".
+"""
+from __future__ import annotations
+
+import ast
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line that names the key and the fix."""
+
+
+_C = CN()
+_C.BASE = ['']
+
+# ----------------------------------------------------------------------------- data
+_C.DATA = CN()
+_C.DATA.BATCH_SIZE = 128                 # per process
+_C.DATA.DATA_PATH = ''
+_C.DATA.DATASET = 'imagenet'
+_C.DATA.IMG_SIZE = 224
+_C.DATA.INTERPOLATION = 'bicubic'        # random, bilinear, bicubic
+_C.DATA.ZIP_MODE = False
+_C.DATA.CACHE_MODE = 'part'              # no, full, part (zip mode only)
+_C.DATA.PIN_MEMORY = True
+_C.DATA.NUM_WORKERS = 8
+_C.DATA.SKIP_BAD_IMAGES = False          # (ours) skip and count unreadable images instead of failing
+
+# ----------------------------------------------------------------------------- model
+_C.MODEL = CN()
+_C.MODEL.TYPE = 'swin'
+_C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
+_C.MODEL.RESUME = ''
+_C.MODEL.PRETRAINED = ''                 # (ours) set by --pretrained
+_C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.DROP_RATE = 0.0
+_C.MODEL.DROP_PATH_RATE = 0.1
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+_C.MODEL.SWIN = CN()
+_C.MODEL.SWIN.PATCH_SIZE = 4
+_C.MODEL.SWIN.IN_CHANS = 3
+_C.MODEL.SWIN.EMBED_DIM = 96
+_C.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN.WINDOW_SIZE = 7
+_C.MODEL.SWIN.MLP_RATIO = 4.
+_C.MODEL.SWIN.QKV_BIAS = True
+_C.MODEL.SWIN.QK_SCALE = None
+_C.MODEL.SWIN.APE = False
+_C.MODEL.SWIN.PATCH_NORM = True
+# Kept for compatibility with the official config (and the checkpoints that pickle it); unused.
+_C.MODEL.SWIN.KA = [7, 7, 7, 7]
+_C.MODEL.SWIN.DIM_REDUCTION = [4, 4, 4, 4]
+_C.MODEL.SWIN.STAGES = [True, True, True, True]
+_C.MODEL.SWIN.STAGES_NUM = [-1, -1, -1, -1]
+_C.MODEL.SWIN.RPB = True
+_C.MODEL.SWIN.PADDING_MODE = 'zeros'
+_C.MODEL.SWIN.SHARE_DWC_KERNEL = True
+_C.MODEL.SWIN.SHARE_QKV = False
+_C.MODEL.SWIN.LR_FACTOR = 2
+_C.MODEL.SWIN.DEPTHS_LR = [2, 2, 2, 2]
+_C.MODEL.SWIN.FUSION_TYPE = 'add'
+_C.MODEL.SWIN.STAGE_CFG = None
+_C.MODEL.SWIN_HR = CN(new_allowed=True)
+_C.MODEL.SWIN_LRVIT = CN(new_allowed=True)
+_C.MODEL.PVD = CN(new_allowed=True)
+
+# Focused linear attention
+_C.MODEL.LA = CN()
+_C.MODEL.LA.FOCUSING_FACTOR = 3
+_C.MODEL.LA.KERNEL_SIZE = 5
+_C.MODEL.LA.ATTN_TYPE = 'LLLL'           # one letter per stage: 'L' focused linear, 'S' softmax
+_C.MODEL.LA.PVT_LA_SR_RATIOS = '1111'    # one digit per stage (an integer like 8421 is accepted)
+_C.MODEL.LA.CSWIN_LA_SPLIT_SIZE = '56-28-14-7'
+
+# ----------------------------------------------------------------------------- training
+_C.TRAIN = CN()
+_C.TRAIN.START_EPOCH = 0
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.WARMUP_EPOCHS = 20
+_C.TRAIN.COOLDOWN_EPOCHS = 0
+_C.TRAIN.WEIGHT_DECAY = 0.05
+_C.TRAIN.BASE_LR = 5e-4
+_C.TRAIN.WARMUP_LR = 5e-7
+_C.TRAIN.MIN_LR = 5e-6
+_C.TRAIN.CLIP_GRAD = 5.0                 # None disables clipping
+_C.TRAIN.AUTO_RESUME = True
+_C.TRAIN.USE_CHECKPOINT = False          # gradient checkpointing
+_C.TRAIN.MAX_NONFINITE_STEPS = 20        # (ours) consecutive skipped steps before the run stops
+_C.TRAIN.KEEP_CHECKPOINTS = 3            # (ours) epoch checkpoints kept on disk
+
+_C.TRAIN.LR_SCHEDULER = CN()
+_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'    # cosine, linear, step
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.NAME = 'adamw'        # adamw, sgd
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+
+# ----------------------------------------------------------------------------- augmentation
+_C.AUG = CN()
+_C.AUG.COLOR_JITTER = 0.4
+_C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
+_C.AUG.REPROB = 0.25
+_C.AUG.REMODE = 'pixel'
+_C.AUG.RECOUNT = 1
+_C.AUG.MIXUP = 0.8
+_C.AUG.CUTMIX = 1.0
+_C.AUG.CUTMIX_MINMAX = None
+_C.AUG.MIXUP_PROB = 1.0
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+_C.AUG.MIXUP_MODE = 'batch'
+
+# ----------------------------------------------------------------------------- testing
+_C.TEST = CN()
+_C.TEST.CROP = True
+
+# ----------------------------------------------------------------------------- EMA (ours: one loop)
+_C.MODEL_EMA = CN()
+_C.MODEL_EMA.ENABLE = False
+_C.MODEL_EMA.DECAY = 0.99996
+_C.MODEL_EMA.FORCE_CPU = False
+
+# ----------------------------------------------------------------------------- misc
+_C.AMP = False
+_C.AMP_DTYPE = 'float16'                 # (ours) float16 (with GradScaler) or bfloat16
+_C.DEVICE = 'auto'                       # (ours) auto, cuda, cpu
+_C.DIST_TIMEOUT = 600                    # (ours) seconds a collective waits before the run fails
+_C.OUTPUT = ''
+_C.TAG = 'default'
+_C.SAVE_FREQ = 1
+_C.PRINT_FREQ = 100
+_C.SEED = 0
+_C.EVAL_MODE = False
+_C.THROUGHPUT_MODE = False
+_C.LOCAL_RANK = 0
+_C.FIND_UNUSED_PARAMS = False            # (ours) set by --find-unused-params
+
+# Values whose YAML spelling may be an int or a str; stored as str.
+_STRING_KEYS = {'MODEL.LA.PVT_LA_SR_RATIOS', 'MODEL.LA.CSWIN_LA_SPLIT_SIZE', 'MODEL.LA.ATTN_TYPE'}
+
+
+def default_config() -> CN:
+    """A mutable copy of the defaults."""
+    return _C.clone()
+
+
+def _coerce(full_key: str, value: Any, original: Any, source: str) -> Any:
+    if full_key in _STRING_KEYS and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if value is None or original is None:
+        return value
+    if isinstance(original, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(original)(value)
+    if isinstance(original, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is type(original):
+        return value
+    raise ConfigError(
+        f"{source}: {full_key} must be {type(original).__name__} like {original!r}, got {value!r}")
+
+
+def _decode(value: Any) -> Any:
+    """Turn strings such as '1e-4', 'None', '[1, 2]' into Python values (as yacs does)."""
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def _merge(config: CN, updates: dict, source: str, prefix: str = '') -> None:
+    for key, value in updates.items():
+        full_key = f'{prefix}{key}'
+        if key not in config:
+            if getattr(config, '__dict__', {}).get(CN.NEW_ALLOWED, False):
+                config[key] = CN(value) if isinstance(value, dict) else _decode(value)
+                continue
+            raise ConfigError(f"{source}: unknown config key '{full_key}' (check its spelling; "
+                              f"valid keys here: {', '.join(sorted(config.keys()))})")
+        original = config[key]
+        if isinstance(original, CN):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{full_key}' is a section; give it sub-keys, not {value!r}")
+            _merge(original, value, source, full_key + '.')
+        else:
+            config[key] = _coerce(full_key, _decode(value), original, source)
+
+
+def merge_yaml(config: CN, cfg_path: str) -> None:
+    """Merge a YAML file into ``config`` after its BASE files (paths relative to the YAML file)."""
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"config file not found: '{cfg_path}' (give --cfg a path to a YAML file, e.g. cfgs/flatten_swin_t.yaml)")
+    with open(cfg_path, 'r') as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{cfg_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cfg_path}: a config file must be a mapping of KEY: value")
+    bases = data.pop('BASE', None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    for base in bases:
+        if base:
+            merge_yaml(config, os.path.join(os.path.dirname(os.path.abspath(cfg_path)), base))
+    _merge(config, data, cfg_path)
+
+
+def merge_opts(config: CN, opts: Optional[Sequence[str]]) -> None:
+    """Merge ``['KEY.SUB', 'value', ...]`` pairs (the ``--opts`` list)."""
+    if not opts:
+        return
+    if len(opts) % 2:
+        raise ConfigError(f"--opts takes KEY VALUE pairs; got an odd count: {list(opts)}")
+    for key, value in zip(opts[0::2], opts[1::2]):
+        nested: dict = {}
+        node = nested
+        parts = key.split('.')
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        _merge(config, nested, '--opts')
+
+
+def load_config(cfg_path: str, opts: Optional[Iterable[str]] = None, validate: bool = True) -> CN:
+    """Defaults <- YAML (with BASE chain) <- opts; validated and frozen."""
+    config = default_config()
+    merge_yaml(config, cfg_path)
+    merge_opts(config, list(opts) if opts else None)
+    if validate:
+        validate_config(config)
+    config.freeze()
+    return config
+
+
+def get_config(args) -> CN:
+    """The config for main.py: ``load_config`` plus the command-line flags, and the output folder
+    ``<output>/<MODEL.NAME>/<TAG>``."""
+    config = default_config()
+    merge_yaml(config, args.cfg)
+    merge_opts(config, getattr(args, 'opts', None))
+    flag_to_key = [
+        ('batch_size', 'DATA.BATCH_SIZE'), ('data_path', 'DATA.DATA_PATH'), ('cache_mode', 'DATA.CACHE_MODE'),
+        ('resume', 'MODEL.RESUME'), ('pretrained', 'MODEL.PRETRAINED'), ('output', 'OUTPUT'), ('tag', 'TAG'),
+        ('amp_dtype', 'AMP_DTYPE'), ('device', 'DEVICE'),
+        ('model_ema_decay', 'MODEL_EMA.DECAY'),
+    ]
+    for flag, key in flag_to_key:
+        value = getattr(args, flag, None)
+        if value is not None:
+            _set(config, key, value)
+    switches = [('zip', 'DATA.ZIP_MODE'), ('use_checkpoint', 'TRAIN.USE_CHECKPOINT'), ('amp', 'AMP'),
+                ('eval', 'EVAL_MODE'), ('throughput', 'THROUGHPUT_MODE'), ('model_ema', 'MODEL_EMA.ENABLE'),
+                ('model_ema_force_cpu', 'MODEL_EMA.FORCE_CPU'), ('find_unused_params', 'FIND_UNUSED_PARAMS')]
+    for flag, key in switches:
+        if getattr(args, flag, False):
+            _set(config, key, True)
+    config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)
+    validate_config(config)
+    config.freeze()
+    return config
+
+
+def _set(config: CN, key: str, value: Any) -> None:
+    node = config
+    parts = key.split('.')
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------- validation
+def _stage_count(config: CN) -> int:
+    t = config.MODEL.TYPE
+    if t == 'flatten_swin':
+        return len(config.MODEL.SWIN.DEPTHS)
+    return 4
+
+
+def validate_config(config: CN) -> None:
+    """Cheap checks that fail before any work, each with one line naming the key and the fix.
+    Family-specific layout checks (divisibility of the image by patch/window/split sizes) are done by
+    the model builders, which know their layout, and raise ConfigError too."""
+    if config.DATA.BATCH_SIZE <= 0:
+        raise ConfigError(f"DATA.BATCH_SIZE must be positive, got {config.DATA.BATCH_SIZE} "
+                          f"(set --batch-size N or --opts DATA.BATCH_SIZE N)")
+    if config.DATA.IMG_SIZE <= 0:
+        raise ConfigError(f"DATA.IMG_SIZE must be positive, got {config.DATA.IMG_SIZE}")
+    if config.MODEL.NUM_CLASSES <= 0:
+        raise ConfigError(f"MODEL.NUM_CLASSES must be positive, got {config.MODEL.NUM_CLASSES}")
+    attn = config.MODEL.LA.ATTN_TYPE
+    stages = _stage_count(config)
+    if len(attn) != stages or set(attn) - {'L', 'S'}:
+        raise ConfigError(f"MODEL.LA.ATTN_TYPE must be {stages} letters from 'L' (focused linear) and 'S' "
+                          f"(softmax), one per stage, e.g. {'L' * (stages // 2) + 'S' * (stages - stages // 2)!r}; got {attn!r}")
+    sr = str(config.MODEL.LA.PVT_LA_SR_RATIOS)
+    if len(sr) != 4 or not sr.isdigit() or '0' in sr:
+        raise ConfigError(f"MODEL.LA.PVT_LA_SR_RATIOS must be 4 non-zero digits, one per stage (e.g. '8421' or "
+                          f"'1111'); got {sr!r}")
+    split = str(config.MODEL.LA.CSWIN_LA_SPLIT_SIZE).split('-')
+    if len(split) != 4 or not all(s.isdigit() and int(s) > 0 for s in split):
+        raise ConfigError(f"MODEL.LA.CSWIN_LA_SPLIT_SIZE must be 4 positive integers joined by '-', e.g. "
+                          f"'56-28-14-7'; got {config.MODEL.LA.CSWIN_LA_SPLIT_SIZE!r}")
+    if config.MODEL.LA.KERNEL_SIZE <= 0 or config.MODEL.LA.KERNEL_SIZE % 2 == 0:
+        raise ConfigError(f"MODEL.LA.KERNEL_SIZE must be a positive odd number, got {config.MODEL.LA.KERNEL_SIZE}")
+    if config.AMP_DTYPE not in ('float16', 'bfloat16'):
+        raise ConfigError(f"AMP_DTYPE must be 'float16' or 'bfloat16', got {config.AMP_DTYPE!r}")
+    if config.DEVICE not in ('auto', 'cuda', 'cpu'):
+        raise ConfigError(f"DEVICE must be 'auto', 'cuda' or 'cpu', got {config.DEVICE!r}")
+    if config.DATA.CACHE_MODE not in ('no', 'full', 'part'):
+        raise ConfigError(f"DATA.CACHE_MODE must be 'no', 'full' or 'part', got {config.DATA.CACHE_MODE!r}")
+    if config.TRAIN.LR_SCHEDULER.NAME not in ('cosine', 'linear', 'step'):
+        raise ConfigError(f"TRAIN.LR_SCHEDULER.NAME must be 'cosine', 'linear' or 'step', got "
+                          f"{config.TRAIN.LR_SCHEDULER.NAME!r}")
+    if config.TRAIN.OPTIMIZER.NAME.lower() not in ('adamw', 'sgd'):
+        raise ConfigError(f"TRAIN.OPTIMIZER.NAME must be 'adamw' or 'sgd', got {config.TRAIN.OPTIMIZER.NAME!r}")
+    if config.TRAIN.EPOCHS <= 0:
+        raise ConfigError(f"TRAIN.EPOCHS must be positive, got {config.TRAIN.EPOCHS}")

@@ -1,0 +1,5 @@
+"""Model zoo: ``build_model(config)`` for the FLatten-Swin, -PVT, -PVTv2 and -CSwin families."""
+from .build import build_model, model_types, register_model
+from . import flatten_swin, flatten_pvt, flatten_pvt_v2, flatten_cswin  # noqa: F401  (registration)
+
+__all__ = ['build_model', 'model_types', 'register_model']
