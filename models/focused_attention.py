@@ -127,11 +127,13 @@ class FocusedLinearAttentionBase(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Focused linear attention of raw projections q (B, N, C), k, v (B, n, C) -> (B, N, C).
 
-        Computed in float32 even under autocast: the focusing power p can overflow float16.
+        Computed in at least float32 even under autocast (the focusing power p can overflow float16);
+        float64 inputs stay float64. Returns v's dtype.
         """
         dtype = v.dtype
+        compute = torch.promote_types(dtype, torch.float32)
         with torch.autocast(device_type=v.device.type, enabled=False):
-            q, k, v = q.float(), k.float(), v.float()
+            q, k, v = q.to(compute), k.to(compute), v.to(compute)
             q, k = self.feature_map(q, k)
             q, k, v = self.tap(q, k, v)
             out = linear_attention(q, k, v, self.num_heads)
