@@ -230,7 +230,7 @@ class FLattenSwinTransformer(nn.Module):
         if ape:
             trunc_normal_(self.absolute_pos_embed, std=.02)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()  # cpu: also under a meta device
         windows = stage_windows(window_size, attn_type)
         self.layers = nn.ModuleList([
             SwinStage(int(embed_dim * 2 ** i), (grid[0] // 2 ** i, grid[1] // 2 ** i), depths[i], num_heads[i],
