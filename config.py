@@ -126,6 +126,8 @@ _C.AUG.CUTMIX_MINMAX = None
 _C.AUG.MIXUP_PROB = 1.0
 _C.AUG.MIXUP_SWITCH_PROB = 0.5
 _C.AUG.MIXUP_MODE = 'batch'
+_C.AUG.HFLIP = 0.5                       # (ours) horizontal flip probability (timm default)
+_C.AUG.SCALE = (0.08, 1.0)               # (ours) random-resized-crop area range (timm default)
 
 # ----------------------------------------------------------------------------- testing
 _C.TEST = CN()

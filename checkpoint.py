@@ -1,0 +1,419 @@
+"""Checkpoints: atomic save, safe (``weights_only``) load, auto-resume discovery, pruning and
+pretrained-weight adaptation.
+
+Every failure is a ``CheckpointError`` whose one-line message names the file, the problem and the fix.
+
+Safe loading: ``torch.load(weights_only=True)`` with a scoped allow-list. The only non-tensor class we
+admit is yacs' ``CfgNode`` (official checkpoints pickle their config). ``weights_only`` cannot rebuild a
+dict subclass, so the global ``yacs.config.CfgNode`` is mapped to a plain ``OrderedDict`` while
+unpickling, and nodes carrying yacs' attributes are turned back into ``CfgNode`` afterwards. Anything
+else a file asks for (``os.system``, ``builtins.eval``, custom classes) is refused; there is no unsafe
+fallback.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import logging
+import math
+import os
+import pickle
+import re
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from yacs.config import CfgNode
+
+logger = logging.getLogger(__name__)
+
+_CFG_GLOBAL = 'yacs.config.CfgNode'
+_DROPPED_BUFFERS = ('relative_position_index', 'attn_mask')
+_GRID_KEYS = re.compile(r'(^|\.)(positional_encoding|pos_embed\d*|absolute_pos_embed)$')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, read or applied (one line: file, problem, fix)."""
+
+
+# ----------------------------------------------------------------------------- save
+def _nonfinite_model_keys(state: Dict[str, Any]) -> List[str]:
+    model = state.get('model') if isinstance(state, dict) else None
+    if not isinstance(model, dict):
+        return []
+    return [k for k, v in model.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:            # some filesystems cannot fsync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+class _RecordingWriter:
+    """File wrapper that remembers the OSError of a failed write: torch's zip writer swallows it and
+    reports only an internal position mismatch."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_checkpoint(state: Dict[str, Any], path: str) -> None:
+    """Write ``state`` to ``path`` atomically: temp file in the same folder, flush + fsync, rename, fsync
+    the folder. A previous ``path`` stays intact on any failure. Refuses non-finite model weights."""
+    bad = _nonfinite_model_keys(state)
+    if bad:
+        raise CheckpointError(f"refusing to write checkpoint {path}: model tensors contain NaN/Inf "
+                              f"({', '.join(bad[:3])}{'...' if len(bad) > 3 else ''}); the previous checkpoint "
+                              f"is kept; lower the learning rate or enable gradient clipping")
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp: Optional[str] = None
+    writer: Optional[_RecordingWriter] = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+        with open(tmp, 'xb') as f:                 # honours the umask, unlike mkstemp's 0600
+            writer = _RecordingWriter(f)
+            torch.save(state, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(folder)
+    except (OSError, RuntimeError) as e:     # torch's zip writer turns a failed write into RuntimeError
+        cause = e if isinstance(e, OSError) else (writer.error if writer is not None else None) or e
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; "
+                              f"free space or choose a writable --output") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+
+# ----------------------------------------------------------------------------- load
+def _restore_cfgnodes(obj: Any) -> Any:
+    """Turn the OrderedDict stand-ins of pickled CfgNodes (they carry yacs' ``__immutable__`` attribute)
+    back into ``CfgNode``; recurse through plain containers."""
+    if isinstance(obj, dict):
+        items = {k: _restore_cfgnodes(v) for k, v in obj.items()}
+        attrs = getattr(obj, '__dict__', {})
+        if '__immutable__' in attrs:
+            node = CfgNode.__new__(CfgNode)
+            dict.update(node, items)
+            node.__dict__.update(attrs)
+            return node
+        obj.update(items)
+        return obj
+    if isinstance(obj, list):
+        return [_restore_cfgnodes(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_restore_cfgnodes(v) for v in obj)
+    return obj
+
+
+def _safe_load(path: str, map_location: Any = 'cpu', mmap: bool = False) -> Any:
+    """torch.load(weights_only=True) with the CfgNode stand-in; raises CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path} (check the path given to --resume/--pretrained)")
+    try:
+        with torch.serialization.safe_globals([(collections.OrderedDict, _CFG_GLOBAL)]):
+            try:
+                obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not (mmap and 'mmap can only be used' in str(e)):
+                    raise
+                obj = torch.load(path, map_location=map_location, weights_only=True)   # legacy format
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        m = re.search(r'GLOBAL ([\w.]+)', text) or re.search(r'unrecognized function (\S+)', text) \
+            or re.search(r'but got (<[^>]*>)', text)
+        if m:
+            raise CheckpointError(
+                f"refusing to load {path}: it needs {m.group(1)} which weights_only loading does not allow "
+                f"(only tensors, plain containers and yacs CfgNode are accepted); it may be hostile — "
+                f"use a checkpoint you trust or re-save its weights as a plain state_dict") from None
+        raise CheckpointError(f"could not read checkpoint {path}: {_first_line(text)}; the file is truncated "
+                              f"or corrupt — use an earlier checkpoint") from None
+    except Exception as e:   # zip reader errors, EOFError, bad magic number...
+        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {_first_line(str(e))}; "
+                              f"the file is truncated or corrupt — use an earlier checkpoint") from None
+    return _restore_cfgnodes(obj)
+
+
+def _first_line(text: str) -> str:
+    """The informative sentence of a torch/pickle error (torch wraps it in boilerplate)."""
+    m = re.search(r'WeightsUnpickler error:\s*(.+)', text)
+    if m:
+        return m.group(1).strip()[:200]
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), 'unknown error')
+    return line.split('. ')[0][:200]
+
+
+def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
+    """Safely load a checkpoint dict (tensors on ``map_location``). Never falls back to unsafe loading."""
+    obj = _safe_load(path, map_location)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"could not use checkpoint {path}: it holds a {type(obj).__name__}, not a dict; "
+                              f"save a dict such as {{'model': state_dict}}")
+    return obj
+
+
+# ----------------------------------------------------------------------------- model state
+def extract_model_state(ckpt: Dict[str, Any], prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The model state_dict inside ``ckpt`` ({'model'|'state_dict'|'model_ema': sd} or a bare sd),
+    with leading 'module.' prefixes stripped."""
+    order = ('model_ema', 'model', 'state_dict') if prefer_ema else ('model', 'state_dict', 'model_ema')
+    sd = next((ckpt[k] for k in order if isinstance(ckpt.get(k), dict)), None)
+    if sd is None:
+        if ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+            sd = ckpt
+        else:
+            raise CheckpointError(f"checkpoint has no model weights (keys: {', '.join(map(str, list(ckpt)[:8]))}); "
+                                  f"expected 'model', 'state_dict' or 'model_ema'")
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        while k.startswith('module.'):
+            k = k[len('module.'):]
+        out[k] = v
+    return out
+
+
+def _mismatch_report(missing: List[str], unexpected: List[str], shapes: List[str]) -> str:
+    parts = []
+    for name, items in (('missing', missing), ('unexpected', unexpected), ('shape mismatches', shapes)):
+        if items:
+            more = f' (+{len(items) - 3} more)' if len(items) > 3 else ''
+            parts.append(f"{len(items)} {name}: {', '.join(items[:3])}{more}")
+    return '; '.join(parts)
+
+
+def _compare(model_sd: Dict[str, torch.Tensor], sd: Dict[str, torch.Tensor]
+             ) -> Tuple[List[str], List[str], List[str]]:
+    missing = [k for k in model_sd if k not in sd]
+    unexpected = [k for k in sd if k not in model_sd]
+    shapes = [f'{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}' for k, v in model_sd.items()
+              if k in sd and torch.is_tensor(sd[k]) and tuple(sd[k].shape) != tuple(v.shape)]
+    return missing, unexpected, shapes
+
+
+def load_model_state(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """Strict load: keys and shapes are compared first; any mismatch raises CheckpointError."""
+    missing, unexpected, shapes = _compare(model.state_dict(), state_dict)
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"weights in {source} do not fit the model: "
+                              f"{_mismatch_report(missing, unexpected, shapes)}; does --cfg match the "
+                              f"checkpoint's model (MODEL.TYPE, sizes, ATTN_TYPE, NUM_CLASSES, IMG_SIZE)?")
+    model.load_state_dict(state_dict, strict=True)
+
+
+# ----------------------------------------------------------------------------- resume
+def _progress(ckpt: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+    """(epoch, step) recorded by the engine, or None when the file is not a resumable checkpoint."""
+    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'epoch' not in ckpt:
+        return None
+    try:
+        return int(ckpt['epoch']), int(ckpt.get('step') or 0)
+    except (TypeError, ValueError):
+        return None
+
+
+def _set_aside(path: str, reason: str) -> None:
+    target = path + '.corrupt'
+    n = 1
+    while os.path.exists(target):
+        target, n = f'{path}.corrupt{n}', n + 1
+    try:
+        os.replace(path, target)
+        logger.warning('checkpoint %s cannot be loaded (%s); kept aside as %s', path, reason, target)
+    except OSError as e:
+        logger.warning('checkpoint %s cannot be loaded (%s) and could not be renamed: %s', path, reason, e)
+
+
+_TMP_NAME = re.compile(r'^\..+\.pth\.(\d+)\.[0-9a-f]{8}\.tmp$')
+
+
+def _remove_stale_temp_files(output_dir: str) -> None:
+    """Delete temp files of saves that never finished (their writer process is gone, e.g. kill -9)."""
+    for name in os.listdir(output_dir):
+        m = _TMP_NAME.match(name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        try:
+            if pid != os.getpid():
+                os.kill(pid, 0)
+                continue                       # its writer is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue                           # alive, owned by someone else
+        try:
+            os.remove(os.path.join(output_dir, name))
+            logger.info('removed %s, left by an interrupted checkpoint save', name)
+        except OSError:
+            pass
+
+
+def find_resume_checkpoint(output_dir: str) -> Optional[str]:
+    """Newest loadable resumable checkpoint in ``output_dir`` by recorded (epoch, step), ties by mtime.
+    Unloadable *.pth files are logged and renamed aside to '<name>.corrupt'; None if nothing usable.
+    Temp files of interrupted saves are removed."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return None
+    _remove_stale_temp_files(output_dir)
+    found: List[Tuple[Tuple[int, int], float, str]] = []
+    for path in glob.glob(os.path.join(output_dir, '*.pth')):
+        try:
+            ckpt = _safe_load(path, 'cpu', mmap=True)      # metadata only: tensors stay on disk
+        except CheckpointError as e:
+            _set_aside(path, str(e))
+            continue
+        progress = _progress(ckpt)
+        del ckpt
+        if progress is None:
+            logger.info('ignoring %s for auto-resume: it records no epoch', path)
+            continue
+        found.append((progress, os.path.getmtime(path), path))
+    if not found:
+        return None
+    found.sort()
+    logger.info('auto-resume candidate %s (epoch %d, step %d)', found[-1][2], *found[-1][0])
+    return found[-1][2]
+
+
+def _epoch_of(path: str) -> int:
+    m = re.search(r'ckpt_epoch_(\d+)\.pth$', path)
+    return int(m.group(1)) if m else -1
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` ckpt_epoch_*.pth files (by epoch number); keep <= 0 keeps all."""
+    if keep <= 0:
+        return
+    paths = sorted(glob.glob(os.path.join(output_dir, 'ckpt_epoch_*.pth')), key=_epoch_of)
+    for path in paths[:-keep]:
+        try:
+            os.remove(path)
+            logger.info('pruned old checkpoint %s', path)
+        except OSError as e:
+            logger.warning('could not prune %s: %s', path, e)
+
+
+# ----------------------------------------------------------------------------- pretrained
+def resize_bias_table(table: torch.Tensor, length: int) -> torch.Tensor:
+    """Bicubic resize of a relative position bias table ((2w-1)^2, heads) -> (length, heads)."""
+    src, heads = table.shape
+    s1, s2 = math.isqrt(src), math.isqrt(length)
+    if s1 * s1 != src or s2 * s2 != length:
+        raise ValueError(f'bias table lengths {src} -> {length} are not squares')
+    grid = table.float().T.reshape(1, heads, s1, s1)
+    out = F.interpolate(grid, size=(s2, s2), mode='bicubic', align_corners=False)
+    return out.reshape(heads, length).T.contiguous().to(table.dtype)
+
+
+def resize_token_grid(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """Bicubic resize of (1, n, C) tokens on a square grid to (1, length, C). One extra leading token
+    (a class token, n = 1 + s^2) is carried over unchanged."""
+    _, n, c = tokens.shape
+    extra = 0 if math.isqrt(n) ** 2 == n else 1
+    s1, s2 = math.isqrt(n - extra), math.isqrt(length - extra)
+    if s1 * s1 != n - extra or s2 * s2 != length - extra:
+        raise ValueError(f'token counts {n} -> {length} are not square grids')
+    grid = tokens[:, extra:].float().reshape(1, s1, s1, c).permute(0, 3, 1, 2)
+    out = F.interpolate(grid, size=(s2, s2), mode='bicubic', align_corners=False)
+    out = out.permute(0, 2, 3, 1).reshape(1, s2 * s2, c).to(tokens.dtype)
+    return torch.cat([tokens[:, :extra], out], dim=1)
+
+
+def _read_index_file(path: str) -> List[int]:
+    try:
+        with open(path) as f:
+            return [int(line.split()[0]) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"could not read the 22k->1k class index file {path}: {e}; give a text file "
+                              f"with one class index per line") from None
+
+
+def load_pretrained(model: nn.Module, path: str, logger: Optional[logging.Logger] = None,
+                    index_22k_to_1k: Optional[str] = None, prefer_ema: bool = False) -> None:
+    """Fine-tuning load: drop re-creatable buffers, bicubically resize bias tables and positional grids to
+    the model, re-initialise (keep the model's fresh) head when the class count differs, or map a
+    21841-class head to 1000 classes with ``index_22k_to_1k``. Any other mismatch raises CheckpointError."""
+    log = logger or logging.getLogger(__name__)
+    sd = extract_model_state(load_checkpoint(path), prefer_ema=prefer_ema)
+    target = model.state_dict()
+    sd = {k: v for k, v in sd.items() if not k.endswith(_DROPPED_BUFFERS)}
+    merged: Dict[str, torch.Tensor] = {}
+    resized, head_reset, problems = [], [], []
+    for key, value in sd.items():
+        if key not in target:
+            continue
+        want = target[key]
+        if tuple(value.shape) == tuple(want.shape):
+            merged[key] = value
+            continue
+        try:
+            if key.endswith('relative_position_bias_table') and value.shape[1] == want.shape[1]:
+                merged[key] = resize_bias_table(value, want.shape[0])
+                resized.append(key)
+                continue
+            if _GRID_KEYS.search(key) and value.dim() == 3 and value.shape[2] == want.shape[2]:
+                merged[key] = resize_token_grid(value, want.shape[1])
+                resized.append(key)
+                continue
+        except ValueError as e:
+            problems.append(f'{key} ({e})')
+            continue
+        if key.startswith('head.') and value.shape[1:] == want.shape[1:]:
+            if index_22k_to_1k and value.shape[0] == 21841 and want.shape[0] == 1000:
+                idx = torch.tensor(_read_index_file(index_22k_to_1k))
+                if idx.numel() != 1000:
+                    raise CheckpointError(f"{index_22k_to_1k}: expected 1000 class indices, got {idx.numel()}")
+                merged[key] = value[idx]
+                continue
+            head_reset.append(key)
+            continue
+        problems.append(f'{key} {tuple(value.shape)} vs model {tuple(want.shape)}')
+    missing = [k for k in target if k not in sd and not k.endswith(_DROPPED_BUFFERS)]
+    unexpected = [k for k in sd if k not in target]
+    if missing or unexpected or problems:
+        raise CheckpointError(f"pretrained weights {path} do not fit the model: "
+                              f"{_mismatch_report(missing, unexpected, problems)}; does --cfg match the "
+                              f"checkpoint's model?")
+    full = dict(target)
+    full.update(merged)
+    model.load_state_dict(full, strict=True)
+    if resized:
+        log.info('pretrained %s: bicubically resized %d tensors (%s%s)', path, len(resized),
+                 ', '.join(resized[:3]), '...' if len(resized) > 3 else '')
+    if head_reset:
+        log.info('pretrained %s: class count differs, head re-initialised (%s)', path, ', '.join(head_reset))
+    log.info('loaded pretrained weights from %s', path)
+
+
+__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'extract_model_state', 'load_model_state',
+           'find_resume_checkpoint', 'prune_checkpoints', 'load_pretrained', 'resize_bias_table',
+           'resize_token_grid']

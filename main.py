@@ -1,0 +1,87 @@
+"""Train / evaluate a FLatten Transformer (the entry point; the loop is ``engine.run``).
+
+    python main.py --cfg cfgs/flatten_swin_t.yaml --data-path /data/imagenet [--batch-size 128] ...
+    torchrun --nproc_per_node=8 main.py --cfg ... --data-path ...
+    python -m torch.distributed.launch --nproc_per_node=8 main.py --cfg ...   (legacy launcher)
+    python main.py --cfg ... --data-path ... --eval --resume ckpt.pth
+    python main.py --cfg ... --throughput
+
+Exit codes: 0 done; 2 a clear problem (configuration, checkpoint, data, diverged training), printed as
+one line ``ERROR: <message>``; 143 preempted by SIGTERM/SIGINT after saving a resumable checkpoint
+(rerun the same command to continue); anything else is a bug (with its traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import List, Optional
+
+from utils import ERROR_EXIT_CODE, PREEMPTED_EXIT_CODE
+
+
+def build_parser(ema: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('FLatten Transformer training and evaluation')
+    p.add_argument('--cfg', type=str, required=True, metavar='FILE', help='path to the config file')
+    p.add_argument('--opts', default=None, nargs='+', help="override config keys: 'KEY VALUE' pairs")
+    p.add_argument('--batch-size', type=int, help='batch size per process')
+    p.add_argument('--data-path', type=str, help='dataset folder (train/ and val/, ImageNet layout)')
+    p.add_argument('--zip', action='store_true', help='read train.zip/val.zip with their map files')
+    p.add_argument('--cache-mode', type=str, default=None, choices=['no', 'full', 'part'],
+                   help='zip mode caching: no, full (all images in memory), part (this rank\'s shard)')
+    p.add_argument('--resume', help='checkpoint to resume from (or to evaluate with --eval)')
+    p.add_argument('--use-checkpoint', action='store_true', help='gradient checkpointing to save memory')
+    p.add_argument('--amp', action='store_true', help='mixed precision (see --amp-dtype)')
+    p.add_argument('--amp-dtype', choices=['float16', 'bfloat16'], default=None,
+                   help='float16 (with a GradScaler) or bfloat16 (no scaler)')
+    p.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default=None, help='auto: CUDA when available')
+    p.add_argument('--output', default='output', type=str, metavar='PATH',
+                   help='root of the output folder <output>/<MODEL.NAME>/<TAG> (default: output)')
+    p.add_argument('--tag', help='tag of the experiment')
+    p.add_argument('--eval', action='store_true', help='evaluate only')
+    p.add_argument('--throughput', action='store_true', help='measure throughput only')
+    p.add_argument('--pretrained', type=str, default=None, help='initial weights for fine-tuning (resized)')
+    p.add_argument('--find-unused-params', action='store_true', help='DDP find_unused_parameters')
+    # torch.distributed.launch passes the local rank as an argument; the environment's LOCAL_RANK is used
+    p.add_argument('--local-rank', '--local_rank', dest='local_rank', type=int, default=None,
+                   help=argparse.SUPPRESS)
+    if ema:
+        p.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=True,
+                       help='track an exponential moving average of the weights (default: on)')
+        p.add_argument('--model-ema-decay', type=float, default=None, help='EMA decay (MODEL_EMA.DECAY)')
+        p.add_argument('--model-ema-force-cpu', action='store_true',
+                       help='keep the EMA on the CPU (not evaluated when training on a GPU)')
+    return p
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (errors re-raised from DataLoader workers carry the worker's
+    traceback: keep its last line, without the exception's module path)."""
+    text = str(error).strip()
+    if 'Traceback (most recent call last)' in text:
+        text = re.sub(r'^[\w.]*Error:\s*', '', text.splitlines()[-1].strip())
+    return ' '.join(text.split())
+
+
+def main(argv: Optional[List[str]] = None, ema: bool = False) -> int:
+    """Parse, configure, run; returns the exit code."""
+    args = build_parser(ema).parse_args(argv)
+    from checkpoint import CheckpointError
+    from config import ConfigError, get_config
+    from data import DataError
+    import engine
+    from logger import log_to_file
+    try:
+        engine.run(get_config(args))
+    except engine.Preempted:
+        return PREEMPTED_EXIT_CODE
+    except (ConfigError, CheckpointError, DataError, engine.TrainingError) as e:
+        message = one_line(e)
+        log_to_file(f'ERROR: {message}')
+        print(f'ERROR: {message}', file=sys.stderr, flush=True)
+        return ERROR_EXIT_CODE
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

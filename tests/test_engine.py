@@ -1,0 +1,382 @@
+"""End-to-end tests of the training/evaluation engine on the embedded digits data (CPU, gloo).
+
+A tiny FLatten-Swin (32 px, one block per stage) is trained for a few epochs on a stratified subset of
+scikit-learn's digits (300 train, 99 val images: an odd count, so two ranks get unequal shards).
+References are independent of the engine: a hand-written evaluation loop over the PNG files, exact
+equality of weights against an uninterrupted run, and chance level (10%).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import engine
+import main as entry
+from config import get_config, load_config
+from data.digits import write_digits
+from models import build_model
+from utils import PREEMPTED_EXIT_CODE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml')
+NAME = 'flatten_swin_digits'
+TINY = ['DATA.IMG_SIZE', '32', 'MODEL.SWIN.PATCH_SIZE', '4', 'MODEL.SWIN.EMBED_DIM', '16',
+        'MODEL.SWIN.DEPTHS', '[1, 1, 1, 1]', 'MODEL.SWIN.NUM_HEADS', '[1, 1, 2, 2]',
+        'DATA.BATCH_SIZE', '32', 'DATA.NUM_WORKERS', '0', 'TRAIN.EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '0',
+        'TRAIN.BASE_LR', '0.032', 'TRAIN.MIN_LR', '0.0016', 'TRAIN.KEEP_CHECKPOINTS', '2', 'SAVE_FREQ', '1',
+        'PRINT_FREQ', '4', 'MODEL_EMA.ENABLE', 'True', 'MODEL_EMA.DECAY', '0.8', 'MODEL.DROP_PATH_RATE', '0.1']
+N_VAL = 99
+
+
+def args(data: str, out: str, *flags: str, opts: tuple = ()) -> list:
+    return ['--cfg', CFG, '--data-path', data, '--output', out, *flags, '--opts', *TINY, *opts]
+
+
+def run_engine(argv: list) -> engine.RunResult:
+    return engine.run(get_config(entry.build_parser().parse_args(argv)))
+
+
+def run_dir(out: str, tag: str = 'default') -> str:
+    return os.path.join(out, NAME, tag)
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def logged(path: str, pattern: str) -> list:
+    with open(path) as f:
+        return re.findall(pattern, f.read())
+
+
+@pytest.fixture(scope='session')
+def digits(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp('digits'))
+    counts = write_digits(root, size=32, max_train_per_class=30, max_val_per_class=10)
+    os.remove(sorted(glob.glob(os.path.join(root, 'val', '9', '*.png')))[-1])     # 100 -> 99 val images
+    assert counts['train'] == 300
+    return root
+
+
+@pytest.fixture(scope='session')
+def baseline(digits, tmp_path_factory):
+    """An uninterrupted 3-epoch run with EMA (the reference for resume tests)."""
+    out = str(tmp_path_factory.mktemp('baseline'))
+    result = run_engine(args(digits, out))
+    return out, result
+
+
+def naive_eval(model: torch.nn.Module, val_dir: str) -> tuple:
+    """(top-1 %, top-5 %) over the val PNGs with a hand-written pipeline (32 px: no resize)."""
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    files = sorted(glob.glob(os.path.join(val_dir, '*', '*.png')))
+    x = np.stack([(np.asarray(Image.open(f).convert('RGB'), np.float64) / 255 - mean) / std for f in files])
+    labels = torch.tensor([int(os.path.basename(os.path.dirname(f))) for f in files])
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x).permute(0, 3, 1, 2).float())
+    top5 = logits.topk(5, dim=1).indices
+    return (100.0 * (top5[:, 0] == labels).sum().item() / len(files),
+            100.0 * (top5 == labels[:, None]).any(1).sum().item() / len(files))
+
+
+# ----------------------------------------------------------------------------- training and outputs
+def test_train_single_process(baseline, digits):
+    out, result = baseline
+    run = run_dir(out)
+    assert result.epochs_done == 3 and result.skipped_steps == 0
+    assert result.eval.count == N_VAL
+    assert result.eval.acc1 > 50.0, 'far above chance (10%)'
+    # the official log lines, in the rank-0 log file
+    log = os.path.join(run, 'log_rank0.txt')
+    assert len(logged(log, r' \* Acc@1 \d+\.\d{3} Acc@5 \d+\.\d{3}')) == 6          # model + EMA, 3 epochs
+    assert logged(log, rf'Accuracy of the network on the {N_VAL} test images: [\d.]+%')
+    assert logged(log, r'Train: \[3/3\]\[9/9\]\teta \S+ lr [\d.]+\ttime .*\tloss .*\tgrad_norm .*\tmem \d+MB')
+    assert os.path.isfile(os.path.join(run, 'config.yaml'))
+    # checkpoints: the last TRAIN.KEEP_CHECKPOINTS epochs, the best model and the best EMA
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run, '*.pth')))
+    assert names == ['ckpt_epoch_2.pth', 'ckpt_epoch_3.pth', 'max_acc.pth', 'max_ema_acc.pth']
+    ckpt = torch.load(os.path.join(run, 'ckpt_epoch_3.pth'), weights_only=True)
+    assert {'model', 'optimizer', 'lr_scheduler', 'scaler', 'model_ema', 'epoch', 'max_accuracy',
+            'max_ema_accuracy', 'config'} <= set(ckpt)
+    assert ckpt['epoch'] == 3 and isinstance(ckpt['config'], str) and 'flatten_swin' in ckpt['config']
+    assert states_equal(ckpt['model'], result.model.state_dict())
+    assert states_equal(ckpt['model_ema'], result.ema_model.state_dict())
+    assert not states_equal(ckpt['model_ema'], ckpt['model'])
+
+
+def test_eval_reproduces_logged_accuracy(baseline, digits, tmp_path):
+    out, result = baseline
+    ckpt = os.path.join(run_dir(out), 'ckpt_epoch_3.pth')
+    ev = run_engine(args(digits, str(tmp_path), '--eval', '--resume', ckpt))
+    last = logged(os.path.join(run_dir(out), 'log_rank0.txt'), r' \* Acc@1 ([\d.]+) Acc@5 ([\d.]+)')[-2]
+    assert (f'{ev.eval.acc1:.3f}', f'{ev.eval.acc5:.3f}') == last
+    assert ev.eval.count == N_VAL
+    ref1, ref5 = naive_eval(ev.model, os.path.join(digits, 'val'))
+    assert ev.eval.acc1 == pytest.approx(ref1, abs=1e-9) and ev.eval.acc5 == pytest.approx(ref5, abs=1e-9)
+    # the EMA weights evaluate as the EMA's logged accuracy
+    assert f'{ev.ema_eval.acc1:.3f}' == logged(os.path.join(run_dir(out), 'log_rank0.txt'),
+                                               r' \* Acc@1 ([\d.]+) Acc@5')[-1]
+
+
+def test_eval_resume_not_replaced_by_auto_resume(baseline, digits, tmp_path):
+    out = str(tmp_path / 'out')
+    shutil.copytree(baseline[0], out)
+    older = os.path.join(run_dir(out), 'ckpt_epoch_2.pth')
+    ev = run_engine(args(digits, out, '--eval', '--resume', older))      # OUTPUT also holds epoch 3
+    ref1, _ = naive_eval(_load(older), os.path.join(digits, 'val'))
+    assert ev.eval.acc1 == pytest.approx(ref1, abs=1e-9)
+    assert states_equal(ev.model.state_dict(), torch.load(older, weights_only=True)['model'])
+
+
+def _load(path: str, opts: tuple = ()) -> torch.nn.Module:
+    model = build_model(load_config(CFG, TINY + list(opts)))
+    model.load_state_dict(torch.load(path, weights_only=True)['model'])
+    return model
+
+
+# ----------------------------------------------------------------------------- resume
+def _copy_until(out: str, tmp: str, epoch: int) -> str:
+    """A copy of the baseline run folder as if it had stopped after ``epoch``."""
+    dst = os.path.join(tmp, 'out')
+    shutil.copytree(out, dst)
+    for p in glob.glob(os.path.join(run_dir(dst), '*.pth')):
+        if os.path.basename(p) != f'ckpt_epoch_{epoch}.pth':
+            os.remove(p)
+    return dst
+
+
+def test_auto_resume_matches_uninterrupted(baseline, digits, tmp_path):
+    out, ref = baseline
+    dst = _copy_until(out, str(tmp_path), 2)
+    result = run_engine(args(digits, dst))
+    assert result.epochs_done == 1
+    assert states_equal(result.model.state_dict(), ref.model.state_dict())
+    assert states_equal(result.ema_model.state_dict(), ref.ema_model.state_dict())
+    assert result.max_accuracy == ref.max_accuracy
+
+
+def test_preemption_mid_epoch_then_resume(baseline, digits, tmp_path, monkeypatch):
+    out, ref = baseline
+    dst = _copy_until(out, str(tmp_path), 2)
+    calls = {'n': 0}
+    real_build = engine.build_model
+
+    def build_with_sigterm(config):
+        model = real_build(config)
+
+        def hook(module, inputs):
+            if module.training:
+                calls['n'] += 1
+                if calls['n'] == 4:                 # during step index 3 of epoch 3
+                    os.kill(os.getpid(), signal.SIGTERM)
+        model.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(engine, 'build_model', build_with_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    code = entry.main(args(digits, dst))
+    assert code == PREEMPTED_EXIT_CODE == 143
+    preempt = os.path.join(run_dir(dst), engine.PREEMPT_CHECKPOINT)
+    saved = torch.load(preempt, weights_only=True)
+    assert (saved['epoch'], saved['step']) == (2, 4)
+    assert signal.getsignal(signal.SIGTERM) == before                # handler restored
+    monkeypatch.setattr(engine, 'build_model', real_build)
+    result = run_engine(args(digits, dst))                          # auto-resumes mid-epoch
+    assert states_equal(result.model.state_dict(), ref.model.state_dict())
+    assert states_equal(result.ema_model.state_dict(), ref.ema_model.state_dict())
+    assert not os.path.exists(preempt)
+
+
+# ----------------------------------------------------------------------------- distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_train_and_exact_validation(digits, tmp_path):
+    """2-process gloo training; its final 2-rank validation (shards of 50 and 49 images) equals the
+    single-process evaluation of the saved weights and the hand-written reference."""
+    out = str(tmp_path / 'ddp')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
+           os.path.join(ROOT, 'main.py'), *args(digits, out, opts=('TRAIN.EPOCHS', '2', 'MODEL_EMA.ENABLE', 'False',
+                                                                   'DATA.BATCH_SIZE', '16', 'DIST_TIMEOUT', '120'))]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = os.path.join(run_dir(out), 'log_rank0.txt')
+    assert logged(log, r'rank 0/2 on cpu')
+    acc = logged(log, r' \* Acc@1 ([\d.]+) Acc@5 ([\d.]+)')[-1]
+    assert float(acc[0]) > 40.0
+    assert logged(log, rf'Accuracy of the network on the {N_VAL} test images')
+    ckpt = os.path.join(run_dir(out), 'ckpt_epoch_2.pth')
+    single = run_engine(args(digits, str(tmp_path / 'eval'), '--eval', '--resume', ckpt,
+                             opts=('MODEL_EMA.ENABLE', 'False')))
+    assert (f'{single.eval.acc1:.3f}', f'{single.eval.acc5:.3f}') == acc
+    ref1, ref5 = naive_eval(_load(ckpt), os.path.join(digits, 'val'))
+    assert single.eval.acc1 == pytest.approx(ref1, abs=1e-9) and single.eval.acc5 == pytest.approx(ref5, abs=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_torchrun_nccl(digits, tmp_path):
+    n = min(2, torch.cuda.device_count())
+    out = str(tmp_path / 'nccl')
+    cmd = ['torchrun', f'--nproc_per_node={n}', f'--master_port={_free_port()}', os.path.join(ROOT, 'main.py'),
+           *args(digits, out, '--device', 'cuda', opts=('TRAIN.EPOCHS', '2'))]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert logged(os.path.join(run_dir(out), 'log_rank0.txt'), rf'rank 0/{n} on cuda')
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_float16_gradscaler_checkpointed(digits, tmp_path):
+    result = run_engine(args(digits, str(tmp_path), '--amp', '--amp-dtype', 'float16', '--device', 'cuda',
+                             opts=('TRAIN.EPOCHS', '2')))
+    assert result.eval.acc1 > 30.0
+    ckpt = torch.load(os.path.join(run_dir(str(tmp_path)), 'ckpt_epoch_2.pth'), weights_only=True)
+    assert isinstance(ckpt['scaler'], dict) and ckpt['scaler']['scale'] > 0
+
+
+# ----------------------------------------------------------------------------- precision, errors, options
+def test_amp_bfloat16_on_cpu(digits, tmp_path):
+    result = run_engine(args(digits, str(tmp_path), '--amp', '--amp-dtype', 'bfloat16',
+                             opts=('TRAIN.EPOCHS', '2', 'MODEL_EMA.ENABLE', 'False')))
+    assert result.skipped_steps == 0
+    assert result.eval.acc1 > 30.0
+    ckpt = torch.load(os.path.join(run_dir(str(tmp_path)), 'ckpt_epoch_2.pth'), weights_only=True)
+    assert ckpt['scaler'] is None                                   # bfloat16 needs no loss scaling
+
+
+def _error_of(capsys, argv: list) -> str:
+    code = entry.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith('ERROR: '), err
+    return err[0]
+
+
+def test_mismatched_checkpoint_is_a_clear_error(digits, tmp_path, capsys):
+    other = build_model(load_config(CFG, TINY + ['MODEL.SWIN.EMBED_DIM', '24', 'MODEL.NUM_CLASSES', '7']))
+    path = str(tmp_path / 'other.pth')
+    torch.save({'model': other.state_dict()}, path)
+    msg = _error_of(capsys, args(digits, str(tmp_path), '--eval', '--resume', path))
+    assert 'other.pth' in msg and 'shape' in msg and '--cfg' in msg
+
+
+def test_class_count_mismatch_fails_at_start(digits, tmp_path, capsys):
+    msg = _error_of(capsys, args(digits, str(tmp_path), opts=('MODEL.NUM_CLASSES', '7')))
+    assert 'has 10 classes' in msg and '--opts MODEL.NUM_CLASSES 10' in msg
+    assert not glob.glob(os.path.join(run_dir(str(tmp_path)), '*.pth'))
+
+
+def test_missing_data_path_fails_at_start(tmp_path, capsys):
+    msg = _error_of(capsys, args(str(tmp_path / 'nowhere'), str(tmp_path)))
+    assert '--data-path' in msg and 'nowhere' in msg
+
+
+def test_nonfinite_steps_stop_the_run(digits, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(engine, 'build_criterion',
+                        lambda config, mixup: (lambda out, tgt: out.sum() * float('nan')))
+    msg = _error_of(capsys, args(digits, str(tmp_path), opts=('TRAIN.MAX_NONFINITE_STEPS', '3')))
+    assert 'non-finite' in msg and 'epoch 1 step 3' in msg
+    assert not glob.glob(os.path.join(run_dir(str(tmp_path)), '*.pth'))
+
+
+def test_pretrained_resizes_64_to_96(digits, tmp_path):
+    src = build_model(load_config(CFG, TINY + ['DATA.IMG_SIZE', '64']))
+    path = str(tmp_path / 'pre64.pth')
+    torch.save({'model': src.state_dict()}, path)
+    result = run_engine(args(digits, str(tmp_path), '--eval', '--pretrained', path,
+                             opts=('DATA.IMG_SIZE', '96', 'MODEL_EMA.ENABLE', 'False')))
+    dst = result.model.state_dict()
+    key = 'layers.0.blocks.0.attn.positional_encoding'
+    assert src.state_dict()[key].shape[1] == 16 * 16 and dst[key].shape[1] == 24 * 24
+    grid = src.state_dict()[key].reshape(1, 16, 16, -1).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid, size=(24, 24), mode='bicubic').permute(0, 2, 3, 1).reshape(1, 576, -1)
+    assert torch.allclose(dst[key], want, atol=1e-6)
+    assert torch.equal(dst['head.weight'], src.state_dict()['head.weight'])
+    assert result.eval.count == N_VAL
+
+
+def test_throughput_mode(digits, tmp_path):
+    result = run_engine(args(digits, str(tmp_path), '--throughput', opts=('MODEL_EMA.ENABLE', 'False')))
+    assert result.throughput is not None and result.throughput > 0
+
+
+def test_zip_mode_matches_folder_mode(baseline, digits, tmp_path):
+    import zipfile
+    out, _ = baseline
+    zroot = tmp_path / 'zipdata'
+    zroot.mkdir()
+    for split in ('train', 'val'):
+        files = sorted(glob.glob(os.path.join(digits, split, '*', '*.png')))
+        with zipfile.ZipFile(zroot / f'{split}.zip', 'w') as z, open(zroot / f'{split}_map.txt', 'w') as m:
+            for f in files:
+                member = os.path.relpath(f, os.path.join(digits, split))
+                z.write(f, member)
+                m.write(f'{member}\t{int(os.path.dirname(member))}\n')
+    ckpt = os.path.join(run_dir(out), 'ckpt_epoch_3.pth')
+    ev = run_engine(args(str(zroot), str(tmp_path), '--zip', '--eval', '--resume', ckpt,
+                         opts=('MODEL_EMA.ENABLE', 'False', 'DATA.CACHE_MODE', 'full')))
+    ref1, ref5 = naive_eval(ev.model, os.path.join(digits, 'val'))
+    assert ev.eval.count == N_VAL and ev.eval.acc1 == pytest.approx(ref1, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+def test_param_groups_exclude_1d_bias_and_model_lists():
+    from optimizer import build_optimizer
+    config = load_config(CFG, TINY)
+    model = build_model(config)
+    opt = build_optimizer(config, model)
+    ids = {id(p): n for n, p in model.named_parameters()}
+    decay = {ids[id(p)] for p in opt.param_groups[0]['params']}
+    no_decay = {ids[id(p)] for p in opt.param_groups[1]['params']}
+    assert opt.param_groups[1]['weight_decay'] == 0.0 and opt.param_groups[0]['weight_decay'] == 0.05
+    assert decay | no_decay == set(ids.values()) and not decay & no_decay
+    for name, p in model.named_parameters():
+        expect_no_decay = (p.ndim == 1 or name.endswith('.bias') or 'positional_encoding' in name
+                           or 'relative_position_bias_table' in name or name.endswith('attn.scale'))
+        assert (name in no_decay) == expect_no_decay, name
+    assert 'layers.0.blocks.0.attn.qkv.weight' in decay and 'head.weight' in decay
+
+
+def test_lr_schedules_per_iteration_with_warmup():
+    import math as m
+    from lr_scheduler import build_scheduler
+    steps, base, warm, low = 10, 1e-3, 1e-6, 1e-5
+
+    def lrs(name, extra=()):
+        config = load_config(CFG, ['TRAIN.EPOCHS', '4', 'TRAIN.WARMUP_EPOCHS', '1', 'TRAIN.BASE_LR', str(base),
+                                   'TRAIN.WARMUP_LR', str(warm), 'TRAIN.MIN_LR', str(low),
+                                   'TRAIN.LR_SCHEDULER.NAME', name, *extra])
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+        sched = build_scheduler(config, opt, steps)
+        out = []
+        for t in range(45):                                  # 40 steps + 5 cooldown steps
+            sched.step_update(t)
+            out.append(opt.param_groups[0]['lr'])
+        return out
+    cos, lin = lrs('cosine'), lrs('linear')
+    step = lrs('step', ('TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '2', 'TRAIN.LR_SCHEDULER.DECAY_RATE', '0.1'))
+    for t in (0, 5):                                          # linear warmup from WARMUP_LR
+        for sched in (cos, lin, step):
+            assert sched[t] == pytest.approx(warm + t * (base - warm) / 10)
+    for t in (10, 25, 39):
+        assert cos[t] == pytest.approx(low + 0.5 * (base - low) * (1 + m.cos(m.pi * t / 40)))
+        assert lin[t] == pytest.approx(base - (base - 0.01 * base) * (t - 10) / 30)
+    assert cos[42] == pytest.approx(low) and lin[42] == pytest.approx(0.01 * base)   # cooldown at the minimum
+    assert step[19] == pytest.approx(base) and step[20] == pytest.approx(0.1 * base)
