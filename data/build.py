@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
-from timm.data import Mixup, create_transform
+from PIL import Image, ImageOps
+from timm.data import Mixup, auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import str_to_pil_interp
 from torch.utils.data import DataLoader, Dataset
@@ -30,6 +31,21 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- transforms
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize op, also for 0 bits: RandAugment 'inc1' asks for 0 bits at magnitude 10 (reached
+    by m9 with mstd noise), which Pillow >= 12 rejects; older Pillow returned a black image, as here."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+    if auto_augment.NAME_TO_OP.get(_name) is auto_augment.posterize:
+        auto_augment.NAME_TO_OP[_name] = _posterize
+
+
 def build_transform(is_train: bool, config: CfgNode) -> Callable:
     """Training: timm ``create_transform`` (random resized crop of AUG.SCALE, flip with AUG.HFLIP,
     RandAugment, colour jitter, random erasing per AUG.*), or RandomCrop(padding 4) for images of 32 px and below. Evaluation: resize
