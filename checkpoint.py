@@ -142,10 +142,11 @@ def _safe_load(path: str, map_location: Any = 'cpu', mmap: bool = False) -> Any:
         with torch.serialization.safe_globals([(collections.OrderedDict, _CFG_GLOBAL)]):
             try:
                 obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-            except RuntimeError as e:
-                if not (mmap and 'mmap can only be used' in str(e)):
+            except (RuntimeError, OSError, ValueError):
+                if not mmap:
                     raise
-                obj = torch.load(path, map_location=map_location, weights_only=True)   # legacy format
+                # legacy (non-zip) format or a filesystem without mmap: read it normally before judging
+                obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         m = re.search(r'GLOBAL ([\w.]+)', text) or re.search(r'unrecognized function (\S+)', text) \

@@ -62,7 +62,7 @@ TRAIN:
   WARMUP_EPOCHS: 1
   BASE_LR: 1.0e-3
 AUG:
-  AUTO_AUGMENT: rand-m6-mstd0.5-inc1   # m9 hits a timm+Pillow>=12 posterize(0 bits) crash
+  AUTO_AUGMENT: rand-m9-mstd0.5-inc1   # official; reaches posterize(0 bits) (see data.build._posterize)
   REPROB: 0.25
   MIXUP: 0.8
   CUTMIX: 1.0
