@@ -34,13 +34,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as cp
 from einops import rearrange
 from einops.layers.torch import Rearrange
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp
 
 from config import ConfigError
 from .build import register_model
+from .layers import init_weights, run_blocks
 from .focused_attention import AttentionTap, FocusedLinearAttentionBase, merge_heads, split_heads
 
 PATCH_STRIDE = 4          # the 7x7 stride-4 convolutional stem
@@ -263,7 +263,7 @@ class FLattenCSWinTransformer(nn.Module):
         self.num_features = dim
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -283,25 +283,11 @@ class FLattenCSWinTransformer(nn.Module):
         for i in range(NUM_STAGES):
             if i > 0:
                 x = getattr(self, f'merge{i}')(x)
-            for blk in getattr(self, f'stage{i + 1}'):
-                if self.use_checkpoint and x.requires_grad:
-                    x = cp.checkpoint(blk, x, use_reentrant=False)
-                else:
-                    x = blk(x)
+            x = run_blocks(getattr(self, f'stage{i + 1}'), x, self.use_checkpoint)
         return self.norm(x).mean(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------- registry

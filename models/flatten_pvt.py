@@ -21,12 +21,11 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as cp
 from timm.layers import DropPath, Mlp, trunc_normal_
 
 from config import ConfigError
 from .build import register_model
-from .flatten_swin import PatchEmbed
+from .layers import PatchEmbed, init_weights, run_blocks  # noqa: F401  (re-used by PVTv2)
 from .focused_attention import AttentionTap, FocusedLinearAttentionBase, interpolate_tokens
 
 SOFTMAX_SR_RATIOS = (8, 4, 2, 1)   # PVT's reductions, used by every softmax stage
@@ -164,16 +163,6 @@ class PVTBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
-    """Apply blocks in order, with activation checkpointing when asked and gradients are on."""
-    for blk in blocks:
-        if use_checkpoint and x.requires_grad:
-            x = cp.checkpoint(blk, x, use_reentrant=False)
-        else:
-            x = blk(x)
-    return x
-
-
 def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     """(B, H*W, C) -> (B, C, H, W)."""
     B, _, C = x.shape
@@ -201,17 +190,6 @@ def check_pvt_layout(img_size: int, attn_type: str, la_sr_ratios: str, linear: b
         if res % sr:
             raise ConfigError(f"DATA.IMG_SIZE {img_size}: stage {i + 1} map {res}x{res} is not divisible by its "
                               f"sr ratio {sr}; change DATA.IMG_SIZE or MODEL.LA.PVT_LA_SR_RATIOS")
-
-
-def init_weights(m: nn.Module) -> None:
-    """PVT init: truncated-normal linear weights, zero biases, unit LayerNorms (convs keep torch's init)."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 class FLattenPVT(nn.Module):

@@ -14,12 +14,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as cp
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, trunc_normal_
 
 from config import ConfigError
 from .build import register_model
 from .focused_attention import AttentionTap, FocusedLinearAttentionBase
+from .layers import PatchEmbed, init_weights, run_blocks
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -179,30 +179,8 @@ class SwinStage(nn.Module):
         self.downsample = PatchMerging(resolution, dim) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            if self.use_checkpoint and x.requires_grad:
-                x = cp.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+        x = run_blocks(self.blocks, x, self.use_checkpoint)
         return self.downsample(x) if self.downsample is not None else x
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping patch projection: (B, 3, H, W) -> (B, H/p * W/p, C), optional LayerNorm."""
-
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, norm: bool) -> None:
-        super().__init__()
-        self.img_size = to_2tuple(img_size)
-        self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim) if norm else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f'input size {tuple(x.shape[-2:])} does not match the model ({self.img_size}); '
-                             f'set DATA.IMG_SIZE to the input size')
-        x = self.proj(x).flatten(2).transpose(1, 2)
-        return self.norm(x) if self.norm is not None else x
 
 
 def stage_windows(window_size: int, attn_type: str) -> List[int]:
@@ -240,7 +218,7 @@ class FLattenSwinTransformer(nn.Module):
             for i in range(n)])
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -262,16 +240,6 @@ class FLattenSwinTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def check_swin_layout(img_size: int, patch_size: int, num_stages: int, window_size: int, attn_type: str) -> None:

@@ -19,7 +19,7 @@ the tensors that define its attention; a forward hook on ``module.tap`` reads th
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
