@@ -44,6 +44,7 @@ _C.MODEL.TYPE = 'swin'
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
 _C.MODEL.RESUME = ''
 _C.MODEL.PRETRAINED = ''                 # (ours) set by --pretrained
+_C.MODEL.PRETRAINED_22K_TO_1K = ''       # (ours) text file of 1000 class indices mapping a 21841-class head
 _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1

@@ -479,7 +479,8 @@ def _run(config: CfgNode, info: DistInfo) -> RunResult:
     logger.info(str(model))
     logger.info(f'number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}')
     if config.MODEL.PRETRAINED:
-        ckpt_io.load_pretrained(model, config.MODEL.PRETRAINED, logger)
+        ckpt_io.load_pretrained(model, config.MODEL.PRETRAINED, logger,
+                                index_22k_to_1k=config.MODEL.PRETRAINED_22K_TO_1K or None)
     ema = None
     if config.MODEL_EMA.ENABLE:
         ema = ModelEmaV3(model, decay=config.MODEL_EMA.DECAY,
