@@ -8,6 +8,7 @@ writes ``OUT_DIR/{train,val}/<digit>/<id>.png``. The split and the files depend 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Dict, Optional
 
@@ -53,8 +54,9 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument('--val-fraction', type=float, default=0.2)
     args = p.parse_args(argv)
     counts = write_digits(args.out_dir, args.size, args.val_fraction)
-    print(f"wrote {counts['train']} train and {counts['val']} val images to {args.out_dir}")
+    logging.getLogger(__name__).info(f"wrote {counts['train']} train and {counts['val']} val images to {args.out_dir}")
 
 
 if __name__ == '__main__':
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
     main()
