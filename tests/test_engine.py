@@ -380,3 +380,24 @@ def test_lr_schedules_per_iteration_with_warmup():
         assert lin[t] == pytest.approx(base - (base - 0.01 * base) * (t - 10) / 30)
     assert cos[42] == pytest.approx(low) and lin[42] == pytest.approx(0.01 * base)   # cooldown at the minimum
     assert step[19] == pytest.approx(base) and step[20] == pytest.approx(0.1 * base)
+
+
+def test_float16_gradscaler_on_cpu_is_checkpointed_and_resumed(digits, tmp_path):
+    """The float16 path (autocast + GradScaler) also runs on CPU: its scaler state goes into every
+    checkpoint, and a resumed run continues from the saved scale (one scaler per run, not per epoch)."""
+    out = str(tmp_path)
+    first = run_engine(args(digits, out, '--amp', '--amp-dtype', 'float16',
+                            opts=('TRAIN.EPOCHS', '2', 'MODEL_EMA.ENABLE', 'False')))
+    assert first.eval.acc1 > 30.0
+    path = os.path.join(run_dir(out), 'ckpt_epoch_2.pth')
+    ckpt = torch.load(path, weights_only=True)
+    assert isinstance(ckpt['scaler'], dict) and ckpt['scaler']['scale'] > 0
+    # plant a distinctive scale: a resumed run must carry it on (a fresh scaler would start at 65536 and
+    # only grows after 2000 clean steps; an overflow halves it)
+    ckpt['scaler']['scale'] = 1024.0
+    torch.save(ckpt, path)
+    run_engine(args(digits, out, '--amp', '--amp-dtype', 'float16',
+                    opts=('TRAIN.EPOCHS', '3', 'MODEL_EMA.ENABLE', 'False')))
+    final = torch.load(os.path.join(run_dir(out), 'ckpt_epoch_3.pth'), weights_only=True)
+    assert final['epoch'] == 3
+    assert final['scaler']['scale'] in (1024.0, 512.0, 256.0)
