@@ -121,6 +121,7 @@ class FocusedLinearStripeAttention(StripeLePE, FocusedLinearAttentionBase):
         hs, ws = stripe_shape(resolution, branch, split)
         super().__init__(dim, num_heads, hs * ws, focusing_factor, kernel_size)
         self.init_stripes(dim, resolution, branch, split)
+        self.dwc_last()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (to_windows(t, self.resolution, self.window) for t in (q, k, v))
@@ -154,9 +155,9 @@ class CSWinBlock(nn.Module):
                                                     kernel_size)
             return LePEAttention(bdim, resolution, branch, split, bheads, qk_scale, attn_drop)
 
-        self.attns = nn.ModuleList([make(b) for b in branches])
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)             # before attns: the official parameter order
         self.proj_drop = nn.Dropout(drop)
+        self.attns = nn.ModuleList([make(b) for b in branches])
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.norm2 = nn.LayerNorm(dim)

@@ -119,6 +119,7 @@ class FocusedLinearSRAttention(SpatialReduction, FocusedLinearAttentionBase):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self._init_reduction(dim, sr_ratio, linear)
+        self.dwc_last()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape

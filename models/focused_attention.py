@@ -119,6 +119,12 @@ class FocusedLinearAttentionBase(nn.Module):
         self.positional_encoding = nn.Parameter(torch.zeros(1, num_kv_tokens, dim))
         self.tap = AttentionTap()
 
+    def dwc_last(self) -> None:
+        """Move ``dwc`` behind the modules a subclass added, so that ``state_dict()`` and ``parameters()``
+        list keys in the official order (own parameters, projections, then dwc): official optimizer
+        states, matched by position, then line up too. Subclasses call it at the end of ``__init__``."""
+        self._modules['dwc'] = self._modules.pop('dwc')
+
     def feature_map(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """phi(q), phi(k + positional encoding); q (B, N, C), k (B, n, C)."""
         return (focused_kernel(q, self.scale, self.focusing_factor),

@@ -135,6 +135,17 @@ def test_state_dict_matches_official_fixture():
     assert official['layers.2.blocks.0.attn.relative_position_index'] == ((49, 49), 'int64')
 
 
+def test_state_dict_and_parameter_order_match_official_fixture():
+    """Keys come in the official order too (the fixture was written in the official state_dict order), so
+    an official optimizer state, which is matched by parameter position, lines up with our parameters."""
+    with open(FIXTURE) as f:
+        official = [k for k, _, _ in json.load(f)]
+    model = shipped_model('flatten_swin_t', meta=False)
+    assert list(model.state_dict()) == official
+    params = [n for n, _ in model.named_parameters()]
+    assert params == [k for k in official if k in set(params)]
+
+
 def test_window_clamping_rule():
     """WINDOW_SIZE 56 at 224: stage 1 (56x56) keeps 56, stage 2 (28x28) clamps to 28; both global, no shift.
     Softmax stages use 7 (shifted in odd blocks of stage 3; stage 4 at 7x7 is one window, no shift)."""
