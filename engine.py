@@ -386,7 +386,8 @@ def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0) -> None:
 
 def _end_of_epoch(t: Trainer, epoch: int, acc1: float, ema_acc1: Optional[float]) -> None:
     """Checkpoints after epoch ``epoch`` (0-based): every SAVE_FREQ epochs and at the end, keep the last
-    TRAIN.KEEP_CHECKPOINTS, ``max_acc.pth`` / ``max_ema_acc.pth`` on a new best (rank 0 only)."""
+    TRAIN.KEEP_CHECKPOINTS; ``max_acc.pth`` / ``max_ema_acc.pth`` on every new best (rank 0 only). A stale
+    preemption checkpoint is removed once a newer complete checkpoint exists."""
     config, done = t.config, epoch + 1
     save_now = done % config.SAVE_FREQ == 0 or done == t.total_epochs
     best = acc1 >= t.max_accuracy
@@ -394,16 +395,17 @@ def _end_of_epoch(t: Trainer, epoch: int, acc1: float, ema_acc1: Optional[float]
     best_ema = ema_acc1 is not None and ema_acc1 >= t.max_ema_accuracy
     if ema_acc1 is not None:
         t.max_ema_accuracy = max(t.max_ema_accuracy, ema_acc1)
-    if save_now and t.info.is_main:
-        save(t, f'ckpt_epoch_{done}.pth', done)
-        ckpt_io.prune_checkpoints(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS)
-        stale = os.path.join(config.OUTPUT, PREEMPT_CHECKPOINT)
-        if os.path.exists(stale):
-            os.remove(stale)
-        if best:
+    if t.info.is_main:
+        if save_now:
+            save(t, f'ckpt_epoch_{done}.pth', done)
+            ckpt_io.prune_checkpoints(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS)
+        if best:                       # on every new best, not only on SAVE_FREQ epochs: never lose it
             save(t, 'max_acc.pth', done)
         if best_ema:
             save(t, 'max_ema_acc.pth', done)
+        stale = os.path.join(config.OUTPUT, PREEMPT_CHECKPOINT)
+        if (save_now or best or best_ema) and os.path.exists(stale):
+            os.remove(stale)
     logger.info(f'Max accuracy: {t.max_accuracy:.2f}%')
     if ema_acc1 is not None:
         logger.info(f'Max ema accuracy: {t.max_ema_accuracy:.2f}%')

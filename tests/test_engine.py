@@ -401,3 +401,24 @@ def test_float16_gradscaler_on_cpu_is_checkpointed_and_resumed(digits, tmp_path)
     final = torch.load(os.path.join(run_dir(out), 'ckpt_epoch_3.pth'), weights_only=True)
     assert final['epoch'] == 3
     assert final['scaler']['scale'] in (1024.0, 512.0, 256.0)
+
+
+def test_best_model_is_saved_even_between_save_freq_epochs(digits, tmp_path):
+    """SAVE_FREQ larger than the run: only the final epoch checkpoint is periodic, yet max_acc.pth must
+    hold the best epoch's weights. Checked independently by re-evaluating the file with --eval."""
+    out = str(tmp_path / 'train')
+    result = run_engine(args(digits, out, opts=('TRAIN.EPOCHS', '3', 'SAVE_FREQ', '10', 'MODEL_EMA.ENABLE', 'False')))
+    run = run_dir(out)
+    best = os.path.join(run, 'max_acc.pth')
+    assert os.path.isfile(best)
+    accs = [float(a) for a in logged(os.path.join(run, 'log_rank0.txt'), r' \* Acc@1 (\d+\.\d{3})')]
+    assert len(accs) == 3 and result.max_accuracy == pytest.approx(max(accs), abs=1e-3)
+    best_epoch = max(range(3), key=lambda i: (accs[i], i)) + 1      # ties: the later epoch is saved
+    assert torch.load(best, weights_only=True)['epoch'] == best_epoch
+    # epoch 1 is always a new best: it must be written right then, before epoch 2 trains
+    with open(os.path.join(run, 'log_rank0.txt')) as f:
+        log = f.read()
+    assert 'max_acc.pth saved' in log[:log.index('Train: [2/3]')]
+    again = run_engine(args(digits, str(tmp_path / 'eval'), '--eval', '--resume', best,
+                            opts=('MODEL_EMA.ENABLE', 'False')))
+    assert f'{again.eval.acc1:.3f}' == f'{max(accs):.3f}'
