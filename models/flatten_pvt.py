@@ -193,7 +193,24 @@ def check_pvt_layout(img_size: int, attn_type: str, la_sr_ratios: str, linear: b
                               f"sr ratio {sr}; change DATA.IMG_SIZE or MODEL.LA.PVT_LA_SR_RATIOS")
 
 
-class FLattenPVT(nn.Module):
+class PyramidClassifier(nn.Module):
+    """What the PVT and PVTv2 classifiers share: the head on pooled features, the no-decay keywords.
+    Subclasses define ``forward_features`` (B, 3, H, W) -> (B, C4) and ``head``."""
+
+    head: nn.Module
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        return {'positional_encoding', 'attn.scale'}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+class FLattenPVT(PyramidClassifier):
     """FLatten-PVT classifier. forward: (B, 3, H, W) -> (B, num_classes).
 
     Stage i (1-based) sees an (img / 2^(i+1))^2 map; its blocks' attention kind is ``attn_type[i-1]``.
@@ -235,10 +252,6 @@ class FLattenPVT(nn.Module):
     def no_weight_decay(self) -> set:
         return {'cls_token'} | {f'pos_embed{i + 1}' for i in range(NUM_STAGES)}
 
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set:
-        return {'positional_encoding', 'attn.scale'}
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> pooled stage-4 tokens (B, C4)."""
         for i in range(NUM_STAGES):
@@ -248,9 +261,6 @@ class FLattenPVT(nn.Module):
             x = getattr(self, f'pos_drop{i + 1}')(x + getattr(self, f'pos_embed{i + 1}'))
             x = run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint)
         return x.mean(dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 def _timm_mlp(dim: int, hidden: int, drop: float = 0.) -> nn.Module:

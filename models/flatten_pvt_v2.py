@@ -24,8 +24,8 @@ import torch.nn as nn
 from timm.layers import to_2tuple
 
 from .build import register_model
-from .flatten_pvt import NUM_STAGES, PVTBlock, check_pvt_layout, init_weights, run_blocks, stage_sr_ratios, \
-    tokens_to_map
+from .flatten_pvt import (NUM_STAGES, PVTBlock, PyramidClassifier, check_pvt_layout, init_weights, run_blocks,
+                          stage_sr_ratios, tokens_to_map)
 
 
 class DWConv(nn.Module):
@@ -84,7 +84,7 @@ def _init_conv(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class FLattenPVTv2(nn.Module):
+class FLattenPVTv2(PyramidClassifier):
     """FLatten-PVTv2 classifier. forward: (B, 3, H, W) -> (B, num_classes)."""
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
@@ -120,10 +120,6 @@ class FLattenPVTv2(nn.Module):
     def no_weight_decay(self) -> set:
         return {'cls_token'}
 
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set:
-        return {'positional_encoding', 'attn.scale'}
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> pooled normed stage-4 tokens (B, C4)."""
         for i in range(NUM_STAGES):
@@ -133,9 +129,6 @@ class FLattenPVTv2(nn.Module):
             x = run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint)
             x = getattr(self, f'norm{i + 1}')(x)
         return x.mean(dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 _WIDE = (64, 128, 320, 512)
