@@ -18,8 +18,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line that names the key and the fix."""
+from errors import ConfigError  # noqa: E402,F401  (re-exported: ``from config import ConfigError``)
 
 
 _C = CN()

@@ -1,37 +1,100 @@
-"""MODEL.TYPE -> model. Families register a constructor ``fn(config) -> nn.Module`` with
-:func:`register_model`; :func:`build_model` looks it up (a dict, never ``eval`` of strings)."""
+"""The one adapter between the experiment config and the model library.
+
+A family file registers, for each ``MODEL.TYPE`` it serves, a function ``adapter(config) -> ModelSpec``:
+the timm-registered model name, its keyword arguments, and which config key each keyword came from.
+:func:`build_model` turns the spec into a model with ``timm.create_model`` and turns a model's
+``ValueError`` into a one-line :class:`ConfigError` naming the config key (model messages name the keyword
+argument, e.g. ``"depths=(2, 2) needs one entry per stage ..."``; the adapter maps it back to the key).
+
+Families that have not moved to the library design yet register ``fn(config) -> nn.Module`` with the
+legacy :func:`register_model`; both kinds are looked up by ``MODEL.TYPE``.
+"""
 from __future__ import annotations
 
-from typing import Callable, Dict
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict
 
 import torch.nn as nn
-from yacs.config import CfgNode
 
-from config import ConfigError
-
-ModelFactory = Callable[[CfgNode], nn.Module]
-_REGISTRY: Dict[str, ModelFactory] = {}
+from errors import ConfigError
 
 
-def register_model(*names: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Decorator: register ``fn(config)`` under one or more MODEL.TYPE names."""
-    def wrap(fn: ModelFactory) -> ModelFactory:
-        for name in names:
-            if name in _REGISTRY:
+@dataclass
+class ModelSpec:
+    """What one ``MODEL.TYPE`` builds: ``timm.create_model(name, **kwargs)``; ``keys`` maps kwarg -> config key."""
+    name: str
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    keys: Dict[str, str] = field(default_factory=dict)
+
+
+Adapter = Callable[[Any], ModelSpec]
+_ADAPTERS: Dict[str, Adapter] = {}
+_LEGACY: Dict[str, Callable[[Any], nn.Module]] = {}
+
+
+def register_config_adapter(*model_types: str) -> Callable[[Adapter], Adapter]:
+    """Decorator: ``adapter(config) -> ModelSpec`` serves the given ``MODEL.TYPE`` names."""
+    def wrap(fn: Adapter) -> Adapter:
+        for name in model_types:
+            if name in _ADAPTERS or name in _LEGACY:
                 raise RuntimeError(f'MODEL.TYPE {name!r} registered twice')
-            _REGISTRY[name] = fn
+            _ADAPTERS[name] = fn
         return fn
     return wrap
 
 
+def register_model(*names: str):
+    """Legacy decorator: ``fn(config) -> nn.Module`` under one or more MODEL.TYPE names."""
+    def wrap(fn):
+        for name in names:
+            if name in _ADAPTERS or name in _LEGACY:
+                raise RuntimeError(f'MODEL.TYPE {name!r} registered twice')
+            _LEGACY[name] = fn
+        return fn
+    return wrap
+
+
+def common_spec(config, name: str) -> ModelSpec:
+    """The keys every family honours: class count, dropout, drop path, input size."""
+    return ModelSpec(name, dict(num_classes=config.MODEL.NUM_CLASSES, drop_rate=config.MODEL.DROP_RATE,
+                                drop_path_rate=config.MODEL.DROP_PATH_RATE, img_size=config.DATA.IMG_SIZE),
+                     dict(num_classes='MODEL.NUM_CLASSES', drop_rate='MODEL.DROP_RATE',
+                          drop_path_rate='MODEL.DROP_PATH_RATE', img_size='DATA.IMG_SIZE'))
+
+
 def model_types() -> list:
     """Every valid MODEL.TYPE."""
-    return sorted(_REGISTRY)
+    return sorted(set(_ADAPTERS) | set(_LEGACY))
 
 
-def build_model(config: CfgNode) -> nn.Module:
-    """Build the backbone named by ``config.MODEL.TYPE`` (randomly initialised)."""
+def model_spec(config) -> ModelSpec:
+    """The (timm name, kwargs, keys) that ``config`` selects; ConfigError for an unknown MODEL.TYPE."""
     model_type = config.MODEL.TYPE
-    if model_type not in _REGISTRY:
+    if model_type not in _ADAPTERS:
         raise ConfigError(f"unknown MODEL.TYPE {model_type!r}; valid types: {', '.join(model_types())}")
-    return _REGISTRY[model_type](config)
+    return _ADAPTERS[model_type](config)
+
+
+def _config_error(err: ValueError, spec: ModelSpec) -> ConfigError:
+    """Name the config key behind the keyword argument that a model's ValueError mentions."""
+    msg = str(err)
+    for kwarg, key in spec.keys.items():
+        if re.search(rf'\b{re.escape(kwarg)}\b', msg):
+            return ConfigError(f'{key}: {msg}')
+    return ConfigError(f'MODEL.TYPE {spec.name}: {msg}')
+
+
+def build_model(config, **overrides: Any) -> nn.Module:
+    """Build the backbone named by ``config.MODEL.TYPE`` (randomly initialised); ``overrides`` win."""
+    import timm  # local: importing models must stay cheap for tools that only list types
+
+    if config.MODEL.TYPE in _LEGACY:
+        return _LEGACY[config.MODEL.TYPE](config)
+    spec = model_spec(config)
+    try:
+        return timm.create_model(spec.name, **dict(spec.kwargs, **overrides))
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise _config_error(err, spec) from None
