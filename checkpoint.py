@@ -3,8 +3,10 @@ pretrained-weight adaptation.
 
 Every failure is a ``CheckpointError`` whose one-line message names the file, the problem and the fix.
 
-Safe loading: ``torch.load(weights_only=True)`` with a scoped allow-list. The only non-tensor class we
-admit is yacs' ``CfgNode`` (official checkpoints pickle their config). ``weights_only`` cannot rebuild a
+Safe loading: ``torch.load(weights_only=True)`` with a scoped allow-list. The only non-tensor classes we
+admit are yacs' ``CfgNode`` (official FLatten/Swin checkpoints pickle their config) and
+``argparse.Namespace`` (L2ViT/ConvNeXt and Visformer/DeiT checkpoints pickle their ``args``; it is rebuilt
+as a plain attribute bag whose values pass the same weights_only checks). ``weights_only`` cannot rebuild a
 dict subclass, so the global ``yacs.config.CfgNode`` is mapped to a plain ``OrderedDict`` while
 unpickling, and nodes carrying yacs' attributes are turned back into ``CfgNode`` afterwards. Anything
 else a file asks for (``os.system``, ``builtins.eval``, custom classes) is refused; there is no unsafe
@@ -12,6 +14,7 @@ fallback.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import glob
 import logging
@@ -139,7 +142,7 @@ def _safe_load(path: str, map_location: Any = 'cpu', mmap: bool = False) -> Any:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path} (check the path given to --resume/--pretrained)")
     try:
-        with torch.serialization.safe_globals([(collections.OrderedDict, _CFG_GLOBAL)]):
+        with torch.serialization.safe_globals([(collections.OrderedDict, _CFG_GLOBAL), argparse.Namespace]):
             try:
                 obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
             except (RuntimeError, OSError, ValueError):
@@ -154,7 +157,8 @@ def _safe_load(path: str, map_location: Any = 'cpu', mmap: bool = False) -> Any:
         if m:
             raise CheckpointError(
                 f"refusing to load {path}: it needs {m.group(1)} which weights_only loading does not allow "
-                f"(only tensors, plain containers and yacs CfgNode are accepted); it may be hostile — "
+                f"(only tensors, plain containers, yacs CfgNode and argparse.Namespace are accepted); "
+                f"it may be hostile — "
                 f"use a checkpoint you trust or re-save its weights as a plain state_dict") from None
         raise CheckpointError(f"could not read checkpoint {path}: {_first_line(text)}; the file is truncated "
                               f"or corrupt — use an earlier checkpoint") from None

@@ -36,6 +36,7 @@ _C.DATA.CACHE_MODE = 'part'              # no, full, part (zip mode only)
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
 _C.DATA.SKIP_BAD_IMAGES = False          # (ours) skip and count unreadable images instead of failing
+_C.DATA.PERSISTENT_WORKERS = True        # (ours) keep DataLoader workers alive between epochs
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
@@ -86,6 +87,34 @@ _C.MODEL.LA.ATTN_TYPE = 'LLLL'           # one letter per stage: 'L' focused lin
 _C.MODEL.LA.PVT_LA_SR_RATIOS = '1111'    # one digit per stage (an integer like 8421 is accepted)
 _C.MODEL.LA.CSWIN_LA_SPLIT_SIZE = '56-28-14-7'
 
+# DAT++ (MODEL.TYPE dat; models/dat.py): the official MODEL.DAT section, lower-case keys exactly as in the
+# official YAML files (img_size, dims, depths, stage_spec, ...), passed to the model as keyword arguments.
+# MODEL.DAT.num_classes / drop_rate / drop_path_rate win over MODEL.NUM_CLASSES / DROP_RATE / DROP_PATH_RATE
+# (copied there when those are at their defaults; a different explicit value is a ConfigError), see
+# resolve_dat_config. MODEL.DAT.img_size is the resolution the position-bias tables are built for (as
+# officially; dat_base_384 keeps 224 tables on 384 inputs); DATA.IMG_SIZE is the input size.
+_C.MODEL.DAT = CN(new_allowed=True)
+
+# (ours) L2ViT (MODEL.TYPE L2ViT_Tiny, L2ViT_Small, L2ViT_Base, L2ViT_Base_384; models/l2vit.py). Empty lists
+# and 0 keep the variant's official values; set them only for scaled-down models (e.g. the digits demo).
+_C.MODEL.L2VIT = CN()
+_C.MODEL.L2VIT.DEPTHS = []
+_C.MODEL.L2VIT.DIMS = []
+_C.MODEL.L2VIT.NUM_HEADS = []
+_C.MODEL.L2VIT.WINDOW_SIZE = 0           # local-window size; 0 = the variant's (7, or 12 for L2ViT_Base_384)
+_C.MODEL.L2VIT.HEAD_INIT_SCALE = 1.0
+
+# (ours) Visformer (MODEL.TYPE visformer_tiny, visformer_small, swin_visformer_{tiny,small,medium}_v2;
+# models/visformer.py). QK_SCALE_EXPONENT is the official `qk_scale` / `--qk-scale-factor`: q and k are each
+# multiplied by head_dim ** exponent, so the logits by head_dim ** (2 * exponent). None = the variant's
+# default (-0.25 for v1, -0.5 for v2, the value the released v2 weights were trained with).
+_C.MODEL.VISFORMER = CN()
+_C.MODEL.VISFORMER.QK_SCALE_EXPONENT = None
+_C.MODEL.VISFORMER.INIT_CHANNELS = 0     # stem width; 0 = the variant's
+_C.MODEL.VISFORMER.EMBED_DIM = 0         # width C; 0 = the variant's
+_C.MODEL.VISFORMER.DEPTHS = []           # blocks per stage (3 for v1, 4 for v2); [] = the variant's
+_C.MODEL.VISFORMER.NUM_HEADS = []        # heads per stage; [] = the variant's
+
 # ----------------------------------------------------------------------------- training
 _C.TRAIN = CN()
 _C.TRAIN.START_EPOCH = 0
@@ -101,6 +130,18 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.USE_CHECKPOINT = False          # gradient checkpointing
 _C.TRAIN.MAX_NONFINITE_STEPS = 20        # (ours) consecutive skipped steps before the run stops
 _C.TRAIN.KEEP_CHECKPOINTS = 3            # (ours) epoch checkpoints kept on disk
+# Gradient accumulation (L2ViT/ConvNeXt `update_freq`): the loss is divided by k and the optimizer steps,
+# zeroes the gradients and updates the EMA every k micro-batches; schedules count optimizer steps.
+# 0 and 1 both mean no accumulation (the official Swin default is 0).
+_C.TRAIN.ACCUMULATION_STEPS = 1
+# Learning-rate scaling: 'linear' multiplies BASE_LR, WARMUP_LR and MIN_LR by the total batch
+# (BATCH_SIZE x world size x ACCUMULATION_STEPS) / LR_SCALE_BATCH (Swin/FLatten/DeiT/Visformer);
+# 'none' uses them as given (absolute, ConvNeXt/L2ViT).
+_C.TRAIN.LR_SCALING = 'linear'           # (ours) linear, none
+_C.TRAIN.LR_SCALE_BATCH = 512            # (ours) reference total batch of the linear rule
+_C.TRAIN.SYNC_BN = False                 # (ours) convert BatchNorm layers to SyncBatchNorm under DDP
+_C.TRAIN.COMPILE = False                 # (ours) torch.compile the model
+_C.TRAIN.CHANNELS_LAST = False           # (ours) channels_last memory format for model and images
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'    # cosine, linear, step
@@ -112,6 +153,9 @@ _C.TRAIN.OPTIMIZER.NAME = 'adamw'        # adamw, sgd
 _C.TRAIN.OPTIMIZER.EPS = 1e-8
 _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+# (ours) also exempt the focused attention's scale / positional_encoding (and PVT-v1's pos_embed1-4)
+# from weight decay; off = the official parameter groups of each family.
+_C.TRAIN.OPTIMIZER.EXTRA_NO_WEIGHT_DECAY = False
 
 # ----------------------------------------------------------------------------- augmentation
 _C.AUG = CN()
@@ -128,10 +172,21 @@ _C.AUG.MIXUP_SWITCH_PROB = 0.5
 _C.AUG.MIXUP_MODE = 'batch'
 _C.AUG.HFLIP = 0.5                       # (ours) horizontal flip probability (timm default)
 _C.AUG.SCALE = (0.08, 1.0)               # (ours) random-resized-crop area range (timm default)
+# (ours) repeated augmentation (DeiT's RASampler, Visformer's recipe): each image appears
+# REPEATED_AUG_COUNT times per epoch under different augmentations, spread over the ranks.
+_C.AUG.REPEATED_AUG = False
+_C.AUG.REPEATED_AUG_COUNT = 3
 
 # ----------------------------------------------------------------------------- testing
 _C.TEST = CN()
 _C.TEST.CROP = True
+_C.TEST.CROP_PCT = 0.875                 # (ours) eval resize to IMG_SIZE / CROP_PCT, then centre crop
+# (ours) at IMG_SIZE >= this, evaluation resizes straight to IMG_SIZE x IMG_SIZE without cropping
+# (ConvNeXt/L2ViT: 384); 0 = never
+_C.TEST.NO_CROP_MIN_SIZE = 0
+# (ours) resize the shorter side to IMG_SIZE / CROP_PCT keeping the aspect ratio (DeiT/Visformer,
+# ConvNeXt/L2ViT) instead of the official FLatten/Swin square resize
+_C.TEST.RESIZE_SHORT_SIDE = False
 
 # ----------------------------------------------------------------------------- EMA (ours: one loop)
 _C.MODEL_EMA = CN()
@@ -153,6 +208,7 @@ _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0
 _C.FIND_UNUSED_PARAMS = False            # (ours) set by --find-unused-params
+_C.TENSORBOARD = False                   # (ours) set by --tensorboard: also write TensorBoard event files
 
 # Values whose YAML spelling may be an int or a str; stored as str.
 _STRING_KEYS = {'MODEL.LA.PVT_LA_SR_RATIOS', 'MODEL.LA.CSWIN_LA_SPLIT_SIZE', 'MODEL.LA.ATTN_TYPE'}
@@ -216,7 +272,7 @@ def merge_yaml(config: CN, cfg_path: str) -> None:
         try:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{cfg_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{cfg_path}: {_yaml_problem(e)}; fix the YAML syntax there") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{cfg_path}: a config file must be a mapping of KEY: value")
     bases = data.pop('BASE', None) or []
@@ -224,8 +280,25 @@ def merge_yaml(config: CN, cfg_path: str) -> None:
         bases = [bases]
     for base in bases:
         if base:
-            merge_yaml(config, os.path.join(os.path.dirname(os.path.abspath(cfg_path)), base))
+            base_path = os.path.join(os.path.dirname(os.path.abspath(cfg_path)), base)
+            if not os.path.isfile(base_path):
+                raise ConfigError(f"{cfg_path}: its BASE file '{base}' does not exist (looked for {base_path}); "
+                                  f"fix the BASE: entry of {cfg_path} (paths are relative to that file)")
+            merge_yaml(config, base_path)
     _merge(config, data, cfg_path)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'line L column C: <problem>' (1-based, where PyYAML located the error) for a YAML syntax error."""
+    mark = getattr(e, 'problem_mark', None) or getattr(e, 'context_mark', None)
+    problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+    context, start = getattr(e, 'context', None), getattr(e, 'context_mark', None)
+    if mark is None:
+        return f"not valid YAML ({problem})"
+    text = f"not valid YAML at line {mark.line + 1} column {mark.column + 1}: {problem}"
+    if context and start is not None and start.line != mark.line:
+        text += f" ({context} at line {start.line + 1})"
+    return text
 
 
 def merge_opts(config: CN, opts: Optional[Sequence[str]]) -> None:
@@ -249,6 +322,7 @@ def load_config(cfg_path: str, opts: Optional[Iterable[str]] = None, validate: b
     config = default_config()
     merge_yaml(config, cfg_path)
     merge_opts(config, list(opts) if opts else None)
+    resolve_dat_config(config)
     if validate:
         validate_config(config)
     config.freeze()
@@ -273,14 +347,51 @@ def get_config(args) -> CN:
             _set(config, key, value)
     switches = [('zip', 'DATA.ZIP_MODE'), ('use_checkpoint', 'TRAIN.USE_CHECKPOINT'), ('amp', 'AMP'),
                 ('eval', 'EVAL_MODE'), ('throughput', 'THROUGHPUT_MODE'), ('model_ema', 'MODEL_EMA.ENABLE'),
-                ('model_ema_force_cpu', 'MODEL_EMA.FORCE_CPU'), ('find_unused_params', 'FIND_UNUSED_PARAMS')]
+                ('model_ema_force_cpu', 'MODEL_EMA.FORCE_CPU'), ('find_unused_params', 'FIND_UNUSED_PARAMS'),
+                ('tensorboard', 'TENSORBOARD')]
     for flag, key in switches:
         if getattr(args, flag, False):
             _set(config, key, True)
     config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)
+    resolve_dat_config(config)
+    for key, flag in (('RESUME', '--resume'), ('PRETRAINED', '--pretrained')):   # before any data or model work
+        path = config.MODEL[key]
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{flag} {path}: no such file (MODEL.{key}); give the path of a checkpoint (.pth)")
     validate_config(config)
     config.freeze()
     return config
+
+
+_DAT_SHARED_KEYS = (('NUM_CLASSES', 'num_classes'), ('DROP_RATE', 'drop_rate'), ('DROP_PATH_RATE', 'drop_path_rate'))
+
+
+def resolve_dat_config(config: CN) -> None:
+    """Make the official DAT++ YAML files usable unchanged (in place, before validation):
+
+      * a placeholder ``MODEL.PRETRAINED`` of the form ``<...>`` (dat_base_384.yaml ships
+        ``"<path-to-dat_b_in1k.pth>"``) counts as unset; ``--pretrained PATH`` sets a real one;
+      * for MODEL.TYPE ``dat``, MODEL.DAT.num_classes / drop_rate / drop_path_rate (the keys the official
+        builder reads) win: the MODEL.NUM_CLASSES / DROP_RATE / DROP_PATH_RATE key is set from them when it
+        is at its default, and a different explicit value is a ConfigError naming both keys.
+    """
+    pretrained = config.MODEL.PRETRAINED
+    if isinstance(pretrained, str) and pretrained.startswith('<') and pretrained.endswith('>'):
+        config.MODEL.PRETRAINED = ''
+    if config.MODEL.TYPE != 'dat':
+        return
+    for upper, lower in _DAT_SHARED_KEYS:
+        if lower not in config.MODEL.DAT:
+            continue
+        default, ours, theirs = _C.MODEL[upper], config.MODEL[upper], config.MODEL.DAT[lower]
+        if not isinstance(theirs, (int, float)) or isinstance(theirs, bool):
+            raise ConfigError(f"MODEL.DAT.{lower} must be a number, got {theirs!r}")
+        if ours == default:
+            config.MODEL[upper] = type(default)(theirs)
+        elif ours != theirs:
+            raise ConfigError(f"MODEL.{upper} {ours!r} contradicts MODEL.DAT.{lower} {theirs!r}; for DAT++ set "
+                              f"MODEL.DAT.{lower} (it wins; MODEL.{upper} may only repeat it or stay at its "
+                              f"default {default!r})")
 
 
 def _set(config: CN, key: str, value: Any) -> None:
@@ -306,6 +417,11 @@ def validate_config(config: CN) -> None:
     if config.DATA.BATCH_SIZE <= 0:
         raise ConfigError(f"DATA.BATCH_SIZE must be positive, got {config.DATA.BATCH_SIZE} "
                           f"(set --batch-size N or --opts DATA.BATCH_SIZE N)")
+    mixup_on = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
+    if mixup_on and config.DATA.BATCH_SIZE % 2 and not (config.EVAL_MODE or config.THROUGHPUT_MODE):
+        raise ConfigError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is odd but Mixup/CutMix (AUG.MIXUP "
+                          f"{config.AUG.MIXUP}, AUG.CUTMIX {config.AUG.CUTMIX}) mix pairs of images; use an even "
+                          f"--batch-size or turn them off with --opts AUG.MIXUP 0 AUG.CUTMIX 0")
     if config.DATA.IMG_SIZE <= 0:
         raise ConfigError(f"DATA.IMG_SIZE must be positive, got {config.DATA.IMG_SIZE}")
     if config.MODEL.NUM_CLASSES <= 0:
@@ -338,3 +454,14 @@ def validate_config(config: CN) -> None:
         raise ConfigError(f"TRAIN.OPTIMIZER.NAME must be 'adamw' or 'sgd', got {config.TRAIN.OPTIMIZER.NAME!r}")
     if config.TRAIN.EPOCHS <= 0:
         raise ConfigError(f"TRAIN.EPOCHS must be positive, got {config.TRAIN.EPOCHS}")
+    if config.TRAIN.ACCUMULATION_STEPS < 0:
+        raise ConfigError(f"TRAIN.ACCUMULATION_STEPS must be >= 1 (0 also means 1), got {config.TRAIN.ACCUMULATION_STEPS}")
+    if config.TRAIN.LR_SCALING not in ('linear', 'none'):
+        raise ConfigError(f"TRAIN.LR_SCALING must be 'linear' (lr x total batch / TRAIN.LR_SCALE_BATCH) or 'none' "
+                          f"(absolute lr), got {config.TRAIN.LR_SCALING!r}")
+    if config.TRAIN.LR_SCALE_BATCH <= 0:
+        raise ConfigError(f"TRAIN.LR_SCALE_BATCH must be positive, got {config.TRAIN.LR_SCALE_BATCH}")
+    if config.AUG.REPEATED_AUG and config.AUG.REPEATED_AUG_COUNT < 1:
+        raise ConfigError(f"AUG.REPEATED_AUG_COUNT must be >= 1, got {config.AUG.REPEATED_AUG_COUNT}")
+    if not 0 < config.TEST.CROP_PCT <= 1:
+        raise ConfigError(f"TEST.CROP_PCT must be in (0, 1], e.g. 0.875, got {config.TEST.CROP_PCT}")

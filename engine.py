@@ -1,41 +1,54 @@
-"""The one training / evaluation loop (with or without EMA): ``run(config)`` plus its pieces
-``train_one_epoch``, ``validate`` and ``throughput``.
+"""The one training / evaluation loop (with or without EMA).
+
+``run(config)`` sets the run up (``setup_run``: data path check, lr scaling, output folder, logging) and
+dispatches to one of three modes, each its own function:
+
+* training: ``build_trainer(config, info)`` builds everything a run holds (loaders, model, optimizer,
+  schedule, scaler, EMA, resume state) into a :class:`Trainer`; ``train(t)`` runs the epochs
+  (``train_one_epoch`` -> ``forward_backward`` / ``optimizer_step`` per step, ``validate`` per epoch);
+* evaluation: ``evaluate(config, info)``;
+* throughput: ``measure_throughput(config, info)``.
+
+The training step does no host synchronisation: the loss, the gradient norm, the non-finite flag and the
+count of consecutive non-finite steps stay on the device and are read back once every PRINT_FREQ steps
+(and at the end of an epoch). A non-finite step is skipped on the device (fused optimizers take a
+``found_inf`` tensor; the EMA update is masked), so the guarantees hold without a per-step read-back.
 
 Reproducibility contract (CPU, fixed seed): the epoch's sample order is a function of (SEED, epoch)
-(``ResumableSampler``), each sample's augmentation of (SEED, epoch, index), and the step's
-mixup/drop-path/dropout randomness of (SEED, epoch, step, rank) (reseeded before every step). A run
-resumed from any checkpoint, including a mid-epoch preemption checkpoint, therefore replays exactly
+(``ResumableSampler``), each sample's augmentation of (SEED, epoch, index), and the micro-batch's
+mixup/drop-path/dropout randomness of (SEED, epoch, micro-batch, rank) (reseeded before every micro-batch).
+A run resumed from any checkpoint, including a mid-epoch preemption checkpoint, therefore replays exactly
 and ends with the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
 import datetime
 import logging
-import math
 import os
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.distributed as dist
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.utils import AverageMeter, ModelEmaV3
+from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
 import checkpoint as ckpt_io
 from checkpoint import CheckpointError
 from config import ConfigError
 from data import build_mixup, build_train_loader, build_val_loader, check_data_path
-from logger import create_logger
+from logger import MetricsWriter, create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
-from optimizer import build_optimizer
+from optimizer import build_optimizer, supports_found_inf
 from utils import (DistInfo, PreemptionHandler, all_reduce_max, all_reduce_sum, barrier, cleanup_distributed,
-                   derive_seed, get_rank, grad_norm, init_distributed, seed_everything)
+                   derive_seed, get_rank, grad_norm, init_distributed, pick_device, seed_everything)
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +87,33 @@ class RunResult:
 
 
 @dataclass
+class EpochStats:
+    """Host-side figures of one epoch, filled at the read-backs (every PRINT_FREQ steps)."""
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    norm_sum: float = 0.0
+    norm_count: int = 0
+    images: int = 0
+    skipped_steps: int = 0
+    seconds: float = 0.0
+    last_loss: float = float('nan')
+    last_norm: float = float('nan')
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.loss_count if self.loss_count else float('nan')
+
+    @property
+    def grad_norm(self) -> float:
+        return self.norm_sum / self.norm_count if self.norm_count else float('nan')
+
+
+@dataclass
 class Trainer:
     """Everything one training run holds."""
     config: CfgNode
     info: DistInfo
-    model: nn.Module                      # DDP wrapper or the model itself
+    model: nn.Module                      # what the step calls: DDP wrapper and/or torch.compile, or the model
     model_without_ddp: nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
@@ -88,15 +123,19 @@ class Trainer:
     mixup: Any
     loader: Any
     sampler: Any
-    steps_per_epoch: int
+    steps_per_epoch: int                  # optimizer steps per epoch
+    loader_val: Any = None
+    accumulation: int = 1                 # micro-batches per optimizer step
+    metrics: Optional[MetricsWriter] = None
     preempt: PreemptionHandler = field(default_factory=PreemptionHandler)
     epoch: int = 0                        # epochs completed
-    step: int = 0                         # steps completed in epoch ``epoch`` (mid-epoch resume)
+    step: int = 0                         # optimizer steps completed in epoch ``epoch`` (mid-epoch resume)
     max_accuracy: float = 0.0
     max_ema_accuracy: float = 0.0
-    nonfinite_run: int = 0
+    nonfinite_run: int = 0                # consecutive skipped steps, as of the last read-back
     skipped_steps: int = 0
     bad_images: int = 0
+    _run_dev: Optional[torch.Tensor] = None   # the same count on the device, updated every step
 
     @property
     def total_epochs(self) -> int:
@@ -114,9 +153,18 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # peak RSS (KiB on Linux)
 
 
+def accumulation_steps(config: CfgNode) -> int:
+    """Micro-batches per optimizer step (TRAIN.ACCUMULATION_STEPS; 0 means 1, as the official default)."""
+    return max(1, int(config.TRAIN.ACCUMULATION_STEPS))
+
+
 def scale_lr(config: CfgNode, world_size: int) -> CfgNode:
-    """Linear LR scaling by the total batch / 512 (base, warmup and min lr), as officially."""
-    factor = config.DATA.BATCH_SIZE * world_size / 512.0
+    """TRAIN.LR_SCALING 'linear': base, warmup and min lr times the total batch (per-process batch x world
+    size x accumulation steps) / TRAIN.LR_SCALE_BATCH, as the official Swin/FLatten/DeiT code; 'none': the
+    configured values are absolute (ConvNeXt/L2ViT)."""
+    if config.TRAIN.LR_SCALING == 'none':
+        return config
+    factor = config.DATA.BATCH_SIZE * world_size * accumulation_steps(config) / float(config.TRAIN.LR_SCALE_BATCH)
     config = config.clone()
     config.defrost()
     config.TRAIN.BASE_LR *= factor
@@ -175,36 +223,49 @@ def resume_source(config: CfgNode, info: DistInfo) -> Optional[str]:
     return explicit
 
 
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """Non-blocking copy (the loader pins memory on CUDA); 4-D images optionally in channels_last."""
+    if channels_last and x.ndim == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
+
+
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def validate(config: CfgNode, loader, model: nn.Module, device: torch.device, name: str = 'network') -> EvalResult:
     """Exact top-1/top-5 over the whole validation set: every rank counts its disjoint shard, then the
     correct counts, loss sums and image counts are all-reduced (no padding, no averaging of averages).
-    ``model`` must be the bare module (no DDP: ranks may run different numbers of batches)."""
+    ``model`` must be the bare module (no DDP: ranks may run different numbers of batches). Counts stay
+    on the device and are read back every PRINT_FREQ batches."""
     model.eval()
-    correct1 = correct5 = loss_sum = count = skipped = 0.0
-    batch_time, acc1_meter = AverageMeter(), AverageMeter()
-    end, n_batches = time.time(), len(loader)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)           # correct@1, correct@5, loss sum
+    count = skipped = 0
+    window_c1, window_n = torch.zeros((), dtype=torch.float64, device=device), 0
+    channels_last = config.TRAIN.CHANNELS_LAST
+    start = end = time.time()
+    n_batches = len(loader)
     for idx, (images, target, bad) in enumerate(loader):
         for path in bad:
             logger.warning('skipped unreadable validation image %s', path)
         skipped += len(bad)
-        if images is None:
-            continue
-        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype(config), enabled=config.AMP):
-            output = model(images)
-        output = output.float()
-        loss_sum += F.cross_entropy(output, target, reduction='sum').item()
-        top = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
-        c1, c5 = top[:, :1].sum().item(), top.sum().item()
-        correct1, correct5, count = correct1 + c1, correct5 + c5, count + target.numel()
-        acc1_meter.update(100.0 * c1 / target.numel(), target.numel())
-        batch_time.update(time.time() - end)
-        end = time.time()
+        if images is not None:
+            images, target = to_device(images, device, channels_last), to_device(target, device)
+            with torch.autocast(device.type, dtype=amp_dtype(config), enabled=config.AMP):
+                output = model(images)
+            output = output.float()
+            top = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
+            c1 = top[:, :1].sum()
+            sums += torch.stack([c1, top.sum(), F.cross_entropy(output, target, reduction='sum')]).double()
+            window_c1 += c1
+            count += target.numel()
+            window_n += target.numel()
         if (idx + 1) % config.PRINT_FREQ == 0 or idx + 1 == n_batches:
-            logger.info(f'Test: [{idx + 1}/{n_batches}]\tTime {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
-                        f'Acc@1 {acc1_meter.val:.3f} ({acc1_meter.avg:.3f})\tMem {memory_mb(device):.0f}MB')
+            acc = 100.0 * window_c1.item() / max(window_n, 1)
+            logger.info(f'Test: [{idx + 1}/{n_batches}]\tTime {(time.time() - end) / config.PRINT_FREQ:.3f} '
+                        f'({(time.time() - start) / (idx + 1):.3f})\tAcc@1 {acc:.3f}\tMem {memory_mb(device):.0f}MB')
+            window_c1.zero_()
+            window_n, end = 0, time.time()
+    correct1, correct5, loss_sum = sums.tolist()
     correct1, correct5, loss_sum, count, skipped = all_reduce_sum(
         [correct1, correct5, loss_sum, count, skipped], device)
     n = max(count, 1.0)
@@ -222,7 +283,7 @@ def throughput(config: CfgNode, images: torch.Tensor, model: nn.Module, device: 
     """Images/s of ``model`` on one batch: 50 warm-up + 30 timed passes on CUDA (2 + 5 on CPU)."""
     model.eval()
     warmup, timed = (50, 30) if device.type == 'cuda' else (2, 5)
-    images = images.to(device)
+    images = to_device(images, device, config.TRAIN.CHANNELS_LAST)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     with torch.autocast(device.type, dtype=amp_dtype(config), enabled=config.AMP):
         for _ in range(warmup):
@@ -238,7 +299,7 @@ def throughput(config: CfgNode, images: torch.Tensor, model: nn.Module, device: 
     return value
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- checkpoints
 def checkpoint_state(t: Trainer, epoch: int, step: int = 0) -> Dict[str, Any]:
     """The resumable checkpoint dict (see the checkpoint API contract)."""
     return {
@@ -261,8 +322,9 @@ def save(t: Trainer, name: str, epoch: int, step: int = 0) -> str:
     return path
 
 
-def load_resume(t: Optional[Trainer], path: str, model: nn.Module, ema: Optional[ModelEmaV3]) -> Dict[str, Any]:
-    """Load weights (and, when training, optimizer/scheduler/scaler/EMA/progress) from ``path``."""
+def load_weights(path: str, model: nn.Module, ema: Optional[ModelEmaV3] = None) -> Dict[str, Any]:
+    """Load the model (and EMA) weights of checkpoint ``path``; returns the checkpoint dict. Without EMA
+    weights in the file the EMA restarts from the loaded model."""
     logger.info(f'==============> Resuming from {path}....................')
     ckpt = ckpt_io.load_checkpoint(path)
     ckpt_io.load_model_state(model, ckpt_io.extract_model_state(ckpt), path)
@@ -272,28 +334,106 @@ def load_resume(t: Optional[Trainer], path: str, model: nn.Module, ema: Optional
         else:
             ema.module.load_state_dict(model.state_dict())
             logger.info('%s holds no EMA weights: EMA restarts from the loaded model', path)
-    if t is not None and all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
-        try:
-            t.optimizer.load_state_dict(ckpt['optimizer'])
-            t.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
-            if t.scaler.is_enabled() and isinstance(ckpt.get('scaler'), dict):
-                t.scaler.load_state_dict(ckpt['scaler'])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"optimizer/scheduler state in {path} does not fit this run ({str(e).splitlines()[0]}); "
-                                  f"resume with the config the checkpoint was trained with") from None
-        t.epoch, t.step = int(ckpt['epoch']), int(ckpt.get('step') or 0)
-        t.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
-        t.max_ema_accuracy = float(ckpt.get('max_ema_accuracy', 0.0) or 0.0)
-        logger.info(f"=> loaded successfully '{path}' (epoch {t.epoch}, step {t.step})")
     return ckpt
 
 
-def _step_flags(t: Trainer, local_bad: bool) -> tuple:
-    """(any rank asked to stop, any rank saw a non-finite loss): one tiny collective per step under DDP."""
-    flags = [float(t.preempt.requested), float(local_bad)]
-    if t.info.distributed:
-        flags = all_reduce_max(flags, t.info.device)
-    return bool(flags[0]), bool(flags[1])
+def resume_training(t: Trainer, path: str) -> None:
+    """Weights, optimizer, schedule, scaler, EMA and progress (epoch, step, best accuracies) from ``path``;
+    a weights-only file (no optimizer state) starts the schedule from TRAIN.START_EPOCH."""
+    ckpt = load_weights(path, t.model_without_ddp, t.ema)
+    if not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
+        return
+    try:
+        t.optimizer.load_state_dict(ckpt['optimizer'])
+        t.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+        if t.scaler.is_enabled() and isinstance(ckpt.get('scaler'), dict):
+            t.scaler.load_state_dict(ckpt['scaler'])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"optimizer/scheduler state in {path} does not fit this run ({str(e).splitlines()[0]}); "
+                              f"resume with the config the checkpoint was trained with") from None
+    t.epoch, t.step = int(ckpt['epoch']), int(ckpt.get('step') or 0)
+    t.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
+    t.max_ema_accuracy = float(ckpt.get('max_ema_accuracy', 0.0) or 0.0)
+    logger.info(f"=> loaded successfully '{path}' (epoch {t.epoch}, step {t.step})")
+
+
+def load_resume(t: Optional[Trainer], path: str, model: nn.Module, ema: Optional[ModelEmaV3]) -> Dict[str, Any]:
+    """Compatibility alias: ``resume_training`` with a trainer, ``load_weights`` without."""
+    if t is None:
+        return load_weights(path, model, ema)
+    resume_training(t, path)
+    return {}
+
+
+# ----------------------------------------------------------------------------- the step
+def _poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` unchanged when finite; otherwise multiplied by NaN so that every gradient is NaN too.
+    Under DDP the gradients are averaged over the ranks, so every rank then sees the same non-finite
+    gradient norm and skips the same steps, without a collective for the flag."""
+    return loss * torch.where(torch.isfinite(loss), 1.0, float('nan')).to(loss.dtype)
+
+
+def forward_backward(t: Trainer, images: torch.Tensor, targets: torch.Tensor, sync_grads: bool = True
+                     ) -> torch.Tensor:
+    """One micro-batch: forward, loss / accumulation steps, backward (gradients accumulate). Under DDP
+    the gradient all-reduce happens only when ``sync_grads``. Returns the undivided loss (a device
+    scalar, detached); no host synchronisation."""
+    config, device = t.config, t.info.device
+    sync_ctx = t.model.no_sync() if (not sync_grads and hasattr(t.model, 'no_sync')) else nullcontext()
+    with sync_ctx:
+        with torch.autocast(device.type, dtype=amp_dtype(config), enabled=config.AMP):
+            outputs = t.model(images)
+            loss = _poison_nonfinite(t.criterion(outputs, targets))
+        t.scaler.scale(loss / t.accumulation).backward()
+    return loss.detach().float()
+
+
+@torch.no_grad()
+def ema_update(ema: ModelEmaV3, model: nn.Module, ok: torch.Tensor) -> None:
+    """ModelEmaV3's update (floating state lerped toward the model by 1 - decay, other state copied),
+    masked by the device flag ``ok``: a skipped step leaves the EMA untouched, without a read-back."""
+    ok = ok.to(ema.device or ok.device)
+    weight = ok.float() * (1.0 - ema.get_decay())
+    floats_e, floats_m = [], []
+    for e, m in zip(ema.module.state_dict().values(), model.state_dict().values()):
+        m = m.to(device=e.device)
+        if e.is_floating_point():
+            floats_e.append(e)
+            floats_m.append(m.to(e.dtype))
+        else:
+            e.copy_(torch.where(ok, m, e))
+    if floats_e:
+        torch._foreach_lerp_(floats_e, floats_m, weight.to(floats_e[0].device))
+
+
+def optimizer_step(t: Trainer) -> torch.Tensor:
+    """Clip, step, zero, EMA, all on the device. Returns ``[gradient norm, skipped (0/1), consecutive
+    skipped steps]`` (float32 device tensor). A non-finite gradient norm (a non-finite loss makes every
+    gradient NaN, see ``_poison_nonfinite``) skips the update: fused optimizers get it as ``found_inf``,
+    others (a host read-back, the only one) skip ``step()``; float16's GradScaler lowers its scale."""
+    config = t.config
+    if t.scaler.is_enabled():
+        t.scaler.unscale_(t.optimizer)                     # grad norm / clipping on true gradients
+    params = [p for group in t.optimizer.param_groups for p in group['params']]
+    norm = grad_norm(params, config.TRAIN.CLIP_GRAD).float()
+    bad = ~torch.isfinite(norm)
+    if supports_found_inf(t.optimizer):
+        t.optimizer.grad_scale, t.optimizer.found_inf = None, bad.float()
+        try:
+            t.optimizer.step()
+        finally:
+            del t.optimizer.grad_scale, t.optimizer.found_inf
+    elif not bool(bad):
+        t.optimizer.step()
+    if t.scaler.is_enabled():
+        t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    if t.ema is not None:
+        ema_update(t.ema, t.model_without_ddp, ~bad)
+    if t._run_dev is None:
+        t._run_dev = torch.full((), float(t.nonfinite_run), device=norm.device)
+    t._run_dev = (t._run_dev + 1) * bad.float()
+    return torch.stack([norm, bad.float(), t._run_dev])
 
 
 def _preempt_exit(t: Trainer, epoch: int, step: int) -> None:
@@ -304,84 +444,111 @@ def _preempt_exit(t: Trainer, epoch: int, step: int) -> None:
     raise Preempted()
 
 
-def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0) -> None:
-    """One epoch from ``start_step`` (skipped batches are never loaded). Steps whose loss or gradients
-    are non-finite are skipped (float16: by the GradScaler); TRAIN.MAX_NONFINITE_STEPS in a row stop
-    the run. A SIGTERM/SIGINT saves a preemption checkpoint at the next step boundary."""
-    config, device, model = t.config, t.info.device, t.model
-    model.train()
-    t.sampler.set_epoch(epoch)
-    t.sampler.set_start(start_step * config.DATA.BATCH_SIZE)
-    num_steps = t.steps_per_epoch
-    batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
-    limit = max(1, config.TRAIN.MAX_NONFINITE_STEPS)
-    start = end = time.time()
-    for idx, (images, targets, bad) in enumerate(t.loader, start=start_step):
-        for path in bad:
-            logger.warning(f'skipped unreadable training image {path}')
-        t.bad_images += len(bad)
-        if images is None:
-            raise TrainingError(f'epoch {epoch + 1} step {idx + 1}: every image of the batch is unreadable; '
-                                f'check the dataset')
-        if t.mixup is not None and images.shape[0] % 2:       # Mixup pairs images: keep an even batch
-            images, targets = images[:-1], targets[:-1]
-        seed_everything(derive_seed(config.SEED, epoch, idx, t.info.rank))
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        if t.mixup is not None:
-            images, targets = t.mixup(images, targets)
-        t.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype(config), enabled=config.AMP):
-            outputs = model(images)
-            loss = t.criterion(outputs, targets)
-        t.scaler.scale(loss).backward()
-        if t.scaler.is_enabled():
-            t.scaler.unscale_(t.optimizer)                     # grad norm / clipping on true gradients
-        norm = float(grad_norm(model.parameters(), config.TRAIN.CLIP_GRAD))
-        loss_value = loss.item()
-        stop, nonfinite = _step_flags(t, not (math.isfinite(loss_value) and math.isfinite(norm)))
-        if t.scaler.is_enabled():
-            scale = t.scaler.get_scale()
-            t.scaler.step(t.optimizer)                          # skips the update on inf/nan gradients
-            t.scaler.update()
-            skipped = nonfinite or t.scaler.get_scale() < scale
-        else:
-            skipped = nonfinite
-            if not skipped:
-                t.optimizer.step()
-        if skipped:
-            t.nonfinite_run += 1
+def _stop_requested(t: Trainer) -> bool:
+    """Whether any rank received SIGTERM/SIGINT: a host flag (free) alone; one tiny collective under DDP,
+    so callers ask at read-back steps only."""
+    if not t.info.distributed:
+        return t.preempt.requested
+    return bool(all_reduce_max([float(t.preempt.requested)], t.info.device)[0])
+
+
+def _read_back(t: Trainer, epoch: int, first_step: int, window: List[torch.Tensor], sizes: List[int],
+               stats: EpochStats) -> None:
+    """The one host synchronisation of PRINT_FREQ steps: log skipped steps, stop on divergence, update the
+    epoch statistics. ``window[i]`` = [loss, grad norm, skipped, consecutive skipped] of step first_step+i."""
+    rows = torch.stack(window).tolist()
+    limit = max(1, t.config.TRAIN.MAX_NONFINITE_STEPS)
+    for i, (loss, norm, bad, run) in enumerate(rows):
+        step = first_step + i + 1
+        if bad:
             t.skipped_steps += 1
-            logger.warning(f'epoch {epoch + 1} step {idx + 1}: non-finite loss ({loss_value}) or gradient norm '
-                           f'({norm}); update skipped ({t.nonfinite_run} in a row)')
-            if t.nonfinite_run >= limit:
+            stats.skipped_steps += 1
+            logger.warning(f'epoch {epoch + 1} step {step}: non-finite loss ({loss}) or gradient norm '
+                           f'({norm}); update skipped ({int(run)} in a row)')
+            if run >= limit:
                 raise TrainingError(
-                    f'training diverged: {t.nonfinite_run} consecutive steps with non-finite loss or gradients, '
-                    f'the last at epoch {epoch + 1} step {idx + 1}; lower TRAIN.BASE_LR, set TRAIN.CLIP_GRAD or '
+                    f'training diverged: {int(run)} consecutive steps with non-finite loss or gradients, '
+                    f'the last at epoch {epoch + 1} step {step}; lower TRAIN.BASE_LR, set TRAIN.CLIP_GRAD or '
                     f'use --amp-dtype bfloat16 (limit: TRAIN.MAX_NONFINITE_STEPS)')
         else:
-            t.nonfinite_run = 0
-            if t.ema is not None:
-                t.ema.update(t.model_without_ddp)
-            loss_meter.update(loss_value, targets.size(0))
-            norm_meter.update(norm)
-        t.lr_scheduler.step_update(epoch * num_steps + idx + 1)
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        batch_time.update(time.time() - end)
-        end = time.time()
-        if (idx + 1) % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
+            stats.loss_sum += loss * sizes[i]
+            stats.loss_count += sizes[i]
+            stats.norm_sum += norm
+            stats.norm_count += 1
+            stats.last_loss, stats.last_norm = loss, norm
+        t.nonfinite_run = int(run)
+
+
+def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0) -> EpochStats:
+    """One epoch of optimizer steps from ``start_step`` (skipped batches are never loaded); each step
+    accumulates TRAIN.ACCUMULATION_STEPS micro-batches (left-over micro-batches at the end of the epoch
+    are not loaded). Non-finite steps are skipped; TRAIN.MAX_NONFINITE_STEPS in a row stop the run. A
+    SIGTERM/SIGINT saves a preemption checkpoint at the next step boundary (under DDP: the next
+    read-back, every PRINT_FREQ steps)."""
+    config, device = t.config, t.info.device
+    k, batch = t.accumulation, config.DATA.BATCH_SIZE
+    t.model.train()
+    t.sampler.set_epoch(epoch)
+    t.sampler.set_start(start_step * k * batch)
+    num_steps = t.steps_per_epoch
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = EpochStats()
+    window: List[torch.Tensor] = []
+    sizes: List[int] = []
+    window_start, loss_acc, n_images = start_step, None, 0
+    start = window_time = time.time()
+    t.optimizer.zero_grad(set_to_none=True)
+    loader_iter = iter(t.loader)
+    for step in range(start_step, num_steps):
+        for micro in range(k):
+            images, targets, bad = next(loader_iter)
+            index = step * k + micro                       # micro-batch index in the epoch
+            for path in bad:
+                logger.warning(f'skipped unreadable training image {path}')
+            t.bad_images += len(bad)
+            if images is None:
+                raise TrainingError(f'epoch {epoch + 1} step {step + 1}: every image of the batch is unreadable; '
+                                    f'check the dataset')
+            if t.mixup is not None and images.shape[0] % 2:   # Mixup pairs images: keep an even batch
+                images, targets = images[:-1], targets[:-1]
+            seed_everything(derive_seed(config.SEED, epoch, index, t.info.rank))
+            images = to_device(images, device, config.TRAIN.CHANNELS_LAST)
+            targets = to_device(targets, device)
+            if t.mixup is not None:
+                images, targets = t.mixup(images, targets)
+            loss = forward_backward(t, images, targets, sync_grads=micro == k - 1)
+            loss_acc = loss if micro == 0 else loss_acc + loss
+            n_images += images.shape[0]
+        row = optimizer_step(t)
+        window.append(torch.cat([(loss_acc / k).reshape(1), row]))
+        sizes.append(n_images)
+        stats.images += n_images
+        n_images = 0
+        t.lr_scheduler.step_update(epoch * num_steps + step + 1)
+        if (step + 1) % config.PRINT_FREQ == 0 or step + 1 == num_steps:
+            _read_back(t, epoch, window_start, window, sizes, stats)
+            now = time.time()
+            per_step = (now - window_time) / len(window)
+            avg = (now - start) / (step + 1 - start_step)
             lr = t.optimizer.param_groups[0]['lr']
-            eta = batch_time.avg * (num_steps - idx - 1)
+            eta = avg * (num_steps - step - 1)
             logger.info(
-                f'Train: [{epoch + 1}/{t.total_epochs}][{idx + 1}/{num_steps}]\t'
+                f'Train: [{epoch + 1}/{t.total_epochs}][{step + 1}/{num_steps}]\t'
                 f'eta {datetime.timedelta(seconds=int(eta))} lr {lr:.6f}\t'
-                f'time {batch_time.val:.4f} ({batch_time.avg:.4f})\t'
-                f'loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t'
-                f'grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t'
+                f'time {per_step:.4f} ({avg:.4f})\t'
+                f'loss {stats.last_loss:.4f} ({stats.loss:.4f})\t'
+                f'grad_norm {stats.last_norm:.4f} ({stats.grad_norm:.4f})\t'
                 f'mem {memory_mb(device):.0f}MB')
-        if stop:
-            _preempt_exit(t, epoch, idx + 1)
-    logger.info(f'EPOCH {epoch + 1} training takes {datetime.timedelta(seconds=int(time.time() - start))}')
+            window, sizes, window_start, window_time = [], [], step + 1, now
+            if _stop_requested(t):
+                _preempt_exit(t, epoch, step + 1)
+        elif not t.info.distributed and t.preempt.requested:   # a host flag: no synchronisation
+            _read_back(t, epoch, window_start, window, sizes, stats)
+            _preempt_exit(t, epoch, step + 1)
+    stats.seconds = time.time() - start
+    logger.info(f'EPOCH {epoch + 1} training takes {datetime.timedelta(seconds=int(stats.seconds))}')
+    return stats
 
 
 def _end_of_epoch(t: Trainer, epoch: int, acc1: float, ema_acc1: Optional[float]) -> None:
@@ -411,22 +578,42 @@ def _end_of_epoch(t: Trainer, epoch: int, acc1: float, ema_acc1: Optional[float]
         logger.info(f'Max ema accuracy: {t.max_ema_accuracy:.2f}%')
 
 
-def train(t: Trainer, loader_val) -> RunResult:
-    """Epoch loop from the resumed (epoch, step); validates (and the EMA) after every epoch."""
+def epoch_record(t: Trainer, epoch: int, stats: EpochStats, val: EvalResult, ema_val: Optional[EvalResult]
+                 ) -> Dict[str, Any]:
+    """The metrics.jsonl record of epoch ``epoch`` (0-based; written as the 1-based count of done epochs)."""
+    rec: Dict[str, Any] = {
+        'kind': 'epoch', 'epoch': epoch + 1, 'step': (epoch + 1) * t.steps_per_epoch,
+        'lr': t.optimizer.param_groups[0]['lr'], 'train_loss': stats.loss, 'grad_norm': stats.grad_norm,
+        'val_acc1': val.acc1, 'val_acc5': val.acc5, 'val_loss': val.loss,
+        'images_per_s': stats.images * t.info.world_size / stats.seconds if stats.seconds else None,
+        'epoch_time_s': stats.seconds, 'peak_mem_mb': memory_mb(t.info.device),
+        'skipped_steps': stats.skipped_steps, 'bad_images': t.bad_images,
+    }
+    if ema_val is not None:
+        rec.update(ema_acc1=ema_val.acc1, ema_acc5=ema_val.acc5, ema_loss=ema_val.loss)
+    return rec
+
+
+def train(t: Trainer, loader_val=None) -> RunResult:
+    """Epoch loop from the resumed (epoch, step); validates (and the EMA) after every epoch, then saves
+    checkpoints and appends the epoch's record to metrics.jsonl."""
     config, device = t.config, t.info.device
+    loader_val = loader_val if loader_val is not None else t.loader_val
     eval_ema = t.ema is not None and not (config.MODEL_EMA.FORCE_CPU and device.type == 'cuda')
     result = RunResult(model=t.model_without_ddp, ema_model=t.ema.module if t.ema is not None else None)
     logger.info('Start training')
     start = time.time()
     with t.preempt:
         for epoch in range(t.epoch, t.total_epochs):
-            train_one_epoch(t, epoch, t.step if epoch == t.epoch else 0)
+            stats = train_one_epoch(t, epoch, t.step if epoch == t.epoch else 0)
             result.eval = validate(config, loader_val, t.model_without_ddp, device)
             if eval_ema:
                 result.ema_eval = validate(config, loader_val, t.ema.module, device, name='ema network')
             _end_of_epoch(t, epoch, result.eval.acc1, result.ema_eval.acc1 if eval_ema else None)
+            if t.metrics is not None:
+                t.metrics.write(epoch_record(t, epoch, stats, result.eval, result.ema_eval if eval_ema else None))
             result.epochs_done += 1
-            if _step_flags(t, False)[0]:           # signal arrived during validation
+            if _stop_requested(t):                   # signal arrived during validation
                 _preempt_exit(t, epoch + 1, 0)
     logger.info(f'Training time {datetime.timedelta(seconds=int(time.time() - start))}')
     if t.skipped_steps or t.bad_images:
@@ -436,25 +623,15 @@ def train(t: Trainer, loader_val) -> RunResult:
     return result
 
 
-# ----------------------------------------------------------------------------- run
-def run(config: CfgNode) -> RunResult:
-    """Train, evaluate (EVAL_MODE) or time (THROUGHPUT_MODE) as the config says. Raises ConfigError,
-    CheckpointError, DataError, TrainingError (clear one-line problems) or Preempted."""
-    info = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
-    try:
-        return _run(config, info)
-    finally:
-        cleanup_distributed()
-
-
-def _run(config: CfgNode, info: DistInfo) -> RunResult:
+# ----------------------------------------------------------------------------- setup
+def setup_run(config: CfgNode, info: DistInfo) -> CfgNode:
+    """What every mode needs first: the data path (and class count) checked once, before any work; the
+    learning rate scaled (TRAIN.LR_SCALING); the output folder writable; logging; config.yaml written
+    (rank 0); seeds. Returns the config the run uses."""
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     if config.DATA.DATA_PATH or not config.THROUGHPUT_MODE:      # fail on a bad --data-path before any work
         check_data_path(config, ('train', 'val') if training else ('val',))
     config = scale_lr(config, info.world_size)
-    config.defrost()
-    config.LOCAL_RANK = info.local_rank
-    config.freeze()
     ensure_output(config.OUTPUT)
     create_logger(config.OUTPUT, info.rank, config.MODEL.NAME)
     if info.is_main:
@@ -467,62 +644,144 @@ def _run(config: CfgNode, info: DistInfo) -> RunResult:
     seed_everything(config.SEED + info.rank)
     if info.device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    pin = info.device.type == 'cuda'
+    return config
 
-    loader_val = None
-    if config.DATA.DATA_PATH or not config.THROUGHPUT_MODE:
-        dataset_val, loader_val = build_val_loader(config, info.rank, info.world_size, pin)
-    if training:
-        dataset_train, loader_train, sampler = build_train_loader(config, info.rank, info.world_size, pin)
-        logger.info(f'{len(dataset_train)} training and {len(dataset_val)} validation images')
 
+def create_model(config: CfgNode, info: DistInfo) -> nn.Module:
+    """The model on the run's device (channels_last when TRAIN.CHANNELS_LAST), with --pretrained weights."""
     logger.info(f'Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME}')
     model = build_model(config).to(info.device)
+    if config.TRAIN.CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
     logger.info(str(model))
     logger.info(f'number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}')
     if config.MODEL.PRETRAINED:
         ckpt_io.load_pretrained(model, config.MODEL.PRETRAINED, logger,
                                 index_22k_to_1k=config.MODEL.PRETRAINED_22K_TO_1K or None)
-    ema = None
-    if config.MODEL_EMA.ENABLE:
-        ema = ModelEmaV3(model, decay=config.MODEL_EMA.DECAY,
-                         device=torch.device('cpu') if config.MODEL_EMA.FORCE_CPU else None)
-        logger.info(f'model EMA enabled, decay {config.MODEL_EMA.DECAY}')
+    return model
 
-    source = resume_source(config, info)
-    if not training:
-        has_ema = False
-        if source:
-            has_ema = isinstance(load_resume(None, source, model, ema).get('model_ema'), dict)
-        elif not config.MODEL.PRETRAINED and config.EVAL_MODE:
-            logger.warning('evaluating a randomly initialised model: give --resume CKPT or --pretrained CKPT')
-        result = RunResult(model=model, ema_model=ema.module if ema is not None else None)
-        if config.THROUGHPUT_MODE:
-            if loader_val is not None:
-                images = next(iter(loader_val))[0]
-            else:
-                images = torch.randn(config.DATA.BATCH_SIZE, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
-            result.throughput = throughput(config, images, model, info.device)
-            return result
-        result.eval = validate(config, loader_val, model, info.device)
-        if ema is not None and has_ema:
-            result.ema_eval = validate(config, loader_val, ema.module, info.device, name='ema network')
-        return result
 
+def create_ema(config: CfgNode, model: nn.Module) -> Optional[ModelEmaV3]:
+    if not config.MODEL_EMA.ENABLE:
+        return None
+    ema = ModelEmaV3(model, decay=config.MODEL_EMA.DECAY,
+                     device=torch.device('cpu') if config.MODEL_EMA.FORCE_CPU else None)
+    logger.info(f'model EMA enabled, decay {config.MODEL_EMA.DECAY}')
+    return ema
+
+
+def convert_sync_batchnorm(model: nn.Module, config: CfgNode, info: DistInfo) -> nn.Module:
+    """TRAIN.SYNC_BN: BatchNorm layers become SyncBatchNorm under DDP (a no-op on one process). The
+    parameters are the same objects, so build the optimizer and EMA afterwards or before alike."""
+    if not (config.TRAIN.SYNC_BN and info.distributed):
+        return model
+    if info.device.type != 'cuda':
+        raise ConfigError('TRAIN.SYNC_BN needs CUDA devices (SyncBatchNorm has no CPU/gloo implementation); '
+                          'train on GPUs or set TRAIN.SYNC_BN False')
+    logger.info('BatchNorm layers converted to SyncBatchNorm')
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def build_trainer(config: CfgNode, info: Optional[DistInfo] = None, loader_val=None) -> Trainer:
+    """Everything a training run holds, resumed when a checkpoint says so. ``config`` is the run's config
+    (after ``setup_run``); ``info`` defaults to a single process on DEVICE."""
+    info = info or DistInfo(device=pick_device(config.DEVICE))
+    pin = info.device.type == 'cuda'
+    if loader_val is None:
+        dataset_val, loader_val = build_val_loader(config, info.rank, info.world_size, pin)
+    dataset_train, loader_train, sampler = build_train_loader(config, info.rank, info.world_size, pin)
+    logger.info(f'{len(dataset_train)} training and {len(loader_val.dataset)} validation images')
+    k = accumulation_steps(config)
+    steps_per_epoch = sampler.per_rank() // (config.DATA.BATCH_SIZE * k)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} x TRAIN.ACCUMULATION_STEPS {k} is larger than "
+                          f"the {sampler.per_rank()} training images per process; lower one of them")
+
+    model = create_model(config, info)
+    model = convert_sync_batchnorm(model, config, info)
+    ema = create_ema(config, model)
     optimizer = build_optimizer(config, model)
-    model_ddp = model
+    step_model: nn.Module = model
     if info.distributed:
-        model_ddp = nn.parallel.DistributedDataParallel(
+        step_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.local_rank] if info.device.type == 'cuda' else None,
             find_unused_parameters=config.FIND_UNUSED_PARAMS)
-    steps_per_epoch = sampler.per_rank() // config.DATA.BATCH_SIZE
+    if config.TRAIN.COMPILE:
+        step_model = torch.compile(step_model)
+        logger.info('training step model compiled with torch.compile')
     mixup = build_mixup(config)
     use_scaler = config.AMP and config.AMP_DTYPE == 'float16'
-    t = Trainer(config=config, info=info, model=model_ddp, model_without_ddp=model, optimizer=optimizer,
+    t = Trainer(config=config, info=info, model=step_model, model_without_ddp=model, optimizer=optimizer,
                 lr_scheduler=build_scheduler(config, optimizer, steps_per_epoch),
                 scaler=torch.amp.GradScaler(info.device.type, enabled=use_scaler),
                 criterion=build_criterion(config, mixup), ema=ema, mixup=mixup, loader=loader_train,
-                sampler=sampler, steps_per_epoch=steps_per_epoch, epoch=config.TRAIN.START_EPOCH)
+                sampler=sampler, steps_per_epoch=steps_per_epoch, loader_val=loader_val, accumulation=k,
+                epoch=config.TRAIN.START_EPOCH)
+    source = resume_source(config, info)
     if source:
-        load_resume(t, source, model, ema)
-    return train(t, loader_val)
+        resume_training(t, source)
+    if info.is_main:
+        t.metrics = MetricsWriter(config.OUTPUT, tensorboard=config.TENSORBOARD)
+        t.metrics.truncate_after(t.epoch)        # records of epochs past the resume point are replayed
+    return t
+
+
+def evaluate(config: CfgNode, info: DistInfo) -> RunResult:
+    """--eval: the model (and EMA, when the checkpoint holds one) on the validation set."""
+    _, loader_val = build_val_loader(config, info.rank, info.world_size, info.device.type == 'cuda')
+    model = create_model(config, info)
+    ema = create_ema(config, model)
+    source = resume_source(config, info)
+    has_ema = False
+    if source:
+        has_ema = isinstance(load_weights(source, model, ema).get('model_ema'), dict)
+    elif not config.MODEL.PRETRAINED:
+        logger.warning('evaluating a randomly initialised model: give --resume CKPT or --pretrained CKPT')
+    result = RunResult(model=model, ema_model=ema.module if ema is not None else None)
+    result.eval = validate(config, loader_val, model, info.device)
+    if ema is not None and has_ema:
+        result.ema_eval = validate(config, loader_val, ema.module, info.device, name='ema network')
+    if info.is_main:
+        rec = {'kind': 'eval', 'checkpoint': source or config.MODEL.PRETRAINED or None,
+               'val_acc1': result.eval.acc1, 'val_acc5': result.eval.acc5, 'val_loss': result.eval.loss}
+        if result.ema_eval is not None:
+            rec.update(ema_acc1=result.ema_eval.acc1, ema_acc5=result.ema_eval.acc5, ema_loss=result.ema_eval.loss)
+        MetricsWriter(config.OUTPUT).write(rec)
+    return result
+
+
+def measure_throughput(config: CfgNode, info: DistInfo) -> RunResult:
+    """--throughput: images/s of the model on one validation batch (random images without --data-path)."""
+    model = create_model(config, info)
+    source = resume_source(config, info)
+    if source:
+        load_weights(source, model)
+    if config.DATA.DATA_PATH:
+        _, loader_val = build_val_loader(config, info.rank, info.world_size, info.device.type == 'cuda')
+        images = next(iter(loader_val))[0]
+    else:
+        images = torch.randn(config.DATA.BATCH_SIZE, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
+    return RunResult(model=model, throughput=throughput(config, images, model, info.device))
+
+
+# ----------------------------------------------------------------------------- run
+def run(config: CfgNode) -> RunResult:
+    """Train, evaluate (EVAL_MODE) or time (THROUGHPUT_MODE) as the config says. Raises ConfigError,
+    CheckpointError, DataError, TrainingError (clear one-line problems) or Preempted."""
+    from data import patch_randaugment_posterize
+    patch_randaugment_posterize()
+    info = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
+    try:
+        config = setup_run(config, info)
+        if config.THROUGHPUT_MODE:
+            return measure_throughput(config, info)
+        if config.EVAL_MODE:
+            return evaluate(config, info)
+        t = build_trainer(config, info)
+        try:
+            return train(t)
+        finally:
+            if t.metrics is not None:
+                t.metrics.close()
+    finally:
+        cleanup_distributed()

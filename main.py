@@ -6,13 +6,14 @@
     python main.py --cfg ... --data-path ... --eval --resume ckpt.pth
     python main.py --cfg ... --throughput
 
-Exit codes: 0 done; 2 a clear problem (configuration, checkpoint, data, diverged training), printed as
-one line ``ERROR: <message>``; 143 preempted by SIGTERM/SIGINT after saving a resumable checkpoint
+Exit codes: 0 done; 2 a clear problem (configuration, checkpoint, data, diverged training, a distributed
+peer that died or timed out), printed as one line ``ERROR: <message>`` (the full message in the log); 143 preempted by SIGTERM/SIGINT after saving a resumable checkpoint
 (rerun the same command to continue); anything else is a bug (with its traceback).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from typing import List, Optional
@@ -42,6 +43,8 @@ def build_parser(ema: bool = False) -> argparse.ArgumentParser:
     p.add_argument('--throughput', action='store_true', help='measure throughput only')
     p.add_argument('--pretrained', type=str, default=None, help='initial weights for fine-tuning (resized)')
     p.add_argument('--find-unused-params', action='store_true', help='DDP find_unused_parameters')
+    p.add_argument('--tensorboard', action='store_true',
+                   help='also write TensorBoard event files (needs the tensorboard package)')
     # torch.distributed.launch passes the local rank as an argument; the environment's LOCAL_RANK is used
     p.add_argument('--local-rank', '--local_rank', dest='local_rank', type=int, default=None,
                    help=argparse.SUPPRESS)
@@ -63,6 +66,30 @@ def one_line(error: BaseException) -> str:
     return ' '.join(text.split())
 
 
+_PEER_FAILURE = re.compile(r'gloo|nccl|Connection (closed|reset) by peer|[Tt]imed out|[Tt]imeout|ProcessGroup|'
+                           r'c10d|Broken pipe')
+
+
+def peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another rank died or stopped responding
+    (torch's DistError, or the RuntimeError the gloo/NCCL backends raise) in a multi-process run."""
+    import torch.distributed as dist
+    if int(os.environ.get('WORLD_SIZE', '1') or 1) <= 1:
+        return False
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and bool(_PEER_FAILURE.search(str(error)))
+
+
+def peer_failure_message(error: BaseException) -> str:
+    backend = one_line(error)
+    if len(backend) > 200:
+        backend = backend[:200] + '...'
+    return (f'a distributed peer failed or stopped responding (backend: {backend}); the cause is in the other '
+            f"ranks' output. Fix it and rerun the same command: auto-resume continues from the last checkpoint "
+            f'(DIST_TIMEOUT sets how long ranks wait)')
+
+
 def main(argv: Optional[List[str]] = None, ema: bool = False) -> int:
     """Parse, configure, run; returns the exit code."""
     args = build_parser(ema).parse_args(argv)
@@ -77,6 +104,14 @@ def main(argv: Optional[List[str]] = None, ema: bool = False) -> int:
         return PREEMPTED_EXIT_CODE
     except (ConfigError, CheckpointError, DataError, engine.TrainingError) as e:
         message = one_line(e)
+        log_to_file(f'ERROR: {message}')
+        print(f'ERROR: {message}', file=sys.stderr, flush=True)
+        return ERROR_EXIT_CODE
+    except RuntimeError as e:
+        if not peer_failure(e):
+            raise
+        log_to_file(f'distributed failure: {e}')
+        message = peer_failure_message(e)
         log_to_file(f'ERROR: {message}')
         print(f'ERROR: {message}', file=sys.stderr, flush=True)
         return ERROR_EXIT_CODE

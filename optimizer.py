@@ -1,18 +1,36 @@
-"""Optimiser with two parameter groups, as officially: weight decay for matrices/kernels, none for 1-D
-parameters (norms, scales), biases and the names the model lists in ``no_weight_decay()`` /
-``no_weight_decay_keywords()``."""
+"""Optimiser with the official two parameter groups: weight decay for matrices/kernels, none for 1-D
+parameters (norms), biases and the names the model lists in ``no_weight_decay()`` /
+``no_weight_decay_keywords()`` (each family returns its official repository's rules).
+
+TRAIN.OPTIMIZER.EXTRA_NO_WEIGHT_DECAY (ours, off by default) also exempts the parameters the model names
+in ``extra_no_weight_decay()`` (the focused attention's ``scale`` and ``positional_encoding``, PVT-v1's
+``pos_embed1-4``): a deviation from the published recipe, see the README.
+
+AdamW and SGD are built fused where the parameters' device supports it (CUDA, CPU): one kernel per
+step, and the step accepts a ``found_inf`` device flag, which lets the engine skip a non-finite step
+without reading anything back to the host.
+"""
 from __future__ import annotations
 
+import re
 from typing import Dict, Iterable, List
 
 import torch
 import torch.nn as nn
 from yacs.config import CfgNode
 
+FUSED_DEVICES = ('cuda', 'cpu')
+# Names of the model method listing our extra exclusions (first found is used).
+EXTRA_NO_DECAY_METHODS = ('extra_no_weight_decay', 'no_weight_decay_extra')
+# Fallback when a model has no such method: the focused attention's scales / positional encodings and
+# PVT-v1's numbered position embeddings.
+_EXTRA_PATTERN = re.compile(r'(^|\.)(scale|positional_encoding|pos_embed\d+)$')
+
 
 def param_groups(model: nn.Module, skip: Iterable[str] = (), skip_keywords: Iterable[str] = ()
                  ) -> List[Dict]:
-    """[{'params': decayed}, {'params': not decayed, 'weight_decay': 0.}] (official group order)."""
+    """[{'params': decayed}, {'params': not decayed, 'weight_decay': 0.}] (official group order and rule:
+    1-D, ``.bias``, a name in ``skip`` or containing one of ``skip_keywords`` -> no decay)."""
     skip, skip_keywords = set(skip), tuple(skip_keywords)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -25,15 +43,43 @@ def param_groups(model: nn.Module, skip: Iterable[str] = (), skip_keywords: Iter
     return [{'params': decay}, {'params': no_decay, 'weight_decay': 0.}]
 
 
+def extra_no_weight_decay(model: nn.Module) -> set:
+    """Full parameter names of our extra exclusions (see the module docstring)."""
+    for method in EXTRA_NO_DECAY_METHODS:
+        if hasattr(model, method):
+            return set(getattr(model, method)())
+    return {n for n, _ in model.named_parameters() if _EXTRA_PATTERN.search(n)}
+
+
+def no_decay_rules(config: CfgNode, model: nn.Module) -> tuple:
+    """(skip names, skip keywords) for ``param_groups``: the model's official lists, plus our extra
+    exclusions when TRAIN.OPTIMIZER.EXTRA_NO_WEIGHT_DECAY."""
+    skip = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
+    keywords = set(model.no_weight_decay_keywords()) if hasattr(model, 'no_weight_decay_keywords') else set()
+    if config.TRAIN.OPTIMIZER.EXTRA_NO_WEIGHT_DECAY:
+        skip |= extra_no_weight_decay(model)
+    return skip, keywords
+
+
+def _fusable(model: nn.Module) -> bool:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+
+
+def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` honours ``optimizer.found_inf`` (skips the update on the device)."""
+    return bool(getattr(optimizer, '_step_supports_amp_scaling', False)) and all(
+        g.get('fused', False) for g in optimizer.param_groups)
+
+
 def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW or SGD (nesterov) at TRAIN.BASE_LR (already scaled by the engine)."""
-    skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
-    keywords = model.no_weight_decay_keywords() if hasattr(model, 'no_weight_decay_keywords') else ()
-    groups = param_groups(model, skip, keywords)
+    """AdamW or SGD (nesterov) at TRAIN.BASE_LR (already scaled by the engine); fused when possible."""
+    groups = param_groups(model, *no_decay_rules(config, model))
     opt = config.TRAIN.OPTIMIZER
     name = opt.NAME.lower()
+    fused = _fusable(model)
     if name == 'sgd':
         return torch.optim.SGD(groups, lr=config.TRAIN.BASE_LR, momentum=opt.MOMENTUM, nesterov=True,
-                               weight_decay=config.TRAIN.WEIGHT_DECAY)
+                               weight_decay=config.TRAIN.WEIGHT_DECAY, fused=fused)
     return torch.optim.AdamW(groups, lr=config.TRAIN.BASE_LR, eps=opt.EPS, betas=tuple(opt.BETAS),
-                             weight_decay=config.TRAIN.WEIGHT_DECAY)
+                             weight_decay=config.TRAIN.WEIGHT_DECAY, fused=fused)

@@ -124,9 +124,10 @@ def seed_everything(seed: int) -> None:
 
 def grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: Optional[float] = None) -> torch.Tensor:
     """Total L2 norm of the gradients; clips them to ``max_norm`` when given (None or 0: no clipping)."""
+    parameters = list(parameters)
     params = [p for p in parameters if p.grad is not None]
     if not params:
-        return torch.tensor(0.)
+        return torch.zeros((), device=parameters[0].device if parameters else None)
     if max_norm:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     return torch.nn.utils.get_total_norm([p.grad for p in params])

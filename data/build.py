@@ -1,15 +1,19 @@
 """Datasets, transforms, samplers, loaders and Mixup/CutMix for ImageNet-layout data.
 
-Folder mode: ``<data-path>/train/<class>/*`` and ``<data-path>/val/<class>/*`` (torchvision ImageFolder);
+Folder mode: ``<data-path>/train/<class>/*`` and ``<data-path>/val/<class>/*`` (torchvision ImageFolder's
+layout and labels; the walk follows symlinks once, and val uses train's class list, checked equal);
 zip mode: ``train.zip`` + ``train_map.txt`` (see ``cached_image_folder``). Every image is decoded fully:
 an unreadable or truncated file is a ``DataError`` naming it, or, with DATA.SKIP_BAD_IMAGES, is dropped
 from its batch and reported by the loop (batches are ``(images, targets, bad_paths)``).
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -19,7 +23,7 @@ from timm.data import Mixup, auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import str_to_pil_interp
 from torch.utils.data import DataLoader, Dataset
-from torchvision import datasets, transforms
+from torchvision import transforms
 from yacs.config import CfgNode
 
 from config import ConfigError
@@ -41,15 +45,22 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
-    if auto_augment.NAME_TO_OP.get(_name) is auto_augment.posterize:
-        auto_augment.NAME_TO_OP[_name] = _posterize
+def patch_randaugment_posterize() -> bool:
+    """Point timm's Posterize ops at ``_posterize`` (idempotent; returns whether anything changed).
+    Called explicitly by the entry point (``engine.run``), never on import."""
+    changed = False
+    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+        if auto_augment.NAME_TO_OP.get(name) is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize
+            changed = True
+    return changed
 
 
 def build_transform(is_train: bool, config: CfgNode) -> Callable:
     """Training: timm ``create_transform`` (random resized crop of AUG.SCALE, flip with AUG.HFLIP,
-    RandAugment, colour jitter, random erasing per AUG.*), or RandomCrop(padding 4) for images of 32 px and below. Evaluation: resize
-    to IMG_SIZE*256/224 + centre crop (TEST.CROP) or a direct resize; no resize at 32 px and below."""
+    RandAugment, colour jitter, random erasing per AUG.*); at 32 px and below (CIFAR-style) a resize to
+    IMG_SIZE (a no-op for images of that size) + RandomCrop(padding 4) replaces the random resized crop.
+    Evaluation: resize to IMG_SIZE*256/224 + centre crop (TEST.CROP, above 32 px) or a direct resize."""
     size, aug = config.DATA.IMG_SIZE, config.AUG
     resize = size > 32
     if is_train:
@@ -59,17 +70,18 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
             auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT not in ('', 'none', None) else None,
             re_prob=aug.REPROB, re_mode=aug.REMODE, re_count=aug.RECOUNT, hflip=aug.HFLIP,
             scale=tuple(aug.SCALE), interpolation=config.DATA.INTERPOLATION)
-        if not resize:
-            t.transforms[0] = transforms.RandomCrop(size, padding=4)
+        if not resize:   # small images: resize to the size first (no-op when it matches), then pad-crop
+            interp = str_to_pil_interp('bicubic' if config.DATA.INTERPOLATION == 'random' else config.DATA.INTERPOLATION)
+            t.transforms[0:1] = [transforms.Resize((size, size), interpolation=interp),
+                                 transforms.RandomCrop(size, padding=4)]
         return t
     interp = str_to_pil_interp('bicubic' if config.DATA.INTERPOLATION == 'random' else config.DATA.INTERPOLATION)
     steps: List[Any] = []
-    if resize:
-        if config.TEST.CROP:
-            crop_from = int(size * 256 / 224)
-            steps += [transforms.Resize((crop_from, crop_from), interpolation=interp), transforms.CenterCrop(size)]
-        else:
-            steps.append(transforms.Resize((size, size), interpolation=interp))
+    if resize and config.TEST.CROP:
+        crop_from = int(size * 256 / 224)
+        steps += [transforms.Resize((crop_from, crop_from), interpolation=interp), transforms.CenterCrop(size)]
+    else:               # also at 32 px and below, where images of another size must be resized too
+        steps.append(transforms.Resize((size, size), interpolation=interp))
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     return transforms.Compose(steps)
 
@@ -119,19 +131,135 @@ def collate(batch: list) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]
     return images, targets, bad
 
 
-def _image_folder(root: str, transform: Callable) -> datasets.ImageFolder:
+def find_classes(root: str) -> List[str]:
+    """The class folders of a split (sorted names of its sub-folders, symlinks followed), as torchvision's
+    ImageFolder; a label is the index of its folder in this list."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir())
+
+
+@dataclass
+class ScanReport:
+    """What a folder scan left out: non-image files and directories reached a second time (symlink loops
+    or several links to one folder, followed once)."""
+    non_images: int = 0
+    repeated_dirs: int = 0
+
+    def describe(self) -> str:
+        parts = []
+        if self.non_images:
+            parts.append(f'{self.non_images} non-image files (extensions other than {", ".join(IMG_EXTENSIONS)})')
+        if self.repeated_dirs:
+            parts.append(f'{self.repeated_dirs} directories reached again or upwards through a symlink (loops are followed once)')
+        return '; '.join(parts)
+
+
+def _walk_class(folder: str, report: ScanReport, seen: set) -> List[str]:
+    """Image files under ``folder`` (symlinks followed, each real directory once, never up to a folder
+    that contains ``folder``), in torchvision's order (sorted by directory path, then by file name)."""
+    found: List[Tuple[str, List[str]]] = []
+
+    def on_error(e: OSError) -> None:
+        logger.warning('cannot list %s: %s', e.filename, e.strerror)
+
+    top = os.path.realpath(folder)
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=on_error):
+        key = os.path.realpath(dirpath)
+        # reached again (a loop, or a second link to one folder), or a link up to a folder above the class
+        if key in seen or top.startswith(key.rstrip(os.sep) + os.sep):
+            report.repeated_dirs += 1
+            dirnames[:] = []
+            continue
+        seen.add(key)
+        images = [f for f in filenames if f.lower().endswith(IMG_EXTENSIONS)]
+        report.non_images += len(filenames) - len(images)
+        found.append((dirpath, sorted(images)))
+    return [os.path.join(d, f) for d, names in sorted(found) for f in names]
+
+
+def scan_image_folder(root: str, classes: List[str], show_progress: bool = True
+                      ) -> Tuple[List[Tuple[str, int]], ScanReport]:
+    """(path, label) for every image under ``root/<class>/`` (label = index in ``classes``), with progress
+    logged at a steady rate (about every 10 s, and every tenth of the classes) when ``show_progress``."""
+    report = ScanReport()
+    samples: List[Tuple[str, int]] = []
+    last = start = time.time()
+    step = max(1, len(classes) // 10)
+    for label, name in enumerate(classes):
+        files = _walk_class(os.path.join(root, name), report, set())
+        if not files:
+            raise DataError(f"class folder {os.path.join(root, name)} holds no image ({', '.join(IMG_EXTENSIONS)}); "
+                            f"add its images or remove the folder from every split")
+        samples.extend((f, label) for f in files)
+        now = time.time()
+        if show_progress and ((label + 1) % step == 0 or now - last >= 10) and label + 1 < len(classes):
+            last = now
+            logger.info('scanning %s: %d/%d classes, %d images (%.0f s)', root, label + 1, len(classes),
+                        len(samples), now - start)
+    return samples, report
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/**/<image>`` as (transform(image), label); ``samples``, ``targets``, ``classes`` and
+    ``class_to_idx`` as torchvision's ImageFolder, with a loop-safe walk and a report of skipped files.
+    ``classes`` fixes the label of each folder (the training split's list, so that val uses the same)."""
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, classes: Optional[List[str]] = None,
+                 show_progress: bool = True) -> None:
+        self.root, self.transform, self.loader = root, transform, load_image
+        self.classes = list(classes) if classes is not None else find_classes(root)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples, self.report = scan_image_folder(root, self.classes, show_progress)
+        self.targets = [y for _, y in self.samples]
+        if show_progress:
+            skipped = self.report.describe()
+            logger.info('%s: %d images in %d classes%s', root, len(self.samples), len(self.classes),
+                        f' (skipped {skipped})' if skipped else '')
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        image = self.loader(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+
+def _image_folder(root: str, transform: Callable, classes: Optional[List[str]] = None,
+                  show_progress: bool = True) -> ImageFolderDataset:
     if not os.path.isdir(root):
         raise ConfigError(f"data folder {root} not found: --data-path must hold train/<class>/* and "
                           f"val/<class>/* (ImageNet layout), or train.zip/val.zip with --zip")
-    try:
-        return datasets.ImageFolder(root, transform=transform, loader=load_image,
-                                    is_valid_file=lambda p: p.lower().endswith(IMG_EXTENSIONS))
-    except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"{root}: {str(e).splitlines()[0]}") from None
+    return ImageFolderDataset(root, transform, classes, show_progress)
+
+
+def check_class_lists(path: str) -> Optional[List[str]]:
+    """Folder mode: the class list shared by ``path/train`` and ``path/val`` (None if one is absent).
+    Labels are folder indices in sorted order, so different lists would shift labels silently: a
+    mismatch is a ConfigError naming the differing classes."""
+    train_dir, val_dir = os.path.join(path, 'train'), os.path.join(path, 'val')
+    if not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
+        return None
+    train, val = find_classes(train_dir), find_classes(val_dir)
+    if train == val:
+        return train
+
+    def names(items: List[str]) -> str:
+        shown = ', '.join(repr(c) for c in items[:5])
+        return shown + (f' and {len(items) - 5} more' if len(items) > 5 else '')
+    only_train = sorted(set(train) - set(val))
+    only_val = sorted(set(val) - set(train))
+    diff = '; '.join(x for x in (f"only in train/: {names(only_train)}" if only_train else '',
+                                 f"only in val/: {names(only_val)}" if only_val else '') if x)
+    raise ConfigError(f"the class folders of {train_dir} and {val_dir} differ ({diff}); labels are assigned by "
+                      f"sorted folder name, so both splits must hold the same class folders: rename, add or "
+                      f"remove folders until they match")
 
 
 def check_data_path(config: CfgNode, splits: Tuple[str, ...] = ('train', 'val')) -> None:
-    """Cheap up-front checks of DATA.* (before any work): ConfigError naming --data-path."""
+    """Cheap up-front checks of DATA.* (before any work): ConfigError naming --data-path, the class
+    folders that differ between train/ and val/, or MODEL.NUM_CLASSES."""
     if config.DATA.DATASET != 'imagenet':
         raise ConfigError(f"DATA.DATASET {config.DATA.DATASET!r} is not supported; use 'imagenet' (folder layout)")
     path = config.DATA.DATA_PATH
@@ -144,12 +272,16 @@ def check_data_path(config: CfgNode, splits: Tuple[str, ...] = ('train', 'val'))
         if not os.path.exists(need):
             raise ConfigError(f"--data-path {path} has no {os.path.basename(need)}: expected train/<class>/* and "
                               f"val/<class>/* (ImageNet layout), or train.zip/val.zip with their map files and --zip")
-        if not config.DATA.ZIP_MODE:
-            _check_class_count(len([e for e in os.scandir(need) if e.is_dir()]), config, split)
+    if not config.DATA.ZIP_MODE:
+        shared = check_class_lists(path)       # train/ and val/ agree (when both exist) before counting
+        for split in splits:
+            _check_class_count(len(shared if shared is not None else find_classes(os.path.join(path, split))),
+                               config, split)
 
 
 def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: int = 1) -> SampleDataset:
-    """The train or val split of DATA.DATA_PATH, wrapped in SampleDataset."""
+    """The train or val split of DATA.DATA_PATH, wrapped in SampleDataset. In folder mode both splits use
+    the training split's class list (checked equal to val's by ``check_data_path``)."""
     split = 'train' if is_train else 'val'
     check_data_path(config, (split,))
     path = config.DATA.DATA_PATH
@@ -158,18 +290,31 @@ def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: in
         cache = config.DATA.CACHE_MODE if is_train else 'part'
         ds = CachedImageFolder(path, f'{split}_map.txt', f'{split}.zip@/', transform, cache, rank, world_size)
     else:
-        ds = _image_folder(os.path.join(path, split), transform)
+        classes = check_class_lists(path)
+        ds = _image_folder(os.path.join(path, split), transform, classes, show_progress=rank == 0)
     return SampleDataset(ds, skip_bad=config.DATA.SKIP_BAD_IMAGES)
 
 
 def check_num_classes(dataset: SampleDataset, config: CfgNode, split: str) -> None:
+    """The class count must equal MODEL.NUM_CLASSES; in zip mode every label of the map file must also be
+    below it, and a val map may cover a subset of the classes."""
+    if isinstance(dataset.dataset, CachedImageFolder):
+        top = max(dataset.dataset.classes)
+        if top >= config.MODEL.NUM_CLASSES:
+            raise ConfigError(f"the {split} map file in {config.DATA.DATA_PATH} uses class index {top} but "
+                              f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}; indices must be 0..NUM_CLASSES-1: "
+                              f"fix the map file or set MODEL.NUM_CLASSES to the dataset's class count")
+        if split != 'train':
+            return
     _check_class_count(len(dataset.classes), config, split)
 
 
 def _check_class_count(found: int, config: CfgNode, split: str) -> None:
     if found != config.MODEL.NUM_CLASSES:
-        raise ConfigError(f"the {split} set in {config.DATA.DATA_PATH} has {found} classes but MODEL.NUM_CLASSES "
-                          f"is {config.MODEL.NUM_CLASSES}; use --opts MODEL.NUM_CLASSES {found} (or the right --cfg)")
+        raise ConfigError(f"{os.path.join(config.DATA.DATA_PATH, split)} has {found} classes (sub-folders) but the model "
+                          f"is built for MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES: {found} "
+                          f"in the --cfg file (or add --opts MODEL.NUM_CLASSES {found}), or point --data-path at "
+                          f"the dataset with {config.MODEL.NUM_CLASSES} classes")
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -189,8 +334,33 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def stop_loader_workers() -> int:
+    """Kill this process's DataLoader workers that are still alive; returns how many. They hold no state,
+    and since they ignore SIGTERM, multiprocessing's exit hook (SIGTERM, then join) would otherwise wait
+    for them forever after an unhandled error while an iterator was alive."""
+    from torch.utils.data._utils.worker import _worker_loop
+    workers = [p for p in multiprocessing.active_children() if getattr(p, '_target', None) is _worker_loop]
+    for p in workers:
+        p.kill()
+    for p in workers:
+        p.join(timeout=5)
+    return len(workers)
+
+
+_EXIT_HOOK = [False]
+
+
+def _install_exit_hook() -> None:
+    # registered after multiprocessing's own hook, so it runs before it (atexit runs last-in first-out)
+    if not _EXIT_HOOK[0]:
+        atexit.register(stop_loader_workers)
+        _EXIT_HOOK[0] = True
+
+
 def _loader(dataset: Dataset, sampler, config: CfgNode, drop_last: bool, pin: bool, seed: int) -> DataLoader:
     # randomness comes from the per-sample seeds (SampleDataset); the generator only fixes worker base seeds
+    if config.DATA.NUM_WORKERS > 0:
+        _install_exit_hook()
     return DataLoader(dataset, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, drop_last=drop_last,
                       num_workers=config.DATA.NUM_WORKERS, pin_memory=pin and config.DATA.PIN_MEMORY,
                       collate_fn=collate, generator=torch.Generator().manual_seed(seed),

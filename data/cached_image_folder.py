@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Callable, List, Optional, Tuple, Union
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -27,6 +28,38 @@ class DataError(RuntimeError):
     """A dataset problem (unreadable image, empty or malformed folder/map file), one line naming the file."""
 
 
+# Modes with more than 8 bits per channel, PIL's convert('RGB') of which clips to 255 (destroying the data).
+_HIGH_DEPTH_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F')
+_warned_high_depth = [False]
+
+
+def to_rgb(img: Image.Image, name: str = '<image>') -> Image.Image:
+    """``img`` as 8-bit RGB. Single-channel images with more than 8 bits are rescaled, not clipped:
+    16-bit integers (modes I;16*, and I with values in 0..65535) by 255/65535, floats (mode F) with
+    values in [0, 1] by 255; other ranges are refused with a DataError. The first such image of the
+    process logs a warning. (16-bit RGB PNGs are already reduced to 8 bits by PIL, correctly scaled.)"""
+    if img.mode not in _HIGH_DEPTH_MODES:
+        return img.convert('RGB')
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode == 'F':
+        if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            raise DataError(f"cannot read image {name}: floating-point pixels outside [0, 1] (min {a.min():g}, "
+                            f"max {a.max():g}) have no defined 8-bit scaling; save it as an 8- or 16-bit image")
+        scale = 255.0
+    else:
+        if a.min() < 0 or a.max() > 65535:
+            raise DataError(f"cannot read image {name}: 32-bit integer pixels outside 0..65535 have no defined "
+                            f"8-bit scaling; save it as an 8- or 16-bit image")
+        scale = 255.0 / 65535.0
+    if not _warned_high_depth[0]:
+        _warned_high_depth[0] = True
+        logger.warning('image %s has more than 8 bits per channel (mode %s): scaled to 8 bits by %s (not clipped); '
+                       'further such images are converted the same way without a warning', name, img.mode,
+                       '255' if img.mode == 'F' else '255/65535')
+    gray = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8))   # 2-D uint8: mode L
+    return gray.convert('RGB')
+
+
 def load_image(source: Union[str, bytes], name: Optional[str] = None) -> Image.Image:
     """Decode an image fully (file path, zip path or bytes) as RGB; DataError naming the file if it is
     missing, unreadable or truncated."""
@@ -40,7 +73,9 @@ def load_image(source: Union[str, bytes], name: Optional[str] = None) -> Image.I
             with open(source, 'rb') as f:
                 img = Image.open(f)
                 img.load()
-        return img.convert('RGB')
+        return to_rgb(img, name)
+    except DataError:
+        raise
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, KeyError, EOFError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"cannot read image {name}: {reason}; replace or remove the file, "

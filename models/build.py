@@ -77,12 +77,13 @@ def model_spec(config) -> ModelSpec:
 
 
 def _config_error(err: ValueError, spec: ModelSpec) -> ConfigError:
-    """Name the config key behind the keyword argument that a model's ValueError mentions."""
-    msg = str(err)
-    for kwarg, key in spec.keys.items():
-        if re.search(rf'\b{re.escape(kwarg)}\b', msg):
-            return ConfigError(f'{key}: {msg}')
-    return ConfigError(f'MODEL.TYPE {spec.name}: {msg}')
+    """The model's ValueError with each keyword argument it mentions replaced by its config key (one line)."""
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    hit = False
+    for kwarg, key in sorted(spec.keys.items(), key=lambda kv: -len(kv[0])):
+        msg, n = re.subn(rf'\b{re.escape(kwarg)}\b', key, msg)
+        hit = hit or n > 0
+    return ConfigError(msg if hit else f'MODEL.TYPE {spec.name}: {msg}')
 
 
 def build_model(config, **overrides: Any) -> nn.Module:

@@ -125,7 +125,7 @@ class FocusedLinearStripeAttention(StripeLePE, FocusedLinearAttentionBase):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (to_windows(t, self.resolution, self.window) for t in (q, k, v))
-        out = self.attend(q, k, v) + self.rank_restoration(v, self.window) + self.lepe(v)
+        out = self.attend(q, k, v, hw=self.window) + self.lepe(v)     # attend includes the dwc branch
         return from_windows(out, self.resolution, self.window)
 
     def extra_repr(self) -> str:

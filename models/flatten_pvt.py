@@ -1,7 +1,11 @@
 """FLatten-PVT: the Pyramid Vision Transformer (v1) with focused linear ('L') or softmax ('S') stages.
 
+Registered timm models: ``flatten_pvt_t``, ``_s``, ``_m``, ``_b`` (b = the official ``flatten_pvt_large``)
+and the PVT softmax baselines ``flatten_pvt_t_softmax`` ... ``flatten_pvt_b_softmax``. The experiment
+config reaches them through the adapter for MODEL.TYPE ``flatten_pvt_{tiny,small,medium,large}``.
+
 Both attention kinds take keys and values from a spatially reduced copy of the tokens:
-  * 'L' stages reduce by ``int(MODEL.LA.PVT_LA_SR_RATIOS[i])`` (the official configs use '1111': none),
+  * 'L' stages reduce by ``int(la_sr_ratios[i])`` (the official configs use '1111': none),
     'S' stages by the PVT ratios (8, 4, 2, 1);
   * a reduction is a strided conv (kernel = stride = sr) then LayerNorm, keys ``attn.sr`` / ``attn.norm``;
   * a linear block with fewer key tokens than query tokens stretches V back to the query length with
@@ -9,50 +13,67 @@ Both attention kinds take keys and values from a spatially reduced copy of the t
 
 State-dict layout matches the official ``flatten_pvt_{tiny,small,medium,large}``: ``patch_embed{i}``,
 ``pos_embed{i}``, ``block{i}.{j}``, an unused final ``norm`` (kept for checkpoint compatibility; the head
-reads the token mean of stage 4 directly) and ``head``. Unlike the official builders, ours honour
-``MODEL.NUM_CLASSES`` and ``DATA.IMG_SIZE`` (the position embeddings are sized for the image).
+reads the token mean of stage 4 directly, so ``has_unused_parameters = True``: DDP needs
+find_unused_parameters) and ``head``. Unlike the official builders, ours honour ``num_classes`` and
+``img_size`` (the position embeddings are sized for the image).
+
+``dynamic_img_size=True``: position embeddings and focused-attention positional encodings are resampled
+bicubically to the current token grids.
+
+Weight decay: ``no_weight_decay()`` is the official rule ({'cls_token'}: the official PVT decays
+pos_embed1-4 and the focused-attention scale / positional encodings); ``extra_no_weight_decay()`` names
+our optional extra exclusions.
 
 The attention modules, the block and the layout checks here are shared with :mod:`models.flatten_pvt_v2`.
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
-from config import ConfigError
-from .build import register_model
-from .layers import PatchEmbed, init_weights, run_blocks  # noqa: F401  (re-used by PVTv2)
-from .focused_attention import AttentionTap, FocusedLinearAttentionBase, interpolate_tokens
+from .build import ModelSpec, common_spec, register_config_adapter
+from .focused_attention import ATTN_SOFTMAX, AttentionTap, FocusedLinearAttentionBase, interpolate_tokens
+from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, init_weights, run_blocks, square_size,  # noqa: F401
+                     tokens_to_nchw, unwrap_state_dict, whole_grid)
 
 SOFTMAX_SR_RATIOS = (8, 4, 2, 1)   # PVT's reductions, used by every softmax stage
 LINEAR_POOL = 7                    # PVTv2 'linear' mode pools keys/values to 7 x 7
 NUM_STAGES = 4
 STRIDE = 32                        # total downsampling: the image must be a multiple of it
+Grid = Tuple[int, int]
+
+
+def reduction_modules(dim: int, sr_ratio: int, linear: bool) -> Dict[str, nn.Module]:
+    """The modules of a spatial reduction, in the official creation order: ``linear`` (PVTv2-li):
+    adaptive 7x7 pool, 1x1 conv, LayerNorm, GELU; else for sr > 1 a strided conv and LayerNorm."""
+    if linear:
+        return dict(pool=nn.AdaptiveAvgPool2d(LINEAR_POOL), sr=nn.Conv2d(dim, dim, kernel_size=1),
+                    norm=nn.LayerNorm(dim), act=nn.GELU())
+    if sr_ratio > 1:
+        return dict(sr=nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio), norm=nn.LayerNorm(dim))
+    return {}
 
 
 class SpatialReduction:
-    """Mixin for PVT attention: keys and values come from a reduced copy of the tokens.
+    """Mixin for PVT attention: keys and values come from a reduced copy of the tokens (see
+    :func:`reduction_modules`)."""
 
-    ``linear=False``: conv (kernel = stride = sr) + LayerNorm when sr > 1, identity when sr == 1.
-    ``linear=True`` (PVTv2-li): adaptive average pool to 7 x 7, 1x1 conv, LayerNorm, GELU.
-    """
+    sr_ratio: int
+    linear: bool
+    resolution: Grid
 
-    def _init_reduction(self, dim: int, sr_ratio: int, linear: bool) -> None:
+    def _set_reduction(self, sr_ratio: int, linear: bool, modules: Dict[str, nn.Module]) -> None:
         self.sr_ratio, self.linear = sr_ratio, linear
-        if linear:
-            self.pool = nn.AdaptiveAvgPool2d(LINEAR_POOL)
-            self.sr = nn.Conv2d(dim, dim, kernel_size=1)
-            self.norm = nn.LayerNorm(dim)
-            self.act = nn.GELU()
-        elif sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(dim)
+        for name, module in modules.items():
+            setattr(self, name, module)
 
-    def reduce(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    def reduce(self, x: torch.Tensor, hw: Grid) -> torch.Tensor:
         """(B, H*W, C) tokens -> (B, n, C) tokens that keys and values are projected from."""
         if not self.linear and self.sr_ratio == 1:
             return x
@@ -63,39 +84,53 @@ class SpatialReduction:
         y = self.norm(self.sr(maps).flatten(2).transpose(1, 2))
         return self.act(y) if self.linear else y
 
+    def kv_hw(self, hw: Grid) -> Grid:
+        """The (h, w) grid of the reduced keys for an (H, W) map."""
+        if self.linear:
+            return LINEAR_POOL, LINEAR_POOL
+        return hw[0] // self.sr_ratio, hw[1] // self.sr_ratio
 
-def num_kv_tokens(hw: Tuple[int, int], sr_ratio: int, linear: bool) -> int:
+
+def num_kv_tokens(hw: Grid, sr_ratio: int, linear: bool) -> int:
     """Key/value count after :class:`SpatialReduction` of an (H, W) map."""
     return LINEAR_POOL ** 2 if linear else (hw[0] // sr_ratio) * (hw[1] // sr_ratio)
 
 
 class SRAttention(SpatialReduction, nn.Module):
-    """Softmax attention over spatially reduced keys/values. x (B, H*W, C) -> same shape."""
+    """Softmax attention over spatially reduced keys/values. x (B, H*W, C) -> same shape. Fused
+    ``scaled_dot_product_attention`` unless a hook is registered on ``tap``."""
 
-    def __init__(self, dim: int, resolution: Tuple[int, int], num_heads: int, qkv_bias: bool = True,
+    attn_kind = ATTN_SOFTMAX
+
+    def __init__(self, dim: int, resolution: Grid, num_heads: int, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.,
                  sr_ratio: int = 1, linear: bool = False) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
-        self.dim, self.num_heads, self.resolution = dim, num_heads, resolution
+        self.dim, self.num_heads, self.resolution = dim, num_heads, tuple(resolution)
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._init_reduction(dim, sr_ratio, linear)
+        self._set_reduction(sr_ratio, linear, reduction_modules(dim, sr_ratio, linear))
         self.tap = AttentionTap()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
         B, N, C = x.shape
         h = self.num_heads
         q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)                         # (B, h, N, d)
-        k, v = self.kv(self.reduce(x, self.resolution)).reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)
-        attn = self.tap(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))      # (B, h, N, n)
-        x = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        kv = self.kv(self.reduce(x, hw or self.resolution))
+        k, v = kv.reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)
+        if not self.tap.hooked():
+            x = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, scale=self.scale, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = self.tap(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))  # (B, h, N, n)
+            x = self.attn_drop(attn) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, linear={self.linear}'
@@ -108,26 +143,38 @@ class FocusedLinearSRAttention(SpatialReduction, FocusedLinearAttentionBase):
     :func:`interpolate_tokens` (1-D over the flattened tokens, as officially).
     """
 
-    def __init__(self, dim: int, resolution: Tuple[int, int], num_heads: int, qkv_bias: bool = True,
+    def __init__(self, dim: int, resolution: Grid, num_heads: int, qkv_bias: bool = True,
                  proj_drop: float = 0., sr_ratio: int = 1, linear: bool = False, focusing_factor: float = 3,
                  kernel_size: int = 5) -> None:
+        # official order of creation (and of random draws): q, kv, proj, reduction, then dwc
+        q, kv = nn.Linear(dim, dim, bias=qkv_bias), nn.Linear(dim, dim * 2, bias=qkv_bias)
+        proj = nn.Linear(dim, dim)
+        reduction = reduction_modules(dim, sr_ratio, linear)
         super().__init__(dim, num_heads, num_kv_tokens(resolution, sr_ratio, linear), focusing_factor,
                          kernel_size)
-        self.resolution = resolution
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.resolution = tuple(resolution)
+        self.q, self.kv, self.proj = q, kv, proj
         self.proj_drop = nn.Dropout(proj_drop)
-        self._init_reduction(dim, sr_ratio, linear)
+        self._set_reduction(sr_ratio, linear, reduction)
+        self.kv_grid: Grid = self.kv_hw(self.resolution)
         self.dwc_last()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kv_positional_encoding(self, n: int) -> torch.Tensor:
+        native = self.kv_hw(self.resolution)
+        if self.kv_grid == native:
+            return self.positional_encoding
+        return resample_abs_pos_embed(self.positional_encoding, list(self.kv_grid), list(native),
+                                      num_prefix_tokens=0, antialias=False)
+
+    def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
         B, N, C = x.shape
-        k, v = self.kv(self.reduce(x, self.resolution)).reshape(B, -1, 2, C).unbind(2)   # (B, n, C) each
+        hw = tuple(hw) if hw is not None else self.resolution
+        self.kv_grid = self.kv_hw(hw)
+        k, v = self.kv(self.reduce(x, hw)).reshape(B, -1, 2, C).unbind(2)   # (B, n, C) each
         out = self.attend(self.q(x), k, v)
         if v.shape[1] != N:
             v = interpolate_tokens(v, self.num_heads, N)
-        out = out + self.rank_restoration(v, self.resolution)
+        out = out + self.rank_restoration(v, hw)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
@@ -135,17 +182,20 @@ class FocusedLinearSRAttention(SpatialReduction, FocusedLinearAttentionBase):
 
 
 class PVTBlock(nn.Module):
-    """Pre-norm block on (B, H*W, C) tokens of a fixed (H, W) map: attention then MLP.
+    """Pre-norm block on (B, H*W, C) tokens of an (H, W) map: attention then MLP.
 
-    ``mlp`` builds the MLP from (dim, hidden); PVT-v1 uses timm's Mlp, PVTv2 its conv MLP.
+    ``mlp`` builds the MLP from (dim, hidden); PVT-v1 uses timm's Mlp, PVTv2 its conv MLP (which takes the
+    grid: ``takes_grid = True``). ``nested_init`` (PVTv2): the init the official PVTv2 applies inside every
+    sub-module's constructor, replayed at the same points so that seeded weights match the official ones.
     """
 
-    def __init__(self, dim: int, resolution: Tuple[int, int], num_heads: int, attn_type: str, sr_ratio: int,
+    def __init__(self, dim: int, resolution: Grid, num_heads: int, attn_type: str, sr_ratio: int,
                  mlp: Callable[[int, int], nn.Module], mlp_ratio: float = 4., qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop: float = 0., attn_drop: float = 0.,
                  drop_path: float = 0., linear: bool = False, focusing_factor: float = 3,
-                 kernel_size: int = 5) -> None:
+                 kernel_size: int = 5, nested_init: Optional[Callable[[nn.Module], None]] = None) -> None:
         super().__init__()
+        self.resolution = tuple(resolution)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if attn_type == 'L':
             self.attn = FocusedLinearSRAttention(dim, resolution, num_heads, qkv_bias, drop, sr_ratio, linear,
@@ -155,66 +205,142 @@ class PVTBlock(nn.Module):
                                     linear)
         else:
             raise ValueError(f"attn_type must be 'L' or 'S', got {attn_type!r}")
+        if nested_init is not None:
+            self.attn.apply(nested_init)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = mlp(dim, int(dim * mlp_ratio))
+        if nested_init is not None:
+            self.mlp.apply(nested_init)
+            self.apply(nested_init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), hw))
+        y = self.norm2(x)
+        y = self.mlp(y, hw) if getattr(self.mlp, 'takes_grid', False) else self.mlp(y)
+        return x + self.drop_path(y)
 
-
-def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """(B, H*W, C) -> (B, C, H, W)."""
-    B, _, C = x.shape
-    return x.transpose(1, 2).reshape(B, C, *hw)
+    def token_groups(self, attn: nn.Module) -> TokenGroups:
+        """Whole map in one group (native size); keys are reduced unless sr == 1 and not pooled."""
+        reduced = bool(getattr(attn, 'linear', False) or getattr(attn, 'sr_ratio', 1) > 1)
+        return whole_grid(self.resolution, keys_reduced=reduced)
 
 
 def stage_sr_ratios(attn_type: str, la_sr_ratios: str) -> List[int]:
-    """Per-stage reduction: PVT's (8, 4, 2, 1) for 'S' stages, the digit of PVT_LA_SR_RATIOS for 'L'."""
+    """Per-stage reduction: PVT's (8, 4, 2, 1) for 'S' stages, the digit of la_sr_ratios for 'L'."""
     return [SOFTMAX_SR_RATIOS[i] if t == 'S' else int(la_sr_ratios[i]) for i, t in enumerate(attn_type)]
 
 
 def check_pvt_layout(img_size: int, attn_type: str, la_sr_ratios: str, linear: bool = False) -> None:
-    """Raise ConfigError unless the image tiles every stage and every reduced stage map."""
+    """Raise ValueError (naming the keyword) unless the image tiles every stage and every reduced map."""
     if len(attn_type) != NUM_STAGES or set(attn_type) - {'L', 'S'}:
-        raise ConfigError(f"MODEL.LA.ATTN_TYPE must be {NUM_STAGES} letters from 'L'/'S' for PVT, got {attn_type!r}")
+        raise ValueError(f"attn_type must be {NUM_STAGES} letters from 'L'/'S' for PVT, got {attn_type!r}")
     if len(la_sr_ratios) != NUM_STAGES or not la_sr_ratios.isdigit() or '0' in la_sr_ratios:
-        raise ConfigError(f"MODEL.LA.PVT_LA_SR_RATIOS must be {NUM_STAGES} non-zero digits, got {la_sr_ratios!r}")
+        raise ValueError(f"la_sr_ratios must be {NUM_STAGES} non-zero digits, got {la_sr_ratios!r}")
     if img_size % STRIDE:
-        raise ConfigError(f'DATA.IMG_SIZE {img_size} is not divisible by {STRIDE} (the PVT downsampling); '
-                          f'use e.g. {max(STRIDE, img_size // STRIDE * STRIDE)}')
+        raise ValueError(f'img_size {img_size} is not divisible by {STRIDE} (the PVT downsampling); '
+                         f'use e.g. {max(STRIDE, img_size // STRIDE * STRIDE)}')
     if linear:
         return
     for i, sr in enumerate(stage_sr_ratios(attn_type, la_sr_ratios)):
         res = img_size // 2 ** (i + 2)
         if res % sr:
-            raise ConfigError(f"DATA.IMG_SIZE {img_size}: stage {i + 1} map {res}x{res} is not divisible by its "
-                              f"sr ratio {sr}; change DATA.IMG_SIZE or MODEL.LA.PVT_LA_SR_RATIOS")
+            raise ValueError(f"img_size {img_size}: stage {i + 1} map {res}x{res} is not divisible by its "
+                             f"sr ratio {sr}; change img_size or la_sr_ratios")
 
 
-class PyramidClassifier(nn.Module):
-    """What the PVT and PVTv2 classifiers share: the head on pooled features, the no-decay keywords.
-    Subclasses define ``forward_features`` (B, 3, H, W) -> (B, C4) and ``head``."""
+def check_stage_lists(**lists: Sequence) -> None:
+    """ValueError unless every per-stage list has NUM_STAGES entries."""
+    for name, value in lists.items():
+        if len(value) != NUM_STAGES:
+            raise ValueError(f'{name}={tuple(value)} needs one entry per stage ({NUM_STAGES})')
 
-    head: nn.Module
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+class PyramidClassifier(ClassifierMixin, nn.Module):
+    """What the PVT and PVTv2 models share: per-stage attribute names (``patch_embed{i}``, ``block{i}``),
+    the stage loop with intermediates, pruning and the timm interface. Subclasses define ``_stage``."""
+
+    num_stages: int = NUM_STAGES
+    use_checkpoint: bool
+    feature_info: List[Dict[str, Any]]
+
+    def _stage(self, i: int, x: torch.Tensor, hw: Optional[Grid]) -> Tuple[torch.Tensor, Grid]:
+        """Stage i (0-based) on the previous stage's (B, C, H, W) map (or the image) -> tokens, grid."""
         raise NotImplementedError
 
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set:
-        return {'positional_encoding', 'attn.scale'}
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.use_checkpoint = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^patch_embed1|^pos_embed1',
+                    blocks=[(r'^(?:patch_embed|pos_embed|norm)(\d+)', (0,)), (r'^block(\d+)\.(\d+)', None)]
+                    if not coarse else r'^(?:patch_embed|pos_embed|block|norm)(\d+)')
+
+    def _run(self, x: torch.Tensor, stop: int):
+        """Yield (stage index, tokens, grid) for stages 0..stop."""
+        hw: Optional[Grid] = None
+        for i in range(stop + 1):
+            if i > 0:
+                x = tokens_to_nchw(x, hw)
+            x, hw = self._stage(i, x, hw)
+            yield i, x, hw
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> last-stage tokens (B, N, C)."""
+        for _, x, _ in self._run(x, self.num_stages - 1):
+            pass
+        return self._final_norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False):
+        """Stage maps (B, C_i, H/2^(i+2), W/2^(i+2)) of ``indices``. Returns ``[maps]`` or
+        ``(forward_features output, [maps])``."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
+        last = self.num_stages - 1
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        stop = max_index if (stop_early or intermediates_only) else last
+        out = []
+        for i, x, hw in self._run(x, stop):
+            if i in take:
+                out.append(tokens_to_nchw(self._intermediate_norm(x, i, norm), hw))
+        if intermediates_only:
+            return out
+        return (self._final_norm(x) if stop == last else x), out
+
+    def _intermediate_norm(self, x: torch.Tensor, i: int, norm: bool) -> torch.Tensor:
+        return x
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        for i in range(max_index + 1, self.num_stages):
+            for prefix in ('patch_embed', 'pos_embed', 'pos_drop', 'block', 'norm'):
+                if hasattr(self, f'{prefix}{i + 1}'):
+                    delattr(self, f'{prefix}{i + 1}')
+        self.num_stages = max_index + 1
+        self._prune_norm(prune_norm or max_index < NUM_STAGES - 1)
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take
+
+    def _prune_norm(self, prune: bool) -> None:
+        pass
 
 
 class FLattenPVT(PyramidClassifier):
-    """FLatten-PVT classifier. forward: (B, 3, H, W) -> (B, num_classes).
+    """FLatten-PVT. forward: (B, 3, H, W) -> (B, num_classes); forward_features -> (B, H/32 * W/32, C4).
 
     Stage i (1-based) sees an (img / 2^(i+1))^2 map; its blocks' attention kind is ``attn_type[i-1]``.
     """
+
+    has_unused_parameters = True      # the official final ``norm`` is in the state dict but never applied
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims: Sequence[int] = (64, 128, 320, 512), num_heads: Sequence[int] = (1, 2, 5, 8),
@@ -222,17 +348,21 @@ class FLattenPVT(PyramidClassifier):
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.,
                  attn_drop_rate: float = 0., drop_path_rate: float = 0., attn_type: str = 'LLLL',
                  la_sr_ratios: str = '1111', focusing_factor: float = 3, kernel_size: int = 5,
-                 use_checkpoint: bool = False) -> None:
+                 use_checkpoint: bool = False, global_pool: str = 'avg', dynamic_img_size: bool = False) -> None:
         super().__init__()
+        img_size, la_sr_ratios = square_size(img_size), str(la_sr_ratios)
+        check_stage_lists(embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios, depths=depths)
         check_pvt_layout(img_size, attn_type, la_sr_ratios)
-        self.num_classes, self.use_checkpoint = num_classes, use_checkpoint
+        self.num_classes, self.use_checkpoint, self.global_pool = num_classes, use_checkpoint, global_pool
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.dynamic_img_size = dynamic_img_size
         self.resolutions = [(img_size // 2 ** (i + 2),) * 2 for i in range(NUM_STAGES)]
         srs = stage_sr_ratios(attn_type, la_sr_ratios)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         for i in range(NUM_STAGES):
             dim, res = embed_dims[i], self.resolutions[i]
-            embed = (PatchEmbed(img_size, patch_size, in_chans, dim, norm=True) if i == 0 else
-                     PatchEmbed(self.resolutions[i - 1][0], 2, embed_dims[i - 1], dim, norm=True))
+            embed = (PatchEmbed(img_size, patch_size, in_chans, dim, True, dynamic_img_size) if i == 0 else
+                     PatchEmbed(self.resolutions[i - 1][0], 2, embed_dims[i - 1], dim, True, dynamic_img_size))
             setattr(self, f'patch_embed{i + 1}', embed)
             setattr(self, f'pos_embed{i + 1}', nn.Parameter(torch.zeros(1, res[0] * res[1], dim)))
             setattr(self, f'pos_drop{i + 1}', nn.Dropout(drop_rate))
@@ -244,43 +374,183 @@ class FLattenPVT(PyramidClassifier):
                 for j in range(depths[i])]))
         self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)   # official checkpoints carry it; never applied
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'block{i + 1}')
+                             for i in range(NUM_STAGES)]
         for i in range(NUM_STAGES):
             trunc_normal_(getattr(self, f'pos_embed{i + 1}'), std=.02)
         self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return {'cls_token'} | {f'pos_embed{i + 1}' for i in range(NUM_STAGES)}
+        """The official rule: the official FLatten-PVT decays pos_embed1-4 (see extra_no_weight_decay)."""
+        return {'cls_token'}
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> pooled stage-4 tokens (B, C4)."""
-        for i in range(NUM_STAGES):
-            if i > 0:
-                x = tokens_to_map(x, self.resolutions[i - 1])
-            x = getattr(self, f'patch_embed{i + 1}')(x)
-            x = getattr(self, f'pos_drop{i + 1}')(x + getattr(self, f'pos_embed{i + 1}'))
-            x = run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint)
-        return x.mean(dim=1)
+    def _stage(self, i: int, x: torch.Tensor, hw: Optional[Grid]) -> Tuple[torch.Tensor, Grid]:
+        x, hw = getattr(self, f'patch_embed{i + 1}').forward_grid(x)
+        pos = getattr(self, f'pos_embed{i + 1}')
+        native = hw == self.resolutions[i]
+        if not native:
+            pos = resample_abs_pos_embed(pos, list(hw), list(self.resolutions[i]), num_prefix_tokens=0,
+                                         antialias=False)
+        x = getattr(self, f'pos_drop{i + 1}')(x + pos)
+        if native:
+            return run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint), hw
+        return run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint, hw), hw
+
+    def _intermediate_norm(self, x: torch.Tensor, i: int, norm: bool) -> torch.Tensor:
+        return self.norm(x) if norm and i == NUM_STAGES - 1 else x
+
+    def _prune_norm(self, prune: bool) -> None:
+        if prune:
+            self.norm = nn.Identity()
 
 
 def _timm_mlp(dim: int, hidden: int, drop: float = 0.) -> nn.Module:
     return Mlp(dim, hidden, drop=drop)
 
 
-PVT_DEPTHS = {
-    'flatten_pvt_tiny': (2, 2, 2, 2),
-    'flatten_pvt_small': (3, 4, 6, 3),
-    'flatten_pvt_medium': (3, 4, 18, 3),
-    'flatten_pvt_large': (3, 8, 27, 3),
+# ----------------------------------------------------------------------------- checkpoints
+def resample_grid_tokens(v: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """(1, n, C) tokens of a square grid -> (1, n', C) of the square grid ``shape`` asks for (bicubic,
+    ``timm.layers.resample_abs_pos_embed``); unchanged when the shapes agree or are not square grids."""
+    if tuple(v.shape) == tuple(shape) or v.dim() != 3 or v.shape[2] != shape[2]:
+        return v
+    old, new = round(v.shape[1] ** 0.5), round(shape[1] ** 0.5)
+    if old * old != v.shape[1] or new * new != shape[1]:
+        return v
+    return resample_abs_pos_embed(v, [new, new], [old, old], num_prefix_tokens=0, antialias=False)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """An official (or our) PVT / PVTv2 checkpoint -> this model's state dict: unwraps the official
+    wrappings (``model`` / ``state_dict`` / EMA, ``module.``), resizes ``pos_embed{i}`` and the
+    focused-attention ``positional_encoding`` grids to the model's (bicubic)."""
+    sd = unwrap_state_dict(state_dict)
+    target = model.state_dict()
+    out = {}
+    for k, v in sd.items():
+        want = target.get(k)
+        if want is not None and k.rsplit('.', 1)[-1].startswith(('pos_embed', 'positional_encoding')):
+            v = resample_grid_tokens(v, want.shape)
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- registry
+def pvt_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    """pretrained_cfg of a PVT / PVTv2 variant (no download address: ``url`` goes to ``origin_url``)."""
+    cfg = dict(url='', origin_url=url or 'https://github.com/LeapLabTHU/FLatten-Transformer',
+               num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=.9, interpolation='bicubic',
+               fixed_input_size=True, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+               first_conv='patch_embed1.proj', classifier='head', paper_ids='arXiv:2308.00442',
+               paper_name='FLatten Transformer: Vision Transformer using Focused Linear Attention',
+               notes=('weights: the official release (origin_url); load a downloaded file with '
+                      'pretrained_cfg_overlay=dict(file=PATH)',))
+    cfg.update(kwargs)
+    return cfg
+
+
+_PVT_BASELINE = dict(paper_ids='arXiv:2102.12122', paper_name='Pyramid Vision Transformer', notes=(
+    'softmax baseline of FLatten-PVT (PVT layout); no official weights in the FLatten release',))
+
+default_cfgs = generate_default_cfgs({
+    'flatten_pvt_t': pvt_cfg('https://cloud.tsinghua.edu.cn/f/3ab1d773f19d45648690/?dl=1'),
+    'flatten_pvt_s': pvt_cfg(),
+    'flatten_pvt_m': pvt_cfg(),
+    'flatten_pvt_b': pvt_cfg(),
+    'flatten_pvt_t_softmax': pvt_cfg(**_PVT_BASELINE),
+    'flatten_pvt_s_softmax': pvt_cfg(**_PVT_BASELINE),
+    'flatten_pvt_m_softmax': pvt_cfg(**_PVT_BASELINE),
+    'flatten_pvt_b_softmax': pvt_cfg(**_PVT_BASELINE),
+})
+
+# registered name -> (official MODEL.TYPE, depths); everything else is the PVT default
+PVT_VARIANTS = {
+    'flatten_pvt_t': ('flatten_pvt_tiny', (2, 2, 2, 2)),
+    'flatten_pvt_s': ('flatten_pvt_small', (3, 4, 6, 3)),
+    'flatten_pvt_m': ('flatten_pvt_medium', (3, 4, 18, 3)),
+    'flatten_pvt_b': ('flatten_pvt_large', (3, 8, 27, 3)),
 }
+PVT_DEPTHS = {model_type: depths for model_type, depths in PVT_VARIANTS.values()}   # MODEL.TYPE -> depths
 
 
-@register_model(*PVT_DEPTHS)
-def build_flatten_pvt(config) -> FLattenPVT:
-    la = config.MODEL.LA
-    return FLattenPVT(
-        img_size=config.DATA.IMG_SIZE, in_chans=config.MODEL.SWIN.IN_CHANS, num_classes=config.MODEL.NUM_CLASSES,
-        depths=PVT_DEPTHS[config.MODEL.TYPE], drop_rate=config.MODEL.DROP_RATE,
-        drop_path_rate=config.MODEL.DROP_PATH_RATE, attn_type=la.ATTN_TYPE, la_sr_ratios=str(la.PVT_LA_SR_RATIOS),
-        focusing_factor=la.FOCUSING_FACTOR, kernel_size=la.KERNEL_SIZE,
-        use_checkpoint=config.TRAIN.USE_CHECKPOINT)
+def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenPVT:
+    base = name[:-len('_softmax')] if name.endswith('_softmax') else name
+    args = dict(depths=PVT_VARIANTS[base][1], attn_type='SSSS' if name.endswith('_softmax') else 'LLLL')
+    return build_model_with_cfg(FLattenPVT, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
+                                **dict(args, **kwargs))
+
+
+@register_model
+def flatten_pvt_t(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _create('flatten_pvt_t', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_s(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _create('flatten_pvt_s', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_m(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _create('flatten_pvt_m', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_b(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _create('flatten_pvt_b', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_t_softmax(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _create('flatten_pvt_t_softmax', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_s_softmax(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _create('flatten_pvt_s_softmax', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_m_softmax(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _create('flatten_pvt_m_softmax', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_b_softmax(pretrained: bool = False, **kwargs) -> FLattenPVT:
+    return _create('flatten_pvt_b_softmax', pretrained, **kwargs)
+
+
+# ----------------------------------------------------------------------------- experiment config
+def pyramid_spec(config, name: str, arch: Dict[str, Any], section: str) -> ModelSpec:
+    """Common part of the PVT / PVTv2 adapters: the variant's architecture, overridden by the non-empty
+    size keys of MODEL.<section> (e.g. MODEL.PVT.DEPTHS), the attention keys of MODEL.LA, the input
+    channels from MODEL.<section>.IN_CHANS."""
+    spec = common_spec(config, name)
+    la, sizes = config.MODEL.LA, config.MODEL.get(section)
+    for kwarg, value in arch.items():
+        spec.kwargs[kwarg] = value
+    if sizes is not None:
+        for kwarg, key in (('embed_dims', 'EMBED_DIMS'), ('num_heads', 'NUM_HEADS'), ('mlp_ratios', 'MLP_RATIOS'),
+                           ('depths', 'DEPTHS')):
+            if sizes.get(key):
+                spec.kwargs[kwarg], spec.keys[kwarg] = tuple(sizes[key]), f'MODEL.{section}.{key}'
+        spec.kwargs['in_chans'], spec.keys['in_chans'] = sizes.IN_CHANS, f'MODEL.{section}.IN_CHANS'
+    for kwarg, key, value in (
+            ('attn_type', 'MODEL.LA.ATTN_TYPE', la.ATTN_TYPE),
+            ('la_sr_ratios', 'MODEL.LA.PVT_LA_SR_RATIOS', str(la.PVT_LA_SR_RATIOS)),
+            ('focusing_factor', 'MODEL.LA.FOCUSING_FACTOR', la.FOCUSING_FACTOR),
+            ('kernel_size', 'MODEL.LA.KERNEL_SIZE', la.KERNEL_SIZE),
+            ('use_checkpoint', 'TRAIN.USE_CHECKPOINT', config.TRAIN.USE_CHECKPOINT)):
+        spec.kwargs[kwarg], spec.keys[kwarg] = value, key
+    if set(la.ATTN_TYPE) == {'S'} and not name.endswith('_softmax'):
+        spec.name = name + '_softmax'
+    return spec
+
+
+@register_config_adapter(*PVT_DEPTHS)
+def pvt_spec(config) -> ModelSpec:
+    """MODEL.TYPE flatten_pvt_{tiny,small,medium,large}."""
+    name = next(n for n, (t, _) in PVT_VARIANTS.items() if t == config.MODEL.TYPE)
+    return pyramid_spec(config, name, dict(depths=PVT_DEPTHS[config.MODEL.TYPE]), 'PVT')

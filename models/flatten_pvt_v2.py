@@ -1,5 +1,10 @@
 """FLatten-PVTv2: PVTv2 with focused linear ('L') or softmax ('S') stages.
 
+Registered timm models: ``flatten_pvt_v2_b0`` ... ``flatten_pvt_v2_b5``, ``flatten_pvt_v2_b2_li`` and the
+PVTv2 softmax baselines ``flatten_pvt_v2_b0_softmax`` ... ``flatten_pvt_v2_b4_softmax`` (timm's own
+``pvt_v2_b*`` names are left alone). The experiment config reaches them through the adapter for
+MODEL.TYPE ``flatten_pvt_v2_b{0..5}`` / ``flatten_pvt_v2_b2_li``.
+
 Differences from PVT-v1 (the attention modules and block are shared with :mod:`models.flatten_pvt`):
   * overlapping patch embeddings (7x7 stride 4, then 3x3 stride 2; padding k // 2) and no position
     embeddings;
@@ -11,39 +16,50 @@ Differences from PVT-v1 (the attention modules and block are shared with :mod:`m
     the official code allocates whenever it runs (sr ratios '8421' at 224).
 
 State-dict layout matches the official ``flatten_pvt_v2_b{0..5}``. Unlike the official builders, ours
-honour ``MODEL.NUM_CLASSES`` and ``DATA.IMG_SIZE``.
+honour ``num_classes`` and ``img_size``. Seeded initial weights equal the official ones: the official
+code re-initialises inside every sub-module's constructor, and those points are replayed here.
+
+Weight decay: ``no_weight_decay()`` is the official rule (names of non-existent pos_embed1-4 and
+cls_token: nothing is exempt beyond 1-D parameters and biases); ``extra_no_weight_decay()`` names our
+optional extra exclusions (focused-attention scales and positional encodings).
 """
 from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import to_2tuple
+from timm.layers import to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .build import register_model
-from .flatten_pvt import (NUM_STAGES, PVTBlock, PyramidClassifier, check_pvt_layout, init_weights, run_blocks,
-                          stage_sr_ratios, tokens_to_map)
+from .build import ModelSpec, register_config_adapter
+from .flatten_pvt import (NUM_STAGES, PVTBlock, PyramidClassifier, check_pvt_layout, check_stage_lists,  # noqa: F401
+                          checkpoint_filter_fn, init_weights, pvt_cfg, pyramid_spec, run_blocks, square_size,
+                          stage_sr_ratios, tokens_to_nchw)
+
+Grid = Tuple[int, int]
 
 
 class DWConv(nn.Module):
-    """3x3 depth-wise conv on tokens of a fixed (H, W) map: (B, H*W, C) -> same shape."""
+    """3x3 depth-wise conv on tokens of an (H, W) map: (B, H*W, C) -> same shape."""
 
-    def __init__(self, dim: int, resolution: Tuple[int, int]) -> None:
+    def __init__(self, dim: int, resolution: Grid) -> None:
         super().__init__()
-        self.resolution = resolution
+        self.resolution = tuple(resolution)
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dwconv(tokens_to_map(x, self.resolution)).flatten(2).transpose(1, 2)
+    def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
+        return self.dwconv(tokens_to_nchw(x, hw or self.resolution)).flatten(2).transpose(1, 2)
 
 
 class ConvMlp(nn.Module):
     """PVTv2 MLP: fc1 -> (ReLU if linear) -> depth-wise conv -> GELU -> dropout -> fc2 -> dropout."""
 
-    def __init__(self, dim: int, hidden: int, resolution: Tuple[int, int], drop: float = 0.,
+    takes_grid = True
+
+    def __init__(self, dim: int, hidden: int, resolution: Grid, drop: float = 0.,
                  linear: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -53,31 +69,48 @@ class ConvMlp(nn.Module):
         self.drop = nn.Dropout(drop)
         self.relu = nn.ReLU() if linear else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.act(self.dwconv(self.relu(self.fc1(x)))))
+    def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
+        x = self.drop(self.act(self.dwconv(self.relu(self.fc1(x)), hw)))
         return self.drop(self.fc2(x))
 
 
 class OverlapPatchEmbed(nn.Module):
     """Strided conv with overlap (padding k // 2) + LayerNorm: (B, C_in, H, W) -> (B, H/s * W/s, C)."""
 
-    def __init__(self, img_size: int, patch_size: int, stride: int, in_chans: int, embed_dim: int) -> None:
+    def __init__(self, img_size: int, patch_size: int, stride: int, in_chans: int, embed_dim: int,
+                 dynamic_img_size: bool = False) -> None:
         super().__init__()
         self.img_size = to_2tuple(img_size)
+        self.dynamic_img_size = dynamic_img_size
         self.grid = (self.img_size[0] // stride, self.img_size[1] // stride)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride, padding=patch_size // 2)
         self.norm = nn.LayerNorm(embed_dim)
+        self.apply(init_pvt_v2)                  # as the official constructor does (draw order)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
+        return self.forward_grid(x)[0]
+
+    def forward_grid(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
+        if not self.dynamic_img_size and tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f'input size {tuple(x.shape[-2:])} does not match the model ({self.img_size}); '
-                             f'set DATA.IMG_SIZE to the input size')
-        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+                             f'set DATA.IMG_SIZE to the input size (or build with dynamic_img_size=True)')
+        x = self.proj(x)
+        hw = (x.shape[-2], x.shape[-1])
+        return self.norm(x.flatten(2).transpose(1, 2)), hw
 
 
-def _init_conv(m: nn.Module) -> None:
-    """PVTv2 conv init: normal with std sqrt(2 / fan_out), fan_out per group; zero bias."""
-    if isinstance(m, nn.Conv2d):
+def init_pvt_v2(m: nn.Module) -> None:
+    """The official PVTv2 init (one function for every module kind, applied depth-first): truncated-normal
+    linear weights, unit LayerNorms, conv weights normal with std sqrt(2 / fan_out) (fan_out per group);
+    zero biases."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
         fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
         nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:
@@ -85,7 +118,7 @@ def _init_conv(m: nn.Module) -> None:
 
 
 class FLattenPVTv2(PyramidClassifier):
-    """FLatten-PVTv2 classifier. forward: (B, 3, H, W) -> (B, num_classes)."""
+    """FLatten-PVTv2. forward: (B, 3, H, W) -> (B, num_classes); forward_features -> normed (B, N, C4)."""
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims: Sequence[int] = (64, 128, 320, 512), num_heads: Sequence[int] = (1, 2, 5, 8),
@@ -93,63 +126,147 @@ class FLattenPVTv2(PyramidClassifier):
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.,
                  attn_drop_rate: float = 0., drop_path_rate: float = 0., attn_type: str = 'LLLL',
                  la_sr_ratios: str = '1111', linear: bool = False, focusing_factor: float = 3,
-                 kernel_size: int = 5, use_checkpoint: bool = False) -> None:
+                 kernel_size: int = 5, use_checkpoint: bool = False, global_pool: str = 'avg',
+                 dynamic_img_size: bool = False) -> None:
         super().__init__()
+        img_size, la_sr_ratios = square_size(img_size), str(la_sr_ratios)
+        check_stage_lists(embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios, depths=depths)
         check_pvt_layout(img_size, attn_type, la_sr_ratios, linear)
-        self.num_classes, self.use_checkpoint = num_classes, use_checkpoint
+        self.num_classes, self.use_checkpoint, self.global_pool = num_classes, use_checkpoint, global_pool
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.dynamic_img_size = dynamic_img_size
         self.resolutions = [(img_size // 2 ** (i + 2),) * 2 for i in range(NUM_STAGES)]
         srs = stage_sr_ratios(attn_type, la_sr_ratios)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         for i in range(NUM_STAGES):
             dim, res = embed_dims[i], self.resolutions[i]
-            embed = (OverlapPatchEmbed(img_size, 7, 4, in_chans, dim) if i == 0 else
-                     OverlapPatchEmbed(self.resolutions[i - 1][0], 3, 2, embed_dims[i - 1], dim))
+            embed = (OverlapPatchEmbed(img_size, 7, 4, in_chans, dim, dynamic_img_size) if i == 0 else
+                     OverlapPatchEmbed(self.resolutions[i - 1][0], 3, 2, embed_dims[i - 1], dim, dynamic_img_size))
             setattr(self, f'patch_embed{i + 1}', embed)
             mlp = partial(ConvMlp, resolution=res, drop=drop_rate, linear=linear)
             setattr(self, f'block{i + 1}', nn.ModuleList([
                 PVTBlock(dim, res, num_heads[i], attn_type[i], srs[i], mlp, mlp_ratios[i], qkv_bias, qk_scale,
                          drop_rate, attn_drop_rate, dpr[sum(depths[:i]) + j], linear, focusing_factor,
-                         kernel_size)
+                         kernel_size, nested_init=init_pvt_v2)
                 for j in range(depths[i])]))
             setattr(self, f'norm{i + 1}', nn.LayerNorm(dim, eps=1e-6))
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(init_weights)
-        self.apply(_init_conv)
+        self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'norm{i + 1}')
+                             for i in range(NUM_STAGES)]
+        self.apply(init_pvt_v2)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return {'cls_token'}
+        """The official rule (names that do not exist in PVTv2: nothing extra is exempt)."""
+        return {'pos_embed1', 'pos_embed2', 'pos_embed3', 'pos_embed4', 'cls_token'}
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> pooled normed stage-4 tokens (B, C4)."""
-        for i in range(NUM_STAGES):
-            if i > 0:
-                x = tokens_to_map(x, self.resolutions[i - 1])
-            x = getattr(self, f'patch_embed{i + 1}')(x)
-            x = run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint)
-            x = getattr(self, f'norm{i + 1}')(x)
-        return x.mean(dim=1)
+    def _stage(self, i: int, x: torch.Tensor, hw: Optional[Grid]) -> Tuple[torch.Tensor, Grid]:
+        x, hw = getattr(self, f'patch_embed{i + 1}').forward_grid(x)
+        args = () if hw == self.resolutions[i] else (hw,)
+        x = run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint, *args)
+        return getattr(self, f'norm{i + 1}')(x), hw
 
+
+# ----------------------------------------------------------------------------- registry
+_PVT_V2_BASELINE = dict(paper_ids='arXiv:2106.13797', paper_name='PVT v2: Improved Baselines with Pyramid Vision '
+                        'Transformer', notes=('softmax baseline of FLatten-PVTv2 (PVTv2 layout); no official weights '
+                                              'in the FLatten release',))
 
 _WIDE = (64, 128, 320, 512)
-PVT_V2_ARCHS = {   # type: (embed_dims, mlp_ratios, depths, linear)
-    'flatten_pvt_v2_b0': ((32, 64, 160, 256), (8, 8, 4, 4), (2, 2, 2, 2), False),
-    'flatten_pvt_v2_b1': (_WIDE, (8, 8, 4, 4), (2, 2, 2, 2), False),
-    'flatten_pvt_v2_b2': (_WIDE, (8, 8, 4, 4), (3, 4, 6, 3), False),
-    'flatten_pvt_v2_b2_li': (_WIDE, (8, 8, 4, 4), (3, 4, 6, 3), True),
-    'flatten_pvt_v2_b3': (_WIDE, (8, 8, 4, 4), (3, 4, 18, 3), False),
-    'flatten_pvt_v2_b4': (_WIDE, (8, 8, 4, 4), (3, 8, 27, 3), False),
-    'flatten_pvt_v2_b5': (_WIDE, (4, 4, 4, 4), (3, 6, 40, 3), False),
+# registered name -> (official MODEL.TYPE, architecture)
+PVT_V2_VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    'flatten_pvt_v2_b0': ('flatten_pvt_v2_b0', dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2))),
+    'flatten_pvt_v2_b1': ('flatten_pvt_v2_b1', dict(embed_dims=_WIDE, depths=(2, 2, 2, 2))),
+    'flatten_pvt_v2_b2': ('flatten_pvt_v2_b2', dict(embed_dims=_WIDE, depths=(3, 4, 6, 3))),
+    'flatten_pvt_v2_b2_li': ('flatten_pvt_v2_b2_li', dict(embed_dims=_WIDE, depths=(3, 4, 6, 3), linear=True)),
+    'flatten_pvt_v2_b3': ('flatten_pvt_v2_b3', dict(embed_dims=_WIDE, depths=(3, 4, 18, 3))),
+    'flatten_pvt_v2_b4': ('flatten_pvt_v2_b4', dict(embed_dims=_WIDE, depths=(3, 8, 27, 3))),
+    'flatten_pvt_v2_b5': ('flatten_pvt_v2_b5', dict(embed_dims=_WIDE, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4))),
 }
+PVT_V2_ARCHS = {t: arch for t, arch in PVT_V2_VARIANTS.values()}      # MODEL.TYPE -> architecture
+_SOFTMAX = ('flatten_pvt_v2_b0', 'flatten_pvt_v2_b1', 'flatten_pvt_v2_b2', 'flatten_pvt_v2_b3', 'flatten_pvt_v2_b4')
+
+default_cfgs = generate_default_cfgs(dict(
+    {name: pvt_cfg() for name in PVT_V2_VARIANTS},
+    flatten_pvt_v2_b0=pvt_cfg('https://cloud.tsinghua.edu.cn/f/5d1f01532b104da28e7b/?dl=1'),
+    **{f'{name}_softmax': pvt_cfg(**_PVT_V2_BASELINE) for name in _SOFTMAX}))
 
 
-@register_model(*PVT_V2_ARCHS)
-def build_flatten_pvt_v2(config) -> FLattenPVTv2:
-    la = config.MODEL.LA
-    dims, mlp_ratios, depths, linear = PVT_V2_ARCHS[config.MODEL.TYPE]
-    return FLattenPVTv2(
-        img_size=config.DATA.IMG_SIZE, in_chans=config.MODEL.SWIN.IN_CHANS, num_classes=config.MODEL.NUM_CLASSES,
-        embed_dims=dims, mlp_ratios=mlp_ratios, depths=depths, drop_rate=config.MODEL.DROP_RATE,
-        drop_path_rate=config.MODEL.DROP_PATH_RATE, attn_type=la.ATTN_TYPE, la_sr_ratios=str(la.PVT_LA_SR_RATIOS),
-        linear=linear, focusing_factor=la.FOCUSING_FACTOR, kernel_size=la.KERNEL_SIZE,
-        use_checkpoint=config.TRAIN.USE_CHECKPOINT)
+def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenPVTv2:
+    softmax = name.endswith('_softmax')
+    args = dict(PVT_V2_VARIANTS[name[:-len('_softmax')] if softmax else name][1],
+                attn_type='SSSS' if softmax else 'LLLL')
+    return build_model_with_cfg(FLattenPVTv2, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
+                                **dict(args, **kwargs))
+
+
+@register_model
+def flatten_pvt_v2_b0(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
+    return _create('flatten_pvt_v2_b0', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b1(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
+    return _create('flatten_pvt_v2_b1', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b2(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
+    return _create('flatten_pvt_v2_b2', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b2_li(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
+    return _create('flatten_pvt_v2_b2_li', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b3(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
+    return _create('flatten_pvt_v2_b3', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b4(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
+    return _create('flatten_pvt_v2_b4', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b5(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
+    return _create('flatten_pvt_v2_b5', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b0_softmax(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
+    return _create('flatten_pvt_v2_b0_softmax', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b1_softmax(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
+    return _create('flatten_pvt_v2_b1_softmax', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b2_softmax(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
+    return _create('flatten_pvt_v2_b2_softmax', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b3_softmax(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
+    return _create('flatten_pvt_v2_b3_softmax', pretrained, **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b4_softmax(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
+    return _create('flatten_pvt_v2_b4_softmax', pretrained, **kwargs)
+
+
+# ----------------------------------------------------------------------------- experiment config
+@register_config_adapter(*PVT_V2_ARCHS)
+def pvt_v2_spec(config) -> ModelSpec:
+    """MODEL.TYPE flatten_pvt_v2_b{0..5} / flatten_pvt_v2_b2_li."""
+    name = config.MODEL.TYPE
+    spec = pyramid_spec(config, name, dict(PVT_V2_ARCHS[name]), 'PVT_V2')
+    if spec.name.endswith('_softmax') and spec.name not in default_cfgs:
+        spec.name = name                      # b5 / b2_li have no registered softmax name: same model
+    return spec

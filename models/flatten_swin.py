@@ -1,56 +1,88 @@
 """FLatten-Swin: the Swin Transformer layout with focused linear ('L') or window softmax ('S') stages.
 
+Registered timm models (``import models; timm.create_model(name, **kwargs)``): ``flatten_swin_t``, ``_s``,
+``_b``, ``_b_384`` and the Swin softmax baselines ``flatten_swin_t_softmax``, ``_s_softmax``, ``_b_softmax``,
+``_b_384_softmax`` (same layout, 'SSSS', window 7 / 12). The experiment config reaches them through the
+``flatten_swin`` adapter (MODEL.SWIN.*, MODEL.LA.*).
+
 State-dict layout matches the official ``flatten_swin`` models. Window rules (official):
-  * 'L' stages use MODEL.SWIN.WINDOW_SIZE (56, or 96 at 384), clamped to the stage resolution; a clamped
-    window means one global window and no shift.
-  * 'S' stages use window 7 (12 when WINDOW_SIZE > 56), shifted in every other block, with a relative
+  * 'L' stages use ``window_size`` (56, or 96 at 384), clamped to the stage resolution; a clamped window
+    means one global window and no shift.
+  * 'S' stages use window 7 (12 when window_size > 56), shifted in every other block, with a relative
     position bias and the shifted-window attention mask (-100 across region boundaries).
   * A shifted 'L' block (possible only with a window smaller than the stage) keeps the ``attn_mask``
     buffer for checkpoint compatibility; linear attention does not use it, as officially.
+
+``dynamic_img_size=True`` (any input size, e.g. 512 x 1024 for detection): the image is padded to a
+multiple of the patch, global linear blocks stay global (their positional encoding is resampled
+bicubically to the token grid), windowed blocks pad the map to window multiples and shift with a mask
+computed for the padded map, as the upstream Swin detection backbone does; odd maps are padded before
+patch merging. The default (False) keeps the fixed-size behaviour and its clear error for another size.
+
+Weight decay: ``no_weight_decay()`` / ``no_weight_decay_keywords()`` give the official rules
+({'absolute_pos_embed'} / {'relative_position_bias_table'}); ``extra_no_weight_decay()`` lists
+our optional extra exclusions (full names of the focused-attention scales and positional encodings;
+used by the optimizer only with TRAIN.OPTIMIZER.EXTRA_NO_WEIGHT_DECAY).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, trunc_normal_
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed, resize_rel_pos_bias_table_simple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
-from config import ConfigError
-from .build import register_model
-from .focused_attention import AttentionTap, FocusedLinearAttentionBase
-from .layers import (PatchEmbed, WindowAttention, init_weights, relative_position_index, run_blocks,  # noqa: F401
-                     shifted_window_mask, window_partition, window_reverse)
+from .build import ModelSpec, common_spec, register_config_adapter
+from .focused_attention import FocusedLinearAttentionBase
+from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, WindowAttention, init_weights,  # noqa: F401
+                     relative_position_index, run_blocks, shifted_window_mask, square_size, tokens_to_nchw,
+                     unwrap_state_dict,
+                     window_partition, window_reverse)
+
+Grid = Tuple[int, int]
 
 
 class FocusedLinearWindowAttention(FocusedLinearAttentionBase):
-    """Focused linear attention inside each (square) window. x (B*nW, w*w, C) -> same shape."""
+    """Focused linear attention inside each window. x (B*nW, h*w, C) -> same shape; ``hw`` is the window
+    shape (default the square ``window``; a global block at another input size passes the map shape)."""
 
     def __init__(self, dim: int, window: int, num_heads: int, qkv_bias: bool = True,
                  proj_drop: float = 0., focusing_factor: float = 3, kernel_size: int = 5) -> None:
+        qkv, proj = nn.Linear(dim, dim * 3, bias=qkv_bias), nn.Linear(dim, dim)   # official draw order: before dwc
         super().__init__(dim, num_heads, window * window, focusing_factor, kernel_size)
         self.window = window
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = qkv, proj
         self.proj_drop = nn.Dropout(proj_drop)
+        self.kv_grid: Grid = (window, window)
         self.dwc_last()
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def kv_positional_encoding(self, n: int) -> torch.Tensor:
+        if self.kv_grid == (self.window, self.window):
+            return self.positional_encoding
+        return resample_abs_pos_embed(self.positional_encoding, list(self.kv_grid), [self.window] * 2,
+                                      num_prefix_tokens=0, antialias=False)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                hw: Optional[Grid] = None) -> torch.Tensor:
         B_, N, C = x.shape
+        self.kv_grid = tuple(hw) if hw is not None else (self.window, self.window)
         q, k, v = self.qkv(x).reshape(B_, N, 3, C).unbind(2)
-        x = self.attend(q, k, v) + self.rank_restoration(v, (self.window, self.window))
+        x = self.attend(q, k, v, hw=self.kv_grid)                      # includes the dwc branch
         return self.proj_drop(self.proj(x))
 
 
 class SwinBlock(nn.Module):
     """Pre-norm block on (B, H*W, C) tokens: (shifted) window attention then MLP."""
 
-    def __init__(self, dim: int, resolution: Tuple[int, int], num_heads: int, window: int, shift: int,
+    def __init__(self, dim: int, resolution: Grid, num_heads: int, window: int, shift: int,
                  attn_type: str, mlp_ratio: float = 4., qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
                  focusing_factor: float = 3, kernel_size: int = 5) -> None:
         super().__init__()
-        self.resolution = resolution
+        self.resolution = tuple(resolution)
         if min(resolution) <= window:           # one window covers the map: no partition, no shift
             window, shift = min(resolution), 0
         self.window, self.shift = window, shift
@@ -60,23 +92,51 @@ class SwinBlock(nn.Module):
                                                      focusing_factor, kernel_size)
         else:
             self.attn = WindowAttention(dim, window, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        # a linear block whose window is the whole (square) map stays global at any input size
+        self.global_linear = attn_type == 'L' and self.resolution == (window, window)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         mask = shifted_window_mask(resolution, window, shift) if shift > 0 else None
         self.register_buffer('attn_mask', mask)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = self.resolution
+    def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
+        H, W = self.resolution if hw is None else hw
         B, L, C = x.shape
         y = self.norm1(x).view(B, H, W, C)
-        if self.shift:
-            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        y = window_reverse(self.attn(window_partition(y, self.window), mask=self.attn_mask), self.window, H, W)
-        if self.shift:
-            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        if (H, W) == self.resolution:
+            y = self._windows(y, self.attn_mask)
+        elif self.global_linear:
+            y = self.attn(y.reshape(B, L, C), hw=(H, W)).view(B, H, W, C)
+        else:                                  # another size: pad to window multiples (upstream detection)
+            w = self.window
+            pad_h, pad_w = (-H) % w, (-W) % w
+            y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
+            mask = None
+            if self.shift:
+                mask = shifted_window_mask((H + pad_h, W + pad_w), w, self.shift).to(y)
+            y = self._windows(y, mask)[:, :H, :W].contiguous()
         x = x + self.drop_path(y.reshape(B, L, C))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _windows(self, y: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C): cyclic shift, window attention, reverse."""
+        _, H, W, _ = y.shape
+        if self.shift:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        y = window_reverse(self.attn(window_partition(y, self.window), mask=mask), self.window, H, W)
+        if self.shift:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        return y
+
+    def token_groups(self, attn: nn.Module) -> TokenGroups:
+        """Token layout (native size): cyclic shift by -shift then window partition."""
+        H, W = self.resolution
+        index = torch.arange(H * W).view(1, H, W, 1)
+        if self.shift:
+            index = torch.roll(index, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        positions = window_partition(index, self.window).squeeze(-1)
+        return TokenGroups((H, W), positions, (self.window, self.window))
 
     def extra_repr(self) -> str:
         return f'resolution={self.resolution}, window={self.window}, shift={self.shift}'
@@ -85,16 +145,18 @@ class SwinBlock(nn.Module):
 class PatchMerging(nn.Module):
     """(B, H*W, C) -> (B, H/2*W/2, 2C): concatenate 2x2 neighbours, LayerNorm(4C), linear (no bias)."""
 
-    def __init__(self, resolution: Tuple[int, int], dim: int) -> None:
+    def __init__(self, resolution: Grid, dim: int) -> None:
         super().__init__()
-        self.resolution = resolution
+        self.resolution = tuple(resolution)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(4 * dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = self.resolution
+    def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
+        H, W = self.resolution if hw is None else hw
         B, _, C = x.shape
         x = x.view(B, H, W, C)
+        if H % 2 or W % 2:                     # only at dynamic sizes: pad odd maps (upstream detection)
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
         return self.reduction(self.norm(x.view(B, -1, 4 * C)))
 
@@ -102,7 +164,7 @@ class PatchMerging(nn.Module):
 class SwinStage(nn.Module):
     """Blocks of one resolution, then optional patch merging. Keys: ``blocks.{j}``, ``downsample``."""
 
-    def __init__(self, dim: int, resolution: Tuple[int, int], depth: int, num_heads: int, window: int,
+    def __init__(self, dim: int, resolution: Grid, depth: int, num_heads: int, window: int,
                  attn_type: str, drop_path: Sequence[float], downsample: bool, use_checkpoint: bool = False,
                  **block_kwargs) -> None:
         super().__init__()
@@ -113,31 +175,62 @@ class SwinStage(nn.Module):
             for i in range(depth)])
         self.downsample = PatchMerging(resolution, dim) if downsample else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = run_blocks(self.blocks, x, self.use_checkpoint)
-        return self.downsample(x) if self.downsample is not None else x
+    def forward_blocks(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
+        if hw is None:
+            return run_blocks(self.blocks, x, self.use_checkpoint)
+        return run_blocks(self.blocks, x, self.use_checkpoint, hw)
+
+    def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
+        x = self.forward_blocks(x, hw)
+        return self.downsample(x, hw) if self.downsample is not None else x
 
 
 def stage_windows(window_size: int, attn_type: str) -> List[int]:
-    """The (unclamped) window of each stage: WINDOW_SIZE for 'L', 7 or 12 for 'S' (official rule)."""
+    """The (unclamped) window of each stage: window_size for 'L', 7 or 12 for 'S' (official rule)."""
     return [window_size if t == 'L' else (7 if window_size <= 56 else 12) for t in attn_type]
 
 
-class FLattenSwinTransformer(nn.Module):
-    """FLatten-Swin classifier. forward: (B, 3, H, W) -> (B, num_classes)."""
+def check_swin_layout(img_size: int, patch_size: int, depths: Sequence[int], num_heads: Sequence[int],
+                      window_size: int, attn_type: str) -> None:
+    """Raise ValueError (naming the keyword argument) unless every stage's map tiles into its windows."""
+    n = len(depths)
+    if len(attn_type) != n or len(num_heads) != n or set(attn_type) - {'L', 'S'}:
+        raise ValueError(f"attn_type={attn_type!r}, depths={tuple(depths)} and num_heads={tuple(num_heads)} must "
+                         f"all have one entry per stage ('L' focused linear or 'S' softmax)")
+    if img_size % patch_size:
+        raise ValueError(f'img_size {img_size} is not divisible by patch_size {patch_size}')
+    res = img_size // patch_size
+    for i, w in enumerate(stage_windows(window_size, attn_type)):
+        if i < n - 1 and res % 2:
+            raise ValueError(f'img_size {img_size}: stage {i + 1} map {res}x{res} is odd and cannot be '
+                             f'patch-merged; use a multiple of {patch_size * 2 ** (n - 1)}')
+        w = min(w, res)
+        if res % w:
+            raise ValueError(f'img_size {img_size}: stage {i + 1} map {res}x{res} is not divisible by its '
+                             f'window {w}; change img_size or window_size')
+        res //= 2
+
+
+class FLattenSwinTransformer(ClassifierMixin, nn.Module):
+    """FLatten-Swin. forward: (B, 3, H, W) -> (B, num_classes); forward_features -> (B, H/32 * W/32, C)."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 7, mlp_ratio: float = 4., qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.1, ape: bool = False,
                  patch_norm: bool = True, use_checkpoint: bool = False, focusing_factor: float = 3,
-                 kernel_size: int = 5, attn_type: str = 'LLLL') -> None:
+                 kernel_size: int = 5, attn_type: str = 'LLLL', global_pool: str = 'avg',
+                 dynamic_img_size: bool = False) -> None:
         super().__init__()
         n = len(depths)
-        check_swin_layout(img_size, patch_size, n, window_size, attn_type)
-        self.num_classes = num_classes
-        self.num_features = int(embed_dim * 2 ** (n - 1))
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, patch_norm)
+        img_size = square_size(img_size)
+        check_swin_layout(img_size, patch_size, depths, num_heads, window_size, attn_type)
+        if global_pool not in ('', 'avg'):
+            raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (n - 1))
+        self.dynamic_img_size = dynamic_img_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, patch_norm, dynamic_img_size)
         grid = self.patch_embed.grid
         self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim)) if ape else None
         if ape:
@@ -153,57 +246,237 @@ class FLattenSwinTransformer(nn.Module):
             for i in range(n)])
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=int(embed_dim * 2 ** i), reduction=patch_size * 2 ** i,
+                                  module=f'layers.{i}') for i in range(n)]
         self.apply(init_weights)
 
+    # ------------------------------------------------------------------ timm interface
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
+        """The official rule (the official FLatten-Swin decays the focused-attention scale/encodings)."""
         return {'absolute_pos_embed'}
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set:
-        return {'relative_position_bias_table', 'positional_encoding', 'attn.scale'}
+        return {'relative_position_bias_table'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^absolute_pos_embed|patch_embed',
+                    blocks=r'^layers\.(\d+)' if coarse else [(r'^layers\.(\d+)\.downsample', (0,)),
+                                                            (r'^layers\.(\d+)\.\w+\.(\d+)', None),
+                                                            (r'^norm', (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for layer in self.layers:
+            layer.use_checkpoint = enable
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
+        x, hw = self.patch_embed.forward_grid(x)
+        if self.absolute_pos_embed is not None:
+            pos = self.absolute_pos_embed
+            if hw != self.patch_embed.grid:
+                pos = resample_abs_pos_embed(pos, list(hw), list(self.patch_embed.grid), num_prefix_tokens=0,
+                                             antialias=False)
+            x = x + pos
+        return self.pos_drop(x), hw
+
+    def _stages(self, x: torch.Tensor, stop: int):
+        """Yield (stage index, tokens before its downsample, their grid) up to stage ``stop``; the tokens
+        passed on are downsampled."""
+        x, hw = self._embed(x)
+        native = hw == self.patch_embed.grid
+        for i, layer in enumerate(self.layers[:stop + 1]):
+            x = layer.forward_blocks(x, None if native else hw)
+            yield i, x, hw
+            if layer.downsample is not None and i < stop:
+                x = layer.downsample(x, None if native else hw)
+                hw = ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> pooled (B, num_features)."""
-        x = self.patch_embed(x)
-        if self.absolute_pos_embed is not None:
-            x = x + self.absolute_pos_embed
-        x = self.pos_drop(x)
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x).mean(dim=1)
+        """(B, 3, H, W) -> normed last-stage tokens (B, N, C)."""
+        for _, x, _ in self._stages(x, len(self.layers) - 1):
+            pass
+        return self.norm(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False):
+        """Stage maps (B, C_i, H/(4*2^i), W/(4*2^i)) of ``indices``; ``norm`` applies the final norm to the
+        last stage. Returns ``[maps]`` or ``(forward_features output, [maps])``."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
+        last = len(self.layers) - 1
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        stop = max_index if (stop_early or intermediates_only) else last
+        out = []
+        for i, x, hw in self._stages(x, stop):
+            if i in take:
+                out.append(tokens_to_nchw(self.norm(x) if norm and i == last else x, hw))
+        if intermediates_only:
+            return out
+        return (self.norm(x) if stop == last else x), out
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        if prune_norm or max_index < len(self.layers) - 1:
+            self.norm = nn.Identity()
+        self.layers = self.layers[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take
 
 
-def check_swin_layout(img_size: int, patch_size: int, num_stages: int, window_size: int, attn_type: str) -> None:
-    """Raise ConfigError unless every stage's map tiles into its (clamped) windows."""
-    if img_size % patch_size:
-        raise ConfigError(f'DATA.IMG_SIZE {img_size} is not divisible by MODEL.SWIN.PATCH_SIZE {patch_size}')
-    res = img_size // patch_size
-    for i, w in enumerate(stage_windows(window_size, attn_type)):
-        if i < num_stages - 1 and res % 2:
-            raise ConfigError(f'DATA.IMG_SIZE {img_size}: stage {i + 1} map {res}x{res} is odd and cannot be '
-                              f'patch-merged; use a multiple of {patch_size * 2 ** (num_stages - 1)}')
-        w = min(w, res)
-        if res % w:
-            raise ConfigError(f'DATA.IMG_SIZE {img_size}: stage {i + 1} map {res}x{res} is not divisible by its '
-                              f'window {w}; change DATA.IMG_SIZE or MODEL.SWIN.WINDOW_SIZE')
-        res //= 2
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: FLattenSwinTransformer) -> Dict[str, torch.Tensor]:
+    """An official (or our) checkpoint -> this model's state dict: unwraps ``model`` / ``state_dict`` /
+    EMA wrappings and ``module.`` prefixes, takes the re-creatable buffers (relative_position_index,
+    attn_mask) from the model, resizes relative position bias tables (bicubic,
+    ``timm.layers.resize_rel_pos_bias_table_simple``) and positional encodings / absolute position
+    embeddings (bicubic, ``timm.layers.resample_abs_pos_embed``) to the model's windows."""
+    sd = unwrap_state_dict(state_dict)
+    target = model.state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(('relative_position_index', 'attn_mask')):
+            continue
+        want = target.get(k)
+        if want is not None and v.shape != want.shape:
+            if k.endswith('relative_position_bias_table') and v.shape[1] == want.shape[1]:
+                w = round(((want.shape[0]) ** 0.5 + 1) / 2)
+                v = resize_rel_pos_bias_table_simple(v, (w, w), tuple(want.shape))
+            elif k.endswith(('positional_encoding', 'absolute_pos_embed')) and v.shape[2] == want.shape[2]:
+                old, new = round(v.shape[1] ** 0.5), round(want.shape[1] ** 0.5)
+                v = resample_abs_pos_embed(v, [new, new], [old, old], num_prefix_tokens=0, antialias=False)
+        out[k] = v
+    for k, v in target.items():
+        if k.endswith(('relative_position_index', 'attn_mask')):
+            out[k] = v
+    return out
 
 
-@register_model('flatten_swin')
-def build_flatten_swin(config) -> FLattenSwinTransformer:
-    s = config.MODEL.SWIN
-    if len(config.MODEL.LA.ATTN_TYPE) != len(s.DEPTHS) or len(s.NUM_HEADS) != len(s.DEPTHS):
-        raise ConfigError(f'MODEL.LA.ATTN_TYPE ({config.MODEL.LA.ATTN_TYPE!r}), MODEL.SWIN.DEPTHS and '
-                          f'MODEL.SWIN.NUM_HEADS must all have one entry per stage')
-    return FLattenSwinTransformer(
-        img_size=config.DATA.IMG_SIZE, patch_size=s.PATCH_SIZE, in_chans=s.IN_CHANS,
-        num_classes=config.MODEL.NUM_CLASSES, embed_dim=s.EMBED_DIM, depths=s.DEPTHS, num_heads=s.NUM_HEADS,
-        window_size=s.WINDOW_SIZE, mlp_ratio=s.MLP_RATIO, qkv_bias=s.QKV_BIAS, qk_scale=s.QK_SCALE,
-        drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE, ape=s.APE,
-        patch_norm=s.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT,
-        focusing_factor=config.MODEL.LA.FOCUSING_FACTOR, kernel_size=config.MODEL.LA.KERNEL_SIZE,
-        attn_type=config.MODEL.LA.ATTN_TYPE)
+# ----------------------------------------------------------------------------- registry
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    cfg = dict(url='', origin_url=url or 'https://github.com/LeapLabTHU/FLatten-Transformer',
+               num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=.9, interpolation='bicubic',
+               fixed_input_size=True, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+               first_conv='patch_embed.proj', classifier='head', paper_ids='arXiv:2308.00442',
+               paper_name='FLatten Transformer: Vision Transformer using Focused Linear Attention',
+               notes=('weights: the official release (origin_url); load a downloaded file with '
+                      'pretrained_cfg_overlay=dict(file=PATH)',))
+    cfg.update(kwargs)
+    return cfg
+
+
+_SWIN_BASELINE = dict(paper_ids='arXiv:2103.14030', paper_name='Swin Transformer', notes=(
+    'softmax baseline of FLatten-Swin (Swin layout); no official weights in the FLatten release',))
+
+default_cfgs = generate_default_cfgs({
+    'flatten_swin_t': _cfg('https://cloud.tsinghua.edu.cn/f/e1518e76703e4e57a7f2/?dl=1'),
+    'flatten_swin_s': _cfg('https://cloud.tsinghua.edu.cn/f/94188e52af354bf4a88b/?dl=1'),
+    'flatten_swin_b': _cfg('https://cloud.tsinghua.edu.cn/f/7a9e5186bad04e7fb3a9/?dl=1'),
+    'flatten_swin_b_384': _cfg('https://cloud.tsinghua.edu.cn/f/0d0330cf2e5249f1abb6/?dl=1',
+                               input_size=(3, 384, 384), crop_pct=1.0),
+    'flatten_swin_t_softmax': _cfg(**_SWIN_BASELINE),
+    'flatten_swin_s_softmax': _cfg(**_SWIN_BASELINE),
+    'flatten_swin_b_softmax': _cfg(**_SWIN_BASELINE),
+    'flatten_swin_b_384_softmax': _cfg(input_size=(3, 384, 384), crop_pct=1.0, **_SWIN_BASELINE),
+})
+
+# variant -> architecture (the official YAMLs)
+_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+SWIN_ARCHS: Dict[str, Dict[str, Any]] = {
+    'flatten_swin_t': dict(_T, window_size=56, attn_type='LLSS', drop_path_rate=0.2),
+    'flatten_swin_s': dict(_S, window_size=56, attn_type='LLSS', drop_path_rate=0.3),
+    'flatten_swin_b': dict(_B, window_size=56, attn_type='LLSS', drop_path_rate=0.5),
+    'flatten_swin_b_384': dict(_B, window_size=96, attn_type='LLSS', drop_path_rate=0.5, img_size=384),
+    'flatten_swin_t_softmax': dict(_T, window_size=7, attn_type='SSSS', drop_path_rate=0.2),
+    'flatten_swin_s_softmax': dict(_S, window_size=7, attn_type='SSSS', drop_path_rate=0.3),
+    'flatten_swin_b_softmax': dict(_B, window_size=7, attn_type='SSSS', drop_path_rate=0.5),
+    'flatten_swin_b_384_softmax': dict(_B, window_size=96, attn_type='SSSS', drop_path_rate=0.5, img_size=384),
+}
+
+
+def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
+    return build_model_with_cfg(FLattenSwinTransformer, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
+                                **dict(SWIN_ARCHS[name], **kwargs))
+
+
+@register_model
+def flatten_swin_t(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
+    return _create('flatten_swin_t', pretrained, **kwargs)
+
+
+@register_model
+def flatten_swin_s(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
+    return _create('flatten_swin_s', pretrained, **kwargs)
+
+
+@register_model
+def flatten_swin_b(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
+    return _create('flatten_swin_b', pretrained, **kwargs)
+
+
+@register_model
+def flatten_swin_b_384(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
+    return _create('flatten_swin_b_384', pretrained, **kwargs)
+
+
+@register_model
+def flatten_swin_t_softmax(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
+    return _create('flatten_swin_t_softmax', pretrained, **kwargs)
+
+
+@register_model
+def flatten_swin_s_softmax(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
+    return _create('flatten_swin_s_softmax', pretrained, **kwargs)
+
+
+@register_model
+def flatten_swin_b_softmax(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
+    return _create('flatten_swin_b_softmax', pretrained, **kwargs)
+
+
+@register_model
+def flatten_swin_b_384_softmax(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
+    return _create('flatten_swin_b_384_softmax', pretrained, **kwargs)
+
+
+# ----------------------------------------------------------------------------- experiment config
+def _closest_variant(kwargs: Dict[str, Any]) -> str:
+    """The registered variant whose architecture the config describes (only its pretrained_cfg matters:
+    every architecture keyword is passed explicitly)."""
+    def same(key: str, value: Any) -> bool:
+        got = kwargs.get(key, 224)
+        return tuple(got) == tuple(value) if isinstance(value, tuple) else got == value
+
+    for name, arch in SWIN_ARCHS.items():
+        if all(same(k, v) for k, v in dict(arch, img_size=arch.get('img_size', 224)).items()
+               if k != 'drop_path_rate'):
+            return name
+    return 'flatten_swin_t_softmax' if set(kwargs['attn_type']) == {'S'} else 'flatten_swin_t'
+
+
+@register_config_adapter('flatten_swin')
+def swin_spec(config) -> ModelSpec:
+    """MODEL.TYPE flatten_swin: every size from MODEL.SWIN, attention from MODEL.LA."""
+    spec = common_spec(config, '')
+    s, la = config.MODEL.SWIN, config.MODEL.LA
+    for kwarg, key, value in (
+            ('patch_size', 'MODEL.SWIN.PATCH_SIZE', s.PATCH_SIZE), ('in_chans', 'MODEL.SWIN.IN_CHANS', s.IN_CHANS),
+            ('embed_dim', 'MODEL.SWIN.EMBED_DIM', s.EMBED_DIM), ('depths', 'MODEL.SWIN.DEPTHS', tuple(s.DEPTHS)),
+            ('num_heads', 'MODEL.SWIN.NUM_HEADS', tuple(s.NUM_HEADS)),
+            ('window_size', 'MODEL.SWIN.WINDOW_SIZE', s.WINDOW_SIZE), ('mlp_ratio', 'MODEL.SWIN.MLP_RATIO', s.MLP_RATIO),
+            ('qkv_bias', 'MODEL.SWIN.QKV_BIAS', s.QKV_BIAS), ('qk_scale', 'MODEL.SWIN.QK_SCALE', s.QK_SCALE),
+            ('ape', 'MODEL.SWIN.APE', s.APE), ('patch_norm', 'MODEL.SWIN.PATCH_NORM', s.PATCH_NORM),
+            ('use_checkpoint', 'TRAIN.USE_CHECKPOINT', config.TRAIN.USE_CHECKPOINT),
+            ('focusing_factor', 'MODEL.LA.FOCUSING_FACTOR', la.FOCUSING_FACTOR),
+            ('kernel_size', 'MODEL.LA.KERNEL_SIZE', la.KERNEL_SIZE), ('attn_type', 'MODEL.LA.ATTN_TYPE', la.ATTN_TYPE)):
+        spec.kwargs[kwarg], spec.keys[kwarg] = value, key
+    spec.name = _closest_variant(spec.kwargs)
+    return spec

@@ -19,7 +19,9 @@ the tensors that define its attention; a forward hook on ``module.tap`` reads th
 """
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+import os
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,6 +39,18 @@ class AttentionTap(nn.Module):
 
     def forward(self, *tensors: torch.Tensor):
         return tensors if len(tensors) > 1 else tensors[0]
+
+    def hooked(self) -> bool:
+        """True when a (module or global) forward hook would see this tap's tensors: softmax blocks then
+        compute explicit probabilities instead of the fused ``scaled_dot_product_attention``."""
+        from torch.nn.modules import module as _m
+        return bool(self._forward_hooks or self._forward_pre_hooks or _m._global_forward_hooks
+                    or _m._global_forward_pre_hooks)
+
+
+# The two attention kinds a module declares with its ``attn_kind`` class attribute (what its tap receives):
+ATTN_LINEAR = 'linear'      # tap(phi_q (B', N, C), phi_k (B', n, C), v (B', n, C))
+ATTN_SOFTMAX = 'softmax'    # tap(probs (B', heads, N, n))
 
 
 def focused_kernel(x: torch.Tensor, scale: torch.Tensor, focusing_factor: float) -> torch.Tensor:
@@ -93,6 +107,185 @@ def interpolate_tokens(v: torch.Tensor, num_heads: int, length: int) -> torch.Te
     return merge_heads(v.reshape(B, num_heads, C // num_heads, length).transpose(-2, -1))
 
 
+# ----------------------------------------------------------------------------- fast path
+# The same function as ``focused_kernel`` + ``linear_attention`` (+ the dwc branch), computed with fewer
+# full-size temporaries: the kernel map, focusing power and norm restoration run in place on one buffer laid
+# out per head (B, heads, N, d), the normaliser rides along the query-side product as one extra column of
+# K^T [V, 1], the dwc runs on channels-last images of V (a view of the same per-head buffer), and the
+# output is written straight into the (B, N, C) layout the projection reads. Both steps are autograd
+# Functions with hand-derived backward passes (checked against the reference in the tests).
+#
+# Implementations: 'reference' (the plain formulas above), 'fast' (default) and 'triton' (the core as a
+# Triton kernel on CUDA, see models/triton_linear_attention.py; opt-in until measured on a GPU).
+IMPLEMENTATIONS = ('reference', 'fast', 'triton')
+_impl = os.environ.get('FLATTEN_ATTENTION_IMPL', 'fast')
+
+
+def set_attention_impl(name: str) -> None:
+    """Select how every focused linear attention computes: 'reference', 'fast' or 'triton'."""
+    global _impl
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f'attention implementation {name!r} is unknown; use one of {", ".join(IMPLEMENTATIONS)}')
+    _impl = name
+
+
+def get_attention_impl() -> str:
+    """The implementation selected by :func:`set_attention_impl` (or $FLATTEN_ATTENTION_IMPL; default 'fast')."""
+    return _impl
+
+
+@contextlib.contextmanager
+def attention_impl(name: str) -> Iterator[None]:
+    """Context manager: ``with attention_impl('reference'): model(x)``."""
+    previous = get_attention_impl()
+    set_attention_impl(name)
+    try:
+        yield
+    finally:
+        set_attention_impl(previous)
+
+
+def _token_norm(y: torch.Tensor) -> torch.Tensor:
+    """||y|| over the full channel dim of a per-head buffer y (B, h, N, d) -> (B, N). (Reducing the
+    contiguous last dim first is several times faster than one reduction over dims (1, 3).)"""
+    return torch.linalg.vector_norm(y, dim=-1).square_().sum(1).sqrt_()
+
+
+def _kernel_input(x: torch.Tensor, pos: Optional[torch.Tensor], heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """relu(x + pos) as a new per-head buffer (B, h, N, d) of ``dtype``; x (B, N, C) may be any strided view."""
+    B, N, C = x.shape
+    xh = x.unflatten(-1, (heads, C // heads)).transpose(1, 2)
+    y = torch.empty(B, heads, N, C // heads, dtype=dtype, device=x.device)
+    if pos is None:
+        y.copy_(xh)
+    else:
+        torch.add(xh, pos.unflatten(-1, (heads, C // heads)).transpose(1, 2), out=y)
+    return y.clamp_min_(0)
+
+
+class _FocusedKernelFn(torch.autograd.Function):
+    """phi(x + pos) per head: x (B, N, C), pos (1, N, C) or None, s = softplus(scale) (C,) -> (B, h, N, d).
+
+    Forward: y = (relu(x + pos) + eps) / s, a = ||y||, u = (y / a)^p, phi = u * a / ||u||. Dividing by
+    a first keeps every power in (0, 1], so the power cannot overflow whatever the magnitude of x.
+    Backward (b = ||u||, y^ = y / a, g = dL/dphi, c = g . u per token):
+        dL/dy = (p y^^(p-1) (g - c u / b^2) + c y^) / b,   dL/dx = dL/dy / s * [x + pos > 0],
+        dL/ds = -sum_tokens dL/dy * y / s.
+    """
+
+    @staticmethod
+    def forward(ctx, x, pos, s, p, heads):
+        B, N, C = x.shape
+        sh = s.view(1, heads, 1, C // heads)
+        y = _kernel_input(x, pos, heads, s.dtype).add_(EPS).div_(sh)
+        a = _token_norm(y)
+        y.div_(a.view(B, 1, N, 1)).pow_(p)
+        y.mul_((a / _token_norm(y)).view(B, 1, N, 1))
+        ctx.save_for_backward(x, pos, s)
+        ctx.p, ctx.heads = p, heads
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, pos, s = ctx.saved_tensors
+        p, heads = ctx.p, ctx.heads
+        B, N, C = x.shape
+        sh = s.view(1, heads, 1, C // heads)
+        yhat = _kernel_input(x, pos, heads, s.dtype).add_(EPS).div_(sh)            # y for now
+        a = _token_norm(yhat).view(B, 1, N, 1)
+        yhat.div_(a)
+        u = yhat.pow(p)
+        b = _token_norm(u).view(B, 1, N, 1)
+        tmp = g * u
+        c = tmp.sum(-1).sum(1).view(B, 1, N, 1)
+        dy = u.mul_(-c / b.square()).add_(g)                                        # g - c u / b^2
+        dy.mul_(torch.pow(yhat, p - 1, out=tmp)).mul_(p).addcmul_(yhat, c).div_(b)
+        ds = None
+        if ctx.needs_input_grad[2]:
+            ds = -torch.mul(dy, yhat, out=tmp).mul_(a).sum((0, 2)).reshape(C) / s
+        dx = torch.empty(B, N, C, dtype=s.dtype, device=x.device)
+        torch.div(dy, sh, out=dx.view(B, N, heads, C // heads).transpose(1, 2))
+        dx.mul_((x if pos is None else x + pos) > 0)
+        dpos = dx.sum(0, keepdim=True) if pos is not None and ctx.needs_input_grad[1] else None
+        return dx.to(x.dtype), dpos, ds, None, None
+
+
+class _LinearCoreFn(torch.autograd.Function):
+    """Normalised linear attention per head with the normaliser folded into K^T [V, 1], written merged.
+
+    phi_q (B, h, N, d), phi_k, v (B, h, n, d), residual (B, h, N, d)-shaped or None -> (B, N, h*d):
+        kv' = K^T [V, 1] / n  (d, d + 1);  t = Q kv';  out = t[:, :d] / (t[:, d] + eps) (+ residual).
+    Backward (z = 1 / (t[:, d] + eps), s_i = z_i g_i . t_i, w = [z g, -z s]):
+        dQ = w kv'^T;  [dKV, dm] = Q^T w;  dK = [V, 1] [dKV, dm]^T / n;  dV = K dKV / n.
+    """
+
+    @staticmethod
+    def forward(ctx, phi_q, phi_k, v, residual):
+        B, h, N, d = phi_q.shape
+        n = phi_k.shape[2]
+        q, k, vf = phi_q.reshape(B * h, N, d), phi_k.reshape(B * h, n, d), v.reshape(B * h, n, d)
+        kv = torch.cat([torch.bmm(k.transpose(1, 2), vf), k.sum(1).unsqueeze(-1)], dim=-1).div_(n)
+        t = torch.bmm(q, kv)                                                     # (B*h, N, d + 1)
+        den = t[..., d:] + EPS
+        out = torch.empty(B, N, h * d, dtype=t.dtype, device=t.device)
+        outh = out.view(B, N, h, d).transpose(1, 2)
+        torch.div(t[..., :d].view(B, h, N, d), den.view(B, h, N, 1), out=outh)
+        if residual is not None:
+            outh.add_(residual)
+        ctx.save_for_backward(q, k, vf, kv, t, den)
+        ctx.shape = (B, h, N, d, n)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, vf, kv, t, den = ctx.saved_tensors
+        B, h, N, d, n = ctx.shape
+        gh = g.view(B, N, h, d).transpose(1, 2)
+        z = den.reciprocal()                                                     # (B*h, N, 1)
+        w = torch.empty(B * h, N, d + 1, dtype=t.dtype, device=t.device)
+        torch.mul(gh, z.view(B, h, N, 1), out=w[..., :d].view(B, h, N, d))
+        w[..., d:] = -z * torch.linalg.vecdot(w[..., :d], t[..., :d]).unsqueeze(-1)
+        dq = torch.bmm(w, kv.transpose(1, 2)).view(B, h, N, d)
+        grad = torch.bmm(q.transpose(1, 2), w)                                   # [dKV, dm] (B*h, d, d + 1)
+        dk = torch.baddbmm(grad[..., d:].transpose(1, 2), vf, grad[..., :d].transpose(1, 2)).div_(n)
+        dv = torch.bmm(k, grad[..., :d]).div_(n)
+        dres = gh if ctx.needs_input_grad[3] else None
+        return dq, dk.view(B, h, n, d), dv.view(B, h, n, d), dres
+
+
+def fast_focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                                  pos: Optional[torch.Tensor], focusing_factor: float, num_heads: int,
+                                  dwc: Optional[nn.Conv2d] = None, hw: Optional[Tuple[int, int]] = None,
+                                  core: Optional[Callable] = None) -> torch.Tensor:
+    """``linear_attention(phi(q), phi(k + pos), v) (+ dwc branch on v laid out as hw)``, the fast way.
+
+    q (B, N, C), k, v (B, n, C), any strides (e.g. views of one qkv projection); scale (1, 1, C) raw;
+    pos (1, n, C) or None. Returns (B, N, C) in v's dtype. The maths runs in at least float32 (the power p
+    overflows float16 otherwise); the dwc convolution runs in v's dtype, as in the reference.
+    ``core(phi_q, phi_k, v, residual)`` replaces the product (the Triton kernel plugs in here).
+    """
+    B, N, C = q.shape
+    n, h, d = k.shape[1], num_heads, C // num_heads
+    dtype = v.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    vh = v.unflatten(-1, (h, d)).transpose(1, 2).contiguous()                    # (B, h, n, d)
+    residual = None
+    if dwc is not None:
+        H, W = hw
+        maps = vh.view(B * h, H, W, d).permute(0, 3, 1, 2)                      # channels-last images
+        residual = dwc(maps).permute(0, 2, 3, 1).reshape(B, h, N, d)             # a view when channels-last
+    with torch.autocast(device_type=v.device.type, enabled=False):
+        s = F.softplus(scale.to(compute)).reshape(C)
+        phi_q = _FocusedKernelFn.apply(q, None, s, focusing_factor, h)
+        phi_k = _FocusedKernelFn.apply(k, None if pos is None else pos.to(compute), s, focusing_factor, h)
+        vc = vh.to(compute)
+        if core is not None and dtype == torch.bfloat16:
+            # bfloat16 has float32's range: the Triton core reads bf16 operands and accumulates in float32
+            phi_q, phi_k, vc = phi_q.to(dtype), phi_k.to(dtype), vh
+        out = (core or _LinearCoreFn.apply)(phi_q, phi_k, vc, None if residual is None else residual.to(compute))
+    return out.to(dtype)
+
+
 class FocusedLinearAttentionBase(nn.Module):
     """Owns the focused-linear parameters and maths; subclasses own the projections and token layout.
 
@@ -103,6 +296,8 @@ class FocusedLinearAttentionBase(nn.Module):
         focusing_factor: the power p.
         kernel_size: the dwc kernel size (odd).
     """
+
+    attn_kind = ATTN_LINEAR
 
     def __init__(self, dim: int, num_heads: int, num_kv_tokens: int, focusing_factor: float = 3,
                  kernel_size: int = 5) -> None:
@@ -125,33 +320,50 @@ class FocusedLinearAttentionBase(nn.Module):
         states, matched by position, then line up too. Subclasses call it at the end of ``__init__``."""
         self._modules['dwc'] = self._modules.pop('dwc')
 
+    def kv_positional_encoding(self, n: int) -> torch.Tensor:
+        """The (1, n, C) encoding added to n keys. Here the learned one; families that run at other input
+        sizes (``dynamic_img_size``) override it to resample the encoding to the current key grid."""
+        return self.positional_encoding
+
     def feature_map(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """phi(q), phi(k + positional encoding); q (B, N, C), k (B, n, C)."""
         return (focused_kernel(q, self.scale, self.focusing_factor),
-                focused_kernel(k + self.positional_encoding, self.scale, self.focusing_factor))
+                focused_kernel(k + self.kv_positional_encoding(k.shape[1]), self.scale, self.focusing_factor))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Focused linear attention of raw projections q (B, N, C), k, v (B, n, C) -> (B, N, C).
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Focused linear attention of raw projections q (B, N, C), k, v (B, n, C) -> (B, N, C); with
+        ``hw`` (the (H, W) layout of v's n tokens) the dwc branch is included: ``+ rank_restoration(v, hw)``.
 
         Computed in at least float32 even under autocast (the focusing power p can overflow float16);
-        float64 inputs stay float64. Returns v's dtype.
+        float64 inputs stay float64. Returns v's dtype. Runs the implementation chosen with
+        :func:`set_attention_impl`; the reference formulas whenever the tap is hooked (visualisation).
         """
+        impl = get_attention_impl()
+        if impl != 'reference' and not self.tap.hooked():
+            core = None
+            if impl == 'triton':
+                from .triton_linear_attention import triton_core_for
+                core = triton_core_for(q, self.dim // self.num_heads)
+            return fast_focused_linear_attention(q, k, v, self.scale, self.kv_positional_encoding(k.shape[1]),
+                                                 self.focusing_factor, self.num_heads,
+                                                 None if hw is None else self.dwc, hw, core)
         dtype = v.dtype
         compute = torch.promote_types(dtype, torch.float32)
         with torch.autocast(device_type=v.device.type, enabled=False):
-            q, k, v = q.to(compute), k.to(compute), v.to(compute)
-            q, k = self.feature_map(q, k)
-            q, k, v = self.tap(q, k, v)
-            out = linear_attention(q, k, v, self.num_heads)
-        return out.to(dtype)
+            qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+            qc, kc = self.feature_map(qc, kc)
+            qc, kc, vc = self.tap(qc, kc, vc)
+            out = linear_attention(qc, kc, vc, self.num_heads).to(dtype)
+        return out if hw is None else out + self.rank_restoration(v, hw)
 
     def rank_restoration(self, v: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """The dwc branch: v (B, H*W, C) as per-head images (B*heads, head_dim, H, W) -> (B, H*W, C)."""
         B, N, C = v.shape
         H, W = hw
         maps = split_heads(v, self.num_heads).reshape(B * self.num_heads, H, W, C // self.num_heads)
-        out = self.dwc(maps.permute(0, 3, 1, 2))                                  # (B*h, d, H, W)
-        return out.reshape(B, C, N).transpose(1, 2)
+        out = self.dwc(maps.permute(0, 3, 1, 2))                   # (B*h, d, H, W), channels-last memory
+        return merge_heads(out.permute(0, 2, 3, 1).reshape(B, self.num_heads, N, C // self.num_heads))
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, focusing_factor={self.focusing_factor}, '

@@ -3,14 +3,17 @@ one window attention (partition/reverse, relative position bias index, shifted-w
 family with windows (Swin, DAT++ 'L'/'S', L2ViT, Visformer v2) uses."""
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from timm.layers import to_2tuple, trunc_normal_
 
-from .focused_attention import AttentionTap
+from .focused_attention import ATTN_LINEAR, ATTN_SOFTMAX, AttentionTap  # noqa: F401
 
 
 def init_weights(m: nn.Module) -> None:
@@ -25,32 +28,116 @@ def init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
-    """Apply blocks in order, with activation checkpointing when asked and gradients are on."""
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, use_checkpoint: bool, *args) -> torch.Tensor:
+    """Apply blocks in order (``blk(x, *args)``), with activation checkpointing when asked and gradients
+    are on."""
     for blk in blocks:
         if use_checkpoint and x.requires_grad:
-            x = cp.checkpoint(blk, x, use_reentrant=False)
+            x = cp.checkpoint(blk, x, *args, use_reentrant=False)
         else:
-            x = blk(x)
+            x = blk(x, *args)
     return x
+
+
+@dataclass(frozen=True)
+class TokenGroups:
+    """How a block hands its (H, W) token grid to one attention module (the token-layout protocol that
+    ``visualize`` reads through ``block.token_groups(attn_module)``).
+
+    grid: the block's (H, W) token grid; positions: (groups, N) long, flat grid index (row * W + col) of
+    every query token of every group of ONE image, in the order the attention sees them; window: the
+    (h, w) shape of one group, the image a depth-wise conv in the attention runs on; keys_reduced: keys
+    are a spatially reduced copy of the tokens (no per-key position)."""
+    grid: Tuple[int, int]
+    positions: torch.Tensor
+    window: Tuple[int, int]
+    keys_reduced: bool = False
+
+
+def whole_grid(hw: Tuple[int, int], keys_reduced: bool = False) -> TokenGroups:
+    """Every token of the (H, W) map in one row-major group."""
+    return TokenGroups(tuple(hw), torch.arange(hw[0] * hw[1]).unsqueeze(0), tuple(hw), keys_reduced)
+
+
+def tokens_to_nchw(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) row-major tokens -> (B, C, H, W)."""
+    B, _, C = x.shape
+    return x.transpose(1, 2).reshape(B, C, hw[0], hw[1])
+
+
+_EXTRA_NO_DECAY = re.compile(r'(^|\.)(scale|positional_encoding|pos_embed\d+)$')
+
+
+class ClassifierMixin:
+    """The timm head contract shared by the FLatten families: ``forward_features`` gives (B, N, C) tokens,
+    the head averages them (``global_pool='avg'``; '' keeps tokens) and applies ``head``."""
+
+    num_classes: int
+    num_features: int
+    global_pool: str
+    head: nn.Module
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ('', 'avg'):
+                raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, N, C) tokens -> (B, num_classes) logits, or pooled (B, C) with ``pre_logits``."""
+        if self.global_pool == 'avg':
+            x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def extra_no_weight_decay(self) -> set:
+        """Full names of OUR optional no-decay exclusions (not the official recipe, which decays them): the
+        focused-attention ``scale`` and ``positional_encoding`` and numbered position embeddings."""
+        return {n for n, _ in self.named_parameters() if _EXTRA_NO_DECAY.search(n)}
 
 
 class PatchEmbed(nn.Module):
     """Non-overlapping patch projection: (B, C_in, H, W) -> (B, H/p * W/p, C), optional LayerNorm."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, norm: bool) -> None:
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, norm: bool,
+                 dynamic_img_size: bool = False) -> None:
         super().__init__()
         self.img_size = to_2tuple(img_size)
+        self.patch_size = patch_size
+        self.dynamic_img_size = dynamic_img_size
         self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim) if norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f'input size {tuple(x.shape[-2:])} does not match the model ({self.img_size}); '
-                             f'set DATA.IMG_SIZE to the input size')
-        x = self.proj(x).flatten(2).transpose(1, 2)
-        return self.norm(x) if self.norm is not None else x
+        return self.forward_grid(x)[0]
+
+    def forward_grid(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """(B, C_in, H, W) -> ((B, H/p * W/p, C), (H/p, W/p)). With ``dynamic_img_size`` any size is taken
+        (the image is zero-padded on the bottom/right to a multiple of the patch); otherwise it must be
+        ``img_size``."""
+        if not self.dynamic_img_size:
+            if tuple(x.shape[-2:]) != self.img_size:
+                raise ValueError(f'input size {tuple(x.shape[-2:])} does not match the model ({self.img_size}); '
+                                 f'set DATA.IMG_SIZE to the input size (or build with dynamic_img_size=True)')
+        else:
+            p = self.patch_size
+            pad_h, pad_w = (-x.shape[-2]) % p, (-x.shape[-1]) % p
+            if pad_h or pad_w:
+                x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.proj(x)
+        hw = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        return (self.norm(x) if self.norm is not None else x), hw
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -86,29 +173,77 @@ def shifted_window_mask(resolution: Tuple[int, int], window: int, shift: int) ->
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution applied to channels-last tokens: (..., C_in) -> (..., C_out). The weight keeps the
+    Conv2d shape (C_out, C_in, 1, 1) of checkpoints whose projections are 1x1 convs (Visformer)."""
+
+    def __init__(self, in_chans: int, out_chans: int, bias: bool = True) -> None:
+        super().__init__(in_chans, out_chans, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.flatten(1), self.bias)
+
+
 class WindowAttention(nn.Module):
-    """Window softmax attention with relative position bias. x (B*nW, w*w, C) -> same shape."""
+    """Window softmax attention, by default with a relative position bias. x (B*nW, w*w, C) -> same shape.
+
+    Uses ``F.scaled_dot_product_attention`` unless a hook is registered on ``tap`` (then the explicit
+    probabilities are computed and passed through the tap, for ``visualize``).
+
+    Options for the families that share it: ``rel_pos_bias=False`` (no table, no index: L2ViT's local
+    windows, Visformer-v1's global attention, where ``window`` only names the token grid), ``proj_bias``,
+    and ``pointwise=True`` (qkv/proj weights stored as 1x1 conv kernels, as Visformer's)."""
+
+    attn_kind = ATTN_SOFTMAX
 
     def __init__(self, dim: int, window: int, num_heads: int, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.) -> None:
+                 qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.,
+                 rel_pos_bias: bool = True, proj_bias: bool = True, pointwise: bool = False) -> None:
         super().__init__()
         self.dim, self.window, self.num_heads = dim, window, num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
-        self.register_buffer('relative_position_index', relative_position_index(window))
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        if rel_pos_bias:
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+            self.register_buffer('relative_position_index', relative_position_index(window))
+        else:
+            self.relative_position_bias_table = None
+        linear = PointwiseConv if pointwise else nn.Linear
+        self.qkv = linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self.tap = AttentionTap()
-        trunc_normal_(self.relative_position_bias_table, std=.02)
+        if rel_pos_bias:   # drawn after the projections: the official (Swin) order of random draws
+            trunc_normal_(self.relative_position_bias_table, std=.02)
+
+    def attn_bias(self, mask: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+        """The additive logits bias: relative position bias (1, h, N, N) plus ``mask`` (nW, N, N) repeated
+        over the ``batch`` windows -> (batch, h, N, N); None when there is neither."""
+        bias = None
+        if self.relative_position_bias_table is not None:
+            N = self.relative_position_index.shape[0]
+            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+            bias = bias.view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            m = mask.unsqueeze(1) if bias is None else bias + mask.unsqueeze(1)
+            bias = m.repeat(batch // nW, 1, 1, 1)
+        return bias
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        if not self.tap.hooked():     # nothing reads the probabilities: fused attention
+            bias = self.attn_bias(mask, B_)
+            if bias is not None:
+                bias = bias.to(q.dtype)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
+                                               dropout_p=self.attn_drop.p if self.training else 0.)
+            return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, C)))
         attn = (q * self.scale) @ k.transpose(-2, -1)                         # (B_, h, N, N)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
+        if self.relative_position_bias_table is not None:
+            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+            attn = attn + bias.view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
             nW = mask.shape[0]
             attn = (attn.view(B_ // nW, nW, self.num_heads, N, N) + mask[None, :, None]).view(B_, -1, N, N)
@@ -118,3 +253,28 @@ class WindowAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, window={self.window}, num_heads={self.num_heads}'
+
+
+def unwrap_state_dict(checkpoint: dict, prefer_ema: bool = False) -> dict:
+    """The model state dict inside a checkpoint in any official wrapping ({'model': sd}, {'state_dict': sd},
+    {'model_ema' / 'state_dict_ema': sd} or a bare sd), with leading ``module.`` prefixes stripped."""
+    order = ('model_ema', 'state_dict_ema', 'model', 'state_dict') if prefer_ema else \
+        ('model', 'state_dict', 'model_ema', 'state_dict_ema')
+    sd = next((checkpoint[k] for k in order if isinstance(checkpoint.get(k), dict)), checkpoint)
+    out = {}
+    for k, v in sd.items():
+        while k.startswith('module.'):
+            k = k[len('module.'):]
+        out[k] = v
+    return out
+
+
+def square_size(img_size) -> int:
+    """``img_size`` given as an int or an (H, W) pair (timm passes ``input_size[-2:]``) -> the int side of a
+    square; ValueError for a non-square native size (other inputs run with ``dynamic_img_size=True``)."""
+    if isinstance(img_size, (tuple, list)):
+        if len(img_size) != 2 or img_size[0] != img_size[1]:
+            raise ValueError(f'img_size={tuple(img_size)} must be one square size (e.g. 224); run other input '
+                             f'sizes with dynamic_img_size=True')
+        img_size = img_size[0]
+    return int(img_size)

@@ -298,12 +298,19 @@ def test_use_checkpoint_config_and_weight_decay_lists():
     assert model.use_checkpoint
     v1 = _tiny_v1()
     names = {n for n, _ in v1.named_parameters()}
-    assert {f'pos_embed{i}' for i in range(1, 5)} <= v1.no_weight_decay()
     assert {f'pos_embed{i}' for i in range(1, 5)} <= names
+    # the official rules (LeapLabTHU/FLatten-Transformer): PVT-v1 {'cls_token'} (pos_embed1-4 decayed),
+    # PVTv2 {'pos_embed1'..'pos_embed4', 'cls_token'} (names PVTv2 does not have); no keyword lists
+    assert v1.no_weight_decay() == {'cls_token'}
+    assert model.no_weight_decay() == {'pos_embed1', 'pos_embed2', 'pos_embed3', 'pos_embed4', 'cls_token'}
+    assert not hasattr(v1, 'no_weight_decay_keywords') or not v1.no_weight_decay_keywords()
+    # our opt-in extras: full names of every scale, positional encoding and (v1) position embedding
     for m in (v1, model):
-        kw = m.no_weight_decay_keywords()
-        assert {'positional_encoding', 'attn.scale'} <= kw
-        assert any('attn.scale' in n for n, _ in m.named_parameters())
+        want = {n for n in dict(m.named_parameters())
+                if n.split('.')[-1] in ('scale', 'positional_encoding') or n.startswith('pos_embed')}
+        assert m.extra_no_weight_decay() == want and any(n.endswith('attn.scale') for n in want)
+    assert {f'pos_embed{i}' for i in range(1, 5)} <= v1.extra_no_weight_decay()
+    assert v1.has_unused_parameters and not getattr(model, 'has_unused_parameters', False)
 
 
 def test_taps_expose_every_attention():

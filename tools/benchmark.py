@@ -1,76 +1,567 @@
-"""Speed benchmark: focused linear attention vs its quadratic equivalent, and model throughput.
+"""Speed and memory benchmark: inference and training-step images/s, peak memory, FLOPs, against the official
+code, over resolutions, and of the input pipeline alone.
 
-Usage: python tools/benchmark.py [--device cpu|cuda] [--batch 8] [--cfgs cfgs/flatten_swin_t.yaml ...]
-Prints markdown tables; record results in BENCHMARKS.md with the machine they came from.
+    python tools/benchmark.py --cfgs cfgs/flatten_swin_t.yaml cfgs/swin_t.yaml --batch 8
+    python tools/benchmark.py --cfgs cfgs/flatten_swin_t.yaml --reference /path/to/FLatten-Transformer --rounds 7
+    python tools/benchmark.py --sweep-resolution --cfgs cfgs/flatten_pvt_t.yaml cfgs/pvt_t.yaml
+    python tools/benchmark.py --data /path/to/imagenet --cfgs cfgs/flatten_swin_t.yaml --workers 8
+    python tools/benchmark.py --smoke                      # CI-sized: tiny model, one timed repeat
+
+Method: models come from ``models.build_model(load_config(cfg, opts))`` (random weights). Each measure runs
+``--warmup`` untimed calls, then ``--repeats`` timed calls (CUDA synchronised before and after each), and
+reports the median. Inference is ``model(x)`` under ``torch.inference_mode``; a training step is forward,
+cross-entropy on random labels, backward and an AdamW step (fused on CUDA). ``--dtype`` runs both under
+autocast. Peak memory is CUDA's max_memory_allocated, or on CPU the process's peak resident set (VmHWM,
+reset before each measure where Linux allows). FLOPs are fvcore counts at batch 1 (one multiply-add = one
+FLOP, the convention of the published numbers); achieved TFLOP/s counts 2 FLOPs per multiply-add and a
+training step as 3x the forward, and is compared with the device's dense peak where it is known.
+
+``--reference DIR`` imports the official FLatten code from a user's checkout of LeapLabTHU/FLatten-Transformer
+in a subprocess (never copied here), loads OUR random weights into it (strict), and alternates rounds:
+ours, official, ours, ... Each round is one full measure (warm-up + repeats) on each side; the table gives
+the median over rounds and the ratio ours/official (images/s; > 1 means ours is faster).
+
+Numbers depend on the machine and its load: the JSON records device, torch version, thread count, load
+average, date and git commit. Speed targets live in BENCHMARKS.md, never in tests.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import io
+import json
+import logging
 import os
+import platform
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from typing import Callable, List
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from config import load_config  # noqa: E402
-from models import build_model  # noqa: E402
-from models.focused_attention import equivalent_attention, linear_attention, split_heads, merge_heads  # noqa: E402
+# Dense peak TFLOP/s (no sparsity) by device-name substring: {dtype: peak}. Vendor datasheet figures.
+DEVICE_PEAKS = {
+    'H200': {'float32': 67.0, 'tf32': 494.7, 'bfloat16': 989.4, 'float16': 989.4},
+    'H100 SXM': {'float32': 67.0, 'tf32': 494.7, 'bfloat16': 989.4, 'float16': 989.4},
+    'H100 PCIe': {'float32': 51.2, 'tf32': 378.0, 'bfloat16': 756.0, 'float16': 756.0},
+    'H100': {'float32': 67.0, 'tf32': 494.7, 'bfloat16': 989.4, 'float16': 989.4},
+    'A100': {'float32': 19.5, 'tf32': 156.0, 'bfloat16': 312.0, 'float16': 312.0},
+    'A800': {'float32': 19.5, 'tf32': 156.0, 'bfloat16': 312.0, 'float16': 312.0},
+    'L40S': {'float32': 91.6, 'tf32': 183.0, 'bfloat16': 362.0, 'float16': 362.0},
+    'RTX 4090': {'float32': 82.6, 'tf32': 82.6, 'bfloat16': 165.2, 'float16': 165.2},
+    'V100': {'float32': 15.7, 'tf32': 15.7, 'bfloat16': 0.0, 'float16': 125.0},
+}
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
-def _time(fn: Callable[[], object], device: str, warmup: int = 2, iters: int = 5) -> float:
-    """Median seconds per call."""
+# ----------------------------------------------------------------------------- measurement (model-agnostic)
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA allocator stats, or the process's VmHWM on Linux)."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak since :func:`reset_peak_memory`: CUDA max allocated, or the peak RSS of this process (MiB)."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> Dict[str, float]:
+    """Median wall and process-CPU seconds of ``repeats`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    times: List[float] = []
-    for _ in range(iters):
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    _sync(device)
+    wall, cpu = [], []
+    for _ in range(repeats):
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        _sync(device)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {'wall_s': statistics.median(wall), 'cpu_s': statistics.median(cpu), 'wall_all_s': wall}
 
 
-def attention_scaling(device: str, dim: int = 96, heads: int = 3, batch: int = 4) -> None:
-    print(f'\n### Attention core, B={batch}, C={dim}, heads={heads}, {device}\n')
-    print('| tokens N | linear (ms) | quadratic (ms) | speed-up |')
-    print('|---:|---:|---:|---:|')
-    for n in (196, 784, 3136, 6272):
-        q, k, v = (torch.rand(batch, n, dim, device=device) for _ in range(3))
-        with torch.no_grad():
-            t_lin = _time(lambda: linear_attention(q, k, v, heads), device)
-            t_quad = _time(lambda: merge_heads(equivalent_attention(q, k, heads) @ split_heads(v, heads)), device)
-        print(f'| {n} | {t_lin * 1e3:.2f} | {t_quad * 1e3:.2f} | {t_quad / t_lin:.1f}x |')
+def _autocast(device: torch.device, dtype: str):
+    if dtype == 'float32':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
-def model_throughput(cfgs: List[str], device: str, batch: int) -> None:
-    print(f'\n### Model throughput, batch {batch}, eval forward, {device}\n')
-    print('| config | images/s |')
-    print('|---|---:|')
-    for path in cfgs:
-        config = load_config(path)
-        model = build_model(config).to(device).eval()
-        x = torch.randn(batch, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
-        with torch.no_grad():
-            t = _time(lambda: model(x), device, warmup=1, iters=3)
-        print(f'| {os.path.basename(path)} | {batch / t:.1f} |')
+def make_input(batch: int, img_size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, img_size, img_size, generator=g).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--cfgs', nargs='*', default=['cfgs/flatten_swin_t.yaml', 'cfgs/swin_t.yaml'])
-    args = parser.parse_args()
-    print(f'torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}')
-    attention_scaling(args.device)
-    model_throughput(args.cfgs, args.device, args.batch)
+def measure_inference(model: nn.Module, x: torch.Tensor, dtype: str, warmup: int, repeats: int) -> Dict[str, float]:
+    device = x.device
+    model.eval()
+
+    def step():
+        with torch.inference_mode(), _autocast(device, dtype):
+            model(x)
+
+    step()                                   # first call outside the peak window (lazy init, compile)
+    reset_peak_memory(device)
+    res = time_calls(step, device, warmup, repeats)
+    res['peak_mb'] = peak_memory_mb(device)
+    res['img_s'] = x.shape[0] / res['wall_s']
+    res['cpu_s_per_img'] = res['cpu_s'] / x.shape[0]
+    return res
+
+
+def measure_train(model: nn.Module, x: torch.Tensor, num_classes: int, dtype: str, warmup: int,
+                  repeats: int) -> Dict[str, float]:
+    """Forward + cross-entropy + backward + AdamW step (fused on CUDA); float16 uses a GradScaler."""
+    device = x.device
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6, **({'fused': True} if device.type == 'cuda' else {}))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
+    target = torch.randint(0, num_classes, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            loss = loss_fn(model(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    step()
+    reset_peak_memory(device)
+    res = time_calls(step, device, warmup, repeats)
+    res['peak_mb'] = peak_memory_mb(device)
+    res['img_s'] = x.shape[0] / res['wall_s']
+    res['cpu_s_per_img'] = res['cpu_s'] / x.shape[0]
+    return res
+
+
+def measure(model: nn.Module, opts: Dict[str, Any], modes: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """The measures of one model on one side; ``opts``: device, batch, img_size, dtype, channels_last,
+    compile, warmup, repeats, num_classes."""
+    device = torch.device(opts['device'])
+    model = model.to(device)
+    if opts['channels_last']:
+        model = model.to(memory_format=torch.channels_last)
+    run = torch.compile(model) if opts['compile'] else model
+    x = make_input(opts['batch'], opts['img_size'], device, opts['channels_last'])
+    out = {}
+    if 'infer' in modes:
+        out['infer'] = measure_inference(run, x, opts['dtype'], opts['warmup'], opts['repeats'])
+    if 'train' in modes:
+        out['train'] = measure_train(run, x, opts['num_classes'], opts['dtype'], opts['warmup'], opts['repeats'])
+    return out
+
+
+# ----------------------------------------------------------------------------- our models
+def load_cfg(path: str, img_size: Optional[int] = None, opts: Sequence[str] = ()):
+    sys.path.insert(0, ROOT)
+    from config import load_config
+    extra = list(opts) + (['DATA.IMG_SIZE', str(img_size)] if img_size else [])
+    return load_config(path, opts=extra)
+
+
+def build(config) -> nn.Module:
+    from models import build_model
+    torch.manual_seed(0)
+    return build_model(config)
+
+
+def count_flops(model: nn.Module, img_size: int) -> Optional[float]:
+    """fvcore multiply-adds of one image (eval, float32, CPU), or None without fvcore. The attention runs
+    the reference formulas while counting (the same function; fvcore cannot see inside autograd Functions)."""
+    try:
+        from fvcore.nn import FlopCountAnalysis
+    except ImportError:
+        return None
+    from models.focused_attention import attention_impl
+    model = model.eval()
+    x = torch.zeros(1, 3, img_size, img_size)
+    with attention_impl('reference'), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        flops = FlopCountAnalysis(model, x)
+        flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return float(flops.total())
+
+
+def device_peak_tflops(device: torch.device, dtype: str) -> Optional[float]:
+    """Dense peak of the device for the math the dtype selects (float32 -> TF32 when it is allowed)."""
+    if device.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in DEVICE_PEAKS.items():
+        if key in name:
+            if dtype == 'float32' and torch.backends.cuda.matmul.allow_tf32:
+                return peaks['tf32']
+            return peaks[dtype] or None
+    return None
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    try:
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or
+                                                                             platform.machine())
+    if device.type == 'cpu':
+        try:
+            with open('/proc/cpuinfo') as f:
+                name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+        except (OSError, StopIteration):
+            pass
+    from models.focused_attention import get_attention_impl
+    return {'device': str(device), 'device_name': name, 'torch': torch.__version__,
+            'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
+            'loadavg_start': list(os.getloadavg()) if hasattr(os, 'getloadavg') else None,
+            'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+            'git_commit': commit, 'git_dirty': dirty, 'python': platform.python_version(),
+            'attention_impl': get_attention_impl()}
+
+
+# ----------------------------------------------------------------------------- the official code (subprocess)
+WORKER_FLAG = '--official-worker'
+
+
+def _install_timm_shims() -> None:
+    """Old timm import paths the official code uses, aliased to timm 1.x modules when they are missing."""
+    import importlib
+    import timm
+    for old, new in (('timm.models.layers', 'timm.layers'), ('timm.models.registry', 'timm.models'),
+                     ('timm.models.helpers', 'timm.models')):
+        try:
+            importlib.import_module(old)
+        except ImportError:
+            sys.modules[old] = importlib.import_module(new)
+    _ = timm
+
+
+def build_official(ref_dir: str, cfg_name: str, img_size: int, num_classes: int) -> nn.Module:
+    """The official model for ``cfg_name`` (a file of DIR/cfgs), built with the official config and builder."""
+    sys.path.insert(0, ref_dir)
+    _install_timm_shims()
+    import config as official_config          # DIR/config.py
+    from models import build_model as official_build
+    cfg = official_config._C.clone()
+    cfg.defrost()
+    cfg.merge_from_file(os.path.join(ref_dir, 'cfgs', cfg_name))
+    cfg.DATA.IMG_SIZE = img_size
+    cfg.MODEL.NUM_CLASSES = num_classes
+    cfg.freeze()
+    return official_build(cfg)
+
+
+def official_worker(argv: List[str]) -> None:
+    """Subprocess side of ``--reference``: build, load weights, then answer 'measure' lines on stdin."""
+    spec = json.loads(argv[0])
+    proto = os.fdopen(os.dup(1), 'w')
+    sys.stdout = sys.stderr                   # the official code prints while building
+    torch.set_num_threads(spec['threads'])
+    if spec['device'] == 'cpu':
+        torch.backends.mkldnn.enabled = True
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = build_official(spec['ref_dir'], spec['cfg_name'], spec['opts']['img_size'],
+                               spec['opts']['num_classes'])
+        model.load_state_dict(torch.load(spec['weights'], map_location='cpu', weights_only=True), strict=True)
+    proto.write(json.dumps({'ready': True}) + '\n')
+    proto.flush()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get('quit'):
+            break
+        with contextlib.redirect_stdout(io.StringIO()):
+            res = measure(model, spec['opts'], cmd['modes'])
+        proto.write(json.dumps(res) + '\n')
+        proto.flush()
+
+
+class OfficialProcess:
+    """The official model in a subprocess that measures on request (so rounds alternate)."""
+
+    def __init__(self, ref_dir: str, cfg_path: str, model: nn.Module, opts: Dict[str, Any]) -> None:
+        cfg_name = os.path.basename(cfg_path)
+        if not os.path.isfile(os.path.join(ref_dir, 'cfgs', cfg_name)):
+            raise SystemExit(f'--reference {ref_dir}: no cfgs/{cfg_name} there; pass the root of a checkout of '
+                             f'LeapLabTHU/FLatten-Transformer and a config it ships')
+        self.tmp = tempfile.TemporaryDirectory()
+        weights = os.path.join(self.tmp.name, 'weights.pth')
+        torch.save(model.state_dict(), weights)
+        spec = {'ref_dir': os.path.abspath(ref_dir), 'cfg_name': cfg_name, 'weights': weights, 'opts': opts,
+                'device': opts['device'], 'threads': torch.get_num_threads()}
+        env = dict(os.environ, PYTHONPATH='')
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), WORKER_FLAG, json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=self.tmp.name)
+        ready = self.proc.stdout.readline()
+        if not ready:
+            raise SystemExit('--reference: the official model failed to build or load our weights '
+                             '(its error is printed above)')
+
+    def measure(self, modes: Sequence[str]) -> Dict[str, Dict[str, float]]:
+        self.proc.stdin.write(json.dumps({'modes': list(modes)}) + '\n')
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit('--reference: the official worker died (see its error above)')
+        return json.loads(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.write(json.dumps({'quit': True}) + '\n')
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.tmp.cleanup()
+
+
+# ----------------------------------------------------------------------------- modes
+def _row_opts(args, config, img_size: int) -> Dict[str, Any]:
+    return {'device': args.device, 'batch': args.batch, 'img_size': img_size, 'dtype': args.dtype,
+            'channels_last': args.channels_last, 'compile': args.compile, 'warmup': args.warmup,
+            'repeats': args.repeats, 'num_classes': config.MODEL.NUM_CLASSES}
+
+
+def _achieved(flops: Optional[float], img_s: float, mode: str, peak: Optional[float]) -> Dict[str, Any]:
+    if flops is None:
+        return {'tflops': None, 'peak_fraction': None}
+    tflops = 2 * flops * (3 if mode == 'train' else 1) * img_s / 1e12
+    return {'tflops': tflops, 'peak_fraction': tflops / peak if peak else None}
+
+
+def run_models(args) -> List[Dict[str, Any]]:
+    rows = []
+    device = torch.device(args.device)
+    peak = device_peak_tflops(device, args.dtype)
+    for cfg_path in args.cfgs:
+        for size in args.img_size or [None]:
+            config = load_cfg(cfg_path, size, args.opts)
+            img_size = config.DATA.IMG_SIZE
+            model = build(config)
+            flops = count_flops(model, img_size) if args.flops else None
+            opts = _row_opts(args, config, img_size)
+            official = OfficialProcess(args.reference, cfg_path, model, opts) if args.reference else None
+            rounds = {'ours': [], 'official': []}
+            try:
+                for _ in range(args.rounds if official else 1):
+                    rounds['ours'].append(measure(model, opts, args.modes))
+                    if official:
+                        rounds['official'].append(official.measure(args.modes))
+            finally:
+                if official:
+                    official.close()
+            for mode in args.modes:
+                row = {'cfg': os.path.basename(cfg_path), 'mode': mode, 'img_size': img_size, 'batch': args.batch,
+                       'dtype': args.dtype, 'channels_last': args.channels_last, 'compile': args.compile,
+                       'gflops_per_img': None if flops is None else flops / 1e9}
+                for side, results in rounds.items():
+                    if not results:
+                        continue
+                    per = [r[mode] for r in results]
+                    img_s = statistics.median(p['img_s'] for p in per)
+                    row[side] = {'img_s': img_s, 'img_s_rounds': [p['img_s'] for p in per],
+                                 'cpu_ms_per_img': 1e3 * statistics.median(p['cpu_s_per_img'] for p in per),
+                                 'peak_mb': max(p['peak_mb'] for p in per),
+                                 **_achieved(flops, img_s, mode, peak)}
+                if rounds['official']:
+                    o, r = row['ours'], row['official']
+                    row['ratio'] = o['img_s'] / r['img_s']
+                    row['ratio_rounds'] = [a / b for a, b in zip(o['img_s_rounds'], r['img_s_rounds'])]
+                    row['cpu_ratio'] = r['cpu_ms_per_img'] / o['cpu_ms_per_img']
+                rows.append(row)
+    return rows
+
+
+def print_models(rows: List[Dict[str, Any]]) -> None:
+    ref = any('official' in r for r in rows)
+    head = ['config', 'mode', 'res', 'batch', 'dtype', 'GFLOPs/img', 'ours img/s', 'ours CPU ms/img',
+            'ours peak MiB', 'TFLOP/s', 'of peak']
+    if ref:
+        head += ['official img/s', 'official peak MiB', 'ratio (median of rounds)', 'per-round ratios',
+                 'CPU-time ratio']
+    print('| ' + ' | '.join(head) + ' |')
+    print('|' + '---|' * len(head))
+    fmt = lambda v, f='{:.1f}': 'n/a' if v is None else f.format(v)   # noqa: E731
+    for r in rows:
+        o = r['ours']
+        cells = [r['cfg'], r['mode'], str(r['img_size']), str(r['batch']),
+                 r['dtype'] + (' CL' if r['channels_last'] else '') + (' compiled' if r['compile'] else ''),
+                 fmt(r['gflops_per_img'], '{:.3f}'), fmt(o['img_s']), fmt(o['cpu_ms_per_img']),
+                 fmt(o['peak_mb'], '{:.0f}'), fmt(o['tflops'], '{:.3f}'), fmt(o['peak_fraction'], '{:.1%}')]
+        if ref:
+            f = r.get('official', {})
+            cells += [fmt(f.get('img_s')), fmt(f.get('peak_mb'), '{:.0f}'), fmt(r.get('ratio'), '{:.2f}x'),
+                      ' '.join(f'{x:.2f}' for x in r.get('ratio_rounds', [])), fmt(r.get('cpu_ratio'), '{:.2f}x')]
+        print('| ' + ' | '.join(cells) + ' |')
+
+
+def run_sweep(args) -> List[Dict[str, Any]]:
+    """Time and memory per image vs token count for each config, from the base size up to 4x the pixels."""
+    rows = []
+    for cfg_path in args.cfgs:
+        base = load_cfg(cfg_path, None, args.opts).DATA.IMG_SIZE
+        sizes = args.img_size or [base, int(round(base * 2 ** 0.5 / 32)) * 32, 2 * base]
+        for size in sizes:
+            config = load_cfg(cfg_path, size, args.opts)
+            model = build(config)
+            res = measure(model, _row_opts(args, config, size), ['infer'])['infer']
+            rows.append({'cfg': os.path.basename(cfg_path), 'img_size': size, 'tokens_stage1': (size // 4) ** 2,
+                         'ms_per_img': 1e3 * res['wall_s'] / args.batch,
+                         'cpu_ms_per_img': 1e3 * res['cpu_s_per_img'], 'peak_mb': res['peak_mb']})
+            del model
+    for r in rows:
+        first = next(x for x in rows if x['cfg'] == r['cfg'])
+        r['time_growth'] = r['ms_per_img'] / first['ms_per_img']
+        r['token_growth'] = r['tokens_stage1'] / first['tokens_stage1']
+    return rows
+
+
+def print_sweep(rows: List[Dict[str, Any]]) -> None:
+    print('| config | res | stage-1 tokens | x tokens | ms/img | x time | CPU ms/img | peak MiB |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|')
+    for r in rows:
+        print(f"| {r['cfg']} | {r['img_size']} | {r['tokens_stage1']} | {r['token_growth']:.2f} | "
+              f"{r['ms_per_img']:.1f} | {r['time_growth']:.2f} | {r['cpu_ms_per_img']:.1f} | {r['peak_mb']:.0f} |")
+
+
+def run_data(args) -> List[Dict[str, Any]]:
+    """Images/s of the training input pipeline alone (decode + augment + collate, N workers)."""
+    sys.path.insert(0, ROOT)
+    from data.build import build_train_loader
+    rows = []
+    for cfg_path in args.cfgs:
+        for workers in args.workers:
+            config = load_cfg(cfg_path, None, list(args.opts) + [
+                'DATA.DATA_PATH', args.data, 'DATA.BATCH_SIZE', str(args.batch), 'DATA.NUM_WORKERS', str(workers)])
+            _, loader, _ = build_train_loader(config)
+            it = iter(loader)
+            for _ in range(min(args.warmup, 2)):
+                next(it)
+            t0, n = time.perf_counter(), 0
+            for _ in range(args.data_batches):
+                try:
+                    images, _, _ = next(it)
+                except StopIteration:
+                    break
+                n += images.shape[0]
+            dt = time.perf_counter() - t0
+            rows.append({'cfg': os.path.basename(cfg_path), 'workers': workers, 'images': n, 'img_s': n / dt,
+                         'img_size': config.DATA.IMG_SIZE})
+            del it, loader
+    return rows
+
+
+def print_data(rows: List[Dict[str, Any]]) -> None:
+    print('| config | res | workers | images | pipeline img/s |')
+    print('|---|---:|---:|---:|---:|')
+    for r in rows:
+        print(f"| {r['cfg']} | {r['img_size']} | {r['workers']} | {r['images']} | {r['img_s']:.1f} |")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument('--cfgs', nargs='+', default=None, help='config files (default: cfgs/flatten_swin_t.yaml)')
+    p.add_argument('--opts', nargs='*', default=[], help='KEY VALUE config overrides for every config')
+    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--img-size', type=int, nargs='*', default=None, help='resolution(s); default: the config')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', choices=sorted(DTYPES), default='float32', help='autocast dtype')
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model (both sides)')
+    p.add_argument('--attention-impl', choices=['reference', 'fast', 'triton'], default=None,
+                   help='focused linear attention implementation (default: the library default)')
+    p.add_argument('--modes', nargs='+', choices=['infer', 'train'], default=['infer', 'train'])
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    p.add_argument('--no-flops', dest='flops', action='store_false', help='skip the fvcore FLOP count')
+    p.add_argument('--reference', metavar='DIR', help='checkout of LeapLabTHU/FLatten-Transformer to compare')
+    p.add_argument('--rounds', type=int, default=5, help='alternating rounds with --reference')
+    p.add_argument('--sweep-resolution', action='store_true')
+    p.add_argument('--data', metavar='PATH', help='time the input pipeline on this dataset instead')
+    p.add_argument('--workers', type=int, nargs='+', default=[4])
+    p.add_argument('--data-batches', type=int, default=20)
+    p.add_argument('--json', metavar='FILE', help='write results and environment here')
+    p.add_argument('--smoke', action='store_true', help='CI-sized run: tiny model, one repeat, no targets')
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.cfgs = args.cfgs or [os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml')]
+        args.batch, args.warmup, args.repeats, args.rounds = min(args.batch, 2), 0, 1, min(args.rounds, 2)
+        args.img_size = args.img_size or ([64, 96] if args.sweep_resolution else None)
+    args.cfgs = args.cfgs or [os.path.join(ROOT, 'cfgs', 'flatten_swin_t.yaml')]
+    if args.reference and not os.path.isdir(args.reference):
+        p.error(f'--reference {args.reference}: not a directory; pass a checkout of LeapLabTHU/FLatten-Transformer')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        p.error(f'--device {args.device}: CUDA is not available here; use --device cpu')
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, ROOT)
+    from models.focused_attention import set_attention_impl
+    if args.attention_impl:
+        set_attention_impl(args.attention_impl)
+    device = torch.device(args.device)
+    env = environment(device)
+    print(f"{env['device_name']} ({env['device']}), torch {env['torch']}, {env['threads']} threads, "
+          f"load {env['loadavg_start']}, attention '{env['attention_impl']}', commit {env['git_commit']}"
+          f"{' (+ local changes)' if env['git_dirty'] else ''}, {env['date']}\n")
+    result: Dict[str, Any] = {'environment': env, 'args': vars(args)}
+    if args.data:
+        result['data'] = run_data(args)
+        print_data(result['data'])
+    elif args.sweep_resolution:
+        result['sweep'] = run_sweep(args)
+        print_sweep(result['sweep'])
+    else:
+        result['models'] = run_models(args)
+        print_models(result['models'])
+    env['loadavg_end'] = list(os.getloadavg()) if hasattr(os, 'getloadavg') else None
+    print(f"\nload average at the end: {env['loadavg_end']}")
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=1, default=str)
+    return result
 
 
 if __name__ == '__main__':
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == WORKER_FLAG:
+        official_worker(sys.argv[2:])
+    else:
+        main()

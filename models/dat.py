@@ -1,0 +1,738 @@
+"""DAT++ (Vision Transformer with Deformable Attention, CVPR 2022 / its 2023 extension) in plain PyTorch.
+
+State dicts have the keys, order, shapes and dtypes of the official LeapLabTHU/DAT models built from the
+same YAML, so the released checkpoints load with ``strict=True``. The model runs on CPU and CUDA without
+natten (neighbourhood attention: :mod:`models.neighborhood_attention`).
+
+Layout (NCHW everywhere): conv stem ``patch_proj`` -> 4 ``stages`` with ``down_projs`` between them ->
+``cls_norm`` -> global average pool -> ``cls_head``. A stage block is::
+
+    x = x + lpu(x)                                 # 3x3 depth-wise conv ("local perception unit")
+    x = x + drop_path(attn(layer_norm_2d(x)))      # 'N' neighbourhood, 'D' deformable, 'L'/'S' window
+    x = x + drop_path(mlp(layer_norm_2d+1(x)))     # 1x1 conv, + 3x3 depth-wise conv residual, GELU, 1x1 conv
+
+Differences from the official code, all deliberate:
+  * ``forward`` returns the logits (the official returns ``(logits, None, None)``).
+  * 'L'/'S' blocks use the shared :class:`models.layers.WindowAttention`; its projections are named
+    ``qkv``/``proj`` where the official ones are ``proj_qkv``/``proj_out`` (:func:`checkpoint_filter_fn`
+    renames them). No released model has 'L'/'S' blocks.
+  * The unreleased letters 'P', 'Q', 'E', 'X' and the ``dwc_pes`` / ``fixed_pes`` / ``log_cpb`` options are
+    not implemented (a ValueError says so).
+  * ``checkpoint_filter_fn`` implements the official fine-tuning intent (``DAT.load_pretrained``): bicubic
+    resize of ``rpe_table`` / window bias tables, and the 22k -> 1k head row selection.
+
+Official quirks kept because the released weights depend on them: the deformable reference grid sits half a
+cell off (its last row/column starts outside [-1, 1] and is pulled back by the clamp); ``rpe_table`` is sized
+from ``img_size`` (the *table* resolution: dat_base_384 keeps 224 tables and runs on 384 inputs); the same
+DropPath serves both residuals of a block; the effective init is PyTorch's default (the official
+``reset_parameters`` never matches a module).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from .build import ModelSpec, register_config_adapter
+from .focused_attention import AttentionTap
+from .layers import WindowAttention, shifted_window_mask, window_partition, window_reverse
+from .neighborhood_attention import fvcore_handles as _na_fvcore_handles
+from .neighborhood_attention import neighborhood_attention, neighborhood_av, neighborhood_probs
+
+__all__ = ['DAT', 'DeformableAttention', 'NeighborhoodAttention', 'DatWindowAttention', 'checkpoint_filter_fn',
+           'fvcore_handles', 'LETTERS']
+
+_logger = logging.getLogger(__name__)
+
+ATTN_DEFORMABLE = 'deformable'      # tap(pos (B, g, Hk, Wk, 2), reference (B, g, Hk, Wk, 2), probs (B, heads, HW, Hk*Wk))
+ATTN_NEIGHBORHOOD = 'neighborhood'  # tap(probs (B, heads, H, W, k*k)) in natten's layout, only when hooked
+LETTERS = ('N', 'D', 'L', 'S')      # block letters implemented (of the official N, D, L, S, P, Q, E, X)
+
+
+def fvcore_handles() -> Dict[str, Any]:
+    """fvcore op handles the DAT models need (the fused neighbourhood attention, natten's counting rule)."""
+    return _na_fvcore_handles()
+
+
+class LayerNormProxy(nn.Module):
+    """LayerNorm over the channels of an NCHW map; parameters ``norm.weight`` / ``norm.bias``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvMlp(nn.Module):
+    """(B, C, H, W) -> same: ``linear1`` 1x1 conv to C*expansion, x + dwc(x) (3x3 depth-wise), GELU,
+    ``linear2`` 1x1 conv back. Keys ``linear1.0``, ``linear2.0``, ``dwc`` (registered last, officially)."""
+
+    def __init__(self, dim: int, expansion: int, drop: float = 0.) -> None:
+        super().__init__()
+        hidden = dim * expansion
+        self.linear1 = nn.Sequential(nn.Conv2d(dim, hidden, 1))
+        self.drop1 = nn.Dropout(drop)
+        self.act = nn.GELU()
+        self.linear2 = nn.Sequential(nn.Conv2d(hidden, dim, 1))
+        self.drop2 = nn.Dropout(drop)
+        self.dwc = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(self.linear1(x))
+        x = self.act(x + self.dwc(x))
+        return self.drop2(self.linear2(x))
+
+
+class TokenMlp(nn.Module):
+    """The plain MLP of ``use_dwc_mlps=False`` on an NCHW map; keys ``chunk.linear1`` / ``chunk.linear2``."""
+
+    def __init__(self, dim: int, expansion: int, drop: float = 0.) -> None:
+        super().__init__()
+        self.chunk = nn.Sequential()
+        self.chunk.add_module('linear1', nn.Linear(dim, dim * expansion))
+        self.chunk.add_module('act', nn.GELU())
+        self.chunk.add_module('drop1', nn.Dropout(drop))
+        self.chunk.add_module('linear2', nn.Linear(dim * expansion, dim))
+        self.chunk.add_module('drop2', nn.Dropout(drop))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.chunk(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of an NCHW map (``layer_scale_values`` > 0); key ``weight``."""
+
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.view(-1, 1, 1)
+
+
+# ----------------------------------------------------------------------------- 'N'
+class NeighborhoodAttention(nn.Module):
+    """Neighbourhood attention (natten 0.14.6 semantics, dilation 1) on an NCHW map -> same shape.
+
+    Keys ``rpb`` (heads, 2k-1, 2k-1), ``qkv``, ``proj`` (Linear). A map smaller than the kernel is
+    zero-padded at the bottom/right before ``qkv`` (padded tokens carry the qkv bias) and cropped after."""
+
+    attn_kind = ATTN_NEIGHBORHOOD
+
+    def __init__(self, dim: int, kernel_size: int, num_heads: int, attn_drop: float = 0.,
+                 proj_drop: float = 0.) -> None:
+        super().__init__()
+        if kernel_size < 3 or kernel_size % 2 == 0:
+            raise ValueError(f'nat_ksizes={kernel_size}: the neighbourhood kernel must be odd and >= 3')
+        if dim % num_heads:
+            raise ValueError(f'heads={num_heads} must divide the stage width dims={dim}')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.kernel_size = kernel_size
+        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.tap = AttentionTap()
+        trunc_normal_(self.rpb, std=.02, a=-2., b=2.)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        B, H0, W0, C = x.shape
+        k = self.kernel_size
+        if H0 < k or W0 < k:
+            x = F.pad(x, (0, 0, 0, max(0, k - W0), 0, max(0, k - H0)))
+        H, W = x.shape[1:3]
+        q, key, v = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
+        q = q * self.scale
+        if self.tap.hooked() and not torch.jit.is_tracing():   # probabilities are read: explicit path
+            attn = self.attn_drop(self.tap(neighborhood_probs(q, key, self.rpb.to(q.dtype), k)))
+            out = neighborhood_av(attn, v, k)
+        else:
+            drop = self.attn_drop.p if self.training else 0.
+            out = neighborhood_attention(q, key, v, self.rpb.to(q.dtype), k, dropout_p=drop)
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)[:, :H0, :W0]
+        return self.proj_drop(self.proj(out)).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f'num_heads={self.num_heads}, kernel_size={self.kernel_size}'
+
+
+# ----------------------------------------------------------------------------- 'D'
+def reference_points(Hk: int, Wk: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """(Hk, Wk, 2) (y, x) key reference points, the official grid: cell centres (i + 0.5) divided by
+    (n - 1), mapped to [-1, 1]; the last row/column lies outside [-1, 1] (the clamp pulls it back)."""
+    ys = torch.linspace(0.5, Hk - 0.5, Hk, dtype=dtype, device=device) / (Hk - 1.0) * 2.0 - 1.0
+    xs = torch.linspace(0.5, Wk - 0.5, Wk, dtype=dtype, device=device) / (Wk - 1.0) * 2.0 - 1.0
+    return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
+
+
+def query_grid(H: int, W: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """(H, W, 2) (y, x) query pixel centres in align-corners coordinates: index / (n - 1) * 2 - 1."""
+    ys = torch.arange(H, dtype=dtype, device=device) / (H - 1.0) * 2.0 - 1.0
+    xs = torch.arange(W, dtype=dtype, device=device) / (W - 1.0) * 2.0 - 1.0
+    return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
+
+
+class DeformableAttention(nn.Module):
+    """Deformable multi-head attention (DAttentionBaseline) on an NCHW map -> same shape.
+
+    Queries are all H x W positions; keys/values are the block input sampled (bilinearly, align-corners)
+    at Hk x Wk points per offset group: reference points + offsets predicted from the queries by
+    ``conv_offset`` (depth-wise ksize conv with ``stride`` -> LayerNorm -> GELU -> 1x1 conv to 2 channels,
+    shared by the groups). The relative position bias is sampled from ``rpe_table`` (heads, 2*q_h-1,
+    2*q_w-1) at the query-to-key displacement. Args follow the official names; ``q_size`` is the map size
+    the table is built for."""
+
+    attn_kind = ATTN_DEFORMABLE
+
+    def __init__(self, dim: int, num_heads: int, groups: int, q_size: Tuple[int, int], stride: int, ksize: int,
+                 offset_range_factor: float = -1, use_pe: bool = True, no_off: bool = False,
+                 attn_drop: float = 0., proj_drop: float = 0.) -> None:
+        super().__init__()
+        if dim % num_heads or num_heads % groups:
+            raise ValueError(f'groups={groups} must divide heads={num_heads}, which must divide dims={dim}')
+        if stride < 1 or ksize < 1:
+            raise ValueError(f'strides={stride} and ksizes={ksize} must be positive')
+        self.dim, self.num_heads, self.groups = dim, num_heads, groups
+        self.head_dim = dim // num_heads
+        self.group_channels = dim // groups
+        self.group_heads = num_heads // groups
+        self.scale = self.head_dim ** -0.5
+        self.q_size = q_size
+        self.stride, self.ksize = stride, ksize
+        self.offset_range_factor = offset_range_factor
+        self.use_pe, self.no_off = use_pe, no_off
+        gc = self.group_channels
+        self.conv_offset = nn.Sequential(
+            nn.Conv2d(gc, gc, ksize, stride, ksize // 2 if ksize != stride else 0, groups=gc),
+            LayerNormProxy(gc),
+            nn.GELU(),
+            nn.Conv2d(gc, 2, 1, bias=False))
+        if no_off:
+            self.conv_offset.requires_grad_(False)
+        self.proj_q = nn.Conv2d(dim, dim, 1)
+        self.proj_k = nn.Conv2d(dim, dim, 1)
+        self.proj_v = nn.Conv2d(dim, dim, 1)
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.attn_drop = nn.Dropout(attn_drop)
+        if use_pe and not no_off:
+            self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * q_size[0] - 1, 2 * q_size[1] - 1))
+            trunc_normal_(self.rpe_table, std=.01)
+        else:
+            self.rpe_table = None
+        self.tap = AttentionTap()
+
+    def sample_positions(self, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Sampling positions and reference points, each (B*g, Hk, Wk, 2) (y, x) in [-1, 1] coordinates."""
+        B, C, H, W = q.shape
+        offset = self.conv_offset(q.reshape(B * self.groups, self.group_channels, H, W))   # (Bg, 2, Hk, Wk)
+        Hk, Wk = offset.shape[-2:]
+        if Hk < 2 or Wk < 2:
+            raise ValueError(f'a deformable block on a {H}x{W} map with strides={self.stride} samples a '
+                             f'{Hk}x{Wk} key grid; it needs at least 2x2 (use a larger image or smaller stride)')
+        if self.offset_range_factor >= 0 and not self.no_off:
+            limit = torch.tensor([1.0 / (Hk - 1.0), 1.0 / (Wk - 1.0)], dtype=offset.dtype, device=offset.device)
+            offset = offset.tanh() * limit.view(1, 2, 1, 1) * self.offset_range_factor
+        offset = offset.permute(0, 2, 3, 1)
+        with torch.no_grad():
+            reference = reference_points(Hk, Wk, q.dtype, q.device).expand(B * self.groups, Hk, Wk, 2)
+        if self.no_off:
+            offset = torch.zeros_like(offset)
+        pos = offset + reference
+        if self.offset_range_factor < 0:
+            pos = pos.clamp(-1., 1.)
+        return pos, reference
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        if H < 2 or W < 2:
+            raise ValueError(f'a deformable block needs a map of at least 2x2, got {H}x{W}')
+        g, heads, d = self.groups, self.num_heads, self.head_dim
+        q = self.proj_q(x)
+        pos, reference = self.sample_positions(q)
+        Hk, Wk = pos.shape[1:3]
+        n = Hk * Wk
+        if self.no_off:
+            sampled = F.avg_pool2d(x, kernel_size=self.stride, stride=self.stride)
+        else:
+            sampled = F.grid_sample(x.reshape(B * g, self.group_channels, H, W), pos.flip(-1),
+                                    mode='bilinear', align_corners=True)               # (Bg, gc, Hk, Wk)
+        sampled = sampled.reshape(B, C, 1, n)
+        q = q.reshape(B * heads, d, H * W)
+        k = self.proj_k(sampled).reshape(B * heads, d, n)
+        v = self.proj_v(sampled).reshape(B * heads, d, n)
+        attn = torch.einsum('b c m, b c n -> b m n', q, k) * self.scale              # (B*heads, HW, n)
+        if self.rpe_table is not None:
+            displacement = (query_grid(H, W, x.dtype, x.device).reshape(1, H * W, 1, 2)
+                            - pos.reshape(B * g, 1, n, 2)) * 0.5                      # (Bg, HW, n, 2) in [-1, 1]
+            table = self.rpe_table.to(x.dtype)[None].expand(B, -1, -1, -1)
+            table = table.reshape(B * g, self.group_heads, *self.rpe_table.shape[-2:])
+            bias = F.grid_sample(table, displacement.flip(-1), mode='bilinear', align_corners=True)
+            attn = attn + bias.reshape(B * heads, H * W, n)
+        attn = attn.softmax(dim=2)
+        pos_out, ref_out, attn = self.tap(pos.reshape(B, g, Hk, Wk, 2), reference.reshape(B, g, Hk, Wk, 2),
+                                          attn)
+        attn = self.attn_drop(attn)
+        out = torch.einsum('b m n, b c n -> b c m', attn, v).reshape(B, C, H, W)
+        return self.proj_drop(self.proj_out(out))
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, num_heads={self.num_heads}, groups={self.groups}, q_size={self.q_size}, '
+                f'stride={self.stride}, ksize={self.ksize}, offset_range_factor={self.offset_range_factor}')
+
+
+# ----------------------------------------------------------------------------- 'L' / 'S'
+class DatWindowAttention(WindowAttention):
+    """'L' (window) / 'S' (shifted window, shift ceil(w/2)) attention on an NCHW map, built on the shared
+    :class:`WindowAttention`. The map must tile into windows; 'S' keeps the official ``attn_mask`` buffer,
+    made for ``fmap_size``."""
+
+    def __init__(self, dim: int, num_heads: int, window: int, shift: int = 0,
+                 fmap_size: Optional[Tuple[int, int]] = None, attn_drop: float = 0., proj_drop: float = 0.) -> None:
+        super().__init__(dim, window, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=.01)
+        self.shift = shift
+        if shift:
+            if not 0 < shift < window:
+                raise ValueError(f'window_sizes={window}: the shift {shift} must lie in (0, window)')
+            self.register_buffer('attn_mask', shifted_window_mask(fmap_size, window, shift))
+        else:
+            self.attn_mask = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        B, C, H, W = x.shape
+        w = self.window
+        if H % w or W % w:
+            raise ValueError(f'window_sizes={w} must divide the {H}x{W} map of a window block')
+        y = x.permute(0, 2, 3, 1)
+        if self.shift:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        y = window_reverse(super().forward(window_partition(y, w), mask=self.attn_mask), w, H, W)
+        if self.shift:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        return y.permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------- stage and model
+class DatStage(nn.Module):
+    """One resolution: ``depth`` blocks of (LPU, attention, MLP). Keys in official order: ``proj`` (only if
+    the input width differs), ``layer_norms.{0..2d-1}``, ``mlps``, ``attns``, ``layer_scales``,
+    ``local_perception_units``."""
+
+    def __init__(self, fmap_size: Tuple[int, int], dim_in: int, dim: int, depth: int, spec: Sequence[str],
+                 heads: int, groups: int, window_size: int, nat_ksize: int, stride: int, ksize: int,
+                 offset_range_factor: float, use_pe: bool, no_off: bool, use_dwc_mlp: bool, use_lpu: bool,
+                 expansion: int, layer_scale_value: float, drop: float, attn_drop: float,
+                 drop_path: Sequence[float]) -> None:
+        super().__init__()
+        self.depth = depth
+        self.spec = tuple(spec)
+        self.use_lpu = use_lpu
+        self.grad_checkpointing = False
+        self.proj = nn.Conv2d(dim_in, dim, 1) if dim_in != dim else nn.Identity()
+        self.layer_norms = nn.ModuleList([LayerNormProxy(dim) for _ in range(2 * depth)])
+        mlp = ConvMlp if use_dwc_mlp else TokenMlp
+        self.mlps = nn.ModuleList([mlp(dim, expansion, drop) for _ in range(depth)])
+        self.attns = nn.ModuleList()
+        for letter in self.spec:
+            if letter == 'N':
+                self.attns.append(NeighborhoodAttention(dim, nat_ksize, heads, attn_drop, drop))
+            elif letter == 'D':
+                self.attns.append(DeformableAttention(dim, heads, groups, fmap_size, stride, ksize,
+                                                      offset_range_factor, use_pe, no_off, attn_drop, drop))
+            elif letter in ('L', 'S'):
+                shift = math.ceil(window_size / 2) if letter == 'S' else 0
+                self.attns.append(DatWindowAttention(dim, heads, window_size, shift, fmap_size, attn_drop, drop))
+            else:
+                raise ValueError(f"stage_spec letter {letter!r} is not supported; use {', '.join(LETTERS)} "
+                                 f"(the unreleased P, Q, E, X blocks are not implemented)")
+        self.drop_path = nn.ModuleList([DropPath(p) if p > 0. else nn.Identity() for p in drop_path])
+        self.layer_scales = nn.ModuleList([LayerScale(dim, layer_scale_value) if layer_scale_value > 0
+                                           else nn.Identity() for _ in range(2 * depth)])
+        self.local_perception_units = nn.ModuleList([
+            nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if use_lpu else nn.Identity() for _ in range(depth)])
+
+    def block(self, x: torch.Tensor, d: int) -> torch.Tensor:
+        """Block ``d``: LPU, attention and MLP residuals (one DropPath module serves both, officially)."""
+        if self.use_lpu:
+            x = x + self.local_perception_units[d](x)
+        x = x + self.drop_path[d](self.layer_scales[2 * d](self.attns[d](self.layer_norms[2 * d](x))))
+        return x + self.drop_path[d](self.layer_scales[2 * d + 1](self.mlps[d](self.layer_norms[2 * d + 1](x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        for d in range(self.depth):
+            if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
+                x = cp.checkpoint(self.block, x, d, use_reentrant=False)
+            else:
+                x = self.block(x, d)
+        return x
+
+
+def _per_stage(name: str, value: Any, n: int = 4) -> list:
+    """A per-stage list from a scalar or an n-entry sequence (ValueError naming the argument otherwise)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f'{name}={list(value)} must have one entry per stage ({n})')
+        return list(value)
+    return [value] * n
+
+
+class DAT(nn.Module):
+    """DAT++ classifier. forward: (B, 3, H, W) -> (B, num_classes).
+
+    Arguments are the official ``MODEL.DAT`` keys (per-stage lists of 4). ``img_size`` is the resolution
+    the deformable position-bias tables (and 'S' masks) are built for; inputs of other sizes are accepted
+    (dat_base_384 runs 224-built tables on 384 images, as officially). Unused official keys (sr_ratios,
+    heads_q, ns_per_pts, ksize_qnas, nqs, qna_activation, lower_lr_kvs) are accepted and ignored."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 4, num_classes: int = 1000, expansion: int = 4,
+                 dim_stem: int = 96, dims: Sequence[int] = (96, 192, 384, 768), depths: Sequence[int] = (2, 2, 6, 2),
+                 heads: Sequence[int] = (3, 6, 12, 24), window_sizes: Sequence[int] = (7, 7, 7, 7),
+                 drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
+                 strides: Sequence[int] = (-1, -1, -1, -1), offset_range_factor: Sequence[float] = (1, 2, 3, 4),
+                 stage_spec: Sequence[Sequence[str]] = (('L', 'D'), ('L', 'D'), ('L', 'D') * 3, ('L', 'D')),
+                 groups: Sequence[int] = (-1, -1, 3, 6), use_pes: Sequence[bool] = (False,) * 4,
+                 dwc_pes: Sequence[bool] = (False,) * 4, fixed_pes: Sequence[bool] = (False,) * 4,
+                 no_offs: Sequence[bool] = (False,) * 4, use_dwc_mlps: Sequence[bool] = (False,) * 4,
+                 use_conv_patches: bool = False, ksizes: Sequence[int] = (9, 7, 5, 3),
+                 nat_ksizes: Sequence[int] = (3, 3, 3, 3), layer_scale_values: Sequence[float] = (-1,) * 4,
+                 use_lpus: Sequence[bool] = (False,) * 4, log_cpb: Sequence[bool] = (False,) * 4,
+                 in_chans: int = 3, global_pool: str = 'avg', use_checkpoint: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        unused = set(kwargs) - {'sr_ratios', 'heads_q', 'ns_per_pts', 'ksize_qnas', 'nqs', 'qna_activation',
+                                'lower_lr_kvs'}
+        if unused:
+            raise ValueError(f"unknown DAT argument(s) {', '.join(sorted(unused))}")
+        depths = _per_stage('depths', depths)
+        dims = _per_stage('dims', dims)
+        if any(d < 1 for d in depths):
+            raise ValueError(f'depths={depths} must be positive')
+        stage_spec = [list(s) for s in _per_stage('stage_spec', stage_spec)]
+        for i, (spec, depth) in enumerate(zip(stage_spec, depths)):
+            if len(spec) != depth:
+                raise ValueError(f'stage_spec[{i}]={spec} must have depths[{i}]={depth} letters')
+        for name, flags in (('dwc_pes', dwc_pes), ('fixed_pes', fixed_pes), ('log_cpb', log_cpb)):
+            if any(_per_stage(name, flags)):
+                raise ValueError(f'{name}={list(flags)}: this option of the official code is not implemented')
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
+        if patch_size % 2 and use_conv_patches:
+            raise ValueError(f'patch_size={patch_size} must be even with use_conv_patches (two stride-p/2 convs)')
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.drop_rate = drop_rate
+        self.img_size = img_size
+        self.grad_checkpointing = False
+        if use_conv_patches:
+            self.patch_proj = nn.Sequential(
+                nn.Conv2d(in_chans, dim_stem // 2, 3, patch_size // 2, 1), LayerNormProxy(dim_stem // 2), nn.GELU(),
+                nn.Conv2d(dim_stem // 2, dim_stem, 3, patch_size // 2, 1), LayerNormProxy(dim_stem))
+        else:
+            self.patch_proj = nn.Sequential(nn.Conv2d(in_chans, dim_stem, patch_size, patch_size),
+                                            LayerNormProxy(dim_stem))
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
+        size = img_size // patch_size
+        per = {name: _per_stage(name, value) for name, value in dict(
+            heads=heads, window_sizes=window_sizes, groups=groups, use_pes=use_pes, no_offs=no_offs,
+            strides=strides, offset_range_factor=offset_range_factor, use_dwc_mlps=use_dwc_mlps, ksizes=ksizes,
+            nat_ksizes=nat_ksizes, layer_scale_values=layer_scale_values, use_lpus=use_lpus).items()}
+        self.stages = nn.ModuleList()
+        self.feature_info = []
+        for i in range(4):
+            dim_in = dim_stem if i == 0 else dims[i - 1] * 2      # the official input-width rule
+            self.stages.append(DatStage(
+                (size, size), dim_in, dims[i], depths[i], stage_spec[i], per['heads'][i], per['groups'][i],
+                per['window_sizes'][i], per['nat_ksizes'][i], per['strides'][i], per['ksizes'][i],
+                per['offset_range_factor'][i], per['use_pes'][i], per['no_offs'][i], per['use_dwc_mlps'][i],
+                per['use_lpus'][i], expansion, per['layer_scale_values'][i], drop_rate, attn_drop_rate,
+                dpr[sum(depths[:i]):sum(depths[:i + 1])]))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
+            size //= 2
+        conv_down = (3, 2, 1) if use_conv_patches else (2, 2, 0)
+        self.down_projs = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], *conv_down, bias=False), LayerNormProxy(dims[i + 1]))
+            for i in range(3)])
+        self.cls_norm = LayerNormProxy(dims[-1])
+        self.cls_head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        if use_checkpoint:
+            self.set_grad_checkpointing(True)
+
+    # ------------------------------------------------------------------ timm interface
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {'absolute_pos_embed'}          # the official list (a name DAT does not have)
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        return {'relative_position_bias_table', 'rpe_table'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^patch_proj',
+                    blocks=r'^stages\.(\d+)' if coarse else [
+                        (r'^stages\.(\d+)\.(?:layer_norms|mlps|attns|layer_scales|local_perception_units)\.(\d+)',
+                         None),
+                        (r'^stages\.(\d+)\.proj', (0,)),
+                        (r'^down_projs\.(\d+)', (99999,)),
+                        (r'^cls_norm', (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.cls_head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
+            self.global_pool = global_pool
+        self.cls_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, dims[-1], H/32, W/32), after ``cls_norm``."""
+        x = self.patch_proj(x)
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i < len(self.down_projs):
+                x = self.down_projs[i](x)
+        return self.cls_norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        x = F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
+        return x if pre_logits else self.cls_head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (before each down-projection) as NCHW maps; ``norm`` applies ``cls_norm`` to the last."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        intermediates = []
+        x = self.patch_proj(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                intermediates.append(self.cls_norm(x) if norm and i == 3 else x)
+            if i < len(stages) - 1:
+                x = self.down_projs[i](x)
+        if intermediates_only:
+            return intermediates
+        return (self.cls_norm(x) if len(stages) == 4 else x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        self.down_projs = self.down_projs[:max_index]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_norm or max_index < 3:
+            self.cls_norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take
+
+
+# ----------------------------------------------------------------------------- checkpoints
+_OFFICIAL_WINDOW_NAMES = (('.proj_qkv.', '.qkv.'), ('.proj_out.', '.proj.'))
+
+
+def _bicubic(table: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bicubic (align_corners=False, the F.interpolate default the official code uses) resize of
+    (C, h, w) to (C, *size), computed in float32 at least."""
+    dtype = table.dtype
+    work = table.to(torch.promote_types(dtype, torch.float32)).unsqueeze(0)
+    return F.interpolate(work, size=size, mode='bicubic', align_corners=False).squeeze(0).to(dtype)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT,
+                         lookup_22k: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+    """Adapt an official DAT++ checkpoint (raw state dict, or wrapped under 'model' / 'state_dict' /
+    'model_ema', keys optionally prefixed 'module.') to ``model``:
+
+      * 'L'/'S' projections ``proj_qkv``/``proj_out`` -> ``qkv``/``proj``;
+      * ``rpe_table`` (heads, 2h-1, 2w-1) and window ``relative_position_bias_table`` ((2w-1)^2, heads)
+        of another size are resized bicubically (the official fine-tuning intent);
+      * ``relative_position_index`` / ``attn_mask`` buffers of another size are replaced by the model's;
+      * a ``cls_head`` of another class count is mapped with ``lookup_22k`` (row indices, e.g. 22k -> 1k);
+        without it the head is left out (the caller keeps the model's fresh head).
+    """
+    for wrapper in ('model', 'state_dict', 'model_ema'):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+            break
+    target = model.state_dict()
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith('module.'):
+            key = key[len('module.'):]
+        for old, new in _OFFICIAL_WINDOW_NAMES:
+            if '.attns.' in key and old in key and key.replace(old, new) in target:
+                key = key.replace(old, new)
+        if key not in target:
+            out[key] = value            # unexpected keys stay visible to a strict load
+            continue
+        want = target[key]
+        if value.shape == want.shape:
+            out[key] = value
+        elif key.endswith('rpe_table') and value.dim() == 3 and value.shape[0] == want.shape[0]:
+            out[key] = _bicubic(value, tuple(want.shape[-2:]))
+        elif key.endswith('relative_position_bias_table') and value.shape[1] == want.shape[1]:
+            s, t = math.isqrt(value.shape[0]), math.isqrt(want.shape[0])
+            grid = value.T.reshape(-1, s, s)
+            out[key] = _bicubic(grid, (t, t)).reshape(-1, t * t).T.contiguous()
+        elif key.endswith(('relative_position_index', 'attn_mask')):
+            out[key] = want
+        elif key.startswith('cls_head.'):
+            if lookup_22k is not None:
+                idx = torch.as_tensor(list(lookup_22k), dtype=torch.long)
+                if idx.numel() != want.shape[0]:
+                    raise ValueError(f'lookup_22k has {idx.numel()} indices for a {want.shape[0]}-class head')
+                out[key] = value[idx]
+            else:
+                _logger.info('checkpoint head %s %s does not fit %s; left out', key, tuple(value.shape),
+                             tuple(want.shape))
+        else:
+            out[key] = value            # a real mismatch: the strict load names it
+    return out
+
+
+# ----------------------------------------------------------------------------- registered variants
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return dict(dict(url='', num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                     interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                     first_conv='patch_proj.0', classifier='cls_head', fixed_input_size=False,
+                     min_input_size=(3, 64, 64), license='apache-2.0', paper_ids='arXiv:2309.01430',
+                     origin_url='https://github.com/LeapLabTHU/DAT'), **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    'dat_tiny.in1k': _cfg(),
+    'dat_small.in1k': _cfg(),
+    'dat_base.in1k': _cfg(),
+    'dat_base_384.in1k': _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+})
+
+_COMMON = dict(img_size=224, patch_size=4, expansion=4, depths=(2, 4, 18, 2),
+               stage_spec=(('N', 'D'), ('N', 'D') * 2, ('N', 'D') * 9, ('D', 'D')), window_sizes=(7,) * 4,
+               use_pes=(True,) * 4, dwc_pes=(False,) * 4, strides=(8, 4, 2, 1), offset_range_factor=(-1,) * 4,
+               no_offs=(False,) * 4, fixed_pes=(False,) * 4, use_dwc_mlps=(True,) * 4, use_lpus=(True,) * 4,
+               use_conv_patches=True, ksizes=(9, 7, 5, 3), nat_ksizes=(7,) * 4, drop_rate=0.,
+               attn_drop_rate=0.)
+MODEL_ARGS: Dict[str, Dict[str, Any]] = {
+    'dat_tiny': dict(_COMMON, dim_stem=64, dims=(64, 128, 256, 512), heads=(2, 4, 8, 16), groups=(1, 2, 4, 8),
+                     drop_path_rate=0.2),
+    'dat_small': dict(_COMMON, dim_stem=96, dims=(96, 192, 384, 768), heads=(3, 6, 12, 24), groups=(1, 2, 3, 6),
+                      drop_path_rate=0.4),
+    'dat_base': dict(_COMMON, dim_stem=128, dims=(128, 256, 512, 1024), heads=(4, 8, 16, 32),
+                     groups=(2, 4, 8, 16), drop_path_rate=0.7),
+}
+MODEL_ARGS['dat_base_384'] = dict(MODEL_ARGS['dat_base'], drop_path_rate=0.6)   # 224 tables, 384 inputs
+
+
+def _create(name: str, pretrained: bool = False, **kwargs: Any) -> DAT:
+    return build_model_with_cfg(DAT, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
+                                **dict(MODEL_ARGS[name], **kwargs))
+
+
+@register_model
+def dat_tiny(pretrained: bool = False, **kwargs: Any) -> DAT:
+    """DAT++-T (83.9% ImageNet-1k top-1 at 224)."""
+    return _create('dat_tiny', pretrained, **kwargs)
+
+
+@register_model
+def dat_small(pretrained: bool = False, **kwargs: Any) -> DAT:
+    """DAT++-S (84.6%)."""
+    return _create('dat_small', pretrained, **kwargs)
+
+
+@register_model
+def dat_base(pretrained: bool = False, **kwargs: Any) -> DAT:
+    """DAT++-B (84.9%)."""
+    return _create('dat_base', pretrained, **kwargs)
+
+
+@register_model
+def dat_base_384(pretrained: bool = False, **kwargs: Any) -> DAT:
+    """DAT++-B fine-tuned at 384 (85.9%); tables built for 224, run on 384 inputs."""
+    return _create('dat_base_384', pretrained, **kwargs)
+
+
+# ----------------------------------------------------------------------------- config adapter
+# MODEL.DAT keys (official, lower case) -> DAT keyword arguments; they are passed through unchanged.
+_DAT_KEYS = ('img_size', 'patch_size', 'num_classes', 'expansion', 'dim_stem', 'dims', 'depths', 'heads',
+             'window_sizes', 'drop_rate', 'attn_drop_rate', 'drop_path_rate', 'strides', 'offset_range_factor',
+             'stage_spec', 'groups', 'use_pes', 'dwc_pes', 'fixed_pes', 'no_offs', 'use_dwc_mlps',
+             'use_conv_patches', 'ksizes', 'nat_ksizes', 'layer_scale_values', 'use_lpus', 'log_cpb',
+             'sr_ratios', 'heads_q', 'ns_per_pts', 'ksize_qnas', 'nqs', 'qna_activation', 'lower_lr_kvs')
+_ARCH_KEYS = ('patch_size', 'expansion', 'dim_stem', 'dims', 'depths', 'heads', 'window_sizes', 'strides',
+              'offset_range_factor', 'stage_spec', 'groups', 'use_pes', 'dwc_pes', 'fixed_pes', 'no_offs',
+              'use_dwc_mlps', 'use_conv_patches', 'ksizes', 'nat_ksizes', 'use_lpus')
+
+
+def _plain(value: Any) -> Any:
+    """yacs lists / tuples -> tuples (recursively) for comparisons and hashing."""
+    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def released_name(kwargs: Dict[str, Any], input_size: int) -> Optional[str]:
+    """The registered variant with this architecture (dat_base_384 for the base layout at 384 inputs)."""
+    for name in ('dat_tiny', 'dat_small', 'dat_base'):
+        ref = MODEL_ARGS[name]
+        if all(_plain(kwargs.get(k, ref[k])) == _plain(ref[k]) for k in _ARCH_KEYS):
+            return 'dat_base_384' if name == 'dat_base' and input_size == 384 else name
+    return None
+
+
+@register_config_adapter('dat')
+def dat_spec(config: Any) -> ModelSpec:
+    """MODEL.TYPE 'dat': every key of MODEL.DAT (official names) becomes a DAT argument. MODEL.NUM_CLASSES,
+    MODEL.DROP_RATE and MODEL.DROP_PATH_RATE are used (config.py has already reconciled them with the DAT
+    section); TRAIN.USE_CHECKPOINT turns on gradient checkpointing. ``img_size`` defaults to
+    DATA.IMG_SIZE when the section does not give it."""
+    section = config.MODEL.DAT
+    kwargs: Dict[str, Any] = {}
+    keys: Dict[str, str] = {}
+    for key, value in section.items():      # unknown keys reach DAT, whose ValueError names them
+        kwargs[key] = _plain(value)
+        keys[key] = f'MODEL.DAT.{key}'
+    kwargs.update(num_classes=config.MODEL.NUM_CLASSES, drop_rate=config.MODEL.DROP_RATE,
+                  drop_path_rate=config.MODEL.DROP_PATH_RATE, use_checkpoint=config.TRAIN.USE_CHECKPOINT)
+    keys.update(num_classes='MODEL.NUM_CLASSES', drop_rate='MODEL.DROP_RATE', drop_path_rate='MODEL.DROP_PATH_RATE',
+                use_checkpoint='TRAIN.USE_CHECKPOINT')
+    if 'img_size' not in kwargs:
+        kwargs['img_size'], keys['img_size'] = config.DATA.IMG_SIZE, 'DATA.IMG_SIZE'
+    return ModelSpec(released_name(kwargs, config.DATA.IMG_SIZE) or 'dat_tiny', kwargs, keys)

@@ -1,0 +1,214 @@
+"""2-D neighbourhood attention with natten 0.14.6's semantics, in plain PyTorch (no natten needed).
+
+Definition (dilation 1, kernel k odd, r = k // 2), per axis of length L >= k: query i attends to the k
+keys s(i) .. s(i) + k - 1 with s(i) = clamp(i - r, 0, L - k). Near a border the window is *shifted*
+inward, never shrunk or padded, so every query has exactly k^2 keys. The bias added for key (y, x) of
+query (i, j) is ``rpb[head, y - i + k - 1, x - j + k - 1]`` (the true offset, so border queries read the
+outer part of the (2k-1, 2k-1) table). Attention entries are ordered row-major over the window.
+
+Two implementations:
+  * :func:`neighborhood_attention_naive`: gathers the k^2 keys of every query (natten's (B, heads, H, W,
+    k^2) attention layout, memory O(N k^2 d)); simple, used for visualisation and as the slow baseline.
+  * :func:`neighborhood_attention`: the fast path. Queries are cut into T x T tiles; the windows of a
+    tile's queries all lie in one (T+k-1) x (T+k-1) key region (clamped into the map), so each tile is
+    a small dense attention over its region with an additive mask that holds the bias inside each query's
+    window and -inf outside it (one batched matmul / SDPA call for all tiles). It is wrapped in an
+    autograd Function (:class:`NeighborhoodAttention2D`) whose backward recomputes the tile attention,
+    and which FLOP counters see as one op priced by natten's rule (:func:`fvcore_handles`).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['window_starts', 'neighborhood_attention', 'neighborhood_attention_naive', 'neighborhood_probs',
+           'neighborhood_av',
+           'NeighborhoodAttention2D', 'natten_flops', 'fvcore_handles', 'DEFAULT_TILE']
+
+DEFAULT_TILE = 8
+
+
+def window_starts(length: int, kernel_size: int, device: Any = None) -> torch.Tensor:
+    """(length,) int64: the first key index s(i) = clamp(i - k//2, 0, length - k) of each query."""
+    if length < kernel_size:
+        raise ValueError(f'neighbourhood attention needs a map side >= kernel_size={kernel_size}, got {length} '
+                         f'(pad the map first, as NeighborhoodAttention does)')
+    i = torch.arange(length, device=device)
+    return (i - kernel_size // 2).clamp(0, length - kernel_size)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int) -> None:
+    if q.dim() != 5 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f'q, k, v must be (B, heads, H, W, head_dim) of one shape; got {tuple(q.shape)}, '
+                         f'{tuple(k.shape)}, {tuple(v.shape)}')
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f'kernel_size={kernel_size} must be a positive odd number')
+    want = (q.shape[1], 2 * kernel_size - 1, 2 * kernel_size - 1)
+    if tuple(rpb.shape) != want:
+        raise ValueError(f'rpb must be (heads, 2k-1, 2k-1) = {want}, got {tuple(rpb.shape)}')
+
+
+# ----------------------------------------------------------------------------- naive (gather) path
+def _window_index(H: int, W: int, kernel_size: int, device: Any) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor]:
+    """key rows (H, k), key cols (W, k) of every query's window, and the flat key index (H*W, k*k)."""
+    ar = torch.arange(kernel_size, device=device)
+    rows = window_starts(H, kernel_size, device)[:, None] + ar
+    cols = window_starts(W, kernel_size, device)[:, None] + ar
+    flat = (rows[:, None, :, None] * W + cols[None, :, None, :]).reshape(H * W, kernel_size * kernel_size)
+    return rows, cols, flat
+
+
+def _window_bias(rpb: torch.Tensor, H: int, W: int, kernel_size: int) -> torch.Tensor:
+    """(heads, H, W, k*k) bias of every query's window entries, indexed by the true offset."""
+    rows, cols, _ = _window_index(H, W, kernel_size, rpb.device)
+    dy = rows - torch.arange(H, device=rpb.device)[:, None] + kernel_size - 1       # (H, k)
+    dx = cols - torch.arange(W, device=rpb.device)[:, None] + kernel_size - 1       # (W, k)
+    bias = rpb[:, dy[:, None, :, None], dx[None, :, None, :]]                      # (h, H, W, k, k)
+    return bias.reshape(rpb.shape[0], H, W, kernel_size * kernel_size)
+
+
+def neighborhood_probs(q: torch.Tensor, k: torch.Tensor, rpb: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Attention probabilities in natten's layout: (B, heads, H, W, k*k), softmax over the window.
+
+    q (already scaled) and k: (B, heads, H, W, head_dim); rpb (heads, 2k-1, 2k-1)."""
+    B, h, H, W, d = q.shape
+    _, _, flat = _window_index(H, W, kernel_size, q.device)
+    keys = k.reshape(B, h, H * W, d)[:, :, flat]                                   # (B, h, HW, k*k, d)
+    logits = torch.einsum('bhnd,bhnkd->bhnk', q.reshape(B, h, H * W, d), keys)
+    logits = logits.reshape(B, h, H, W, -1) + _window_bias(rpb, H, W, kernel_size)
+    return logits.softmax(dim=-1)
+
+
+def neighborhood_av(attn: torch.Tensor, v: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Weighted sum of each query's window values: attn (B, heads, H, W, k*k), v (B, heads, H, W, d) -> like v."""
+    B, h, H, W, d = v.shape
+    _, _, flat = _window_index(H, W, kernel_size, v.device)
+    values = v.reshape(B, h, H * W, d)[:, :, flat]                                 # (B, h, HW, k*k, d)
+    out = torch.einsum('bhnk,bhnkd->bhnd', attn.reshape(B, h, H * W, -1), values)
+    return out.reshape(B, h, H, W, d)
+
+
+def neighborhood_attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor,
+                                 kernel_size: int) -> torch.Tensor:
+    """Gather-based neighbourhood attention: (B, heads, H, W, head_dim) -> same shape. q is pre-scaled."""
+    _check(q, k, v, rpb, kernel_size)
+    return neighborhood_av(neighborhood_probs(q, k, rpb, kernel_size), v, kernel_size)
+
+
+# ----------------------------------------------------------------------------- fast (tiled) path
+@lru_cache(maxsize=64)
+def _axis_plan(length: int, kernel_size: int, tile: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor]:
+    """Per axis: query index (n, T) (the last tile repeats the last query), key region index (n, L),
+    window membership (n, T, L) and bias-table index (n, T, L) of each (query, region key)."""
+    tile = min(tile, length)
+    n = math.ceil(length / tile)
+    region = min(tile + kernel_size - 1, length)
+    queries = torch.arange(n * tile).clamp(max=length - 1).view(n, tile)
+    starts = window_starts(length, kernel_size)[queries]                          # (n, T)
+    first = starts[:, 0].clamp(max=length - region)                                # region start per tile
+    keys = first[:, None] + torch.arange(region)                                   # (n, L)
+    inside = (keys[:, None, :] >= starts[:, :, None]) & (keys[:, None, :] < starts[:, :, None] + kernel_size)
+    table = (keys[:, None, :] - queries[:, :, None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
+    return queries, keys, inside, table
+
+
+def _plans(H: int, W: int, kernel_size: int, tile: int, device: torch.device) -> List[torch.Tensor]:
+    return [t.to(device) for t in _axis_plan(H, kernel_size, tile) + _axis_plan(W, kernel_size, tile)]
+
+
+def _tile_mask(rpb: torch.Tensor, plans: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """(heads, nH*nW, T_h*T_w, L_h*L_w) additive mask: the bias inside each query's window, -inf outside."""
+    _, _, in_h, tb_h, _, _, in_w, tb_w = plans
+    nh, th, lh = in_h.shape
+    nw, tw, lw = in_w.shape
+    bias = rpb.to(dtype)[:, tb_h[:, None, :, None, :, None], tb_w[None, :, None, :, None, :]]
+    inside = in_h[:, None, :, None, :, None] & in_w[None, :, None, :, None, :]      # (nh, nw, th, tw, lh, lw)
+    bias = bias.masked_fill(~inside, float('-inf'))
+    return bias.reshape(rpb.shape[0], nh * nw, th * tw, lh * lw)
+
+
+def _to_tiles(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(B, h, H, W, d) gathered at rows (n_h, a) x cols (n_w, b) -> (B, h, n_h*n_w, a*b, d)."""
+    B, h, _, _, d = x.shape
+    nh, a = rows.shape
+    nw, b = cols.shape
+    x = x[:, :, rows.reshape(-1)][:, :, :, cols.reshape(-1)]                       # (B, h, nh*a, nw*b, d)
+    x = x.view(B, h, nh, a, nw, b, d).permute(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(B, h, nh * nw, a * b, d)
+
+
+def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int,
+                     tile: int, dropout_p: float = 0.) -> torch.Tensor:
+    B, h, H, W, d = q.shape
+    plans = _plans(H, W, kernel_size, tile, q.device)
+    q_rows, k_rows, _, _, q_cols, k_cols, _, _ = plans
+    mask = _tile_mask(rpb, plans, q.dtype)                                         # (h, nT, T2, L2)
+    qt = _to_tiles(q, q_rows, q_cols)                                              # (B, h, nT, T2, d)
+    kt, vt = _to_tiles(k, k_rows, k_cols), _to_tiles(v, k_rows, k_cols)           # (B, h, nT, L2, d)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
+    nh, th = q_rows.shape
+    nw, tw = q_cols.shape
+    out = out.view(B, h, nh, nw, th, tw, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, h, nh * th, nw * tw, d)
+    return out[:, :, :H, :W]
+
+
+class NeighborhoodAttention2D(torch.autograd.Function):
+    """softmax(q k^T + rpb) v over clamped windows as one op. Forward runs the tiled attention without
+    keeping its intermediates; backward recomputes it with autograd (memory O(inputs), like a fused kernel).
+    Under tracing it shows up as ``prim::PythonOp.NeighborhoodAttention2D`` (see :func:`fvcore_handles`)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int,
+                tile: int) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v, rpb)
+        ctx.kernel_size, ctx.tile = kernel_size, tile
+        with torch.no_grad():
+            return _tiled_attention(q, k, v, rpb, kernel_size, tile)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, rpb = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(need) for t, need in zip((q, k, v, rpb), ctx.needs_input_grad[:4])]
+        with torch.enable_grad():
+            out = _tiled_attention(*inputs, ctx.kernel_size, ctx.tile)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+        return tuple(next(grads) if t.requires_grad else None for t in inputs) + (None, None)
+
+
+def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor,
+                           kernel_size: int, tile: int = DEFAULT_TILE, dropout_p: float = 0.) -> torch.Tensor:
+    """Fast neighbourhood attention. q (pre-scaled), k, v: (B, heads, H, W, head_dim) with H, W >= kernel_size;
+    rpb (heads, 2k-1, 2k-1). Returns (B, heads, H, W, head_dim). ``dropout_p`` > 0 (attention dropout, used
+    in training only by the caller) takes the un-fused autograd path, where SDPA draws the dropout mask."""
+    _check(q, k, v, rpb, kernel_size)
+    window_starts(q.shape[2], kernel_size), window_starts(q.shape[3], kernel_size)   # size check
+    if dropout_p > 0:
+        return _tiled_attention(q, k, v, rpb, kernel_size, tile, dropout_p)
+    return NeighborhoodAttention2D.apply(q, k, v, rpb, kernel_size, tile)
+
+
+# ----------------------------------------------------------------------------- FLOP counting
+def natten_flops(batch: int, heads: int, height: int, width: int, head_dim: int, kernel_size: int) -> int:
+    """natten 0.14.6's count (its flops.py): QK + RPB = B*h*H*W*k^2*(d + 1), AV = B*h*H*W*k^2*d."""
+    n = batch * heads * height * width * kernel_size * kernel_size
+    return n * (head_dim + 1) + n * head_dim
+
+
+def _fvcore_na_handle(inputs: List[Any], outputs: List[Any]) -> int:
+    """Inputs of the traced op are (q, k, v, rpb) (scalar arguments are not graph inputs); k from rpb."""
+    from fvcore.nn.jit_handles import get_shape
+    B, h, H, W, d = get_shape(inputs[0])
+    kernel_size = (get_shape(inputs[3])[-1] + 1) // 2
+    return natten_flops(B, h, H, W, d, kernel_size)
+
+
+def fvcore_handles() -> Dict[str, Any]:
+    """{op name: handle} for ``fvcore.nn.FlopCountAnalysis.set_op_handle``: the fused op priced by natten's rule."""
+    return {'prim::PythonOp.NeighborhoodAttention2D': _fvcore_na_handle}

@@ -1,0 +1,427 @@
+"""Visformer (Chen et al., "Visformer: The Vision-friendly Transformer", ICCV 2021), v1 and the Swin-window v2.
+
+State-dict keys, order, shapes and dtypes are those of the official models (danczs/Visformer ``models.py`` and
+``swin_models.py``), so their checkpoints load with ``strict=True``:
+
+  * every norm is a BatchNorm2d inside a wrapper module (keys ``....bn.weight``);
+  * tensors stay (B, C, H, W); 1x1-conv projections (no bias) in attention and MLP; learnable position
+    embeddings (1, C, H, W) per stage, first in the state_dict;
+  * v1 (``visformer_tiny``/``_small``): stem, then 3 stages at strides 8/16/32 (conv blocks, then global
+    softmax attention); v2 (``swin_visformer_*_v2``): stem, then 4 stages at strides 4..32, attention in
+    stages 2-3 as Swin windows (relative position bias, shift every other block, a window no smaller than
+    the map means one window and no shift);
+  * the official ``qk_scale`` is an EXPONENT: q and k are each multiplied by head_dim ** exponent
+    (default -0.25, i.e. logits / sqrt(head_dim)); the released v2 weights were trained with -0.5, which is
+    the default of the v2 functions here (the official functions default to -0.25 for both).
+
+Registered names in timm: ``official_visformer_tiny`` / ``official_visformer_small`` (timm has its own
+``visformer_tiny`` / ``visformer_small`` without the ``.bn.`` wrappers; they keep their names) and
+``swin_visformer_tiny_v2`` / ``swin_visformer_small_v2`` / ``swin_visformer_medium_v2``. ``MODEL.TYPE`` uses
+the official names for all five; ``checkpoint_filter_fn`` also accepts timm's visformer checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._manipulate import checkpoint_seq
+from timm.models.visformer import SpatialMlp
+
+from .build import ModelSpec, common_spec, register_config_adapter
+from .layers import (TokenGroups, WindowAttention, shifted_window_mask, square_size, unwrap_state_dict,
+                     window_partition, window_reverse)
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ['Visformer', 'VisformerBlock', 'BatchNorm', 'checkpoint_filter_fn']
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm2d inside a wrapper (official key layout ``<name>.bn.*``). (B, C, H, W) -> same."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(dim, eps=1e-5, momentum=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x)
+
+
+class PatchEmbed(nn.Module):
+    """Conv (kernel = stride = patch, bias) then BatchNorm: (B, C_in, H, W) -> (B, C, H/p, W/p)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = BatchNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] != self.img_size or x.shape[-1] != self.img_size:
+            raise ValueError(f'input map {tuple(x.shape[-2:])} does not match the model '
+                             f'({self.img_size}x{self.img_size}); Visformer has fixed-size position embeddings: '
+                             f'give images of the configured img_size (DATA.IMG_SIZE)')
+        return self.norm(self.proj(x))
+
+
+class VisformerBlock(nn.Module):
+    """Pre-norm block on (B, C, H, W): [x + attn(norm1(x))] then x + mlp(norm2(x)).
+
+    Without attention (``attn_disabled``) the block is norm2 + MLP only (no ``norm1``/``attn`` keys).
+    Attention is softmax over windows of the map (v2: Swin windows with relative position bias and shifts;
+    v1: ``window=None``, one window covering the map, no bias). q and k are each scaled by
+    head_dim ** qk_scale_exponent. The MLP is 4x (or 2x with the grouped 3x3 ``spatial_conv``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, resolution: Tuple[int, int], window: Optional[int] = None,
+                 shift: int = 0, mlp_ratio: float = 4., qk_scale_exponent: float = -0.25,
+                 attn_disabled: bool = False, spatial_conv: bool = False, group: int = 8, drop: float = 0.,
+                 attn_drop: float = 0., drop_path: float = 0.) -> None:
+        super().__init__()
+        self.resolution = resolution
+        rel_pos_bias = window is not None
+        if window is None or min(resolution) <= window:      # one window covers the map: no shift
+            window, shift = min(resolution), 0
+        self.window, self.shift = window, shift
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        if not attn_disabled:
+            if dim % num_heads:
+                raise ValueError(f'num_heads={num_heads} must divide the stage width {dim}')
+            if resolution[0] % window or resolution[1] % window:
+                raise ValueError(f'img_size: a {resolution[0]}x{resolution[1]} attention map does not tile into '
+                                 f'{window}x{window} windows (there is no padding); use another image size')
+            head_dim = dim // num_heads
+            self.norm1 = BatchNorm(dim)
+            self.attn = WindowAttention(dim, window, num_heads, qkv_bias=False,
+                                        qk_scale=head_dim ** (2 * qk_scale_exponent), attn_drop=attn_drop,
+                                        proj_drop=drop, rel_pos_bias=rel_pos_bias, proj_bias=False,
+                                        pointwise=True)
+        else:
+            self.norm1 = self.attn = None
+        self.norm2 = BatchNorm(dim)
+        self.mlp = SpatialMlp(dim, int(dim * mlp_ratio), drop=drop, group=group, spatial_conv=spatial_conv)
+        mask = shifted_window_mask(resolution, window, shift) if (self.attn is not None and shift) else None
+        self.register_buffer('attn_mask', mask)
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        y = x.permute(0, 2, 3, 1)                                                 # (B, H, W, C)
+        if self.shift:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        y = window_reverse(self.attn(window_partition(y, self.window), mask=self.attn_mask), self.window, H, W)
+        if self.shift:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        return y.permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attn is not None:
+            x = x + self.drop_path(self._attention(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def token_groups(self, attn: nn.Module) -> TokenGroups:
+        """Token layout: cyclic shift by -shift, then windows (one window = the whole map for v1)."""
+        H, W = self.resolution
+        index = torch.arange(H * W).view(1, H, W, 1)
+        if self.shift:
+            index = torch.roll(index, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        return TokenGroups((H, W), window_partition(index, self.window).squeeze(-1), (self.window, self.window))
+
+    def extra_repr(self) -> str:
+        return f'resolution={self.resolution}, window={self.window}, shift={self.shift}'
+
+
+def _shift(window: Optional[int], index: int) -> int:
+    """Shift of a v2 block: half a window when its index COUNTED OVER THE WHOLE NETWORK is odd (official rule;
+    e.g. the first block of a stage is shifted when the earlier stages hold an odd number of blocks)."""
+    return 0 if window is None or index % 2 == 0 else window // 2
+
+
+def _flags(name: str, value: str, n: int) -> List[bool]:
+    if len(value) != n or set(value) - {'0', '1'}:
+        raise ValueError(f"{name}={value!r} must be {n} characters '0'/'1', one per stage")
+    return [c == '1' for c in value]
+
+
+class Visformer(nn.Module):
+    """Visformer v1 (3 stages) or v2 (4 stages). forward: (B, 3, img_size, img_size) -> (B, num_classes).
+
+    Stage i (numbered so that the last is 3: v1 uses 1-3, v2 0-3) has width embed_dim * 2**(i - 2), a
+    patch embedding (patch 4 for the first v1 stage, else 2) after the stride-2 stem, and a position
+    embedding. ``window_sizes`` (v2, one per stage) switches on Swin windows; None = global attention (v1).
+    """
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3, num_classes: int = 1000, init_channels: int = 16,
+                 embed_dim: int = 192, depths: Sequence[int] = (7, 4, 4), num_heads: Union[int, Sequence[int]] = 3,
+                 mlp_ratio: float = 4., group: int = 8, attn_stages: str = '011', spatial_conv: str = '100',
+                 window_sizes: Optional[Sequence[int]] = None, qk_scale_exponent: float = -0.25,
+                 drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
+                 global_pool: str = 'avg') -> None:
+        super().__init__()
+        n = len(depths)
+        if n not in (3, 4) or any(d < 0 for d in depths):
+            raise ValueError(f'depths={tuple(depths)} must give 3 (v1) or 4 (v2) non-negative block counts')
+        heads = [num_heads] * n if isinstance(num_heads, int) else list(num_heads)
+        if len(heads) != n:
+            raise ValueError(f'num_heads={tuple(heads)} needs one entry per stage ({n} stages, from depths)')
+        attn, sconv = _flags('attn_stages', attn_stages, n), _flags('spatial_conv', spatial_conv, n)
+        if window_sizes is not None and len(window_sizes) != n:
+            raise ValueError(f'window_sizes={tuple(window_sizes)} needs one entry per stage ({n} stages)')
+        if embed_dim % 4 or embed_dim <= 0:
+            raise ValueError(f'embed_dim={embed_dim} must be a positive multiple of 4')
+        self.first = 4 - n
+        reduction = 2 * (4 if n == 3 else 2)                  # stride after the first patch embedding
+        img_size = square_size(img_size)
+        if img_size % (2 * 2 ** 4) or img_size <= 0:
+            raise ValueError(f'img_size={img_size} must be a positive multiple of 32')
+        if any(attn[:n - 2]):
+            raise ValueError(f'attn_stages={attn_stages!r}: attention before the last two stages (officially with '
+                             f'head_dim_ratio < 1) is not supported; use conv blocks there')
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.img_size = img_size
+        self.num_features = self.head_hidden_size = embed_dim * 2
+        self.grad_checkpointing = False
+        widths = [embed_dim * 2 ** i // 4 for i in range(self.first, 4)]
+        res = [img_size // reduction // 2 ** j for j in range(n)]
+
+        for j, i in enumerate(range(self.first, 4)):             # parameters first, as officially
+            self.register_parameter(f'pos_embed{i}', nn.Parameter(torch.zeros(1, widths[j], res[j], res[j])))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, init_channels, 7, stride=2, padding=3, bias=False),
+                                  BatchNorm(init_channels), nn.ReLU(inplace=True))
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
+        in_chs, size = init_channels, img_size // 2
+        for j, i in enumerate(range(self.first, 4)):
+            patch = 4 if (n == 3 and j == 0) else 2
+            self.add_module(f'patch_embed{i}', PatchEmbed(size, patch, in_chs, widths[j]))
+            window = window_sizes[j] if window_sizes is not None else None
+            self.add_module(f'stage{i}', nn.Sequential(*[
+                VisformerBlock(widths[j], heads[j], (res[j], res[j]), window,
+                               _shift(window, sum(depths[:j]) + b), mlp_ratio, qk_scale_exponent,
+                               not attn[j], sconv[j], group, drop_rate, attn_drop_rate,
+                               dpr[sum(depths[:j]) + b])
+                for b in range(depths[j])]))
+            in_chs, size = widths[j], res[j]
+        self.norm = BatchNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=widths[j], reduction=reduction * 2 ** j, module=f'stage{i}')
+                             for j, i in enumerate(range(self.first, 4))]
+        for i in range(self.first, 4):
+            trunc_normal_(getattr(self, f'pos_embed{i}'), std=.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """Official init: linear trunc-normal 0.02, BN ones/zeros, convs kaiming-normal (fan_out, relu)."""
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ timm interface
+    @property
+    def stage_ids(self) -> List[int]:
+        return list(range(self.first, self.first + len(self.feature_info)))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Officially nothing by name (position embeddings and bias tables decay; 1-D tensors do not)."""
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        first = self.first
+        return dict(stem=rf'^stem|^patch_embed{first}\.|^pos_embed{first}$',
+                    blocks=[(r'^stage(\d+)' if coarse else r'^stage(\d+)\.(\d+)', None),
+                            (r'^(?:patch_embed|pos_embed)(\d+)', (0,)), (r'^norm', (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        x = self.pos_drop(getattr(self, f'patch_embed{i}')(x) + getattr(self, f'pos_embed{i}'))
+        stage = getattr(self, f'stage{i}')
+        if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> normed map (B, 2C, H/32, W/32)."""
+        x = self.stem(x)
+        for i in self.stage_ids:
+            x = self._stage(i, x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False):
+        """Stage outputs (B, C_i, H_i, W_i) (3 for v1, 4 for v2); ``norm`` applies the final BatchNorm to
+        the last stage's map when it is selected. Returns ``[maps]`` or ``(final features, [maps])``."""
+        from timm.models._features import feature_take_indices
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt={output_fmt!r} must be 'NCHW' or 'NHWC'")
+        ids = self.stage_ids
+        take, max_index = feature_take_indices(len(ids), indices)
+        last = len(ids) - 1 if not (stop_early or intermediates_only) else max_index
+        x = self.stem(x)
+        maps = []
+        for j in range(last + 1):
+            x = self._stage(ids[j], x)
+            if j in take:
+                y = self.norm(x) if norm and j == len(ids) - 1 else x
+                maps.append(y.permute(0, 2, 3, 1) if output_fmt == 'NHWC' else y)
+        if intermediates_only:
+            return maps
+        return (self.norm(x) if last == len(ids) - 1 else x), maps
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        from timm.models._features import feature_take_indices
+        ids = self.stage_ids
+        take, max_index = feature_take_indices(len(ids), indices)
+        for i in ids[max_index + 1:]:
+            for name in (f'stage{i}', f'patch_embed{i}', f'pos_embed{i}'):
+                delattr(self, name)
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take
+
+
+# ---------------------------------------------------------------------- checkpoints
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+    """Official Visformer files ({'model': sd, 'args': Namespace, ...} or a bare sd, ``module.`` stripped) as
+    they are; timm's own visformer checkpoints (BatchNorm keys without the ``.bn.`` level) are renamed."""
+    targets = model.state_dict()
+    unwrapped = {k.replace('.bn.', '.'): k for k in targets if '.bn.' in k}
+    out, renamed = {}, 0
+    for k, v in unwrap_state_dict(state_dict).items():
+        if k not in targets and k in unwrapped:
+            k, renamed = unwrapped[k], renamed + 1
+        out[k] = v
+    if renamed:
+        _logger.info('Visformer checkpoint: %d BatchNorm tensors renamed from the timm layout (added .bn.)', renamed)
+    return out
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return dict(dict(url='', num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                interpolation='bicubic', fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN,
+                std=IMAGENET_DEFAULT_STD, first_conv='stem.0', classifier='head', license='apache-2.0',
+                origin_url='https://github.com/danczs/Visformer', paper_ids='arXiv:2104.12533'), **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    'official_visformer_tiny.in1k': _cfg(),
+    'official_visformer_small.in1k': _cfg(),
+    'swin_visformer_tiny_v2.in1k': _cfg(),
+    'swin_visformer_small_v2.in1k': _cfg(),
+    'swin_visformer_medium_v2.in1k': _cfg(),
+})
+
+_V1 = dict(depths=(7, 4, 4), mlp_ratio=4., group=8, attn_stages='011', spatial_conv='100', qk_scale_exponent=-0.25)
+_V2 = dict(mlp_ratio=4., group=8, attn_stages='0011', spatial_conv='1100', window_sizes=(56, 28, 14, 7),
+           qk_scale_exponent=-0.5)
+# timm name -> architecture (danczs/Visformer models.py / swin_models.py)
+ARCHS: Dict[str, Dict[str, Any]] = {
+    'official_visformer_tiny': dict(_V1, init_channels=16, embed_dim=192, num_heads=3),
+    'official_visformer_small': dict(_V1, init_channels=32, embed_dim=384, num_heads=6),
+    'swin_visformer_tiny_v2': dict(_V2, init_channels=24, embed_dim=192, depths=(1, 4, 6, 3),
+                                   num_heads=(1, 3, 6, 12)),
+    'swin_visformer_small_v2': dict(_V2, init_channels=32, embed_dim=256, depths=(1, 10, 14, 3),
+                                    num_heads=(2, 4, 8, 16)),
+    'swin_visformer_medium_v2': dict(_V2, init_channels=32, embed_dim=384, depths=(1, 8, 14, 2),
+                                     num_heads=(2, 4, 8, 16)),
+}
+# MODEL.TYPE (official function name) -> timm name
+TIMM_NAMES = {'visformer_tiny': 'official_visformer_tiny', 'visformer_small': 'official_visformer_small',
+              'swin_visformer_tiny_v2': 'swin_visformer_tiny_v2', 'swin_visformer_small_v2': 'swin_visformer_small_v2',
+              'swin_visformer_medium_v2': 'swin_visformer_medium_v2'}
+
+
+def _create(name: str, pretrained: bool, **kwargs: Any) -> Visformer:
+    n = len(kwargs.get('depths', ARCHS[name].get('depths', ())))
+    return build_model_with_cfg(Visformer, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(n))),
+                                **dict(ARCHS[name], **kwargs))
+
+
+@register_model
+def official_visformer_tiny(pretrained: bool = False, **kwargs: Any) -> Visformer:
+    """Official ``visformer_tiny`` (v1, BatchNorm wrappers): 10.3M params, 1.3 GFLOPs."""
+    return _create('official_visformer_tiny', pretrained, **kwargs)
+
+
+@register_model
+def official_visformer_small(pretrained: bool = False, **kwargs: Any) -> Visformer:
+    """Official ``visformer_small`` (v1, BatchNorm wrappers): 40.2M params, 4.9 GFLOPs."""
+    return _create('official_visformer_small', pretrained, **kwargs)
+
+
+@register_model
+def swin_visformer_tiny_v2(pretrained: bool = False, **kwargs: Any) -> Visformer:
+    """Visformer-tiny v2 (Swin windows in stages 2-3): 9.4M params, 1.3 GFLOPs; qk exponent -0.5."""
+    return _create('swin_visformer_tiny_v2', pretrained, **kwargs)
+
+
+@register_model
+def swin_visformer_small_v2(pretrained: bool = False, **kwargs: Any) -> Visformer:
+    """Visformer-small v2: 23.6M params, 4.3 GFLOPs; qk exponent -0.5."""
+    return _create('swin_visformer_small_v2', pretrained, **kwargs)
+
+
+@register_model
+def swin_visformer_medium_v2(pretrained: bool = False, **kwargs: Any) -> Visformer:
+    """Visformer-medium v2: 44.5M params, 8.5 GFLOPs; qk exponent -0.5."""
+    return _create('swin_visformer_medium_v2', pretrained, **kwargs)
+
+
+# ---------------------------------------------------------------------- experiment config
+@register_config_adapter(*TIMM_NAMES)
+def _visformer_spec(config) -> ModelSpec:
+    """MODEL.TYPE (official name) -> timm name; non-empty MODEL.VISFORMER keys override the variant's values."""
+    spec = common_spec(config, TIMM_NAMES[config.MODEL.TYPE])
+    section = config.MODEL.VISFORMER
+    for kwarg, key in (('qk_scale_exponent', 'QK_SCALE_EXPONENT'), ('init_channels', 'INIT_CHANNELS'),
+                       ('embed_dim', 'EMBED_DIM'), ('depths', 'DEPTHS'), ('num_heads', 'NUM_HEADS')):
+        value = section[key]
+        if value is None or (not isinstance(value, float) and not value):
+            continue
+        spec.kwargs[kwarg] = tuple(value) if isinstance(value, (list, tuple)) else value
+        spec.keys[kwarg] = f'MODEL.VISFORMER.{key}'
+    return spec

@@ -1,0 +1,422 @@
+"""Reliability II (issue 15): each row of the issue's table, driven as a user would (``main.py`` /
+``main_ema.py`` in subprocesses, CPU, a tiny FLatten-Swin at 32 px on a small digits split built here;
+2-rank torchrun only for the rows about ranks). Every subprocess has a wall-clock limit far below
+DIST_TIMEOUT (600 s), so a hang is a failure, never a stuck CI job.
+
+Failures are injected without touching the code under test: a small launcher (written by the fixture
+``launcher``) patches ``torch.Tensor.backward`` (an unexpected error in the training step) or wraps
+``timm.utils.ModelEmaV3.update`` (to record each rank's EMA checksum) and then runs the entry point.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import List, Optional, Tuple
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_NAME = 'tiny_rel'
+ERROR = 2
+N_TRAIN, N_VAL = 40, 20                 # 4 train + 2 val images per digit class
+RUN_TIMEOUT = 120                       # one tiny single-process run takes ~10 s
+HANG_LIMIT = 60                         # far below DIST_TIMEOUT (600 s)
+
+pytestmark = pytest.mark.slow
+
+TINY_YAML = f"""
+MODEL:
+  TYPE: flatten_swin
+  NAME: {MODEL_NAME}
+  NUM_CLASSES: 10
+  SWIN:
+    EMBED_DIM: 16
+    DEPTHS: [1, 1]
+    NUM_HEADS: [1, 2]
+    WINDOW_SIZE: 56
+  LA:
+    ATTN_TYPE: LL
+DATA:
+  IMG_SIZE: 32
+  BATCH_SIZE: 8
+  NUM_WORKERS: 0
+TRAIN:
+  EPOCHS: 1
+  WARMUP_EPOCHS: 0
+AUG:
+  AUTO_AUGMENT: none
+  REPROB: 0.0
+  MIXUP: 0.0
+  CUTMIX: 0.0
+PRINT_FREQ: 1
+"""
+
+LAUNCHER = r'''
+import hashlib, os, runpy, sys
+entry = sys.argv.pop(1)
+sys.path.insert(0, os.path.dirname(os.path.abspath(entry)))
+import torch
+mode, rank = os.environ.get('REL_INJECT', ''), os.environ.get('RANK', '0')
+if mode == 'fail':                       # an unexpected error in the 2nd training step of one rank
+    original, calls = torch.Tensor.backward, [0]
+    def backward(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2 and rank == os.environ.get('REL_FAIL_RANK', '0'):
+            raise RuntimeError('injected failure in the training step')
+        return original(self, *args, **kwargs)
+    torch.Tensor.backward = backward
+elif mode == 'ema':                      # record each rank's EMA weights after every update
+    from timm.utils import ModelEmaV3
+    original = ModelEmaV3.update
+    def update(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        h = hashlib.sha1()
+        for k, v in sorted(self.module.state_dict().items()):
+            h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        with open(os.path.join(os.environ['REL_EMA_OUT'], f'ema_rank{rank}.txt'), 'a') as f:
+            f.write(h.hexdigest() + '\n')
+    ModelEmaV3.update = update
+sys.argv[0] = entry
+runpy.run_path(entry, run_name='__main__')
+'''
+
+
+# ----------------------------------------------------------------------------- helpers and fixtures
+def _env(extra: Optional[dict] = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1',
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        env.pop(k, None)
+    env.update(extra or {})
+    return env
+
+
+def main_args(cfg: str, data: str, output: str, tag: str, *extra: str, opts: Tuple[str, ...] = (),
+              entry: str = 'main.py') -> List[str]:
+    args = [os.path.join(ROOT, entry), '--cfg', cfg, '--data-path', data, '--output', output, '--tag', tag,
+            '--device', 'cpu', *extra]
+    return args + (['--opts', *opts] if opts else [])
+
+
+def run(args: List[str], timeout: float = RUN_TIMEOUT, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """Run to completion; on timeout the whole process group (with any DataLoader workers) is killed and
+    the test fails with the last output."""
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f'no exit within {timeout} s (hang):\n{out[-2000:]}\n{err[-2000:]}')
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def run_main(*args: str, **kw) -> subprocess.CompletedProcess:
+    return run([sys.executable, *args], **kw)
+
+
+def torchrun(*args: str, **kw) -> subprocess.CompletedProcess:
+    return run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args], **kw)
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith('ERROR: '), f'expected one ERROR line, got:\n{stderr[-3000:]}'
+    return lines[0]
+
+
+def run_dir(output: str, tag: str) -> str:
+    return os.path.join(output, MODEL_NAME, tag)
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp('reliability')
+
+
+@pytest.fixture(scope='module')
+def digits(workdir) -> str:
+    from data.digits import write_digits
+    path = str(workdir / 'digits')
+    assert write_digits(path, size=32, max_train_per_class=4, max_val_per_class=2) == {'train': N_TRAIN, 'val': N_VAL}
+    return path
+
+
+@pytest.fixture(scope='module')
+def cfg(workdir) -> str:
+    path = workdir / 'tiny.yaml'
+    path.write_text(TINY_YAML)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def launcher(workdir) -> str:
+    path = workdir / 'launch.py'
+    path.write_text(LAUNCHER)
+    return str(path)
+
+
+def copy_digits(digits: str, dst: str) -> str:
+    shutil.copytree(digits, dst)
+    return dst
+
+
+# One interpreter runs several argvs through main.main (start-up is most of a failing run's time); per
+# case: exit code, stdout, stderr, and whether the output folder exists afterwards.
+_DRIVER = r"""
+import contextlib, io, json, logging, os, sys
+import main
+results = []
+for argv, folder in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main.main(argv)
+        except SystemExit as e:
+            rc = e.code
+        except Exception as e:            # a crash is a result too (the driver goes on)
+            rc = 'crash: ' + repr(e)[:300]
+    for h in list(logging.getLogger().handlers):
+        logging.getLogger().removeHandler(h)
+    results.append({'rc': rc, 'stdout': out.getvalue(), 'stderr': err.getvalue(), 'folder': os.path.exists(folder)})
+print('RESULTS' + json.dumps(results))
+"""
+
+
+def run_cases(cases: List[Tuple[List[str], str]], timeout: float = 240) -> List[dict]:
+    """``cases``: (argv for main.main, the run folder to check); returns one result dict per case."""
+    r = run([sys.executable, '-c', _DRIVER, json.dumps(cases)], timeout=timeout)
+    assert r.returncode == 0 and 'RESULTS' in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(r.stdout.split('RESULTS', 1)[1])
+
+
+# ----------------------------------------------------------------------------- row 1: no hang
+def test_row1_unexpected_error_with_live_workers_exits_promptly(cfg, digits, workdir, launcher):
+    """An unexpected exception in the 2nd step while 2 DataLoader workers are alive: the process ends
+    (non-zero, with the exception shown) within seconds, instead of waiting forever for the workers."""
+    output = str(workdir / 'runs')
+    start = time.time()
+    r = run_main(launcher, *main_args(cfg, digits, output, 'row1', opts=('DATA.NUM_WORKERS', '2')),
+                 timeout=HANG_LIMIT, env={'REL_INJECT': 'fail'})
+    assert r.returncode not in (0, 143), r.stdout[-2000:] + r.stderr[-2000:]
+    assert 'injected failure in the training step' in r.stderr
+    assert time.time() - start < HANG_LIMIT
+
+
+def test_row1_unexpected_error_on_one_rank_ends_the_torchrun_job(cfg, digits, workdir, launcher):
+    """The same on rank 1 of a 2-rank torchrun job (DIST_TIMEOUT left at its 600 s default): torchrun and
+    both ranks end well within HANG_LIMIT, the job reports the failure."""
+    output = str(workdir / 'runs')
+    start = time.time()
+    r = torchrun(launcher, *main_args(cfg, digits, output, 'row1-ddp', opts=('DATA.NUM_WORKERS', '1')),
+                 timeout=HANG_LIMIT + 30, env={'REL_INJECT': 'fail', 'REL_FAIL_RANK': '1'})
+    elapsed = time.time() - start
+    assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert 'injected failure in the training step' in r.stdout + r.stderr
+    assert elapsed < HANG_LIMIT + 30, elapsed
+
+
+# ----------------------------------------------------------------------------- rows 2 and 13: 2-rank EMA run
+@pytest.fixture(scope='module')
+def ema_2rank(cfg, digits, workdir, launcher):
+    """main_ema.py on 2 ranks (torchrun, gloo): 1 epoch, 2 steps per rank, EMA checksums recorded."""
+    output, tag = str(workdir / 'runs'), 'ema-2rank'
+    record = workdir / 'ema_record'
+    record.mkdir()
+    r = torchrun(launcher, *main_args(cfg, digits, output, tag, '--model-ema-decay', '0.5',
+                                      opts=('DATA.BATCH_SIZE', '10', 'DIST_TIMEOUT', '60'), entry='main_ema.py'),
+                 timeout=240, env={'REL_INJECT': 'ema', 'REL_EMA_OUT': str(record)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r, run_dir(output, tag), str(record)
+
+
+def test_row2_one_ema_on_all_ranks(ema_2rank):
+    """After every update the EMA weights of rank 0 and rank 1 are bit-identical (sha1 of the state), and
+    the EMA saved in the last checkpoint is that EMA."""
+    r, folder, record = ema_2rank
+    sums = [open(os.path.join(record, f'ema_rank{k}.txt')).read().split() for k in (0, 1)]
+    assert len(sums[0]) == len(sums[1]) == 2                  # 40 images / 2 ranks / batch 10
+    assert sums[0] == sums[1], 'the ranks hold different EMA weights'
+    import hashlib
+    import checkpoint as C
+    ema = C.load_checkpoint(os.path.join(folder, 'ckpt_epoch_1.pth'))['model_ema']
+    h = hashlib.sha1()
+    for k, v in sorted(ema.items()):
+        h.update(k.encode())
+        h.update(v.cpu().contiguous().numpy().tobytes())
+    assert h.hexdigest() == sums[1][-1]
+
+
+def test_row13_console_is_quiet_on_two_ranks(ema_2rank):
+    """Each distinct warning is printed once per run (by rank 0), the model appears on the console as a
+    parameter/FLOPs summary, and its full repr only in the log file."""
+    r, folder, _ = ema_2rank
+    console = r.stdout + r.stderr
+    warnings = [re.sub(r'^\[[^]]*\] \([^)]*\): ', '', ln) for ln in console.splitlines()
+                if 'Warning' in ln or 'WARNING' in ln]
+    repeated = {w for w in warnings if warnings.count(w) > 1}
+    assert not repeated, f'warnings printed more than once: {sorted(repeated)[:3]}'
+    assert '(layers): ModuleList(' not in console, 'the full model repr is on the console'
+    log = open(os.path.join(folder, 'log_rank0.txt')).read()
+    assert '(layers): ModuleList(' in log
+    assert re.search(r'params', console, re.I) and re.search(r'FLOPs', console)
+
+
+# ----------------------------------------------------------------------------- rows 3, 4, 7, 12: up-front errors
+@pytest.fixture(scope='module')
+def upfront(cfg, digits, workdir) -> dict:
+    """Bad inputs that must each end with exit 2, one ERROR line naming the problem and the fix, and no
+    run folder (the check ran before datasets, model or output folder). All cases run in one
+    interpreter; returns {case: (texts the line must contain, result)}."""
+    root = workdir / 'upfront'
+    root.mkdir()
+    renamed = copy_digits(digits, str(root / 'renamed'))           # row 3: val/9 renamed to val/nine
+    os.rename(os.path.join(renamed, 'val', '9'), os.path.join(renamed, 'val', 'nine'))
+    missing = copy_digits(digits, str(root / 'missing'))           # row 3: val lacks class 7
+    shutil.rmtree(os.path.join(missing, 'val', '7'))
+    bad_yaml = root / 'bad.yaml'                                   # row 12: a syntax error on one line
+    bad_yaml.write_text(TINY_YAML.replace('  BATCH_SIZE: 8', '  BATCH_SIZE: 8: 16'))
+    line_no = TINY_YAML.split('\n').index('  BATCH_SIZE: 8') + 1
+    no_base = root / 'child.yaml'                                  # row 12: BASE file missing
+    no_base.write_text("BASE: ['parent_missing.yaml']\nDATA:\n  BATCH_SIZE: 8\n")
+    cases = [  # name, cfg, data, extra, opts, texts the error line must contain
+        ('class-renamed', cfg, renamed, [], [], ["'9'", "'nine'", 'train', 'val']),
+        ('class-missing', cfg, missing, [], [], ["'7'", 'only in train']),
+        ('class-count', cfg, digits, [], ['MODEL.NUM_CLASSES', '7'], ['MODEL.NUM_CLASSES 10']),
+        ('mixup-batch-1', cfg, digits, ['--batch-size', '1'], ['AUG.MIXUP', '0.8'], ['DATA.BATCH_SIZE', 'AUG.MIXUP']),
+        ('mixup-odd', cfg, digits, ['--batch-size', '7'], ['AUG.CUTMIX', '1.0'], ['DATA.BATCH_SIZE', 'even']),
+        ('yaml-syntax', str(bad_yaml), digits, [], [], [str(bad_yaml), f'line {line_no}']),
+        ('base-missing', str(no_base), digits, [], [], ['parent_missing.yaml', str(no_base), 'BASE']),
+        ('resume-missing', cfg, digits, ['--resume', str(root / 'no_such.pth')], [], ['--resume', 'no_such.pth']),
+    ]
+    argvs = []
+    for name, c, d, extra, opts, _ in cases:
+        argv = ['--cfg', c, '--data-path', d, '--output', str(root / 'out'), '--tag', name, '--device', 'cpu', *extra]
+        argvs.append((argv + (['--opts', *opts] if opts else []), run_dir(str(root / 'out'), name)))
+    return {name: (expect, res) for (name, *_, expect), res in zip(cases, run_cases(argvs))}
+
+
+def check_upfront(upfront: dict, *names: str) -> List[str]:
+    """The error lines of ``names``, after checking each case's exit code, line, texts and folder."""
+    lines = []
+    for name in names:
+        expect, res = upfront[name]
+        got = [ln for ln in res['stderr'].strip().splitlines() if ln.strip()]
+        assert res['rc'] == ERROR and len(got) == 1 and got[0].startswith('ERROR: '), \
+            f"{name}: rc={res['rc']} stderr={res['stderr'][-800:]}"
+        assert all(e in got[0] for e in expect), f'{name}: {got[0]} lacks one of {expect}'
+        assert not res['folder'], f'{name}: the run folder was created before the error'
+        lines.append(got[0])
+    return lines
+
+
+def test_row3_train_and_val_class_lists_are_compared(upfront):
+    """A renamed or missing val class folder: an error naming the differing classes, no silent shift."""
+    check_upfront(upfront, 'class-renamed', 'class-missing')
+
+
+def test_row7_mixup_with_an_odd_batch_is_a_config_error(upfront):
+    """Batch 1 (crashed inside Mixup) and batch 7 (silently dropped an image per step) with Mixup/CutMix."""
+    check_upfront(upfront, 'mixup-batch-1', 'mixup-odd')
+
+
+def test_row12_yaml_base_and_resume_errors(upfront):
+    """The YAML line number is kept; a missing BASE names the BASE entry and its YAML, not --cfg; a
+    missing --resume file is reported before any dataset, model or output folder is made."""
+    line = check_upfront(upfront, 'yaml-syntax', 'base-missing', 'resume-missing')[1]
+    assert '--cfg' not in line, line
+
+
+def test_row4_class_count_advice_is_not_circular(cfg, digits, workdir, upfront):
+    """Train has 10 classes, val 9: following the error's advice on MODEL.NUM_CLASSES must never lead
+    back to a value the run already rejected (today: 'use 9' for val, then 'use 10' for train)."""
+    data = copy_digits(digits, str(workdir / 'nine_val'))
+    shutil.rmtree(os.path.join(data, 'val', '4'))
+    line = check_upfront(upfront, 'class-count')[0]           # consistent splits: the real class count
+    assert re.findall(r'--opts MODEL\.NUM_CLASSES (\d+)', line) == [str(len(os.listdir(os.path.join(digits, 'train'))))]
+    tried, output = ['10'], str(workdir / 'row4')
+    for _ in range(3):
+        argv = ['--cfg', cfg, '--data-path', data, '--output', output, '--device', 'cpu',
+                '--opts', 'MODEL.NUM_CLASSES', tried[-1]]
+        res = run_cases([(argv, output)])[0]
+        assert res['rc'] == ERROR, res
+        line = one_error_line(res['stderr'])
+        advice = re.findall(r'--opts MODEL\.NUM_CLASSES (\d+)', line)
+        if not advice:
+            assert "'4'" in line, line          # names the class folder val/ lacks
+            return
+        assert advice[0] not in tried, f'circular advice after trying {tried}: {line}'
+        tried.append(advice[0])
+    pytest.fail(f'advice kept changing: {tried}')
+
+
+# ----------------------------------------------------------------------------- row 5: small images, mixed sizes
+def test_row5_small_image_path_resizes_mixed_sizes(cfg, digits, workdir):
+    """IMG_SIZE 32 (the small-image path) on folders that also hold 40 px and 24 px images: the run
+    trains and validates."""
+    data = copy_digits(digits, str(workdir / 'mixed'))
+    rng = np.random.RandomState(0)
+    for split in ('train', 'val'):
+        for cls, side in (('1', 40), ('2', 24), ('3', 48)):
+            pixels = rng.randint(0, 256, (side, side, 3)).astype(np.uint8)
+            Image.fromarray(pixels).save(os.path.join(data, split, cls, f'odd_{side}.png'))
+    r = run_main(*main_args(cfg, data, str(workdir / 'runs'), 'row5'))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r'on the 23 test images', r.stdout), r.stdout[-2000:]
+
+
+# ----------------------------------------------------------------------------- row 8: symlink loop
+def test_row8_symlink_loop_is_followed_once(cfg, digits, workdir):
+    """val/3 holds a link to itself and val/5 a link to its parent: every image is listed once, and
+    the scan says what it skipped."""
+    data = copy_digits(digits, str(workdir / 'loops'))
+    os.symlink('.', os.path.join(data, 'val', '3', 'again'))
+    os.symlink('..', os.path.join(data, 'val', '5', 'up'))
+    open(os.path.join(data, 'val', '6', 'notes.txt'), 'w').write('not an image')
+    r = run_main(*main_args(cfg, data, str(workdir / 'runs'), 'row8', '--eval'))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(rf'on the {N_VAL} test images', r.stdout), r.stdout[-2000:]
+    val_dir = os.path.join(data, 'val')
+    report = re.search(rf'{re.escape(val_dir)}: (\d+) images in 10 classes \(skipped (.*)\)', r.stdout)
+    assert report and int(report.group(1)) == N_VAL, r.stdout[-2000:]
+    assert '1 non-image files' in report.group(2) and 'symlink' in report.group(2)
+    assert re.search(rf'scanning {re.escape(val_dir)}: 5/10 classes', r.stdout)   # scan progress
+
+
+# ----------------------------------------------------------------------------- row 10: more than 8 bits
+def test_row10_16bit_and_float_images_are_scaled_not_clipped(cfg, digits, workdir):
+    """16-bit PNGs and float TIFFs load with the right 8-bit scaling (compared with numpy), and a run on
+    a folder of them warns once; a float image outside [0, 1] is refused naming the file."""
+    from data.cached_image_folder import DataError, load_image
+    ramp16 = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)       # 0 .. 65520
+    ramp_f = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    p16, pf, pbad = (str(workdir / n) for n in ('ramp16.png', 'rampf.tif', 'bad_float.tif'))
+    Image.fromarray(ramp16).save(p16)
+    Image.fromarray(ramp_f).save(pf)
+    Image.fromarray(ramp_f * 3).save(pbad)
+    for path, ref in ((p16, ramp16.astype(np.float64) * 255 / 65535), (pf, ramp_f.astype(np.float64) * 255)):
+        got = np.asarray(load_image(path))
+        assert got.shape == (64, 64, 3) and (got == got[..., :1]).all()
+        assert np.abs(got[..., 0] - ref).max() <= 0.5 + 1e-6, path
+    with pytest.raises(DataError, match='bad_float.tif'):
+        load_image(pbad)
+    data = copy_digits(digits, str(workdir / 'deep'))
+    for root, _, files in os.walk(os.path.join(data, 'val')):
+        for f in files:
+            gray = np.asarray(Image.open(os.path.join(root, f)).convert('L'), dtype=np.uint16) * 257
+            Image.fromarray(gray).save(os.path.join(root, f))
+    r = run_main(*main_args(cfg, data, str(workdir / 'runs'), 'row10', '--eval'))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (r.stdout + r.stderr).count('more than 8 bits per channel') == 1
