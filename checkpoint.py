@@ -1,5 +1,6 @@
-"""Checkpoints: atomic save, safe (``weights_only``) load, auto-resume discovery, pruning and
-pretrained-weight adaptation.
+"""Checkpoints (file I/O only): atomic save, safe (``weights_only``) load, auto-resume discovery, pruning;
+``load_pretrained`` reads a file and hands it to the model library (``models.load_pretrained``), which
+knows each family's checkpoint format.
 
 Every failure is a ``CheckpointError`` whose one-line message names the file, the problem and the fix.
 
@@ -18,7 +19,6 @@ import argparse
 import collections
 import glob
 import logging
-import math
 import os
 import pickle
 import re
@@ -27,14 +27,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from yacs.config import CfgNode
 
 logger = logging.getLogger(__name__)
 
 _CFG_GLOBAL = 'yacs.config.CfgNode'
-_DROPPED_BUFFERS = ('relative_position_index', 'attn_mask')
-_GRID_KEYS = re.compile(r'(^|\.)(positional_encoding|pos_embed\d*|absolute_pos_embed)$')
 
 
 class CheckpointError(RuntimeError):
@@ -328,31 +325,6 @@ def prune_checkpoints(output_dir: str, keep: int) -> None:
 
 
 # ----------------------------------------------------------------------------- pretrained
-def resize_bias_table(table: torch.Tensor, length: int) -> torch.Tensor:
-    """Bicubic resize of a relative position bias table ((2w-1)^2, heads) -> (length, heads)."""
-    src, heads = table.shape
-    s1, s2 = math.isqrt(src), math.isqrt(length)
-    if s1 * s1 != src or s2 * s2 != length:
-        raise ValueError(f'bias table lengths {src} -> {length} are not squares')
-    grid = table.float().T.reshape(1, heads, s1, s1)
-    out = F.interpolate(grid, size=(s2, s2), mode='bicubic', align_corners=False)
-    return out.reshape(heads, length).T.contiguous().to(table.dtype)
-
-
-def resize_token_grid(tokens: torch.Tensor, length: int) -> torch.Tensor:
-    """Bicubic resize of (1, n, C) tokens on a square grid to (1, length, C). One extra leading token
-    (a class token, n = 1 + s^2) is carried over unchanged."""
-    _, n, c = tokens.shape
-    extra = 0 if math.isqrt(n) ** 2 == n else 1
-    s1, s2 = math.isqrt(n - extra), math.isqrt(length - extra)
-    if s1 * s1 != n - extra or s2 * s2 != length - extra:
-        raise ValueError(f'token counts {n} -> {length} are not square grids')
-    grid = tokens[:, extra:].float().reshape(1, s1, s1, c).permute(0, 3, 1, 2)
-    out = F.interpolate(grid, size=(s2, s2), mode='bicubic', align_corners=False)
-    out = out.permute(0, 2, 3, 1).reshape(1, s2 * s2, c).to(tokens.dtype)
-    return torch.cat([tokens[:, :extra], out], dim=1)
-
-
 def _read_index_file(path: str) -> List[int]:
     try:
         with open(path) as f:
@@ -364,61 +336,24 @@ def _read_index_file(path: str) -> List[int]:
 
 def load_pretrained(model: nn.Module, path: str, logger: Optional[logging.Logger] = None,
                     index_22k_to_1k: Optional[str] = None, prefer_ema: bool = False) -> None:
-    """Fine-tuning load: drop re-creatable buffers, bicubically resize bias tables and positional grids to
-    the model, re-initialise (keep the model's fresh) head when the class count differs, or map a
-    21841-class head to 1000 classes with ``index_22k_to_1k``. Any other mismatch raises CheckpointError."""
+    """Fine-tuning load (``--pretrained``): safe-load ``path`` here, then adapt it to the model with
+    ``models.load_pretrained`` (the family's ``checkpoint_filter_fn``: re-creatable buffers, resized
+    position tables / encodings; a fresh head for another class count, or a 21841-class head mapped to
+    1000 classes with the ``index_22k_to_1k`` file). Any other mismatch raises CheckpointError."""
+    from models.build import load_pretrained as adapt_and_load   # local: checkpoint I/O stays model-free
+
     log = logger or logging.getLogger(__name__)
-    sd = extract_model_state(load_checkpoint(path), prefer_ema=prefer_ema)
-    target = model.state_dict()
-    sd = {k: v for k, v in sd.items() if not k.endswith(_DROPPED_BUFFERS)}
-    merged: Dict[str, torch.Tensor] = {}
-    resized, head_reset, problems = [], [], []
-    for key, value in sd.items():
-        if key not in target:
-            continue
-        want = target[key]
-        if tuple(value.shape) == tuple(want.shape):
-            merged[key] = value
-            continue
-        try:
-            if key.endswith('relative_position_bias_table') and value.shape[1] == want.shape[1]:
-                merged[key] = resize_bias_table(value, want.shape[0])
-                resized.append(key)
-                continue
-            if _GRID_KEYS.search(key) and value.dim() == 3 and value.shape[2] == want.shape[2]:
-                merged[key] = resize_token_grid(value, want.shape[1])
-                resized.append(key)
-                continue
-        except ValueError as e:
-            problems.append(f'{key} ({e})')
-            continue
-        if key.startswith('head.') and value.shape[1:] == want.shape[1:]:
-            if index_22k_to_1k and value.shape[0] == 21841 and want.shape[0] == 1000:
-                idx = torch.tensor(_read_index_file(index_22k_to_1k))
-                if idx.numel() != 1000:
-                    raise CheckpointError(f"{index_22k_to_1k}: expected 1000 class indices, got {idx.numel()}")
-                merged[key] = value[idx]
-                continue
-            head_reset.append(key)
-            continue
-        problems.append(f'{key} {tuple(value.shape)} vs model {tuple(want.shape)}')
-    missing = [k for k in target if k not in sd and not k.endswith(_DROPPED_BUFFERS)]
-    unexpected = [k for k in sd if k not in target]
-    if missing or unexpected or problems:
-        raise CheckpointError(f"pretrained weights {path} do not fit the model: "
-                              f"{_mismatch_report(missing, unexpected, problems)}; does --cfg match the "
-                              f"checkpoint's model?")
-    full = dict(target)
-    full.update(merged)
-    model.load_state_dict(full, strict=True)
-    if resized:
-        log.info('pretrained %s: bicubically resized %d tensors (%s%s)', path, len(resized),
-                 ', '.join(resized[:3]), '...' if len(resized) > 3 else '')
-    if head_reset:
-        log.info('pretrained %s: class count differs, head re-initialised (%s)', path, ', '.join(head_reset))
+    ckpt = load_checkpoint(path)
+    index = _read_index_file(index_22k_to_1k) if index_22k_to_1k else None
+    try:
+        notes = adapt_and_load(model, ckpt, index_22k_to_1k=index, prefer_ema=prefer_ema)
+    except ValueError as e:
+        raise CheckpointError(f"pretrained weights {path} do not fit the model: {e}; does --cfg match the "
+                              f"checkpoint's model?") from None
+    for note in notes:
+        log.info('pretrained %s: %s', path, note)
     log.info('loaded pretrained weights from %s', path)
 
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'extract_model_state', 'load_model_state',
-           'find_resume_checkpoint', 'prune_checkpoints', 'load_pretrained', 'resize_bias_table',
-           'resize_token_grid']
+           'find_resume_checkpoint', 'prune_checkpoints', 'load_pretrained']

@@ -87,6 +87,28 @@ _C.MODEL.LA.ATTN_TYPE = 'LLLL'           # one letter per stage: 'L' focused lin
 _C.MODEL.LA.PVT_LA_SR_RATIOS = '1111'    # one digit per stage (an integer like 8421 is accepted)
 _C.MODEL.LA.CSWIN_LA_SPLIT_SIZE = '56-28-14-7'
 
+# (ours) Sizes of PVT / PVTv2 / CSwin (empty = the official variant named by MODEL.TYPE). A key of a section
+# the selected MODEL.TYPE does not read is an error when set away from its default.
+_C.MODEL.PVT = CN()
+_C.MODEL.PVT.IN_CHANS = 3
+_C.MODEL.PVT.EMBED_DIMS = []
+_C.MODEL.PVT.NUM_HEADS = []
+_C.MODEL.PVT.MLP_RATIOS = []
+_C.MODEL.PVT.DEPTHS = []
+_C.MODEL.PVT_V2 = CN()
+_C.MODEL.PVT_V2.IN_CHANS = 3
+_C.MODEL.PVT_V2.EMBED_DIMS = []
+_C.MODEL.PVT_V2.NUM_HEADS = []
+_C.MODEL.PVT_V2.MLP_RATIOS = []
+_C.MODEL.PVT_V2.DEPTHS = []
+_C.MODEL.CSWIN = CN()
+_C.MODEL.CSWIN.IN_CHANS = 3
+_C.MODEL.CSWIN.EMBED_DIM = 0             # 0 = the variant's
+_C.MODEL.CSWIN.DEPTHS = []
+_C.MODEL.CSWIN.NUM_HEADS = []
+_C.MODEL.CSWIN.SPLIT_SIZE = []           # softmax stripe widths per stage
+_C.MODEL.CSWIN.MLP_RATIO = 0.            # 0 = the variant's (4)
+
 # DAT++ (MODEL.TYPE dat; models/dat.py): the official MODEL.DAT section, lower-case keys exactly as in the
 # official YAML files (img_size, dims, depths, stage_spec, ...), passed to the model as keyword arguments.
 # MODEL.DAT.num_classes / drop_rate / drop_path_rate win over MODEL.NUM_CLASSES / DROP_RATE / DROP_PATH_RATE
@@ -441,6 +463,9 @@ def validate_config(config: CN) -> None:
                           f"'56-28-14-7'; got {config.MODEL.LA.CSWIN_LA_SPLIT_SIZE!r}")
     if config.MODEL.LA.KERNEL_SIZE <= 0 or config.MODEL.LA.KERNEL_SIZE % 2 == 0:
         raise ConfigError(f"MODEL.LA.KERNEL_SIZE must be a positive odd number, got {config.MODEL.LA.KERNEL_SIZE}")
+    import models  # noqa: F401  (local: the model families register their config adapters on import)
+    from models.build import check_config_keys
+    check_config_keys(config, _C)        # a size key the selected MODEL.TYPE does not read
     if config.AMP_DTYPE not in ('float16', 'bfloat16'):
         raise ConfigError(f"AMP_DTYPE must be 'float16' or 'bfloat16', got {config.AMP_DTYPE!r}")
     if config.DEVICE not in ('auto', 'cuda', 'cpu'):

@@ -707,7 +707,7 @@ def build_trainer(config: CfgNode, info: Optional[DistInfo] = None, loader_val=N
             model, device_ids=[info.local_rank] if info.device.type == 'cuda' else None,
             find_unused_parameters=config.FIND_UNUSED_PARAMS)
     if config.TRAIN.COMPILE:
-        step_model = torch.compile(step_model)
+        step_model = torch.compile(step_model, dynamic=False)
         logger.info('training step model compiled with torch.compile')
     mixup = build_mixup(config)
     use_scaler = config.AMP and config.AMP_DTYPE == 'float16'

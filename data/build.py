@@ -29,7 +29,7 @@ from yacs.config import CfgNode
 from config import ConfigError
 from utils import seed_everything
 from .cached_image_folder import IMG_EXTENSIONS, CachedImageFolder, DataError, load_image
-from .samplers import ExactEvalSampler, ResumableSampler
+from .samplers import ExactEvalSampler, RepeatedAugSampler, ResumableSampler
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
     """Training: timm ``create_transform`` (random resized crop of AUG.SCALE, flip with AUG.HFLIP,
     RandAugment, colour jitter, random erasing per AUG.*); at 32 px and below (CIFAR-style) a resize to
     IMG_SIZE (a no-op for images of that size) + RandomCrop(padding 4) replaces the random resized crop.
-    Evaluation: resize to IMG_SIZE*256/224 + centre crop (TEST.CROP, above 32 px) or a direct resize."""
+    Evaluation: resize to IMG_SIZE/TEST.CROP_PCT (square as official FLatten/Swin, or the shorter side with
+    TEST.RESIZE_SHORT_SIDE as DeiT/ConvNeXt) + centre crop (TEST.CROP, above 32 px), or a direct resize to
+    IMG_SIZE x IMG_SIZE (also at IMG_SIZE >= TEST.NO_CROP_MIN_SIZE when set: ConvNeXt/L2ViT's 384 rule)."""
     size, aug = config.DATA.IMG_SIZE, config.AUG
     resize = size > 32
     if is_train:
@@ -77,9 +79,11 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
         return t
     interp = str_to_pil_interp('bicubic' if config.DATA.INTERPOLATION == 'random' else config.DATA.INTERPOLATION)
     steps: List[Any] = []
-    if resize and config.TEST.CROP:
-        crop_from = int(size * 256 / 224)
-        steps += [transforms.Resize((crop_from, crop_from), interpolation=interp), transforms.CenterCrop(size)]
+    no_crop_from = config.TEST.NO_CROP_MIN_SIZE
+    if resize and config.TEST.CROP and not (no_crop_from and size >= no_crop_from):
+        crop_from = int(size / config.TEST.CROP_PCT)      # = int(size * 256 / 224) at the default 0.875
+        shape = crop_from if config.TEST.RESIZE_SHORT_SIDE else (crop_from, crop_from)
+        steps += [transforms.Resize(shape, interpolation=interp), transforms.CenterCrop(size)]
     else:               # also at 32 px and below, where images of another size must be resized too
         steps.append(transforms.Resize((size, size), interpolation=interp))
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
@@ -364,7 +368,8 @@ def _loader(dataset: Dataset, sampler, config: CfgNode, drop_last: bool, pin: bo
     return DataLoader(dataset, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, drop_last=drop_last,
                       num_workers=config.DATA.NUM_WORKERS, pin_memory=pin and config.DATA.PIN_MEMORY,
                       collate_fn=collate, generator=torch.Generator().manual_seed(seed),
-                      worker_init_fn=_worker_init)
+                      worker_init_fn=_worker_init,
+                      persistent_workers=config.DATA.PERSISTENT_WORKERS and config.DATA.NUM_WORKERS > 0)
 
 
 def build_val_loader(config: CfgNode, rank: int = 0, world_size: int = 1, pin: bool = False
@@ -379,8 +384,16 @@ def build_train_loader(config: CfgNode, rank: int = 0, world_size: int = 1, pin:
                        ) -> Tuple[SampleDataset, DataLoader, ResumableSampler]:
     dataset = build_dataset(True, config, rank, world_size)
     check_num_classes(dataset, config, 'train')
-    sampler = ResumableSampler(len(dataset), rank, world_size, seed=config.SEED, shuffle=True,
-                               rank_shard_only=config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'part')
+    shard_only = config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'part'
+    if config.AUG.REPEATED_AUG:
+        if shard_only:
+            raise ConfigError("AUG.REPEATED_AUG spreads every image over all ranks, but zip mode with DATA.CACHE_MODE "
+                              "'part' caches one shard per rank; use --cache-mode full or no, or turn AUG.REPEATED_AUG off")
+        sampler = RepeatedAugSampler(len(dataset), rank, world_size, seed=config.SEED, shuffle=True,
+                                     repeats=config.AUG.REPEATED_AUG_COUNT)
+    else:
+        sampler = ResumableSampler(len(dataset), rank, world_size, seed=config.SEED, shuffle=True,
+                                   rank_shard_only=shard_only)
     if sampler.per_rank() < config.DATA.BATCH_SIZE:
         raise ConfigError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is larger than the {sampler.per_rank()} "
                           f"training images per process; lower --batch-size")

@@ -7,11 +7,19 @@ the first n samples of the epoch without loading them (mid-epoch resume). Each i
 ``(index, sample_seed)`` with ``sample_seed = f(seed, epoch, index)``, so augmentation is reproducible
 whatever the worker count or resume point (see ``data.build.SampleDataset``).
 
+Repeated augmentation (:class:`RepeatedAugSampler`, DeiT's ``RASampler``, used by Visformer's recipe):
+the epoch's shuffled order with every index repeated ``repeats`` times in a row, padded to a multiple of
+the world size, dealt out with stride world size (copies of an image land on different ranks when the
+world size is at least ``repeats``),
+and each rank's share truncated to ``floor(len // 256 * 256 / world)`` samples, as DeiT does. Each
+copy gets its own sample seed, hence its own augmentation.
+
 Evaluation (:class:`ExactEvalSampler`): rank r takes indices r, r+world, ... in order: every image
 exactly once over all ranks, no padding duplicates.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator, List, Sequence, Tuple
 
 import torch
@@ -61,6 +69,36 @@ class ResumableSampler(Sampler):
 
     def __len__(self) -> int:
         return max(0, self.per_rank() - self.start)
+
+
+class RepeatedAugSampler(ResumableSampler):
+    """DeiT's repeated-augmentation order for one rank; yields (dataset index, sample seed), the seed a
+    function of (seed, epoch, index, copy). Resumable like :class:`ResumableSampler`."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, repeats: int = 3, round_to: int = 256) -> None:
+        super().__init__(num_samples, rank, world_size, seed, shuffle)
+        self.repeats, self.round_to = repeats, round_to
+
+    def epoch_items(self) -> List[Tuple[int, int]]:
+        """This rank's (index, copy number) pairs for the current epoch (before ``start``)."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        n, w = self.num_samples, self.world_size
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        items = [(i, c) for i in order for c in range(self.repeats)]
+        total = math.ceil(n * self.repeats / w) * w
+        items += items[: total - len(items)]
+        return items[self.rank:total:w][: self.per_rank()]
+
+    def epoch_indices(self) -> List[int]:
+        return [i for i, _ in self.epoch_items()]
+
+    def per_rank(self) -> int:
+        return int(math.floor(self.num_samples // self.round_to * self.round_to / self.world_size))
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        for index, copy in self.epoch_items()[self.start:]:
+            yield index, derive_seed(self.seed, self.epoch, index, copy)
 
 
 class ExactEvalSampler(Sampler):

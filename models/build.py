@@ -6,15 +6,16 @@ the timm-registered model name, its keyword arguments, and which config key each
 ``ValueError`` into a one-line :class:`ConfigError` naming the config key (model messages name the keyword
 argument, e.g. ``"depths=(2, 2) needs one entry per stage ..."``; the adapter maps it back to the key).
 
-Families that have not moved to the library design yet register ``fn(config) -> nn.Module`` with the
-legacy :func:`register_model`; both kinds are looked up by ``MODEL.TYPE``.
+Also here, for the experiment layer: :func:`check_config_keys` (a size key set for another MODEL.TYPE is a
+ConfigError) and :func:`load_pretrained` (fine-tuning load through the family's ``checkpoint_filter_fn``).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
 from errors import ConfigError
@@ -30,27 +31,15 @@ class ModelSpec:
 
 Adapter = Callable[[Any], ModelSpec]
 _ADAPTERS: Dict[str, Adapter] = {}
-_LEGACY: Dict[str, Callable[[Any], nn.Module]] = {}
 
 
 def register_config_adapter(*model_types: str) -> Callable[[Adapter], Adapter]:
     """Decorator: ``adapter(config) -> ModelSpec`` serves the given ``MODEL.TYPE`` names."""
     def wrap(fn: Adapter) -> Adapter:
         for name in model_types:
-            if name in _ADAPTERS or name in _LEGACY:
+            if name in _ADAPTERS:
                 raise RuntimeError(f'MODEL.TYPE {name!r} registered twice')
             _ADAPTERS[name] = fn
-        return fn
-    return wrap
-
-
-def register_model(*names: str):
-    """Legacy decorator: ``fn(config) -> nn.Module`` under one or more MODEL.TYPE names."""
-    def wrap(fn):
-        for name in names:
-            if name in _ADAPTERS or name in _LEGACY:
-                raise RuntimeError(f'MODEL.TYPE {name!r} registered twice')
-            _LEGACY[name] = fn
         return fn
     return wrap
 
@@ -65,7 +54,7 @@ def common_spec(config, name: str) -> ModelSpec:
 
 def model_types() -> list:
     """Every valid MODEL.TYPE."""
-    return sorted(set(_ADAPTERS) | set(_LEGACY))
+    return sorted(_ADAPTERS)
 
 
 def model_spec(config) -> ModelSpec:
@@ -90,8 +79,6 @@ def build_model(config, **overrides: Any) -> nn.Module:
     """Build the backbone named by ``config.MODEL.TYPE`` (randomly initialised); ``overrides`` win."""
     import timm  # local: importing models must stay cheap for tools that only list types
 
-    if config.MODEL.TYPE in _LEGACY:
-        return _LEGACY[config.MODEL.TYPE](config)
     spec = model_spec(config)
     try:
         return timm.create_model(spec.name, **dict(spec.kwargs, **overrides))
@@ -99,3 +86,97 @@ def build_model(config, **overrides: Any) -> nn.Module:
         raise
     except ValueError as err:
         raise _config_error(err, spec) from None
+
+
+# ----------------------------------------------------------------------------- config keys
+def _leaves(node: Any, prefix: str) -> Dict[str, Any]:
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = v
+    return out
+
+
+def _value_at(config: Any, key: str) -> Any:
+    node = config
+    for part in key.split('.'):
+        node = node[part]
+    return node
+
+
+def check_config_keys(config, defaults) -> None:
+    """ConfigError naming the key when a key under a MODEL.<section> that some model type reads (e.g.
+    MODEL.SWIN.EMBED_DIM, MODEL.PVT.DEPTHS, MODEL.LA.CSWIN_LA_SPLIT_SIZE) is set away from its default in
+    ``defaults`` but the selected MODEL.TYPE does not read it. Keys no adapter reads (kept only so that
+    official YAMLs and checkpoints load) are not checked; an unknown MODEL.TYPE is left to build_model."""
+    if config.MODEL.TYPE not in _ADAPTERS:
+        return
+    used = set(model_spec(config).keys.values())
+    readable = set()
+    probe = config.clone()
+    probe.defrost()
+    for adapter, model_type in {a: t for t, a in _ADAPTERS.items()}.items():
+        probe.MODEL.TYPE = model_type
+        try:
+            readable |= set(adapter(probe).keys.values())
+        except Exception:          # another family's adapter may not understand this config
+            continue
+    model_keys = _leaves({k: v for k, v in config.MODEL.items() if isinstance(v, dict)}, 'MODEL.')
+    for key, value in model_keys.items():
+        if key in readable and key not in used:
+            try:
+                default = _value_at(defaults, key)
+            except KeyError:
+                continue
+            if value != default and not (isinstance(value, (list, tuple)) and isinstance(default, (list, tuple))
+                                         and list(value) == list(default)):
+                raise ConfigError(f'{key} is set ({value!r}) but MODEL.TYPE {config.MODEL.TYPE!r} does not read it; '
+                                  f'remove it or set the key of this model type')
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+def load_pretrained(model: nn.Module, checkpoint: Dict[str, Any], index_22k_to_1k: Optional[Sequence[int]] = None,
+                    prefer_ema: bool = False) -> List[str]:
+    """Fine-tuning load of ``checkpoint`` (any official wrapping) into ``model``, strictly: the model's family
+    ``checkpoint_filter_fn`` (defined next to the model class) adapts it (re-creatable buffers, resized
+    position tables / encodings); a head of another class count keeps the model's fresh head, or with
+    ``index_22k_to_1k`` (1000 indices) a 21841-class head is mapped to 1000 classes. Returns log notes;
+    raises ValueError naming the mismatching keys."""
+    import sys
+
+    from .layers import unwrap_state_dict
+
+    sd = unwrap_state_dict(checkpoint, prefer_ema=prefer_ema)
+    family = sys.modules.get(type(model).__module__)
+    filter_fn = getattr(family, 'checkpoint_filter_fn', None)
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    target = model.state_dict()
+    notes = []
+    head = getattr(model, 'pretrained_cfg', {}).get('classifier', 'head') or 'head'
+    for suffix in ('weight', 'bias'):
+        key = f'{head}.{suffix}'
+        if key in sd and key in target and sd[key].shape != target[key].shape:
+            v = sd[key]
+            if index_22k_to_1k is not None and v.shape[0] == 21841 and target[key].shape[0] == 1000:
+                idx = torch.as_tensor(list(index_22k_to_1k), dtype=torch.long)
+                if idx.numel() != 1000:
+                    raise ValueError(f'index_22k_to_1k has {idx.numel()} class indices; 1000 are needed')
+                sd[key] = v[idx]
+                notes.append(f'{key}: 21841 -> 1000 classes')
+            else:
+                sd[key] = target[key]
+                notes.append(f'{key}: class count differs, head re-initialised')
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    shapes = [f'{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}' for k, v in target.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(items)} {what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                 for what, items in (('missing', missing), ('unexpected', unexpected), ('shape mismatches', shapes))
+                 if items]
+        raise ValueError('; '.join(parts))
+    model.load_state_dict(sd, strict=True)
+    return notes

@@ -29,7 +29,6 @@ DropPath serves both residuals of a block; the effective init is PyTorch's defau
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -51,7 +50,6 @@ from .neighborhood_attention import neighborhood_attention, neighborhood_av, nei
 __all__ = ['DAT', 'DeformableAttention', 'NeighborhoodAttention', 'DatWindowAttention', 'checkpoint_filter_fn',
            'fvcore_handles', 'LETTERS']
 
-_logger = logging.getLogger(__name__)
 
 ATTN_DEFORMABLE = 'deformable'      # tap(pos (B, g, Hk, Wk, 2), reference (B, g, Hk, Wk, 2), probs (B, heads, HW, Hk*Wk))
 ATTN_NEIGHBORHOOD = 'neighborhood'  # tap(probs (B, heads, H, W, k*k)) in natten's layout, only when hooked
@@ -586,7 +584,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT,
         of another size are resized bicubically (the official fine-tuning intent);
       * ``relative_position_index`` / ``attn_mask`` buffers of another size are replaced by the model's;
       * a ``cls_head`` of another class count is mapped with ``lookup_22k`` (row indices, e.g. 22k -> 1k);
-        without it the head is left out (the caller keeps the model's fresh head).
+        without it the head is passed on unchanged (``models.build.load_pretrained`` then keeps the model's
+        fresh head, or maps 21841 -> 1000 classes with its index file).
     """
     for wrapper in ('model', 'state_dict', 'model_ema'):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
@@ -614,17 +613,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT,
             out[key] = _bicubic(grid, (t, t)).reshape(-1, t * t).T.contiguous()
         elif key.endswith(('relative_position_index', 'attn_mask')):
             out[key] = want
-        elif key.startswith('cls_head.'):
-            if lookup_22k is not None:
-                idx = torch.as_tensor(list(lookup_22k), dtype=torch.long)
-                if idx.numel() != want.shape[0]:
-                    raise ValueError(f'lookup_22k has {idx.numel()} indices for a {want.shape[0]}-class head')
-                out[key] = value[idx]
-            else:
-                _logger.info('checkpoint head %s %s does not fit %s; left out', key, tuple(value.shape),
-                             tuple(want.shape))
+        elif key.startswith('cls_head.') and lookup_22k is not None:
+            idx = torch.as_tensor(list(lookup_22k), dtype=torch.long)
+            if idx.numel() != want.shape[0]:
+                raise ValueError(f'lookup_22k has {idx.numel()} indices for a {want.shape[0]}-class head')
+            out[key] = value[idx]
         else:
-            out[key] = value            # a real mismatch: the strict load names it
+            out[key] = value            # a head of another class count, or a real mismatch the caller names
     return out
 
 

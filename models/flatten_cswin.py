@@ -1,5 +1,18 @@
 """FLatten-CSwin: the CSWin Transformer layout with focused linear ('L') or LePE softmax ('S') stages.
 
+Registered timm models: ``flatten_cswin_t``, ``_s``, ``_b``, ``_b_384`` and the CSWin softmax baselines
+``flatten_cswin_t_softmax`` ... ``flatten_cswin_b_384_softmax``; the experiment config reaches them through
+the adapter for the official MODEL.TYPE names (``FLatten_CSWin_64_24181_tiny_224`` ...).
+
+Weight decay: ``no_weight_decay()`` is the official rule ({'pos_embed', 'cls_token'}: names CSwin does not
+have, so the focused-attention scales and positional encodings are decayed); ``extra_no_weight_decay()``
+names our optional extra exclusions. Softmax branches use ``F.scaled_dot_product_attention`` unless a
+hook is registered on their ``tap``.
+
+``dynamic_img_size=True``: whole-map branches attend over the current map (linear positional encodings
+resampled bicubically to it); stripe branches zero-pad the map to a multiple of the stripe width
+(padded tokens take part as keys, as in the upstream CSWin segmentation backbone) and crop.
+
 State-dict layout matches the official ``FLatten_CSWin_*`` models: ``stage1_conv_embed.{0,2}``,
 ``stage{i}.{j}.{qkv,norm1,proj,attns.{k},mlp,norm2}``, ``merge{i}.{conv,norm}``, ``norm``, ``head``.
 
@@ -13,7 +26,7 @@ Token layout of one block (resolution R x R, C channels):
     map with all channels and heads (key ``attns.0``).
 
 Stripe widths (official rules):
-  * 'L' stages use MODEL.LA.CSWIN_LA_SPLIT_SIZE (one width per stage; the last stage ignores it). The
+  * 'L' stages use ``la_split`` (MODEL.LA.CSWIN_LA_SPLIT_SIZE; one width per stage; the last stage ignores it). The
     shipped configs use width == resolution (global linear attention). A linear branch has both LePE
     and the dwc rank-restoration branch: output = attention + dwc(v) + lepe.
   * 'S' stages use the architecture's widths (1, 2, 7, 7; 1, 2, 12, 12 for base_384), clamped to the
@@ -30,83 +43,127 @@ Differences from the official code (weights stay compatible):
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 from einops.layers.torch import Rearrange
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
-from config import ConfigError
-from .build import register_model
-from .layers import init_weights, run_blocks
-from .focused_attention import AttentionTap, FocusedLinearAttentionBase, merge_heads, split_heads
+from .build import ModelSpec, common_spec, register_config_adapter
+from .focused_attention import ATTN_SOFTMAX, AttentionTap, FocusedLinearAttentionBase, merge_heads, split_heads
+from .layers import (ClassifierMixin, TokenGroups, init_weights, run_blocks, square_size, tokens_to_nchw,
+                     unwrap_state_dict)
 
 PATCH_STRIDE = 4          # the 7x7 stride-4 convolutional stem
 NUM_STAGES = 4
+Grid = Tuple[int, int]
 
 
 # ----------------------------------------------------------------------------- stripes
-def stripe_shape(resolution: int, branch: int, split: int) -> Tuple[int, int]:
+def stripe_shape(resolution: int, branch: int, split: int) -> Grid:
     """(H_sp, W_sp) of a branch: -1 whole map, 0 vertical stripes of width split, 1 horizontal ones."""
     if branch == -1:
         return resolution, resolution
     return (resolution, split) if branch == 0 else (split, resolution)
 
 
-def to_windows(x: torch.Tensor, resolution: int, window: Tuple[int, int]) -> torch.Tensor:
-    """(B, R*R, C) row-major tokens -> (B * nW, H_sp * W_sp, C), windows row-major within each image."""
-    hs, ws = window
-    return rearrange(x, 'b (nh hs nw ws) c -> (b nh nw) (hs ws) c', hs=hs, ws=ws,
-                     nh=resolution // hs, nw=resolution // ws)
+def runtime_window(hw: Grid, branch: int, split: int) -> Grid:
+    """The window of a branch on an (H, W) map (any size): whole map, or full-height / full-width stripes."""
+    if branch == -1:
+        return tuple(hw)
+    return (hw[0], split) if branch == 0 else (split, hw[1])
 
 
-def from_windows(x: torch.Tensor, resolution: int, window: Tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`to_windows`: (B * nW, H_sp * W_sp, C) -> (B, R*R, C)."""
+def to_windows(x: torch.Tensor, hw: Union[int, Grid], window: Grid) -> torch.Tensor:
+    """(B, H*W, C) row-major tokens -> (B * nW, H_sp * W_sp, C), windows row-major within each image
+    (the map is zero-padded on the bottom/right to window multiples, only at dynamic sizes)."""
+    H, W = (hw, hw) if isinstance(hw, int) else hw
     hs, ws = window
-    return rearrange(x, '(b nh nw) (hs ws) c -> b (nh hs nw ws) c', hs=hs, ws=ws,
-                     nh=resolution // hs, nw=resolution // ws)
+    ph, pw = (-H) % hs, (-W) % ws
+    if ph or pw:
+        x = F.pad(x.reshape(x.shape[0], H, W, -1), (0, 0, 0, pw, 0, ph)).flatten(1, 2)
+        H, W = H + ph, W + pw
+    return rearrange(x, 'b (nh hs nw ws) c -> (b nh nw) (hs ws) c', hs=hs, ws=ws, nh=H // hs, nw=W // ws)
+
+
+def from_windows(x: torch.Tensor, hw: Union[int, Grid], window: Grid) -> torch.Tensor:
+    """Inverse of :func:`to_windows`: (B * nW, H_sp * W_sp, C) -> (B, H*W, C) (padding cropped)."""
+    H, W = (hw, hw) if isinstance(hw, int) else hw
+    hs, ws = window
+    Hp, Wp = H + (-H) % hs, W + (-W) % ws
+    x = rearrange(x, '(b nh nw) (hs ws) c -> b (nh hs) (nw ws) c', hs=hs, ws=ws, nh=Hp // hs, nw=Wp // ws)
+    return x[:, :H, :W].flatten(1, 2)
 
 
 class StripeLePE:
     """Mixin for both branch kinds: the stripe geometry and the LePE conv ``get_v``."""
 
     resolution: int
-    window: Tuple[int, int]
+    branch: int
+    split: int
+    window: Grid
     get_v: nn.Conv2d
 
-    def init_stripes(self, dim: int, resolution: int, branch: int, split: int) -> None:
-        self.resolution = resolution
+    def init_stripes(self, resolution: int, branch: int, split: int, get_v: nn.Conv2d) -> None:
+        self.resolution, self.branch, self.split = resolution, branch, split
         self.window = stripe_shape(resolution, branch, split)
-        self.get_v = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.get_v = get_v
 
-    def lepe(self, v: torch.Tensor) -> torch.Tensor:
+    def geometry(self, hw: Optional[Grid]) -> Tuple[Grid, Grid]:
+        """(map grid, window) for this forward: the native ones, or those of an (H, W) map."""
+        if hw is None or tuple(hw) == (self.resolution, self.resolution):
+            return (self.resolution, self.resolution), self.window
+        return tuple(hw), runtime_window(hw, self.branch, self.split)
+
+    def lepe(self, v: torch.Tensor, window: Optional[Grid] = None) -> torch.Tensor:
         """Per-window 3x3 depth-wise conv of v (B', H_sp*W_sp, C) -> same shape."""
-        hs, ws = self.window
+        hs, ws = window or self.window
         maps = rearrange(v, 'b (hs ws) c -> b c hs ws', hs=hs, ws=ws)
         return rearrange(self.get_v(maps), 'b c hs ws -> b (hs ws) c')
 
+    def token_groups(self) -> TokenGroups:
+        """Where each (window, token) of one image sits on the native R x R grid."""
+        R = self.resolution
+        index = torch.arange(R * R).view(1, R * R, 1)
+        positions = to_windows(index, R, self.window).squeeze(-1)
+        return TokenGroups((R, R), positions, self.window)
+
+
+def _get_v(dim: int) -> nn.Conv2d:
+    return nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
 
 class LePEAttention(StripeLePE, nn.Module):
-    """Softmax attention inside stripes plus LePE. q, k, v (B, R*R, C) -> (B, R*R, C)."""
+    """Softmax attention inside stripes plus LePE. q, k, v (B, H*W, C) -> (B, H*W, C)."""
+
+    attn_kind = ATTN_SOFTMAX
 
     def __init__(self, dim: int, resolution: int, branch: int, split: int, num_heads: int,
                  qk_scale: Optional[float] = None, attn_drop: float = 0.) -> None:
         super().__init__()
-        self.init_stripes(dim, resolution, branch, split)
+        self.init_stripes(resolution, branch, split, _get_v(dim))
         self.dim, self.num_heads = dim, num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.attn_drop = nn.Dropout(attn_drop)
         self.tap = AttentionTap()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (to_windows(t, self.resolution, self.window) for t in (q, k, v))
-        lepe = self.lepe(v)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
+        grid, window = self.geometry(hw)
+        q, k, v = (to_windows(t, grid, window) for t in (q, k, v))
+        lepe = self.lepe(v, window)
         q, k, vh = (split_heads(t, self.num_heads) for t in (q, k, v))
-        attn = self.tap(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))   # (B', h, n, n)
-        out = merge_heads(self.attn_drop(attn) @ vh) + lepe
-        return from_windows(out, self.resolution, self.window)
+        if not self.tap.hooked():
+            out = F.scaled_dot_product_attention(q, k, vh, scale=self.scale,
+                                                 dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = self.tap(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))   # (B', h, n, n)
+            out = self.attn_drop(attn) @ vh
+        return from_windows(merge_heads(out) + lepe, grid, window)
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}, resolution={self.resolution}, window={self.window}'
@@ -114,19 +171,29 @@ class LePEAttention(StripeLePE, nn.Module):
 
 class FocusedLinearStripeAttention(StripeLePE, FocusedLinearAttentionBase):
     """Focused linear attention inside each stripe window, plus dwc and LePE.
-    q, k, v (B, R*R, C) -> (B, R*R, C). Each window is attended separately (see the module docstring)."""
+    q, k, v (B, H*W, C) -> (B, H*W, C). Each window is attended separately (see the module docstring)."""
 
     def __init__(self, dim: int, resolution: int, branch: int, split: int, num_heads: int,
                  focusing_factor: float = 3, kernel_size: int = 5) -> None:
+        get_v = _get_v(dim)                          # official draw order: get_v before dwc
         hs, ws = stripe_shape(resolution, branch, split)
         super().__init__(dim, num_heads, hs * ws, focusing_factor, kernel_size)
-        self.init_stripes(dim, resolution, branch, split)
+        self.init_stripes(resolution, branch, split, get_v)
+        self.kv_grid: Grid = self.window
         self.dwc_last()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (to_windows(t, self.resolution, self.window) for t in (q, k, v))
-        out = self.attend(q, k, v, hw=self.window) + self.lepe(v)     # attend includes the dwc branch
-        return from_windows(out, self.resolution, self.window)
+    def kv_positional_encoding(self, n: int) -> torch.Tensor:
+        if self.kv_grid == self.window:
+            return self.positional_encoding
+        return resample_abs_pos_embed(self.positional_encoding, list(self.kv_grid), list(self.window),
+                                      num_prefix_tokens=0, antialias=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
+        grid, window = self.geometry(hw)
+        self.kv_grid = window
+        q, k, v = (to_windows(t, grid, window) for t in (q, k, v))
+        out = self.attend(q, k, v) + self.rank_restoration(v, window) + self.lepe(v, window)
+        return from_windows(out, grid, window)
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, resolution={self.resolution}, window={self.window}'
@@ -134,8 +201,8 @@ class FocusedLinearStripeAttention(StripeLePE, FocusedLinearAttentionBase):
 
 # ----------------------------------------------------------------------------- blocks
 class CSWinBlock(nn.Module):
-    """Pre-norm block on (B, R*R, C): one or two stripe branches, proj, then MLP.
-    (DROP_RATE also drops after ``proj`` here; the official block skips its proj_drop. Shipped configs use 0.)"""
+    """Pre-norm block on (B, H*W, C): one or two stripe branches, proj, then MLP.
+    (drop also drops after ``proj`` here; the official block skips its proj_drop. Shipped configs use 0.)"""
 
     def __init__(self, dim: int, resolution: int, num_heads: int, split: int, attn_type: str,
                  last_stage: bool = False, mlp_ratio: float = 4., qkv_bias: bool = True,
@@ -162,24 +229,28 @@ class CSWinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
         B, L, C = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(B, L, 3, C).unbind(2)
         if len(self.attns) == 1:
-            y = self.attns[0](q, k, v)
+            y = self.attns[0](q, k, v, hw)
         else:
             h = C // 2
-            y = torch.cat([self.attns[0](q[..., :h], k[..., :h], v[..., :h]),
-                           self.attns[1](q[..., h:], k[..., h:], v[..., h:])], dim=-1)
+            y = torch.cat([self.attns[0](q[..., :h], k[..., :h], v[..., :h], hw),
+                           self.attns[1](q[..., h:], k[..., h:], v[..., h:], hw)], dim=-1)
         x = x + self.drop_path(self.proj_drop(self.proj(y)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def token_groups(self, attn: nn.Module) -> TokenGroups:
+        """The stripe layout of branch ``attn`` (native size)."""
+        return attn.token_groups()
 
     def extra_repr(self) -> str:
         return f'resolution={self.resolution}, split={self.split}, branches={len(self.attns)}'
 
 
 class MergeBlock(nn.Module):
-    """(B, R*R, C) -> (B, R/2*R/2, C_out): 3x3 stride-2 conv, LayerNorm."""
+    """(B, H*W, C) -> (B, H/2*W/2, C_out): 3x3 stride-2 conv, LayerNorm."""
 
     def __init__(self, dim: int, dim_out: int, resolution: int) -> None:
         super().__init__()
@@ -187,20 +258,27 @@ class MergeBlock(nn.Module):
         self.conv = nn.Conv2d(dim, dim_out, 3, 2, 1)
         self.norm = nn.LayerNorm(dim_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = rearrange(x, 'b (h w) c -> b c h w', h=self.resolution)
-        return self.norm(rearrange(self.conv(x), 'b c h w -> b (h w) c'))
+    def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
+        return self.forward_grid(x, hw)[0]
+
+    def forward_grid(self, x: torch.Tensor, hw: Optional[Grid] = None) -> Tuple[torch.Tensor, Grid]:
+        x = self.conv(tokens_to_nchw(x, hw or (self.resolution, self.resolution)))
+        return self.norm(rearrange(x, 'b c h w -> b (h w) c')), (x.shape[-2], x.shape[-1])
 
 
 # ----------------------------------------------------------------------------- model
 def stage_splits(img_size: int, attn_type: str, la_split: Sequence[int],
                  softmax_split: Sequence[int]) -> List[int]:
-    """The stripe width of each stage, checked against the stage resolution (ConfigError if it does not
-    tile). 'L': MODEL.LA.CSWIN_LA_SPLIT_SIZE; 'S': the architecture's width clamped to the resolution.
-    The last stage is one whole-map branch whatever the width, so its width is the resolution."""
+    """The stripe width of each stage, checked against the stage resolution (ValueError if it does not
+    tile). 'L': la_split; 'S': the architecture's width clamped to the resolution. The last stage is one
+    whole-map branch whatever the width, so its width is the resolution."""
+    if len(attn_type) != NUM_STAGES or set(attn_type) - {'L', 'S'}:
+        raise ValueError(f"attn_type must be {NUM_STAGES} letters from 'L'/'S' for CSwin, got {attn_type!r}")
+    if len(la_split) != NUM_STAGES:
+        raise ValueError(f'la_split={tuple(la_split)} needs one width per stage ({NUM_STAGES})')
     if img_size % (PATCH_STRIDE * 2 ** (NUM_STAGES - 1)):
-        raise ConfigError(f'DATA.IMG_SIZE {img_size} must be a multiple of {PATCH_STRIDE * 2 ** (NUM_STAGES - 1)} '
-                          f'for CSwin (stem stride 4, three 2x merges), e.g. 224 or 384')
+        raise ValueError(f'img_size {img_size} must be a multiple of {PATCH_STRIDE * 2 ** (NUM_STAGES - 1)} '
+                         f'for CSwin (stem stride 4, three 2x merges), e.g. 224 or 384')
     splits = []
     for i, t in enumerate(attn_type):
         res = img_size // (PATCH_STRIDE * 2 ** i)
@@ -210,21 +288,21 @@ def stage_splits(img_size: int, attn_type: str, la_split: Sequence[int],
         if t == 'L':
             s = la_split[i]
             if s > res or res % s:
-                raise ConfigError(
-                    f"MODEL.LA.CSWIN_LA_SPLIT_SIZE: stage {i + 1} width {s} does not tile its {res}x{res} map "
-                    f"(DATA.IMG_SIZE {img_size}); use divisors of the stage sizes, e.g. "
+                raise ValueError(
+                    f"la_split: stage {i + 1} width {s} does not tile its {res}x{res} map "
+                    f"(img_size {img_size}); use divisors of the stage sizes, e.g. "
                     f"'{'-'.join(str(img_size // (PATCH_STRIDE * 2 ** j)) for j in range(NUM_STAGES))}'")
         else:
             s = min(softmax_split[i], res)
             if res % s:
-                raise ConfigError(f'DATA.IMG_SIZE {img_size}: stage {i + 1} map {res}x{res} is not divisible by its '
-                                  f'softmax stripe width {s}; use an image size whose stage maps it divides (e.g. 224)')
+                raise ValueError(f'img_size {img_size}: stage {i + 1} map {res}x{res} is not divisible by its '
+                                 f'softmax stripe width {s}; use an image size whose stage maps it divides (e.g. 224)')
         splits.append(s)
     return splits
 
 
-class FLattenCSWinTransformer(nn.Module):
-    """FLatten-CSwin classifier. forward: (B, 3, S, S) -> (B, num_classes).
+class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
+    """FLatten-CSwin. forward: (B, 3, S, S) -> (B, num_classes); forward_features -> normed (B, N, C).
 
     Args:
         la_split: linear stripe width per stage (MODEL.LA.CSWIN_LA_SPLIT_SIZE).
@@ -238,11 +316,18 @@ class FLattenCSWinTransformer(nn.Module):
                  attn_type: str = 'LLSS', mlp_ratio: float = 4., qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop_rate: float = 0., attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0., use_checkpoint: bool = False, focusing_factor: float = 3,
-                 kernel_size: int = 5) -> None:
+                 kernel_size: int = 5, global_pool: str = 'avg', dynamic_img_size: bool = False) -> None:
         super().__init__()
+        img_size = square_size(img_size)
+        if isinstance(la_split, str):
+            la_split = [int(s) for s in la_split.split('-')]
+        for name, value in (('depths', depths), ('num_heads', num_heads), ('softmax_split', softmax_split)):
+            if len(value) != NUM_STAGES:
+                raise ValueError(f'{name}={tuple(value)} needs one entry per stage ({NUM_STAGES})')
         splits = stage_splits(img_size, attn_type, la_split, softmax_split)
-        self.num_classes, self.img_size = num_classes, img_size
-        self.use_checkpoint = use_checkpoint
+        self.num_classes, self.img_size, self.global_pool = num_classes, img_size, global_pool
+        self.use_checkpoint, self.dynamic_img_size = use_checkpoint, dynamic_img_size
+        self.num_stages = NUM_STAGES
         res = img_size // PATCH_STRIDE
         self.stage1_conv_embed = nn.Sequential(
             nn.Conv2d(in_chans, embed_dim, 7, PATCH_STRIDE, 2),
@@ -250,6 +335,7 @@ class FLattenCSWinTransformer(nn.Module):
             nn.LayerNorm(embed_dim))
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         dim = embed_dim
+        self.feature_info = []
         for i in range(NUM_STAGES):
             if i > 0:
                 self.add_module(f'merge{i}', MergeBlock(dim, dim * 2, res))
@@ -261,54 +347,225 @@ class FLattenCSWinTransformer(nn.Module):
                            attn_drop=attn_drop_rate, drop_path=dpr[first + j],
                            focusing_factor=focusing_factor, kernel_size=kernel_size)
                 for j in range(depths[i])]))
-        self.num_features = dim
+            self.feature_info.append(dict(num_chs=dim, reduction=PATCH_STRIDE * 2 ** i, module=f'stage{i + 1}'))
+        self.num_features = self.head_hidden_size = dim
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            trunc_normal_(self.head.weight, std=.02)      # the official extra draw before the model init
         self.apply(init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        """Full names of the focused-attention scales and positional encodings."""
-        return {n for n, _ in self.named_parameters() if n.endswith(('.scale', '.positional_encoding'))}
+        """The official rule (names CSwin does not have: the scales / positional encodings are decayed)."""
+        return {'pos_embed', 'cls_token'}
 
     @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set:
-        return {'positional_encoding', 'attns.0.scale', 'attns.1.scale'}
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.use_checkpoint = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^stage1_conv_embed',
+                    blocks=r'^(?:stage|merge)(\d+)' if coarse else [(r'^merge(\d+)', (0,)),
+                                                                   (r'^stage(\d+)\.(\d+)', None),
+                                                                   (r'^norm', (99999,))])
+
+    def _run(self, x: torch.Tensor, stop: int):
+        """Yield (stage index, tokens, grid) for stages 0..stop."""
+        if not self.dynamic_img_size and tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            raise ValueError(f'input size {tuple(x.shape[-2:])} does not match the model '
+                             f'({self.img_size}, {self.img_size}); set DATA.IMG_SIZE to the input size '
+                             f'(or build with dynamic_img_size=True)')
+        conv, _, norm = self.stage1_conv_embed
+        x = conv(x)
+        hw = (x.shape[-2], x.shape[-1])
+        x = norm(x.flatten(2).transpose(1, 2))
+        for i in range(stop + 1):
+            native = hw == ((self.img_size // (PATCH_STRIDE * 2 ** i)),) * 2
+            if i > 0:
+                x, hw = getattr(self, f'merge{i}').forward_grid(x, hw)
+                native = hw == ((self.img_size // (PATCH_STRIDE * 2 ** i)),) * 2
+            args = () if native else (hw,)
+            x = run_blocks(getattr(self, f'stage{i + 1}'), x, self.use_checkpoint, *args)
+            yield i, x, hw
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> pooled (B, num_features)."""
-        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            raise ValueError(f'input size {tuple(x.shape[-2:])} does not match the model '
-                             f'({self.img_size}, {self.img_size}); set DATA.IMG_SIZE to the input size')
-        x = self.stage1_conv_embed(x)
-        for i in range(NUM_STAGES):
-            if i > 0:
-                x = getattr(self, f'merge{i}')(x)
-            x = run_blocks(getattr(self, f'stage{i + 1}'), x, self.use_checkpoint)
-        return self.norm(x).mean(dim=1)
+        """(B, 3, S, S) -> normed last-stage tokens (B, N, C)."""
+        for _, x, _ in self._run(x, self.num_stages - 1):
+            pass
+        return self.norm(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False):
+        """Stage maps (B, C_i, H/(4*2^i), W/(4*2^i)) of ``indices``; ``norm`` applies the final norm to the
+        last stage. Returns ``[maps]`` or ``(forward_features output, [maps])``."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
+        last = self.num_stages - 1
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        stop = max_index if (stop_early or intermediates_only) else last
+        out = []
+        for i, x, hw in self._run(x, stop):
+            if i in take:
+                out.append(tokens_to_nchw(self.norm(x) if norm and i == NUM_STAGES - 1 else x, hw))
+        if intermediates_only:
+            return out
+        return (self.norm(x) if stop == last else x), out
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        for i in range(max_index + 1, self.num_stages):
+            delattr(self, f'merge{i}')
+            delattr(self, f'stage{i + 1}')
+        self.num_stages = max_index + 1
+        if prune_norm or max_index < NUM_STAGES - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: FLattenCSWinTransformer) -> Dict[str, torch.Tensor]:
+    """An official (or our) checkpoint -> this model's state dict: unwraps the official wrappings
+    (``model`` / ``state_dict`` / EMA, ``module.``) and resizes the focused-attention positional
+    encodings (bicubic, ``timm.layers.resample_abs_pos_embed``) to the model's stripe windows (the old
+    window is taken to have the new one's aspect: a whole-map branch stays square)."""
+    sd = unwrap_state_dict(state_dict)
+    modules = dict(model.named_modules())
+    target = model.state_dict()
+    out = {}
+    for k, v in sd.items():
+        want = target.get(k)
+        if want is not None and k.endswith('positional_encoding') and v.shape != want.shape \
+                and v.shape[2] == want.shape[2]:
+            hs, ws = modules[k.rsplit('.', 1)[0]].window
+            scale = (v.shape[1] / (hs * ws)) ** 0.5
+            old = (round(hs * scale), round(ws * scale))
+            if old[0] * old[1] == v.shape[1]:
+                v = resample_abs_pos_embed(v, [hs, ws], list(old), num_prefix_tokens=0, antialias=False)
+        out[k] = v
+    return out
 
 
 # ----------------------------------------------------------------------------- registry
-# MODEL.TYPE -> (embed_dim, depths, num_heads, softmax stripe widths); official names and shapes.
-ARCHS = {
-    'FLatten_CSWin_64_24181_tiny_224': (64, (2, 4, 18, 1), (2, 4, 8, 16), (1, 2, 7, 7)),
-    'FLatten_CSWin_64_24322_small_224': (64, (2, 4, 32, 2), (2, 4, 8, 16), (1, 2, 7, 7)),
-    'FLatten_CSWin_96_36292_base_224': (96, (3, 6, 29, 2), (4, 8, 16, 32), (1, 2, 7, 7)),
-    'FLatten_CSWin_96_36292_base_384': (96, (3, 6, 29, 2), (4, 8, 16, 32), (1, 2, 12, 12)),
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    cfg = dict(url='', origin_url=url or 'https://github.com/LeapLabTHU/FLatten-Transformer',
+               num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=.9, interpolation='bicubic',
+               fixed_input_size=True, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+               first_conv='stage1_conv_embed.0', classifier='head', paper_ids='arXiv:2308.00442',
+               paper_name='FLatten Transformer: Vision Transformer using Focused Linear Attention',
+               notes=('weights: the official release (origin_url); load a downloaded file with '
+                      'pretrained_cfg_overlay=dict(file=PATH)',))
+    cfg.update(kwargs)
+    return cfg
+
+
+_CSWIN_BASELINE = dict(paper_ids='arXiv:2107.00652', paper_name='CSWin Transformer', notes=(
+    'softmax baseline of FLatten-CSwin (CSWin layout, LePE stripes); no official weights in the FLatten release',))
+
+default_cfgs = generate_default_cfgs({
+    'flatten_cswin_t': _cfg('https://cloud.tsinghua.edu.cn/f/48ba765ba8b0451d9d5a/?dl=1'),
+    'flatten_cswin_s': _cfg(),
+    'flatten_cswin_b': _cfg(),
+    'flatten_cswin_b_384': _cfg(input_size=(3, 384, 384), crop_pct=1.0),
+    'flatten_cswin_t_softmax': _cfg(**_CSWIN_BASELINE),
+    'flatten_cswin_s_softmax': _cfg(**_CSWIN_BASELINE),
+    'flatten_cswin_b_softmax': _cfg(**_CSWIN_BASELINE),
+    'flatten_cswin_b_384_softmax': _cfg(input_size=(3, 384, 384), crop_pct=1.0, **_CSWIN_BASELINE),
+})
+
+# registered name -> (official MODEL.TYPE, architecture); official names and shapes
+CSWIN_VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    'flatten_cswin_t': ('FLatten_CSWin_64_24181_tiny_224', dict(
+        embed_dim=64, depths=(2, 4, 18, 1), num_heads=(2, 4, 8, 16), softmax_split=(1, 2, 7, 7))),
+    'flatten_cswin_s': ('FLatten_CSWin_64_24322_small_224', dict(
+        embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), softmax_split=(1, 2, 7, 7))),
+    'flatten_cswin_b': ('FLatten_CSWin_96_36292_base_224', dict(
+        embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32), softmax_split=(1, 2, 7, 7))),
+    'flatten_cswin_b_384': ('FLatten_CSWin_96_36292_base_384', dict(
+        embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32), softmax_split=(1, 2, 12, 12),
+        img_size=384, la_split=(96, 48, 24, 12))),
 }
+ARCHS = {t: (a['embed_dim'], a['depths'], a['num_heads'], a['softmax_split']) for t, a in CSWIN_VARIANTS.values()}
 
 
-@register_model(*ARCHS)
-def build_flatten_cswin(config) -> FLattenCSWinTransformer:
-    embed_dim, depths, num_heads, softmax_split = ARCHS[config.MODEL.TYPE]
+def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
+    softmax = name.endswith('_softmax')
+    args = dict(CSWIN_VARIANTS[name[:-len('_softmax')] if softmax else name][1],
+                attn_type='SSSS' if softmax else 'LLSS')
+    return build_model_with_cfg(FLattenCSWinTransformer, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
+                                **dict(args, **kwargs))
+
+
+@register_model
+def flatten_cswin_t(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
+    return _create('flatten_cswin_t', pretrained, **kwargs)
+
+
+@register_model
+def flatten_cswin_s(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
+    return _create('flatten_cswin_s', pretrained, **kwargs)
+
+
+@register_model
+def flatten_cswin_b(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
+    return _create('flatten_cswin_b', pretrained, **kwargs)
+
+
+@register_model
+def flatten_cswin_b_384(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
+    return _create('flatten_cswin_b_384', pretrained, **kwargs)
+
+
+@register_model
+def flatten_cswin_t_softmax(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
+    return _create('flatten_cswin_t_softmax', pretrained, **kwargs)
+
+
+@register_model
+def flatten_cswin_s_softmax(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
+    return _create('flatten_cswin_s_softmax', pretrained, **kwargs)
+
+
+@register_model
+def flatten_cswin_b_softmax(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
+    return _create('flatten_cswin_b_softmax', pretrained, **kwargs)
+
+
+@register_model
+def flatten_cswin_b_384_softmax(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
+    return _create('flatten_cswin_b_384_softmax', pretrained, **kwargs)
+
+
+# ----------------------------------------------------------------------------- experiment config
+@register_config_adapter(*ARCHS)
+def cswin_spec(config) -> ModelSpec:
+    """MODEL.TYPE FLatten_CSWin_*: the official architecture, overridden by non-empty MODEL.CSWIN size keys;
+    attention from MODEL.LA."""
+    name = next(n for n, (t, _) in CSWIN_VARIANTS.items() if t == config.MODEL.TYPE)
     la = config.MODEL.LA
-    return FLattenCSWinTransformer(
-        img_size=config.DATA.IMG_SIZE, in_chans=config.MODEL.SWIN.IN_CHANS, num_classes=config.MODEL.NUM_CLASSES,
-        embed_dim=embed_dim, depths=depths, num_heads=num_heads,
-        la_split=[int(s) for s in str(la.CSWIN_LA_SPLIT_SIZE).split('-')], softmax_split=softmax_split,
-        attn_type=la.ATTN_TYPE, drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE,
-        use_checkpoint=config.TRAIN.USE_CHECKPOINT, focusing_factor=la.FOCUSING_FACTOR,
-        kernel_size=la.KERNEL_SIZE)
+    spec = common_spec(config, name + ('_softmax' if set(la.ATTN_TYPE) == {'S'} else ''))
+    spec.kwargs.update(CSWIN_VARIANTS[name][1])
+    spec.kwargs['img_size'] = config.DATA.IMG_SIZE
+    sizes = config.MODEL.get('CSWIN')
+    if sizes is not None:
+        for kwarg, key in (('embed_dim', 'EMBED_DIM'), ('depths', 'DEPTHS'), ('num_heads', 'NUM_HEADS'),
+                           ('softmax_split', 'SPLIT_SIZE'), ('mlp_ratio', 'MLP_RATIO')):
+            value = sizes.get(key)
+            if value:
+                spec.kwargs[kwarg] = tuple(value) if isinstance(value, (list, tuple)) else value
+                spec.keys[kwarg] = f'MODEL.CSWIN.{key}'
+        spec.kwargs['in_chans'], spec.keys['in_chans'] = sizes.IN_CHANS, 'MODEL.CSWIN.IN_CHANS'
+    for kwarg, key, value in (
+            ('la_split', 'MODEL.LA.CSWIN_LA_SPLIT_SIZE', tuple(int(s) for s in str(la.CSWIN_LA_SPLIT_SIZE).split('-'))),
+            ('attn_type', 'MODEL.LA.ATTN_TYPE', la.ATTN_TYPE),
+            ('focusing_factor', 'MODEL.LA.FOCUSING_FACTOR', la.FOCUSING_FACTOR),
+            ('kernel_size', 'MODEL.LA.KERNEL_SIZE', la.KERNEL_SIZE),
+            ('use_checkpoint', 'TRAIN.USE_CHECKPOINT', config.TRAIN.USE_CHECKPOINT)):
+        spec.kwargs[kwarg], spec.keys[kwarg] = value, key
+    return spec

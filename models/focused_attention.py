@@ -256,13 +256,15 @@ class _LinearCoreFn(torch.autograd.Function):
 def fast_focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
                                   pos: Optional[torch.Tensor], focusing_factor: float, num_heads: int,
                                   dwc: Optional[nn.Conv2d] = None, hw: Optional[Tuple[int, int]] = None,
-                                  core: Optional[Callable] = None) -> torch.Tensor:
+                                  core: Optional[Callable] = None, tap: Optional[Callable] = None
+                                  ) -> torch.Tensor:
     """``linear_attention(phi(q), phi(k + pos), v) (+ dwc branch on v laid out as hw)``, the fast way.
 
     q (B, N, C), k, v (B, n, C), any strides (e.g. views of one qkv projection); scale (1, 1, C) raw;
     pos (1, n, C) or None. Returns (B, N, C) in v's dtype. The maths runs in at least float32 (the power p
     overflows float16 otherwise); the dwc convolution runs in v's dtype, as in the reference.
-    ``core(phi_q, phi_k, v, residual)`` replaces the product (the Triton kernel plugs in here).
+    ``core(phi_q, phi_k, v, residual)`` replaces the product (the Triton kernel plugs in here); ``tap``, when
+    given, is called on (phi_q, phi_k, v) in the (B, n, C) layout for observation (its result is not used).
     """
     B, N, C = q.shape
     n, h, d = k.shape[1], num_heads, C // num_heads
@@ -278,6 +280,8 @@ def fast_focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         s = F.softplus(scale.to(compute)).reshape(C)
         phi_q = _FocusedKernelFn.apply(q, None, s, focusing_factor, h)
         phi_k = _FocusedKernelFn.apply(k, None if pos is None else pos.to(compute), s, focusing_factor, h)
+        if tap is not None:
+            tap(merge_heads(phi_q), merge_heads(phi_k), v.to(compute))
         vc = vh.to(compute)
         if core is not None and dtype == torch.bfloat16:
             # bfloat16 has float32's range: the Triton core reads bf16 operands and accumulates in float32
@@ -337,17 +341,19 @@ class FocusedLinearAttentionBase(nn.Module):
 
         Computed in at least float32 even under autocast (the focusing power p can overflow float16);
         float64 inputs stay float64. Returns v's dtype. Runs the implementation chosen with
-        :func:`set_attention_impl`; the reference formulas whenever the tap is hooked (visualisation).
+        :func:`set_attention_impl`. A hooked ``tap`` sees (phi_q, phi_k, v) as (B, n, C) tensors either way
+        (the fast path then merges copies of its per-head buffers for it; results are unchanged).
         """
         impl = get_attention_impl()
-        if impl != 'reference' and not self.tap.hooked():
+        if impl != 'reference':
             core = None
             if impl == 'triton':
                 from .triton_linear_attention import triton_core_for
                 core = triton_core_for(q, self.dim // self.num_heads)
             return fast_focused_linear_attention(q, k, v, self.scale, self.kv_positional_encoding(k.shape[1]),
                                                  self.focusing_factor, self.num_heads,
-                                                 None if hw is None else self.dwc, hw, core)
+                                                 None if hw is None else self.dwc, hw, core,
+                                                 self.tap if self.tap.hooked() else None)
         dtype = v.dtype
         compute = torch.promote_types(dtype, torch.float32)
         with torch.autocast(device_type=v.device.type, enabled=False):

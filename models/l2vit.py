@@ -291,14 +291,16 @@ class L2ViT(nn.Module):
         drop_rate: dropout on MLP/projection outputs and before the head (0 officially: absent there).
         drop_path_rate: stochastic depth, linear from 0 over all blocks.
         head_init_scale: multiplies the initial head weight and bias.
-        img_size: accepted for the config adapter and timm; the model does not depend on it.
+        img_size: the native input size; it only fixes the token layout reported to ``visualize`` (the
+            model runs at any size).
+        use_checkpoint: activation checkpointing of every block (``set_grad_checkpointing``).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (2, 2, 6, 2),
                  dims: Sequence[int] = (96, 192, 384, 768), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 7, mlp_ratio: float = 4., qkv_bias: bool = True, drop_rate: float = 0.,
                  drop_path_rate: float = 0., head_init_scale: float = 1., global_pool: str = 'avg',
-                 img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+                 img_size: Optional[Union[int, Tuple[int, int]]] = None, use_checkpoint: bool = False) -> None:
         super().__init__()
         n = len(depths)
         if n < 1 or any(d < 0 for d in depths):
@@ -334,6 +336,7 @@ class L2ViT(nn.Module):
         if isinstance(self.head, nn.Linear):
             self.head.weight.data.mul_(head_init_scale)
             self.head.bias.data.mul_(head_init_scale)
+        self.set_grad_checkpointing(use_checkpoint)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -509,6 +512,7 @@ def L2ViT_Base_384(pretrained: bool = False, **kwargs: Any) -> L2ViT:
 def _l2vit_spec(config) -> ModelSpec:
     """MODEL.TYPE L2ViT_* -> the timm model of the same name; non-empty MODEL.L2VIT keys override the variant's architecture."""
     spec = common_spec(config, config.MODEL.TYPE)
+    spec.kwargs['use_checkpoint'], spec.keys['use_checkpoint'] = config.TRAIN.USE_CHECKPOINT, 'TRAIN.USE_CHECKPOINT'
     section = config.MODEL.L2VIT
     for kwarg, key in (('depths', 'DEPTHS'), ('dims', 'DIMS'), ('num_heads', 'NUM_HEADS'),
                        ('window_size', 'WINDOW_SIZE')):

@@ -160,7 +160,7 @@ class Visformer(nn.Module):
                  mlp_ratio: float = 4., group: int = 8, attn_stages: str = '011', spatial_conv: str = '100',
                  window_sizes: Optional[Sequence[int]] = None, qk_scale_exponent: float = -0.25,
                  drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
-                 global_pool: str = 'avg') -> None:
+                 global_pool: str = 'avg', use_checkpoint: bool = False) -> None:
         super().__init__()
         n = len(depths)
         if n not in (3, 4) or any(d < 0 for d in depths):
@@ -185,7 +185,7 @@ class Visformer(nn.Module):
         self.global_pool = global_pool
         self.img_size = img_size
         self.num_features = self.head_hidden_size = embed_dim * 2
-        self.grad_checkpointing = False
+        self.grad_checkpointing = use_checkpoint
         widths = [embed_dim * 2 ** i // 4 for i in range(self.first, 4)]
         res = [img_size // reduction // 2 ** j for j in range(n)]
 
@@ -416,6 +416,7 @@ def swin_visformer_medium_v2(pretrained: bool = False, **kwargs: Any) -> Visform
 def _visformer_spec(config) -> ModelSpec:
     """MODEL.TYPE (official name) -> timm name; non-empty MODEL.VISFORMER keys override the variant's values."""
     spec = common_spec(config, TIMM_NAMES[config.MODEL.TYPE])
+    spec.kwargs['use_checkpoint'], spec.keys['use_checkpoint'] = config.TRAIN.USE_CHECKPOINT, 'TRAIN.USE_CHECKPOINT'
     section = config.MODEL.VISFORMER
     for kwarg, key in (('qk_scale_exponent', 'QK_SCALE_EXPONENT'), ('init_channels', 'INIT_CHANNELS'),
                        ('embed_dim', 'EMBED_DIM'), ('depths', 'DEPTHS'), ('num_heads', 'NUM_HEADS')):

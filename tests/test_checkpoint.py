@@ -311,14 +311,18 @@ def test_load_pretrained_resizes_flatten_swin_64_to_96(tmp_path):
 
 
 def test_pretrained_constant_grid_stays_constant():
-    """Bicubic interpolation preserves constants: a sanity check independent of F.interpolate."""
-    grid = torch.full((1, 49, 3), 0.25)
-    assert torch.allclose(C.resize_token_grid(grid, 144), torch.full((1, 144, 3), 0.25), atol=1e-6)
-    with_cls = torch.cat([torch.full((1, 1, 3), 7.0), grid], 1)                  # PVT-style extra token
-    out = C.resize_token_grid(with_cls, 1 + 16)
-    assert out.shape == (1, 17, 3) and torch.equal(out[:, 0], with_cls[:, 0])
-    table = torch.full((9, 2), -1.5)
-    assert torch.allclose(C.resize_bias_table(table, 25), torch.full((25, 2), -1.5), atol=1e-6)
+    """Bicubic interpolation preserves constants: a sanity check of the Swin filter independent of
+    F.interpolate (constant positional encodings and bias tables stay constant after 64 -> 96)."""
+    from models.flatten_swin import checkpoint_filter_fn
+    src = build_model(_swin_config(64, 8, 10)).state_dict()
+    src = {k: (torch.full_like(v, 0.25) if k.endswith(('positional_encoding', 'relative_position_bias_table'))
+               else v) for k, v in src.items()}
+    dst = build_model(_swin_config(96, 12, 10))
+    out = checkpoint_filter_fn({'model': src}, dst)
+    for k, v in out.items():
+        if k.endswith(('positional_encoding', 'relative_position_bias_table')):
+            assert v.shape == dst.state_dict()[k].shape and v.shape != src[k].shape
+            assert torch.allclose(v, torch.full_like(v, 0.25), atol=1e-6), k
 
 
 def test_load_pretrained_maps_22k_head_and_rejects_wrong_model(tmp_path):

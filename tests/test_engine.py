@@ -485,12 +485,19 @@ def test_nonfinite_step_is_skipped_on_the_device(digits, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in t.model_without_ddp.state_dict().values() if v.is_floating_point())
 
 
-def test_compile_trains_like_eager(digits, tmp_path):
-    """TRAIN.COMPILE: three steps of the torch.compile'd model (inductor, CPU) from the same weights and
-    batches end at the eager run's weights (float tolerance); the saved state keeps the plain keys."""
+def test_compile_trains_like_eager(digits, tmp_path, monkeypatch):
+    """TRAIN.COMPILE: three steps of the torch.compile'd model from the same weights and batches end at
+    the eager run's weights (float tolerance; SGD, whose update is proportional to the gradient, so
+    rounding differences stay small); the saved state keeps the plain keys. The graph is captured by
+    dynamo and differentiated by AOTAutograd as in a real run, but executed by the 'aot_eager' backend:
+    inductor's C++ code generation takes minutes on a 2-core CI machine (the engine's default backend is
+    inductor; the same comparison with it was run by hand)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: real_compile(model, backend='aot_eager', **kw))
     initial, results = None, []
     for compile_ in ('False', 'True'):
         t = make_trainer(digits, str(tmp_path / compile_), ('TRAIN.EPOCHS', '1', 'TRAIN.COMPILE', compile_,
+                                                            'TRAIN.OPTIMIZER.NAME', 'sgd', 'TRAIN.CLIP_GRAD', '0.0',
                                                             'MODEL.DROP_PATH_RATE', '0.0', 'MODEL_EMA.ENABLE', 'False'))
         assert (compile_ == 'True') == (t.model is not t.model_without_ddp)
         if initial is None:
@@ -506,7 +513,7 @@ def test_compile_trains_like_eager(digits, tmp_path):
     assert eager.keys() == compiled.keys() == initial.keys()
     assert not states_equal(eager, initial)                                         # it trained
     for k in eager:
-        assert torch.allclose(eager[k], compiled[k], rtol=1e-4, atol=1e-5), k
+        assert torch.allclose(eager[k], compiled[k], rtol=1e-4, atol=1e-6), k
 
 
 # ----------------------------------------------------------------------------- entry point behaviour

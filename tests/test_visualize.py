@@ -158,7 +158,10 @@ def test_hooks_leave_outputs_unchanged(photo):
         before = model(x)
     for site in attention_sites(model):
         cap = capture(model, site, x)
-        assert torch.equal(cap.output, before)
+        if site.module.attn_kind == 'linear':
+            assert torch.equal(cap.output, before)
+        else:     # a hooked softmax block computes explicit probabilities instead of the fused SDPA
+            torch.testing.assert_close(cap.output, before, rtol=1e-5, atol=1e-6)
         assert not site.module.tap._forward_hooks
     with torch.no_grad():
         assert torch.equal(model(x), before)

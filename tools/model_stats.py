@@ -46,6 +46,9 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
     x = torch.zeros(1, in_chans, img_size, img_size)
     analysis = FlopCountAnalysis(model.eval(), x)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings('none')
+    family = sys.modules.get(type(model).__module__)        # custom ops priced by their family (DAT++: natten's rule)
+    if family is not None and hasattr(family, 'fvcore_handles'):
+        analysis.set_op_handle(**family.fvcore_handles())
     with torch.no_grad():
         return int(analysis.total())
 

@@ -102,7 +102,7 @@ def select_site(sites: Sequence[AttentionSite], stage: Optional[int] = None, blo
 @dataclass
 class Capture:
     """What the tap of one site saw in one forward pass (batch of images)."""
-    kind: str                              # 'linear' or 'softmax'
+    kind: str                              # the module's attn_kind: 'linear' or 'softmax'
     tensors: Tuple[torch.Tensor, ...]      # (phi_q, phi_k, v) or (probs,)
     output: torch.Tensor                   # the model output of that forward pass
 
@@ -126,7 +126,10 @@ def capture(model: nn.Module, site: AttentionSite, images: torch.Tensor) -> Capt
     tensors = seen[0]
     if len(tensors) not in (1, 3):
         raise RuntimeError(f'{site.name}.tap got {len(tensors)} tensors; expected (phi_q, phi_k, v) or (probs,)')
-    return Capture('linear' if len(tensors) == 3 else 'softmax', tensors, output)
+    kind = getattr(site.module, 'attn_kind', None) or ('linear' if len(tensors) == 3 else 'softmax')
+    if (kind == 'linear') != (len(tensors) == 3):
+        raise RuntimeError(f'{site.name}.tap got {len(tensors)} tensors, which does not fit its attn_kind {kind!r}')
+    return Capture(kind, tensors, output)
 
 
 def dwc_matrix(kernel: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
@@ -200,7 +203,7 @@ def attention_maps(site: AttentionSite, cap: Capture, image_hw: Tuple[int, int],
         groups, n_query, n_key = phi_q.shape[0], phi_q.shape[1], phi_k.shape[1]
     else:
         groups, _, n_query, n_key = cap.tensors[0].shape
-    layout = token_layout(site.block_module, site.name, groups, n_query, n_key, batch, image_hw)
+    layout = token_layout(site.block_module, site.name, groups, n_query, n_key, batch, image_hw, site.module)
     per_image = slice(image * (groups // batch), (image + 1) * (groups // batch))
     if cap.kind == 'softmax':
         return AttentionMaps(cap.kind, _pick(cap.tensors[0][per_image].double(), head, 1, 'head'), layout)

@@ -1,26 +1,20 @@
-"""Where each attention token sits in the image: the only family-specific knowledge of ``visualize``.
+"""Where each attention token sits in the image, read off the model: no family knowledge here.
 
 An attention tap sees tokens grouped as (B', N, ...) with B' = batch * groups (Swin windows, CSwin
-stripes) in a family-specific order. :func:`token_layout` maps every (group, token) back to a flat index
-of the block's (H, W) token grid:
-
-  * FLatten-Swin blocks (:class:`models.flatten_swin.SwinBlock`): cyclic shift by ``-shift`` then window
-    partition; a window that covers the map is the identity.
-  * Any other block whose attention covers the whole image (one group per image and as many keys as
-    queries: PVT with sr 1, CSwin where the split equals the resolution): the identity on an (H, W) grid
-    of the input's aspect ratio.
-  * Anything else (spatially reduced keys, stripes) raises :class:`LayoutError`.
+stripes) in the block's own order. A block that implements the token-layout protocol,
+``block.token_groups(attn_module) -> models.layers.TokenGroups`` (grid, (groups, N) flat positions,
+window shape, keys_reduced), says where every (group, token) sits on its (H, W) grid; the FLatten families
+(Swin, PVT/PVTv2, CSwin) all do. For other blocks, one group per image with as many keys as queries is
+taken as the whole image in row-major order. Spatially reduced keys raise :class:`LayoutError`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-
-from models.flatten_swin import SwinBlock, window_partition
 
 
 class LayoutError(ValueError):
@@ -42,22 +36,16 @@ class TokenLayout:
         return int(hit[0, 0]), int(hit[0, 1])
 
 
-def swin_layout(block: SwinBlock) -> TokenLayout:
-    """Shifted-window layout of a FLatten-Swin block (window clamped to the map by the block itself)."""
-    H, W = block.resolution
-    index = torch.arange(H * W).view(1, H, W, 1)
-    if block.shift:
-        index = torch.roll(index, shifts=(-block.shift, -block.shift), dims=(1, 2))
-    positions = window_partition(index, block.window).squeeze(-1)
-    return TokenLayout((H, W), positions, (block.window, block.window))
-
-
 def token_layout(block: nn.Module, name: str, groups: int, n_query: int, n_key: int, batch: int,
-                 image_hw: Tuple[int, int]) -> TokenLayout:
-    """The layout of block ``name`` whose tap saw (groups, n_query) queries and n_key keys for ``batch``
-    images of size ``image_hw``. Raises LayoutError when the grouping is not one this module knows."""
-    if isinstance(block, SwinBlock):
-        layout = swin_layout(block)
+                 image_hw: Tuple[int, int], attn: Optional[nn.Module] = None) -> TokenLayout:
+    """The layout of block ``name`` whose tap (on attention module ``attn``) saw (groups, n_query) queries
+    and n_key keys for ``batch`` images of size ``image_hw``. Raises LayoutError when it cannot be placed."""
+    if hasattr(block, 'token_groups'):
+        desc = block.token_groups(attn)
+        if desc.keys_reduced or n_key != n_query:
+            raise LayoutError(f'{name}: keys are spatially reduced ({n_query} queries, {n_key} keys); maps need '
+                              f'one key per token (e.g. PVT with sr ratio 1)')
+        layout = TokenLayout(tuple(desc.grid), desc.positions, tuple(desc.window))
     elif groups == batch and n_query == n_key:
         h_img, w_img = image_hw
         H = round(math.sqrt(n_query * h_img / w_img))
@@ -66,13 +54,13 @@ def token_layout(block: nn.Module, name: str, groups: int, n_query: int, n_key: 
             raise LayoutError(f'{name}: {n_query} tokens do not form a grid of the image aspect {h_img}x{w_img}')
         layout = TokenLayout((H, W), torch.arange(n_query).unsqueeze(0), (H, W))
     elif n_key != n_query:
-        raise LayoutError(f'{name}: keys are spatially reduced ({n_query} queries, {n_key} keys); supported are '
-                          f'Swin blocks and whole-image blocks (PVT with sr ratio 1, CSwin split = resolution)')
+        raise LayoutError(f'{name}: keys are spatially reduced ({n_query} queries, {n_key} keys); maps need '
+                          f'one key per token')
     else:
-        raise LayoutError(f'{name}: attention runs in {groups // max(batch, 1)} windows/stripes per image; '
-                          f'supported are Swin blocks and whole-image blocks (PVT with sr ratio 1, CSwin split '
-                          f'= resolution)')
+        raise LayoutError(f'{name}: attention runs in {groups // max(batch, 1)} windows per image and the block '
+                          f'does not describe its token layout (token_groups)')
     if layout.positions.shape != (groups // batch, n_query) or n_key != n_query:
         raise LayoutError(f'{name}: tap saw {groups} groups of {n_query} queries / {n_key} keys, but the '
-                          f'block layout expects {tuple(layout.positions.shape)} per image')
+                          f'block layout expects {tuple(layout.positions.shape)} per image (was the model run '
+                          f'at its native input size?)')
     return layout

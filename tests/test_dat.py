@@ -1,0 +1,321 @@
+"""DAT++ (models/dat.py, models/neighborhood_attention.py): compatibility with the official models and
+correctness against independent float64 references (tests/dat_reference.py).
+
+References: pinned parameter counts and fvcore FLOPs of the official models (shared/notes/dat-facts.md),
+the (key, shape) fixture derived from the official module structure, explicit-loop neighbourhood and
+deformable attention, a written-out bicubic resampler, chance level on digits.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import warnings
+
+import pytest
+import timm
+import torch
+import yaml
+
+import models  # noqa: F401  (registration)
+from config import ConfigError, load_config
+from models import build_model
+from models.build import model_spec
+from models.dat import (DAT, DeformableAttention, NeighborhoodAttention, checkpoint_filter_fn, fvcore_handles,
+                        reference_points)
+from models.neighborhood_attention import (natten_flops, neighborhood_attention, neighborhood_attention_naive,
+                                           neighborhood_probs)
+
+from dat_reference import (bicubic_resize, deformable_reference, neighborhood_module_reference,
+                           neighborhood_reference, official_keys, read_key_fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFGS = {name: os.path.join(ROOT, 'cfgs', f'{name}.yaml') for name in ('dat_tiny', 'dat_small', 'dat_base',
+                                                                     'dat_base_384')}
+PARAMS = {'dat_tiny': 23_962_876, 'dat_small': 53_127_366, 'dat_base': 93_690_640, 'dat_base_384': 93_690_640}
+GFLOPS = {'dat_tiny': 4.289, 'dat_small': 9.428, 'dat_base': 16.562, 'dat_base_384': 49.742}
+
+
+def small_dat(**overrides) -> DAT:
+    """All four implemented letters on a 64 px input (maps 16, 8, 4, 2)."""
+    args = dict(img_size=64, patch_size=4, num_classes=7, expansion=2, dim_stem=16, dims=(16, 32, 64, 64),
+                depths=(2, 2, 2, 2), heads=(1, 2, 2, 4), groups=(1, 1, 2, 2),
+                stage_spec=(('N', 'D'), ('L', 'S'), ('N', 'D'), ('D', 'D')), window_sizes=(7, 4, 7, 7),
+                use_pes=(True,) * 4, strides=(8, 4, 2, 1), offset_range_factor=(-1,) * 4,
+                use_dwc_mlps=(True,) * 4, use_lpus=(True,) * 4, use_conv_patches=True, ksizes=(9, 7, 5, 3),
+                nat_ksizes=(5, 7, 3, 3), drop_path_rate=0.1)
+    args.update(overrides)
+    return DAT(**args)
+
+
+# ----------------------------------------------------------------------------- compatibility
+def test_registered_names_do_not_shadow_timm():
+    # our names exist, and timm's own registry (its modules) has no model of these names besides ours
+    for name in PARAMS:
+        assert name in timm.list_models()
+        assert timm.models.get_pretrained_cfg(name) is not None
+        assert timm.models._registry._model_to_module[name] == 'dat'
+
+
+@pytest.mark.parametrize('name', list(PARAMS))
+def test_param_count_pinned(name):
+    with torch.device('meta'):
+        model = build_model(load_config(CFGS[name]))
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
+    assert not list(model.buffers())                         # the official models have no buffers
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values())
+
+
+def test_state_dict_matches_official_layout():
+    """dat_tiny: exact keys, order and shapes from the fixture; small/base from the same derivation."""
+    fixture = read_key_fixture(os.path.join(ROOT, 'tests', 'fixtures', 'dat_tiny_keys.txt'))
+    with torch.device('meta'):
+        tiny = timm.create_model('dat_tiny')
+    assert [(k, tuple(v.shape)) for k, v in tiny.state_dict().items()] == fixture
+    assert len(fixture) == 589
+    for name in ('dat_small', 'dat_base'):
+        cfg = yaml.safe_load(open(CFGS[name]))['MODEL']['DAT']
+        with torch.device('meta'):
+            model = timm.create_model(name)
+        assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == official_keys(cfg)
+
+
+def _gflops(model, size: int) -> float:
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore')
+        from fvcore.nn import FlopCountAnalysis
+        analysis = FlopCountAnalysis(model.eval(), torch.zeros(1, 3, size, size))
+        analysis.set_op_handle(**fvcore_handles())
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings('none')
+        return analysis.total() / 1e9
+
+
+def test_flops_tiny_pinned():
+    """fvcore, batch 1, neighbourhood attention counted by natten's rule through the registered handle."""
+    assert round(_gflops(timm.create_model('dat_tiny'), 224), 3) == GFLOPS['dat_tiny']
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get('DAT_ALL_FLOPS'), reason='~2 min on 2 cores; set DAT_ALL_FLOPS=1')
+@pytest.mark.parametrize('name', ['dat_small', 'dat_base', 'dat_base_384'])
+def test_flops_large_pinned(name):
+    size = 384 if name.endswith('384') else 224
+    assert round(_gflops(timm.create_model(name), size), 3) == GFLOPS[name]
+
+
+def test_neighborhood_flop_handle_uses_natten_rule():
+    B, h, H, W, d, k = 2, 3, 9, 8, 4, 5
+    assert natten_flops(B, h, H, W, d, k) == B * h * H * W * k * k * (d + 1) + B * h * H * W * k * k * d
+    module = NeighborhoodAttention(h * d, k, h).eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore')
+        from fvcore.nn import FlopCountAnalysis
+        analysis = FlopCountAnalysis(module, torch.zeros(B, h * d, H, W)).set_op_handle(**fvcore_handles())
+        analysis.unsupported_ops_warnings(False).tracer_warnings('none')
+        by_op = analysis.by_operator()
+    assert by_op['PythonOp.NeighborhoodAttention2D'] == natten_flops(B, h, H, W, d, k)
+
+
+# ----------------------------------------------------------------------------- neighbourhood attention
+@pytest.mark.parametrize('H,W,k,tile', [(7, 7, 7, 8), (9, 13, 7, 8), (14, 14, 7, 8), (12, 5, 5, 3),
+                                        (10, 10, 3, 4), (8, 11, 7, 2)])
+def test_neighborhood_fast_matches_loop_reference(H, W, k, tile):
+    g = torch.Generator().manual_seed(H * 100 + W)
+    q, key, v = (torch.randn(2, 3, H, W, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    rpb = torch.randn(3, 2 * k - 1, 2 * k - 1, generator=g, dtype=torch.float64)
+    ref = neighborhood_reference(q, key, v, rpb, k)
+    torch.testing.assert_close(neighborhood_attention(q, key, v, rpb, k, tile=tile), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(neighborhood_attention_naive(q, key, v, rpb, k), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_neighborhood_probs_layout_and_gradients():
+    """natten's layout: entry t = t_row * k + t_col of query (0, 8) on an 8 x 9 map, k = 5, is key
+    (t_row, 4 + t_col) (the window is shifted inside the map) with bias rpb[:, 4 + t_row, t_col]."""
+    g = torch.Generator().manual_seed(1)
+    q, key, v = (torch.randn(1, 2, 8, 9, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 9, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    probs = neighborhood_probs(q, key, rpb, 5)
+    logits = (q[0, :, 0, 8, None, None, :] * key[0, :, 0:5, 4:9]).sum(-1) + rpb[:, 4:9, 0:5]
+    torch.testing.assert_close(probs[0, :, 0, 8], logits.reshape(2, 25).softmax(-1))
+    assert torch.autograd.gradcheck(lambda *t: neighborhood_attention(*t, 5, tile=3), (q, key, v, rpb))
+
+
+@pytest.mark.parametrize('H,W', [(14, 14), (5, 9), (3, 3), (9, 6)])
+def test_neighborhood_module_matches_reference(H, W):
+    """The whole 'N' block, including zero padding of maps smaller than the kernel (before qkv)."""
+    torch.manual_seed(H + W)
+    module = NeighborhoodAttention(16, 7, 2).double().eval()
+    x = torch.randn(2, 16, H, W, dtype=torch.float64)
+    torch.testing.assert_close(module(x), neighborhood_module_reference(module, x), rtol=1e-9, atol=1e-11)
+
+
+# ----------------------------------------------------------------------------- deformable attention
+def test_reference_points_half_cell_quirk():
+    ref = reference_points(7, 4, torch.float64, 'cpu')
+    assert ref[0, 0].tolist() == pytest.approx([1 / 6 - 1, 1 / 3 - 1])
+    assert ref[-1, -1].tolist() == pytest.approx([13 / 6 - 1, 7 / 3 - 1])        # outside [-1, 1]
+
+
+@pytest.mark.parametrize('q_size,H,W,offset_gain', [((6, 6), 6, 6, 1.0), ((6, 6), 8, 5, 1.0), ((5, 5), 5, 5, 40.)])
+def test_deformable_matches_reference(q_size, H, W, offset_gain):
+    """Explicit per-query sampling with a hand-written bilinear interpolation; ``offset_gain`` 40 drives most
+    positions into the clamp at the border; (8, 5) runs a 6x6-built table on another map size (as at 384)."""
+    torch.manual_seed(3)
+    module = DeformableAttention(16, 4, 2, q_size, stride=2, ksize=3).double().eval()
+    with torch.no_grad():
+        module.conv_offset[3].weight.mul_(offset_gain)
+        module.rpe_table.normal_()
+    x = torch.randn(2, 16, H, W, dtype=torch.float64)
+    seen = []
+    handle = module.tap.register_forward_hook(lambda m, inp, out: seen.append(inp))
+    out = module(x)
+    handle.remove()
+    ref, pos = deformable_reference(module, x)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(seen[0][0], pos)
+    if offset_gain > 1:
+        assert ((pos.abs() == 1).any(-1)).float().mean() > 0.3        # the clamp was exercised
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = small_dat()
+    model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_grad_checkpointing_matches():
+    torch.manual_seed(0)
+    model = small_dat(drop_path_rate=0.)
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    model(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for a, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- configs and timm interface
+def test_shipped_configs_build_and_run():
+    """Every shipped DAT config builds; tiny runs at its own size, the big ones once at batch 1 on a 64 px
+    input (the maps are then too small for the 224 layout's strides, so the deformable blocks raise a
+    clear error: checked) and on their own input size only for dat_base_384's geometry."""
+    for name, path in CFGS.items():
+        config = load_config(path)
+        assert model_spec(config).name == name
+        assert config.MODEL.PRETRAINED == ''                         # the 384 placeholder is read as unset
+    model = build_model(load_config(CFGS['dat_tiny'])).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 224))
+        assert out.shape == (1, 1000) and torch.isfinite(out).all()
+        with pytest.raises(ValueError, match='at least 2x2'):
+            model(torch.randn(1, 3, 32, 32))
+    for name in ('dat_small', 'dat_base_384'):
+        size = 384 if name.endswith('384') else 224
+        model = build_model(load_config(CFGS[name])).eval()
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, size, size))
+        assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_config_contradictions_are_errors():
+    with pytest.raises(ConfigError, match='MODEL.DAT.drop_path_rate'):
+        load_config(CFGS['dat_tiny'], ['MODEL.DROP_PATH_RATE', '0.3'])
+    with pytest.raises(ConfigError, match='MODEL.DAT.num_classes'):
+        load_config(CFGS['dat_tiny'], ['MODEL.NUM_CLASSES', '10'])
+    config = load_config(CFGS['dat_tiny'], ['MODEL.DAT.num_classes', '10', 'MODEL.DAT.drop_path_rate', '0.3'])
+    assert (config.MODEL.NUM_CLASSES, config.MODEL.DROP_PATH_RATE) == (10, 0.3)
+    with pytest.raises(ConfigError, match='MODEL.DAT.dims'):
+        with torch.device('meta'):
+            build_model(load_config(CFGS['dat_tiny'], ['MODEL.DAT.dims', '[64, 128]']))
+    with pytest.raises(ConfigError, match='stage_spec'):
+        with torch.device('meta'):
+            build_model(load_config(CFGS['dat_tiny'], ['MODEL.DAT.depths', '[2, 4, 18, 3]']))
+
+
+def test_timm_interface_and_features():
+    torch.manual_seed(0)
+    model = small_dat().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert [m.shape[1:] for m in maps] == [(16, 16, 16), (32, 8, 8), (64, 4, 4), (64, 2, 2)]
+        torch.testing.assert_close(model.forward_head(final), model(x))
+        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 64)
+        assert [i['reduction'] for i in model.feature_info] == [4, 8, 16, 32]
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 3)
+    features = timm.create_model('dat_tiny', features_only=True, img_size=64, pretrained=False)
+    with torch.no_grad():
+        outs = features(torch.randn(1, 3, 128, 128))
+    assert [o.shape[1] for o in outs] == features.feature_info.channels() == [64, 128, 256, 512]
+    assert [o.shape[-1] for o in outs] == [32, 16, 8, 4]
+    names = {n for n, _ in model.named_parameters()}
+    assert model.no_weight_decay_keywords() == {'relative_position_bias_table', 'rpe_table'}
+    assert any('rpe_table' in n for n in names) and any(n.endswith('.rpb') for n in names)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def test_pretrained_224_to_384_resize_and_22k_head():
+    """img_size 32 -> 48 tables: rpe_table resized bicubically (against the written-out resampler), the
+    window bias tables too, official 'L'/'S' names mapped, and the 22k -> 1k style head row selection."""
+    torch.manual_seed(0)
+    small = dict(img_size=64, stage_spec=(('N', 'D'), ('L', 'L'), ('N', 'D'), ('D', 'D')), window_sizes=(7, 4, 7, 7))
+    src = small_dat(num_classes=11, **small)
+    official = {}
+    for key, value in src.state_dict().items():     # the official names of the window projections
+        key = key.replace('.attns.0.qkv.', '.attns.0.proj_qkv.').replace('.attns.0.proj.', '.attns.0.proj_out.') \
+            if '.stages.1.' in f'.{key}' else key
+        official['module.' + key] = value
+    dst = small_dat(num_classes=5, **dict(small, img_size=96, window_sizes=(7, 8, 7, 7)))
+    lookup = [10, 0, 3, 3, 7]
+    sd = checkpoint_filter_fn({'model': official}, dst, lookup_22k=lookup)
+    dst.load_state_dict(sd, strict=True)
+    table = official['module.stages.0.attns.1.rpe_table']
+    assert table.shape[-1] == 31 and dst.stages[0].attns[1].rpe_table.shape[-1] == 47
+    torch.testing.assert_close(dst.stages[0].attns[1].rpe_table.double(), bicubic_resize(table, (47, 47)),
+                               rtol=1e-5, atol=1e-6)
+    bias = official['module.stages.1.attns.1.relative_position_bias_table']            # (7*7, heads)
+    want = bicubic_resize(bias.T.reshape(-1, 7, 7), (15, 15)).reshape(-1, 225).T
+    torch.testing.assert_close(dst.stages[1].attns[1].relative_position_bias_table.double(), want,
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dst.stages[1].attns[0].qkv.weight, official['module.stages.1.attns.0.proj_qkv.weight'])
+    torch.testing.assert_close(dst.cls_head.weight, official['module.cls_head.weight'][lookup])
+
+
+def test_pretrained_loads_strictly_into_dat_base_384_shapes():
+    """dat_base weights fit dat_base_384 unchanged (both keep 224 tables), so --pretrained needs no resizing."""
+    with torch.device('meta'):
+        base, big = timm.create_model('dat_base'), timm.create_model('dat_base_384')
+    assert {k: v.shape for k, v in base.state_dict().items()} == {k: v.shape for k, v in big.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- training and visualisation
+@pytest.mark.slow
+def test_digits_training_through_main(tmp_path):
+    import engine
+    import main as entry
+    from config import get_config
+    from data.digits import write_digits
+
+    data = str(tmp_path / 'digits')
+    write_digits(data, size=64, max_train_per_class=60, max_val_per_class=15)
+    argv = ['--cfg', os.path.join(ROOT, 'cfgs', 'demo', 'dat_digits.yaml'), '--data-path', data,
+            '--output', str(tmp_path / 'out'), '--device', 'cpu',
+            '--opts', 'DATA.NUM_WORKERS', '0', 'TRAIN.EPOCHS', '4', 'DATA.BATCH_SIZE', '50', 'PRINT_FREQ', '100']
+    result = engine.run(get_config(entry.build_parser().parse_args(argv)))
+    assert result.max_accuracy >= 50.0                    # chance is 10%
+    assert glob.glob(str(tmp_path / 'out' / 'dat_digits' / 'default' / '*.pth'))
+
+
+def test_deformable_visualisation_renders(tmp_path):
+    from visualize.deformable import render_deformable
+    torch.manual_seed(0)
+    model = small_dat().eval()
+    path = str(tmp_path / 'dat.png')
+    info = render_deformable(model, path, image='china', stage=0, block=1, query=(0.5, 0.5), size=64)
+    assert os.path.getsize(path) > 1000
+    assert info['points'].shape[-1] == 2 and math.isclose(float(info['weights'].sum()), 1.0, rel_tol=1e-4)
