@@ -14,5 +14,9 @@ test: install
 demo: install
 	bash tools/demo.sh $(DIGITS)
 
+# Speed/memory of FLatten-Swin-T and its softmax baseline (see BENCHMARKS.md). With OFFICIAL=<checkout of
+# LeapLabTHU/FLatten-Transformer>, also side by side with the official code (alternating rounds).
+OFFICIAL ?=
 bench: install
-	$(PY) tools/benchmark.py
+	$(PY) tools/benchmark.py --cfgs cfgs/flatten_swin_t.yaml cfgs/swin_t.yaml --json bench.json
+	$(if $(OFFICIAL),$(PY) tools/benchmark.py --cfgs cfgs/flatten_swin_t.yaml --reference $(OFFICIAL) --json bench_official.json,)

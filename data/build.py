@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
@@ -338,12 +339,25 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _ignores_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGTERM (Linux /proc; True where that cannot be read)."""
+    try:
+        with open(f'/proc/{pid}/status') as f:
+            for line in f:
+                if line.startswith('SigIgn:'):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return True
+
+
 def stop_loader_workers() -> int:
-    """Kill this process's DataLoader workers that are still alive; returns how many. They hold no state,
-    and since they ignore SIGTERM, multiprocessing's exit hook (SIGTERM, then join) would otherwise wait
-    for them forever after an unhandled error while an iterator was alive."""
-    from torch.utils.data._utils.worker import _worker_loop
-    workers = [p for p in multiprocessing.active_children() if getattr(p, '_target', None) is _worker_loop]
+    """Kill this process's daemonic children that ignore SIGTERM (the DataLoader workers, see
+    ``_worker_init``); returns how many. They hold no state, and multiprocessing's exit hook (SIGTERM,
+    then join) would otherwise wait for them forever after an unhandled error while an iterator lived."""
+    workers = [p for p in multiprocessing.active_children() if p.daemon and p.pid and _ignores_sigterm(p.pid)]
+    if workers and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)     # torch's handler would report the kills as failures
     for p in workers:
         p.kill()
     for p in workers:

@@ -235,8 +235,9 @@ class DeformableAttention(nn.Module):
             self.rpe_table = None
         self.tap = AttentionTap()
 
-    def sample_positions(self, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Sampling positions and reference points, each (B*g, Hk, Wk, 2) (y, x) in [-1, 1] coordinates."""
+    def sample_positions(self, q: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Sampling positions and reference points, each (B*g, Hk, Wk, 2) (y, x) in [-1, 1] coordinates;
+        the reference grid in ``dtype`` (the block input's, as officially)."""
         B, C, H, W = q.shape
         offset = self.conv_offset(q.reshape(B * self.groups, self.group_channels, H, W))   # (Bg, 2, Hk, Wk)
         Hk, Wk = offset.shape[-2:]
@@ -248,7 +249,7 @@ class DeformableAttention(nn.Module):
             offset = offset.tanh() * limit.view(1, 2, 1, 1) * self.offset_range_factor
         offset = offset.permute(0, 2, 3, 1)
         with torch.no_grad():
-            reference = reference_points(Hk, Wk, q.dtype, q.device).expand(B * self.groups, Hk, Wk, 2)
+            reference = reference_points(Hk, Wk, dtype, q.device).expand(B * self.groups, Hk, Wk, 2)
         if self.no_off:
             offset = torch.zeros_like(offset)
         pos = offset + reference
@@ -262,7 +263,7 @@ class DeformableAttention(nn.Module):
             raise ValueError(f'a deformable block needs a map of at least 2x2, got {H}x{W}')
         g, heads, d = self.groups, self.num_heads, self.head_dim
         q = self.proj_q(x)
-        pos, reference = self.sample_positions(q)
+        pos, reference = self.sample_positions(q, x.dtype)
         Hk, Wk = pos.shape[1:3]
         n = Hk * Wk
         if self.no_off:
@@ -305,6 +306,7 @@ class DatWindowAttention(WindowAttention):
         super().__init__(dim, window, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=.01)
         self.shift = shift
+        self.fmap_size = fmap_size
         if shift:
             if not 0 < shift < window:
                 raise ValueError(f'window_sizes={window}: the shift {shift} must lie in (0, window)')
@@ -317,6 +319,9 @@ class DatWindowAttention(WindowAttention):
         w = self.window
         if H % w or W % w:
             raise ValueError(f'window_sizes={w} must divide the {H}x{W} map of a window block')
+        if self.shift and (H, W) != tuple(self.fmap_size):
+            raise ValueError(f"an 'S' block's mask is built for a {self.fmap_size} map (from img_size) but got "
+                             f"{H}x{W}; set img_size to the input size")
         y = x.permute(0, 2, 3, 1)
         if self.shift:
             y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
@@ -431,6 +436,9 @@ class DAT(nn.Module):
                 raise ValueError(f'{name}={list(flags)}: this option of the official code is not implemented')
         if global_pool not in ('avg', ''):
             raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
+        if any(dims[i] != 2 * dims[i - 1] for i in range(1, 4)):
+            raise ValueError(f'dims={list(dims)} must double from stage to stage (the official stage input '
+                             f'width is 2 * dims[i-1])')
         if patch_size % 2 and use_conv_patches:
             raise ValueError(f'patch_size={patch_size} must be even with use_conv_patches (two stride-p/2 convs)')
         self.num_classes = num_classes
@@ -522,8 +530,7 @@ class DAT(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':
             x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        x = F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
-        return x if pre_logits else self.cls_head(x)
+        return x if pre_logits else self.cls_head(x)     # no dropout before the head (officially none)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -300,7 +300,8 @@ class PyramidClassifier(ClassifierMixin, nn.Module):
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
                               intermediates_only: bool = False):
         """Stage maps (B, C_i, H/2^(i+2), W/2^(i+2)) of ``indices``. Returns ``[maps]`` or
-        ``(forward_features output, [maps])``."""
+        ``(forward_features output, [maps])``. ``norm`` changes nothing: PVTv2 maps are normed by their
+        stage norms, and the official PVT-v1 never applies its final ``norm``."""
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
         last = self.num_stages - 1
@@ -397,12 +398,6 @@ class FLattenPVT(PyramidClassifier):
             return run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint), hw
         return run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint, hw), hw
 
-    def _intermediate_norm(self, x: torch.Tensor, i: int, norm: bool) -> torch.Tensor:
-        return self.norm(x) if norm and i == NUM_STAGES - 1 else x
-
-    def _prune_norm(self, prune: bool) -> None:
-        if prune:
-            self.norm = nn.Identity()
 
 
 def _timm_mlp(dim: int, hidden: int, drop: float = 0.) -> nn.Module:

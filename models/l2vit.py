@@ -33,19 +33,14 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .build import ModelSpec, common_spec, register_config_adapter
 from .focused_attention import ATTN_LINEAR, AttentionTap
-from .layers import TokenGroups, WindowAttention, unwrap_state_dict, whole_grid, window_partition, window_reverse
+from .layers import (TokenGroups, WindowAttention, tokens_to_nchw, unwrap_state_dict, whole_grid, window_partition,
+                     window_reverse)
 
 _logger = logging.getLogger(__name__)
 
 Size = Tuple[int, int]
 
 __all__ = ['L2ViT', 'LinearAttention', 'LCM', 'LWABlock', 'LGABlock', 'checkpoint_filter_fn']
-
-
-def _tokens_to_map(x: torch.Tensor, size: Size) -> torch.Tensor:
-    """(B, H*W, C) -> (B, C, H, W)."""
-    B, N, C = x.shape
-    return x.transpose(1, 2).reshape(B, C, size[0], size[1])
 
 
 def _map_to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +56,7 @@ class CPE(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
-        return x + _map_to_tokens(self.proj(_tokens_to_map(x, size)))
+        return x + _map_to_tokens(self.proj(tokens_to_nchw(x, size)))
 
 
 class ConvStem(nn.Module):
@@ -107,7 +102,7 @@ class MergeEmbed(nn.Module):
         self.norm = nn.LayerNorm(in_dim)
 
     def forward(self, x: torch.Tensor, size: Size) -> Tuple[torch.Tensor, Size]:
-        x = self.proj(_pad_to_multiple(_tokens_to_map(self.norm(x), size), 2))
+        x = self.proj(_pad_to_multiple(tokens_to_nchw(self.norm(x), size), 2))
         return _map_to_tokens(x), (x.shape[2], x.shape[3])
 
 
@@ -158,7 +153,7 @@ class LCM(nn.Module):
         self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
-        return _map_to_tokens(self.conv2(self.bn(self.act(self.conv1(_tokens_to_map(x, size))))))
+        return _map_to_tokens(self.conv2(self.bn(self.act(self.conv1(tokens_to_nchw(x, size))))))
 
 
 class LWABlock(nn.Module):

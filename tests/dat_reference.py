@@ -43,6 +43,7 @@ def neighborhood_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rp
     return out
 
 
+@torch.no_grad()
 def neighborhood_module_reference(module, x: torch.Tensor) -> torch.Tensor:
     """The 'N' block on an NCHW map: zero-pad bottom/right to the kernel, qkv (Linear), heads of head_dim
     contiguous channels in [q | k | v], q scaled, attention, crop, proj."""
@@ -80,6 +81,7 @@ def _conv1x1(conv, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum('oc,bchw->bohw', conv.weight.double()[:, :, 0, 0], x) + conv.bias.double().view(1, -1, 1, 1)
 
 
+@torch.no_grad()
 def deformable_reference(module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The 'D' block on an NCHW map, float64. Returns (output (B, C, H, W), positions (B, g, Hk, Wk, 2)).
 

@@ -38,7 +38,7 @@ GFLOPS = {'dat_tiny': 4.289, 'dat_small': 9.428, 'dat_base': 16.562, 'dat_base_3
 
 def small_dat(**overrides) -> DAT:
     """All four implemented letters on a 64 px input (maps 16, 8, 4, 2)."""
-    args = dict(img_size=64, patch_size=4, num_classes=7, expansion=2, dim_stem=16, dims=(16, 32, 64, 64),
+    args = dict(img_size=64, patch_size=4, num_classes=7, expansion=2, dim_stem=16, dims=(16, 32, 64, 128),
                 depths=(2, 2, 2, 2), heads=(1, 2, 2, 4), groups=(1, 1, 2, 2),
                 stage_spec=(('N', 'D'), ('L', 'S'), ('N', 'D'), ('D', 'D')), window_sizes=(7, 4, 7, 7),
                 use_pes=(True,) * 4, strides=(8, 4, 2, 1), offset_range_factor=(-1,) * 4,
@@ -130,14 +130,21 @@ def test_neighborhood_fast_matches_loop_reference(H, W, k, tile):
 
 def test_neighborhood_probs_layout_and_gradients():
     """natten's layout: entry t = t_row * k + t_col of query (0, 8) on an 8 x 9 map, k = 5, is key
-    (t_row, 4 + t_col) (the window is shifted inside the map) with bias rpb[:, 4 + t_row, t_col]."""
+    (t_row, 4 + t_col) (the window is shifted inside the map) with bias rpb[:, 4 + t_row, t_col]. Gradients
+    of the fused op (recomputing backward) equal those of the loop reference."""
     g = torch.Generator().manual_seed(1)
     q, key, v = (torch.randn(1, 2, 8, 9, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     rpb = torch.randn(2, 9, 9, generator=g, dtype=torch.float64, requires_grad=True)
     probs = neighborhood_probs(q, key, rpb, 5)
     logits = (q[0, :, 0, 8, None, None, :] * key[0, :, 0:5, 4:9]).sum(-1) + rpb[:, 4:9, 0:5]
     torch.testing.assert_close(probs[0, :, 0, 8], logits.reshape(2, 25).softmax(-1))
-    assert torch.autograd.gradcheck(lambda *t: neighborhood_attention(*t, 5, tile=3), (q, key, v, rpb))
+    inputs = [t[..., :6, :7, :] if t.dim() == 5 else t[:, 2:7, 2:7] for t in (q, key, v, rpb)]
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    weight = torch.randn(1, 2, 6, 7, 3, generator=g, dtype=torch.float64)
+    fast = torch.autograd.grad((neighborhood_attention(*inputs, 3, tile=4) * weight).sum(), inputs)
+    ref = torch.autograd.grad((neighborhood_reference(*inputs, 3) * weight).sum(), inputs)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize('H,W', [(14, 14), (5, 9), (3, 3), (9, 6)])
@@ -200,25 +207,23 @@ def test_grad_checkpointing_matches():
 
 # ----------------------------------------------------------------------------- configs and timm interface
 def test_shipped_configs_build_and_run():
-    """Every shipped DAT config builds; tiny runs at its own size, the big ones once at batch 1 on a 64 px
-    input (the maps are then too small for the 224 layout's strides, so the deformable blocks raise a
-    clear error: checked) and on their own input size only for dat_base_384's geometry."""
+    """Every shipped DAT config loads unchanged and selects its registered variant (the 384 placeholder
+    MODEL.PRETRAINED reads as unset); dat_tiny runs at 224 and dat_base_384 once at 384 with its 224-built
+    tables (batch 1); small/base differ from these only in widths (their layouts are checked on 'meta')."""
     for name, path in CFGS.items():
         config = load_config(path)
         assert model_spec(config).name == name
-        assert config.MODEL.PRETRAINED == ''                         # the 384 placeholder is read as unset
-    model = build_model(load_config(CFGS['dat_tiny'])).eval()
-    with torch.no_grad():
-        out = model(torch.randn(1, 3, 224, 224))
-        assert out.shape == (1, 1000) and torch.isfinite(out).all()
-        with pytest.raises(ValueError, match='at least 2x2'):
-            model(torch.randn(1, 3, 32, 32))
-    for name in ('dat_small', 'dat_base_384'):
-        size = 384 if name.endswith('384') else 224
-        model = build_model(load_config(CFGS[name])).eval()
+        assert config.MODEL.PRETRAINED == ''
+    for name in ('dat_tiny', 'dat_base_384'):
+        config = load_config(CFGS[name])
+        model = build_model(config).eval()
         with torch.no_grad():
-            out = model(torch.randn(1, 3, size, size))
+            out = model(torch.randn(1, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE))
         assert out.shape == (1, 1000) and torch.isfinite(out).all()
+        if name == 'dat_tiny':
+            with pytest.raises(ValueError, match='at least 2x2'):      # 32 px: a 1x1 last stage
+                model(torch.randn(1, 3, 32, 32))
+        del model
 
 
 def test_config_contradictions_are_errors():
@@ -242,9 +247,9 @@ def test_timm_interface_and_features():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         final, maps = model.forward_intermediates(x)
-        assert [m.shape[1:] for m in maps] == [(16, 16, 16), (32, 8, 8), (64, 4, 4), (64, 2, 2)]
+        assert [m.shape[1:] for m in maps] == [(16, 16, 16), (32, 8, 8), (64, 4, 4), (128, 2, 2)]
         torch.testing.assert_close(model.forward_head(final), model(x))
-        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 64)
+        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 128)
         assert [i['reduction'] for i in model.feature_info] == [4, 8, 16, 32]
         model.reset_classifier(3)
         assert model(x).shape == (2, 3)
@@ -302,12 +307,13 @@ def test_digits_training_through_main(tmp_path):
     from data.digits import write_digits
 
     data = str(tmp_path / 'digits')
-    write_digits(data, size=64, max_train_per_class=60, max_val_per_class=15)
+    write_digits(data, size=64, max_train_per_class=40, max_val_per_class=10)
     argv = ['--cfg', os.path.join(ROOT, 'cfgs', 'demo', 'dat_digits.yaml'), '--data-path', data,
             '--output', str(tmp_path / 'out'), '--device', 'cpu',
-            '--opts', 'DATA.NUM_WORKERS', '0', 'TRAIN.EPOCHS', '4', 'DATA.BATCH_SIZE', '50', 'PRINT_FREQ', '100']
+            '--opts', 'DATA.NUM_WORKERS', '0', 'TRAIN.EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '0', 'DATA.BATCH_SIZE',
+            '40', 'TRAIN.BASE_LR', '1.2e-2', 'TRAIN.MIN_LR', '1e-4', 'PRINT_FREQ', '100', 'SAVE_FREQ', '3']
     result = engine.run(get_config(entry.build_parser().parse_args(argv)))
-    assert result.max_accuracy >= 50.0                    # chance is 10%
+    assert result.max_accuracy >= 40.0                    # chance is 10%
     assert glob.glob(str(tmp_path / 'out' / 'dat_digits' / 'default' / '*.pth'))
 
 

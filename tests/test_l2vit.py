@@ -50,7 +50,7 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in module.state_dict().items():
-            if not t.dtype.is_floating_point:
+            if not t.dtype.is_floating_point or name.endswith('attn_mask'):     # masks are structure, not weights
                 continue
             if name.endswith('running_var'):
                 t.copy_(torch.rand(t.shape, generator=g) * 2 + 0.3)

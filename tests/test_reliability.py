@@ -108,6 +108,21 @@ def main_args(cfg: str, data: str, output: str, tag: str, *extra: str, opts: Tup
     return args + (['--opts', *opts] if opts else [])
 
 
+def descendants(pid: int) -> List[int]:
+    """All processes below ``pid`` (Linux /proc; empty elsewhere)."""
+    parent = {}
+    for entry in os.listdir('/proc') if os.path.isdir('/proc') else []:
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent[int(entry)] = int(open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
 def run(args: List[str], timeout: float = RUN_TIMEOUT, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """Run to completion; on timeout the whole process group (with any DataLoader workers) is killed and
     the test fails with the last output."""
@@ -116,7 +131,10 @@ def run(args: List[str], timeout: float = RUN_TIMEOUT, env: Optional[dict] = Non
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
+        for pid in [*descendants(proc.pid), proc.pid]:     # torchrun starts its ranks in their own sessions
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f'no exit within {timeout} s (hang):\n{out[-2000:]}\n{err[-2000:]}')
@@ -228,24 +246,62 @@ def test_row1_unexpected_error_on_one_rank_ends_the_torchrun_job(cfg, digits, wo
     assert elapsed < HANG_LIMIT + 30, elapsed
 
 
-# ----------------------------------------------------------------------------- rows 2 and 13: 2-rank EMA run
+# ----------------------------------------------------------------------------- rows 2, 11 and 13: one 2-rank run
+# A tiny PVT-v1 (its official final norm is unused in the forward, so DDP needs find_unused_parameters)
+TINY_PVT_YAML = f"""
+BASE: ['{os.path.join(ROOT, 'cfgs', 'pvt_t.yaml')}']
+MODEL:
+  NAME: {MODEL_NAME}
+  NUM_CLASSES: 10
+  PVT:
+    DEPTHS: [1, 1, 1, 1]
+    EMBED_DIMS: [8, 16, 16, 16]
+    NUM_HEADS: [1, 1, 1, 1]
+    MLP_RATIOS: [1, 1, 1, 1]
+DATA:
+  IMG_SIZE: 32
+  BATCH_SIZE: 10
+  NUM_WORKERS: 0
+TRAIN:
+  EPOCHS: 1
+  WARMUP_EPOCHS: 0
+  COOLDOWN_EPOCHS: 0
+AUG:
+  AUTO_AUGMENT: none
+  REPROB: 0.0
+  MIXUP: 0.0
+  CUTMIX: 0.0
+PRINT_FREQ: 1
+DIST_TIMEOUT: 60
+"""
+
+
 @pytest.fixture(scope='module')
-def ema_2rank(cfg, digits, workdir, launcher):
-    """main_ema.py on 2 ranks (torchrun, gloo): 1 epoch, 2 steps per rank, EMA checksums recorded."""
+def ema_2rank(digits, workdir, launcher):
+    """main_ema.py on 2 ranks (torchrun, gloo) with a tiny PVT-v1 and no --find-unused-params: 1 epoch,
+    2 steps per rank, each rank's EMA checksum recorded after every update."""
     output, tag = str(workdir / 'runs'), 'ema-2rank'
     record = workdir / 'ema_record'
     record.mkdir()
-    r = torchrun(launcher, *main_args(cfg, digits, output, tag, '--model-ema-decay', '0.5',
-                                      opts=('DATA.BATCH_SIZE', '10', 'DIST_TIMEOUT', '60'), entry='main_ema.py'),
+    cfg = workdir / 'tiny_pvt.yaml'
+    cfg.write_text(TINY_PVT_YAML)
+    r = torchrun(launcher, *main_args(str(cfg), digits, output, tag, '--model-ema-decay', '0.5', entry='main_ema.py'),
                  timeout=240, env={'REL_INJECT': 'ema', 'REL_EMA_OUT': str(record)})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r, run_dir(output, tag), str(record)
+
+
+def test_row11_model_with_unused_parameters_trains_under_ddp(ema_2rank):
+    """PVT-v1 declares its unused parameters; DDP is set up for them without --find-unused-params."""
+    r, folder, _ = ema_2rank
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert os.path.isfile(os.path.join(folder, 'ckpt_epoch_1.pth'))
 
 
 def test_row2_one_ema_on_all_ranks(ema_2rank):
     """After every update the EMA weights of rank 0 and rank 1 are bit-identical (sha1 of the state), and
     the EMA saved in the last checkpoint is that EMA."""
     r, folder, record = ema_2rank
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sums = [open(os.path.join(record, f'ema_rank{k}.txt')).read().split() for k in (0, 1)]
     assert len(sums[0]) == len(sums[1]) == 2                  # 40 images / 2 ranks / batch 10
     assert sums[0] == sums[1], 'the ranks hold different EMA weights'
@@ -263,15 +319,17 @@ def test_row13_console_is_quiet_on_two_ranks(ema_2rank):
     """Each distinct warning is printed once per run (by rank 0), the model appears on the console as a
     parameter/FLOPs summary, and its full repr only in the log file."""
     r, folder, _ = ema_2rank
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     console = r.stdout + r.stderr
-    warnings = [re.sub(r'^\[[^]]*\] \([^)]*\): ', '', ln) for ln in console.splitlines()
+    warnings = [re.sub(r'^(\[rank\d\]:)?\[[^]]*\] \([^)]*\): ', '', ln) for ln in console.splitlines()
                 if 'Warning' in ln or 'WARNING' in ln]
     repeated = {w for w in warnings if warnings.count(w) > 1}
     assert not repeated, f'warnings printed more than once: {sorted(repeated)[:3]}'
-    assert '(layers): ModuleList(' not in console, 'the full model repr is on the console'
+    tree = re.compile(r'^\s+\(\w+\): \w+\(', re.M)          # a line of a module tree: "  (norm1): LayerNorm("
+    assert len(tree.findall(console)) == 0, 'the full model repr is on the console'
     log = open(os.path.join(folder, 'log_rank0.txt')).read()
-    assert '(layers): ModuleList(' in log
-    assert re.search(r'params', console, re.I) and re.search(r'FLOPs', console)
+    assert len(tree.findall(log)) > 20
+    assert re.search(r'total +[\d,]+', console) and re.search(r'FLOPs +[\d.]+ [MG]', console)
 
 
 # ----------------------------------------------------------------------------- rows 3, 4, 7, 12: up-front errors
@@ -300,6 +358,8 @@ def upfront(cfg, digits, workdir) -> dict:
         ('yaml-syntax', str(bad_yaml), digits, [], [], [str(bad_yaml), f'line {line_no}']),
         ('base-missing', str(no_base), digits, [], [], ['parent_missing.yaml', str(no_base), 'BASE']),
         ('resume-missing', cfg, digits, ['--resume', str(root / 'no_such.pth')], [], ['--resume', 'no_such.pth']),
+        ('swin-key-on-pvt', os.path.join(ROOT, 'cfgs', 'pvt_t.yaml'), digits, [],
+         ['MODEL.NUM_CLASSES', '10', 'MODEL.SWIN.DEPTHS', '[1, 1, 1, 1]'], ['MODEL.SWIN.DEPTHS', 'MODEL.TYPE']),
     ]
     argvs = []
     for name, c, d, extra, opts, _ in cases:
@@ -330,6 +390,11 @@ def test_row3_train_and_val_class_lists_are_compared(upfront):
 def test_row7_mixup_with_an_odd_batch_is_a_config_error(upfront):
     """Batch 1 (crashed inside Mixup) and batch 7 (silently dropped an image per step) with Mixup/CutMix."""
     check_upfront(upfront, 'mixup-batch-1', 'mixup-odd')
+
+
+def test_row6_swin_keys_with_a_pvt_type_are_an_error(upfront):
+    """MODEL.SWIN.DEPTHS set with a PVT MODEL.TYPE (was silently ignored): named in the error."""
+    check_upfront(upfront, 'swin-key-on-pvt')
 
 
 def test_row12_yaml_base_and_resume_errors(upfront):

@@ -519,7 +519,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.smoke:
         args.cfgs = args.cfgs or [os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml')]
         args.batch, args.warmup, args.repeats, args.rounds = min(args.batch, 2), 0, 1, min(args.rounds, 2)
-        args.img_size = args.img_size or ([64, 96] if args.sweep_resolution else None)
+        args.img_size = args.img_size or ([64, 128] if args.sweep_resolution else None)
     args.cfgs = args.cfgs or [os.path.join(ROOT, 'cfgs', 'flatten_swin_t.yaml')]
     if args.reference and not os.path.isdir(args.reference):
         p.error(f'--reference {args.reference}: not a directory; pass a checkout of LeapLabTHU/FLatten-Transformer')

@@ -210,6 +210,7 @@ def attention_maps(site: AttentionSite, cap: Capture, image_hw: Tuple[int, int],
     heads = site.module.num_heads
     if head != 'mean' and not 0 <= int(head) < heads:
         raise SelectionError(f'head {head} does not exist; valid: 0-{heads - 1} or mean')
+    fold_dwc = fold_dwc and isinstance(getattr(site.module, 'dwc', None), nn.Module)   # L2ViT's has no dwc
     dwc = dwc_matrix(dwc_kernel(site.module, dwc_channel).double(), layout.window) if fold_dwc else None
     d = phi_q.shape[-1] // heads
     chosen = range(heads) if head == 'mean' else [int(head)]

@@ -1,0 +1,118 @@
+"""tools/benchmark.py in CI-sized smoke runs (no timing is asserted), and its --reference protocol against a
+stand-in 'official checkout' written here (a tiny model under the official layout: config.py, models/, cfgs/)."""
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+
+import benchmark  # noqa: E402
+
+
+def test_smoke_measures_both_modes_and_writes_json(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    benchmark.main(['--smoke', '--json', str(out)])
+    table = capsys.readouterr().out
+    assert '| flatten_swin_digits.yaml | infer | 64 | 2 |' in table
+    assert '| flatten_swin_digits.yaml | train | 64 | 2 |' in table
+    result = json.loads(out.read_text())
+    env = result['environment']
+    for key in ('device_name', 'torch', 'date', 'git_commit', 'threads', 'loadavg_start', 'attention_impl'):
+        assert key in env
+    assert env['torch'] == torch.__version__ and env['attention_impl'] == 'fast'
+    rows = {r['mode']: r for r in result['models']}
+    assert set(rows) == {'infer', 'train'}
+    for r in rows.values():
+        assert r['ours']['img_s'] > 0 and r['ours']['peak_mb'] > 0
+        assert r['gflops_per_img'] > 0 and r['ours']['tflops'] > 0
+        assert r['ours']['peak_fraction'] is None                       # no known peak for a CPU
+    # a training step is forward + backward + update: FLOPs per image counted 3x the forward
+    assert rows['train']['ours']['tflops'] / rows['train']['ours']['img_s'] == pytest.approx(
+        3 * rows['infer']['ours']['tflops'] / rows['infer']['ours']['img_s'])
+
+
+def test_smoke_resolution_sweep(capsys):
+    result = benchmark.main(['--smoke', '--sweep-resolution', '--no-flops'])
+    rows = result['sweep']
+    assert [r['img_size'] for r in rows] == [64, 128]
+    assert rows[1]['token_growth'] == pytest.approx(4.0)
+    assert all(r['ms_per_img'] > 0 and r['peak_mb'] > 0 for r in rows)
+
+
+def test_bad_reference_dir_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(['--reference', str(tmp_path / 'missing')])
+    assert 'not a directory; pass a checkout of LeapLabTHU/FLatten-Transformer' in capsys.readouterr().err
+
+
+TINY = '''
+import torch.nn as nn
+
+def tiny(num_classes):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, num_classes))
+'''
+
+
+def _fake_checkout(root, width=4):
+    """The official repository's layout, holding a tiny model: config.py (yacs _C), models.build_model, cfgs/."""
+    (root / 'models').mkdir(parents=True)
+    (root / 'cfgs').mkdir()
+    (root / 'config.py').write_text(textwrap.dedent('''
+        from yacs.config import CfgNode as CN
+        _C = CN()
+        _C.DATA = CN(); _C.DATA.IMG_SIZE = 224
+        _C.MODEL = CN(); _C.MODEL.NUM_CLASSES = 1000; _C.MODEL.TYPE = 'tiny'
+    '''))
+    (root / 'models' / '__init__.py').write_text(TINY.replace('(3, 4, 3', f'(3, {width}, 3').replace(
+        'Linear(4', f'Linear({width}') + textwrap.dedent('''
+        def build_model(config):
+            print('official code prints while building')          # must not break the protocol
+            return tiny(config.MODEL.NUM_CLASSES)
+    '''))
+    (root / 'cfgs' / 'tiny.yaml').write_text('MODEL:\n  TYPE: tiny\n')
+    return root
+
+
+def _ours():
+    ns = {}
+    exec(TINY, ns)
+    torch.manual_seed(0)
+    return ns['tiny'](10)
+
+
+OPTS = {'device': 'cpu', 'batch': 2, 'img_size': 16, 'dtype': 'float32', 'channels_last': False, 'compile': False,
+        'warmup': 0, 'repeats': 1, 'num_classes': 10}
+
+
+def test_reference_subprocess_alternates_rounds_with_same_weights(tmp_path):
+    ref = _fake_checkout(tmp_path / 'official')
+    official = benchmark.OfficialProcess(str(ref), str(tmp_path / 'x' / 'tiny.yaml'), _ours(), OPTS)
+    try:
+        for _ in range(2):                                            # two rounds on the official side
+            res = official.measure(['infer', 'train'])
+            assert res['infer']['img_s'] > 0 and res['train']['img_s'] > 0 and res['train']['peak_mb'] > 0
+    finally:
+        official.close()
+    assert official.proc.returncode == 0
+
+
+def test_reference_without_that_config_fails_clearly(tmp_path):
+    ref = _fake_checkout(tmp_path / 'official')
+    with pytest.raises(SystemExit, match='no cfgs/other.yaml there'):
+        benchmark.OfficialProcess(str(ref), 'other.yaml', _ours(), OPTS)
+
+
+def test_measure_train_updates_parameters():
+    model = _ours()
+    before = [p.detach().clone() for p in model.parameters()]
+    res = benchmark.measure(model, dict(OPTS, repeats=2), ['train'])
+    assert res['train']['img_s'] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert isinstance(model, nn.Module)
