@@ -40,6 +40,7 @@ from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
 import checkpoint as ckpt_io
+import report
 from checkpoint import CheckpointError
 from config import ConfigError
 from data import build_mixup, build_train_loader, build_val_loader, check_data_path
@@ -53,6 +54,7 @@ from utils import (DistInfo, PreemptionHandler, all_reduce_max, all_reduce_sum, 
 logger = logging.getLogger(__name__)
 
 PREEMPT_CHECKPOINT = 'preempt.pth'
+VALIDATION_LOG_SECONDS = 30.0            # validation progress at least this often (rank 0 logs it)
 
 
 class Preempted(Exception):
@@ -243,7 +245,7 @@ def validate(config: CfgNode, loader, model: nn.Module, device: torch.device, na
     window_c1, window_n = torch.zeros((), dtype=torch.float64, device=device), 0
     channels_last = config.TRAIN.CHANNELS_LAST
     start = end = time.time()
-    n_batches = len(loader)
+    n_batches, last = len(loader), 0
     for idx, (images, target, bad) in enumerate(loader):
         for path in bad:
             logger.warning('skipped unreadable validation image %s', path)
@@ -259,12 +261,13 @@ def validate(config: CfgNode, loader, model: nn.Module, device: torch.device, na
             window_c1 += c1
             count += target.numel()
             window_n += target.numel()
-        if (idx + 1) % config.PRINT_FREQ == 0 or idx + 1 == n_batches:
+        # progress every PRINT_FREQ batches, and at least every VALIDATION_LOG_SECONDS on long validations
+        if (idx + 1) % config.PRINT_FREQ == 0 or idx + 1 == n_batches or time.time() - end >= VALIDATION_LOG_SECONDS:
             acc = 100.0 * window_c1.item() / max(window_n, 1)
-            logger.info(f'Test: [{idx + 1}/{n_batches}]\tTime {(time.time() - end) / config.PRINT_FREQ:.3f} '
+            logger.info(f'Test: [{idx + 1}/{n_batches}]\tTime {(time.time() - end) / max(idx + 1 - last, 1):.3f} '
                         f'({(time.time() - start) / (idx + 1):.3f})\tAcc@1 {acc:.3f}\tMem {memory_mb(device):.0f}MB')
             window_c1.zero_()
-            window_n, end = 0, time.time()
+            window_n, end, last = 0, time.time(), idx + 1
     correct1, correct5, loss_sum = sums.tolist()
     correct1, correct5, loss_sum, count, skipped = all_reduce_sum(
         [correct1, correct5, loss_sum, count, skipped], device)
@@ -510,8 +513,16 @@ def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0) -> EpochStats:
             if images is None:
                 raise TrainingError(f'epoch {epoch + 1} step {step + 1}: every image of the batch is unreadable; '
                                     f'check the dataset')
+            if bad:
+                logger.warning(f'epoch {epoch + 1} step {step + 1}: batch shortened to {images.shape[0]} of '
+                               f'{batch} images ({len(bad)} unreadable skipped)')
             if t.mixup is not None and images.shape[0] % 2:   # Mixup pairs images: keep an even batch
-                images, targets = images[:-1], targets[:-1]
+                # (BATCH_SIZE is even, see config; only skipped images make it odd): drop the last image,
+                # or repeat a lone one (mixed with itself it stays itself)
+                if images.shape[0] > 1:
+                    images, targets = images[:-1], targets[:-1]
+                else:
+                    images, targets = torch.cat([images, images]), torch.cat([targets, targets])
             seed_everything(derive_seed(config.SEED, epoch, index, t.info.rank))
             images = to_device(images, device, config.TRAIN.CHANNELS_LAST)
             targets = to_device(targets, device)
@@ -618,12 +629,26 @@ def train(t: Trainer, loader_val=None) -> RunResult:
     logger.info(f'Training time {datetime.timedelta(seconds=int(time.time() - start))}')
     if t.skipped_steps or t.bad_images:
         logger.warning(f'{t.skipped_steps} non-finite steps skipped, {t.bad_images} unreadable training images skipped')
+    bad_images = int(all_reduce_sum([t.bad_images], device)[0])       # over all ranks
+    if t.info.is_main:              # printed, and written to summary.json / summary.txt in the run folder
+        report.write_summary(config.OUTPUT, time.time() - start, t.skipped_steps, bad_images)
     result.max_accuracy, result.max_ema_accuracy = t.max_accuracy, t.max_ema_accuracy
     result.skipped_steps = t.skipped_steps
     return result
 
 
 # ----------------------------------------------------------------------------- setup
+def files_dir(config: CfgNode) -> str:
+    """Where this run writes its config.yaml, log and metrics: OUTPUT when training; its own sub-folder
+    OUTPUT/eval (--eval) or OUTPUT/throughput (--throughput), so that evaluating a finished run's
+    checkpoint with that run's --output never overwrites or appends to the training run's files."""
+    if config.EVAL_MODE:
+        return os.path.join(config.OUTPUT, 'eval')
+    if config.THROUGHPUT_MODE:
+        return os.path.join(config.OUTPUT, 'throughput')
+    return config.OUTPUT
+
+
 def setup_run(config: CfgNode, info: DistInfo) -> CfgNode:
     """What every mode needs first: the data path (and class count) checked once, before any work; the
     learning rate scaled (TRAIN.LR_SCALING); the output folder writable; logging; config.yaml written
@@ -632,10 +657,11 @@ def setup_run(config: CfgNode, info: DistInfo) -> CfgNode:
     if config.DATA.DATA_PATH or not config.THROUGHPUT_MODE:      # fail on a bad --data-path before any work
         check_data_path(config, ('train', 'val') if training else ('val',))
     config = scale_lr(config, info.world_size)
-    ensure_output(config.OUTPUT)
-    create_logger(config.OUTPUT, info.rank, config.MODEL.NAME)
+    folder = files_dir(config)
+    ensure_output(folder)
+    create_logger(folder, info.rank, config.MODEL.NAME)
     if info.is_main:
-        path = os.path.join(config.OUTPUT, 'config.yaml')
+        path = os.path.join(folder, 'config.yaml')
         with open(path, 'w') as f:
             f.write(config.dump())
         logger.info(f'Full config saved to {path}')
@@ -653,7 +679,8 @@ def create_model(config: CfgNode, info: DistInfo) -> nn.Module:
     model = build_model(config).to(info.device)
     if config.TRAIN.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
-    logger.info(str(model))
+    if info.is_main:      # the parameter/FLOPs table on the console, the full module tree in the log file only
+        report.log_model(model, config.DATA.IMG_SIZE)
     logger.info(f'number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}')
     if config.MODEL.PRETRAINED:
         ckpt_io.load_pretrained(model, config.MODEL.PRETRAINED, logger,
@@ -699,13 +726,15 @@ def build_trainer(config: CfgNode, info: Optional[DistInfo] = None, loader_val=N
 
     model = create_model(config, info)
     model = convert_sync_batchnorm(model, config, info)
-    ema = create_ema(config, model)
     optimizer = build_optimizer(config, model)
     step_model: nn.Module = model
     if info.distributed:
+        # models whose official architecture has parameters unused in the forward declare it
+        unused = config.FIND_UNUSED_PARAMS or bool(getattr(model, 'has_unused_parameters', False))
         step_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.local_rank] if info.device.type == 'cuda' else None,
-            find_unused_parameters=config.FIND_UNUSED_PARAMS)
+            find_unused_parameters=unused)
+    ema = create_ema(config, model)      # after DDP broadcast rank 0's weights: one EMA on every rank
     if config.TRAIN.COMPILE:
         step_model = torch.compile(step_model, dynamic=False)
         logger.info('training step model compiled with torch.compile')
@@ -719,7 +748,15 @@ def build_trainer(config: CfgNode, info: Optional[DistInfo] = None, loader_val=N
                 epoch=config.TRAIN.START_EPOCH)
     source = resume_source(config, info)
     if source:
-        resume_training(t, source)
+        try:
+            resume_training(t, source)
+        except CheckpointError as e:
+            if os.path.abspath(source) == os.path.abspath(config.MODEL.RESUME or '.'):
+                raise
+            raise CheckpointError(
+                f"{e} Auto-resume found {source} in this run's output folder {config.OUTPUT}, which holds a run of "
+                f"another model or config: give this experiment its own --output or --tag, or set "
+                f"TRAIN.AUTO_RESUME False to start afresh") from None
     if info.is_main:
         t.metrics = MetricsWriter(config.OUTPUT, tensorboard=config.TENSORBOARD)
         t.metrics.truncate_after(t.epoch)        # records of epochs past the resume point are replayed
@@ -746,7 +783,7 @@ def evaluate(config: CfgNode, info: DistInfo) -> RunResult:
                'val_acc1': result.eval.acc1, 'val_acc5': result.eval.acc5, 'val_loss': result.eval.loss}
         if result.ema_eval is not None:
             rec.update(ema_acc1=result.ema_eval.acc1, ema_acc5=result.ema_eval.acc5, ema_loss=result.ema_eval.loss)
-        MetricsWriter(config.OUTPUT).write(rec)
+        MetricsWriter(files_dir(config)).write(rec)
     return result
 
 

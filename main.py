@@ -16,9 +16,13 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from typing import List, Optional
 
-from utils import ERROR_EXIT_CODE, PREEMPTED_EXIT_CODE
+if os.environ.get('RANK', '0').strip() not in ('', '0'):    # one copy of each warning per run: rank 0's
+    warnings.filterwarnings('ignore')
+
+from utils import ERROR_EXIT_CODE, PREEMPTED_EXIT_CODE  # noqa: E402
 
 
 def build_parser(ema: bool = False) -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from yacs.config import CfgNode
 
 FUSED_DEVICES = ('cuda', 'cpu')
 # Names of the model method listing our extra exclusions (first found is used).
-EXTRA_NO_DECAY_METHODS = ('extra_no_weight_decay', 'no_weight_decay_extra')
+EXTRA_NO_DECAY_METHODS = ('extra_no_weight_decay',)
 # Fallback when a model has no such method: the focused attention's scales / positional encodings and
 # PVT-v1's numbered position embeddings.
 _EXTRA_PATTERN = re.compile(r'(^|\.)(scale|positional_encoding|pos_embed\d+)$')

@@ -1,16 +1,16 @@
-"""What a run tells its user, besides the step logs: the model summary (a parameter/FLOPs table; the full
-module tree goes to the log file only), progress of long loops at a steady rate, and the end-of-run
-summary (printed and written to ``<output>/summary.json`` and ``summary.txt``).
+"""What a run tells its user besides the step logs: the model summary (a parameter/FLOPs table; the full
+module tree goes to the log file only) and the end-of-run summary (printed and written to
+``<output>/summary.json`` and ``summary.txt``).
 
 Rank 0 calls these; nothing here synchronises ranks.
 """
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import logging
 import os
-import time
 from typing import Any, Dict, Optional
 
 import torch.nn as nn
@@ -47,7 +47,8 @@ def _flops_text(model: nn.Module, img_size: int, in_chans: int) -> str:
     was_training = model.training
     try:
         from tools.model_stats import count_flops
-        n = count_flops(model, img_size, in_chans)
+        on_cpu = all(p.device.type == 'cpu' for p in model.parameters())
+        n = count_flops(model if on_cpu else copy.deepcopy(model).cpu(), img_size, in_chans)
         return f'{n / 1e9:.2f} G' if n >= 1e8 else f'{n / 1e6:.2f} M'
     except Exception as e:            # a summary must never stop a run  # noqa: BLE001
         logger.debug('FLOP count failed: %s', e)
@@ -60,26 +61,6 @@ def log_model(model: nn.Module, img_size: int, in_chans: int = 3) -> None:
     """The full module tree to the log file only; the summary table to console and log."""
     logger.info(str(model), extra={'file_only': True})
     logger.info('\n' + model_summary(model, img_size, in_chans))
-
-
-# ----------------------------------------------------------------------------- progress
-class Progress:
-    """Logs ``what: i/n (rate)`` when at least ``every`` items or ``seconds`` seconds have passed since the
-    last line, whichever comes first, and never for the last item (the caller reports the result)."""
-
-    def __init__(self, what: str, total: int, every: int, seconds: float = 30.0, enabled: bool = True) -> None:
-        self.what, self.total, self.every, self.seconds, self.enabled = what, total, max(1, every), seconds, enabled
-        self.start = self.last_time = time.time()
-        self.last_done = 0
-
-    def update(self, done: int, extra: str = '') -> None:
-        now = time.time()
-        if not self.enabled or done >= self.total:
-            return
-        if done - self.last_done >= self.every or now - self.last_time >= self.seconds:
-            self.last_done, self.last_time = done, now
-            rate = done / max(now - self.start, 1e-9)
-            logger.info(f'{self.what}: {done}/{self.total} ({rate:.1f}/s){extra}')
 
 
 # ----------------------------------------------------------------------------- end-of-run summary
@@ -122,7 +103,7 @@ def summary_text(s: Dict[str, Any]) -> str:
         speed = f", {s['images_per_s']:.1f} images/s" if s.get('images_per_s') else ''
         lines.append(f"  training time    {s['train_seconds']:.0f} s over all sessions{speed}")
     lines.append(f"  skipped          {s['skipped_steps']} non-finite steps, {s['skipped_images']} unreadable "
-                 f"images (this session)")
+                 f"images (this session, all ranks)")
     lines.append(f"  checkpoints      {', '.join(s['checkpoints']) or 'none'} in {s['output']}")
     return '\n'.join(lines)
 

@@ -51,8 +51,11 @@ __all__ = ['DAT', 'DeformableAttention', 'NeighborhoodAttention', 'DatWindowAtte
            'fvcore_handles', 'LETTERS']
 
 
-ATTN_DEFORMABLE = 'deformable'      # tap(pos (B, g, Hk, Wk, 2), reference (B, g, Hk, Wk, 2), probs (B, heads, HW, Hk*Wk))
-ATTN_NEIGHBORHOOD = 'neighborhood'  # tap(probs (B, heads, H, W, k*k)) in natten's layout, only when hooked
+# What each attention kind's tap receives:
+#   deformable:   tap(pos (B, g, Hk, Wk, 2), reference (B, g, Hk, Wk, 2), probs (B*heads, H*W, Hk*Wk)), (y, x)
+#   neighborhood: tap(probs (B, heads, H, W, k*k)) in natten's layout, called only when the tap is hooked
+ATTN_DEFORMABLE = 'deformable'
+ATTN_NEIGHBORHOOD = 'neighborhood'
 LETTERS = ('N', 'D', 'L', 'S')      # block letters implemented (of the official N, D, L, S, P, Q, E, X)
 
 

@@ -341,11 +341,13 @@ class FocusedLinearAttentionBase(nn.Module):
 
         Computed in at least float32 even under autocast (the focusing power p can overflow float16);
         float64 inputs stay float64. Returns v's dtype. Runs the implementation chosen with
-        :func:`set_attention_impl`. A hooked ``tap`` sees (phi_q, phi_k, v) as (B, n, C) tensors either way
+        :func:`set_attention_impl` (the reference formulas while torch.compile traces). A hooked ``tap`` sees (phi_q, phi_k, v) as (B, n, C) tensors either way
         (the fast path then merges copies of its per-head buffers for it; results are unchanged).
         """
         impl = get_attention_impl()
-        if impl != 'reference':
+        # Under torch.compile the plain formulas are traced instead: inductor fuses them itself (faster than
+        # the eager fast path on CPU here), and the fast path's strided out= writes would break the graph.
+        if impl != 'reference' and not torch.compiler.is_compiling():
             core = None
             if impl == 'triton':
                 from .triton_linear_attention import triton_core_for

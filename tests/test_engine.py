@@ -8,6 +8,7 @@ equality of weights against an uninterrupted run, and chance level (10%).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -50,6 +51,12 @@ def run_engine(argv: list) -> engine.RunResult:
 
 def run_dir(out: str, tag: str = 'default') -> str:
     return os.path.join(out, NAME, tag)
+
+
+def metrics(folder: str) -> list:
+    """The per-epoch records of a run's metrics.jsonl, read without our reader."""
+    with open(os.path.join(folder, 'metrics.jsonl')) as f:
+        return [r for r in map(json.loads, f) if r['kind'] == 'epoch']
 
 
 def states_equal(a: dict, b: dict) -> bool:
@@ -115,6 +122,19 @@ def test_train_single_process(baseline, digits):
     assert states_equal(ckpt['model'], result.model.state_dict())
     assert states_equal(ckpt['model_ema'], result.ema_model.state_dict())
     assert not states_equal(ckpt['model_ema'], ckpt['model'])
+    # metrics.jsonl: one record per epoch, its accuracies those of the log lines (model, then EMA)
+    recs = metrics(run)
+    accs = logged(log, r' \* Acc@1 ([\d.]+) Acc@5 ([\d.]+)')
+    assert [r['epoch'] for r in recs] == [1, 2, 3] and [r['step'] for r in recs] == [9, 18, 27]
+    for r, model_acc, ema_acc in zip(recs, accs[0::2], accs[1::2]):
+        assert (f"{r['val_acc1']:.3f}", f"{r['val_acc5']:.3f}") == model_acc
+        assert (f"{r['ema_acc1']:.3f}", f"{r['ema_acc5']:.3f}") == ema_acc
+        assert r['skipped_steps'] == 0 and r['bad_images'] == 0
+        assert all(r[k] > 0 for k in ('lr', 'train_loss', 'grad_norm', 'val_loss', 'images_per_s', 'epoch_time_s',
+                                      'peak_mem_mb'))
+    assert recs[-1]['val_acc1'] == pytest.approx(result.eval.acc1) and recs[0]['train_loss'] > recs[-1]['train_loss']
+    lrs = logged(log, r'Train: \[(\d)/3\]\[9/9\]\teta \S+ lr ([\d.]+)')
+    assert [f"{r['lr']:.6f}" for r in recs] == [lr for _, lr in lrs]
 
 
 def test_eval_reproduces_logged_accuracy(baseline, digits, tmp_path):
@@ -161,11 +181,17 @@ def _copy_until(out: str, tmp: str, epoch: int) -> str:
 def test_auto_resume_matches_uninterrupted(baseline, digits, tmp_path):
     out, ref = baseline
     dst = _copy_until(out, str(tmp_path), 2)
+    assert [r['epoch'] for r in metrics(run_dir(dst))] == [1, 2, 3]      # epoch 3 written, its checkpoint lost
     result = run_engine(args(digits, dst))
     assert result.epochs_done == 1
     assert states_equal(result.model.state_dict(), ref.model.state_dict())
     assert states_equal(result.ema_model.state_dict(), ref.ema_model.state_dict())
     assert result.max_accuracy == ref.max_accuracy
+    # epoch 3 replayed: recorded once, with the uninterrupted run's figures
+    recs, base = metrics(run_dir(dst)), metrics(run_dir(out))
+    assert [r['epoch'] for r in recs] == [1, 2, 3]
+    assert [(r['val_acc1'], r['ema_acc1'], r['train_loss']) for r in recs] == \
+        [(r['val_acc1'], r['ema_acc1'], r['train_loss']) for r in base]
 
 
 def test_preemption_mid_epoch_then_resume(baseline, digits, tmp_path, monkeypatch):
@@ -198,6 +224,9 @@ def test_preemption_mid_epoch_then_resume(baseline, digits, tmp_path, monkeypatc
     assert states_equal(result.model.state_dict(), ref.model.state_dict())
     assert states_equal(result.ema_model.state_dict(), ref.ema_model.state_dict())
     assert not os.path.exists(preempt)
+    recs = metrics(run_dir(dst))
+    assert [r['epoch'] for r in recs] == [1, 2, 3]                           # each epoch exactly once
+    assert recs[-1]['val_acc1'] == metrics(run_dir(out))[-1]['val_acc1']
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -222,6 +251,8 @@ def test_torchrun_two_ranks_train_and_exact_validation(digits, tmp_path):
     acc = logged(log, r' \* Acc@1 ([\d.]+) Acc@5 ([\d.]+)')[-1]
     assert float(acc[0]) > 40.0
     assert logged(log, rf'Accuracy of the network on the {N_VAL} test images')
+    recs = metrics(run_dir(out))                                             # rank 0 alone writes it
+    assert [r['epoch'] for r in recs] == [1, 2] and f"{recs[-1]['val_acc1']:.3f}" == acc[0]
     ckpt = os.path.join(run_dir(out), 'ckpt_epoch_2.pth')
     single = run_engine(args(digits, str(tmp_path / 'eval'), '--eval', '--resume', ckpt,
                              opts=('MODEL_EMA.ENABLE', 'False')))

@@ -5,7 +5,7 @@ DIST_TIMEOUT (600 s), so a hang is a failure, never a stuck CI job.
 
 Failures are injected without touching the code under test: a small launcher (written by the fixture
 ``launcher``) patches ``torch.Tensor.backward`` (an unexpected error in the training step) or wraps
-``timm.utils.ModelEmaV3.update`` (to record each rank's EMA checksum) and then runs the entry point.
+``timm.utils.ModelEmaV3`` (to record each rank's EMA checksum at exit) and then runs the entry point.
 """
 from __future__ import annotations
 
@@ -75,17 +75,22 @@ if mode == 'fail':                       # an unexpected error in the 2nd traini
             raise RuntimeError('injected failure in the training step')
         return original(self, *args, **kwargs)
     torch.Tensor.backward = backward
-elif mode == 'ema':                      # record each rank's EMA weights after every update
+elif mode == 'ema':                      # at exit, record each rank's EMA weights (sha1 of the state)
+    import atexit
     from timm.utils import ModelEmaV3
-    original = ModelEmaV3.update
-    def update(self, *args, **kwargs):
+    made, original = [], ModelEmaV3.__init__
+    def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        h = hashlib.sha1()
-        for k, v in sorted(self.module.state_dict().items()):
-            h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        with open(os.path.join(os.environ['REL_EMA_OUT'], f'ema_rank{rank}.txt'), 'a') as f:
-            f.write(h.hexdigest() + '\n')
-    ModelEmaV3.update = update
+        made.append(self)
+    ModelEmaV3.__init__ = init
+    def record():
+        with open(os.path.join(os.environ['REL_EMA_OUT'], f'ema_rank{rank}.txt'), 'w') as f:
+            for ema in made:
+                h = hashlib.sha1()
+                for k, v in sorted(ema.module.state_dict().items()):
+                    h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+                f.write(h.hexdigest() + '\n')
+    atexit.register(record)
 sys.argv[0] = entry
 runpy.run_path(entry, run_name='__main__')
 '''
@@ -279,7 +284,7 @@ DIST_TIMEOUT: 60
 @pytest.fixture(scope='module')
 def ema_2rank(digits, workdir, launcher):
     """main_ema.py on 2 ranks (torchrun, gloo) with a tiny PVT-v1 and no --find-unused-params: 1 epoch,
-    2 steps per rank, each rank's EMA checksum recorded after every update."""
+    2 steps per rank (40 images / 2 ranks / batch 10), each rank's EMA checksum recorded at exit."""
     output, tag = str(workdir / 'runs'), 'ema-2rank'
     record = workdir / 'ema_record'
     record.mkdir()
@@ -298,12 +303,13 @@ def test_row11_model_with_unused_parameters_trains_under_ddp(ema_2rank):
 
 
 def test_row2_one_ema_on_all_ranks(ema_2rank):
-    """After every update the EMA weights of rank 0 and rank 1 are bit-identical (sha1 of the state), and
-    the EMA saved in the last checkpoint is that EMA."""
+    """After the run (2 steps per rank, EMA decay 0.5, so the EMA's starting point still weighs 1/4) the
+    EMA weights of rank 0 and rank 1 are bit-identical (sha1 of the state), and the EMA saved in the last
+    checkpoint is that EMA."""
     r, folder, record = ema_2rank
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sums = [open(os.path.join(record, f'ema_rank{k}.txt')).read().split() for k in (0, 1)]
-    assert len(sums[0]) == len(sums[1]) == 2                  # 40 images / 2 ranks / batch 10
+    assert len(sums[0]) == len(sums[1]) == 1                  # one EMA per rank
     assert sums[0] == sums[1], 'the ranks hold different EMA weights'
     import hashlib
     import checkpoint as C
@@ -485,3 +491,68 @@ def test_row10_16bit_and_float_images_are_scaled_not_clipped(cfg, digits, workdi
     r = run_main(*main_args(cfg, data, str(workdir / 'runs'), 'row10', '--eval'))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (r.stdout + r.stderr).count('more than 8 bits per channel') == 1
+
+
+# ----------------------------------------------------------------------------- rows 9 and 12 on a finished run
+@pytest.fixture(scope='module')
+def finished_run(cfg, digits, workdir) -> Tuple[subprocess.CompletedProcess, str]:
+    """A finished 1-epoch training run (tag 'finished')."""
+    output = str(workdir / 'runs')
+    r = run_main(*main_args(cfg, digits, output, 'finished'))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r, run_dir(output, 'finished')
+
+
+@pytest.fixture(scope='module')
+def after_run(finished_run, cfg, digits, workdir) -> dict:
+    """On copies of the finished run: 'eval' = --eval --resume its checkpoint with its --output/--tag;
+    'changed' = training again into it with another model size (auto-resume finds the old checkpoint).
+    Returns {case: (folder, files before, result)}."""
+    output = str(workdir / 'after')
+    cases, folders = {}, {}
+    for name, extra, opts in (('eval', ['--eval', '--resume', None], []),
+                              ('changed', [], ['--opts', 'MODEL.SWIN.EMBED_DIM', '24'])):
+        folder = run_dir(output, name)
+        shutil.copytree(finished_run[1], folder)
+        extra = [x if x is not None else os.path.join(folder, 'ckpt_epoch_1.pth') for x in extra]
+        before = {f: open(os.path.join(folder, f), 'rb').read() for f in sorted(os.listdir(folder))}
+        cases[name] = ['--cfg', cfg, '--data-path', digits, '--output', output, '--tag', name, '--device', 'cpu',
+                       *extra, *opts]
+        folders[name] = (folder, before)
+    results = run_cases([(argv, folders[n][0]) for n, argv in cases.items()])
+    return {n: (*folders[n], res) for n, res in zip(cases, results)}
+
+
+def test_row9_eval_leaves_the_training_run_files_alone(after_run):
+    """--eval --resume <run>/ckpt with the run's own --output/--tag: the run's config.yaml, log, metrics and
+    checkpoints are byte-identical afterwards; the evaluation's files are in the eval/ sub-folder."""
+    folder, before, res = after_run['eval']
+    assert res['rc'] == 0, res['stdout'][-2000:] + res['stderr'][-2000:]
+    changed = [f for f, data in before.items() if open(os.path.join(folder, f), 'rb').read() != data]
+    assert not changed, f'evaluation modified the training run files {changed}'
+    assert os.path.isfile(os.path.join(folder, 'eval', 'config.yaml'))
+    assert 'Accuracy of the network' in open(os.path.join(folder, 'eval', 'log_rank0.txt')).read()
+
+
+def test_row12_auto_resume_into_another_models_run_says_so(after_run):
+    """Auto-resume finds a checkpoint of another model size in the output folder: the error says that the
+    folder holds another run and how to start this one (own --output/--tag or TRAIN.AUTO_RESUME False)."""
+    folder, before, res = after_run['changed']
+    assert res['rc'] == ERROR, res['stdout'][-2000:] + res['stderr'][-2000:]
+    line = one_error_line(res['stderr'])
+    assert folder in line and 'TRAIN.AUTO_RESUME' in line and '--tag' in line, line
+    assert all(open(os.path.join(folder, f), 'rb').read() == d for f, d in before.items() if f.endswith('.pth'))
+
+
+def test_end_of_run_summary_is_printed_and_written(finished_run):
+    """The summary (best Acc@1 and its epoch, checkpoints) on the console and in summary.json, checked
+    against the accuracy lines of the log and the files in the folder."""
+    r, folder = finished_run
+    assert 'run summary' in r.stdout
+    accs = [float(a) for a in re.findall(r' \* Acc@1 ([\d.]+)', open(os.path.join(folder, 'log_rank0.txt')).read())]
+    summary = json.load(open(os.path.join(folder, 'summary.json')))
+    assert summary['best']['acc1'] == pytest.approx(max(accs), abs=1e-3) and summary['best']['epoch'] == 1
+    assert summary['checkpoints'] == sorted(f for f in os.listdir(folder) if f.endswith('.pth'))
+    assert summary['skipped_steps'] == 0 and summary['skipped_images'] == 0
+    assert summary['images_per_s'] > 0
+    assert open(os.path.join(folder, 'summary.txt')).read().startswith('run summary')

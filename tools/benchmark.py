@@ -185,7 +185,18 @@ def measure(model: nn.Module, opts: Dict[str, Any], modes: Sequence[str]) -> Dic
 
 
 # ----------------------------------------------------------------------------- our models
+class TimmSpec:
+    """``timm:<name>`` in --cfgs: a model straight from timm (e.g. timm:swin_tiny_patch4_window7_224)."""
+
+    def __init__(self, name: str, img_size: Optional[int]) -> None:
+        self.name = name
+        self.DATA = argparse.Namespace(IMG_SIZE=img_size or 224)
+        self.MODEL = argparse.Namespace(NUM_CLASSES=1000)
+
+
 def load_cfg(path: str, img_size: Optional[int] = None, opts: Sequence[str] = ()):
+    if path.startswith('timm:'):
+        return TimmSpec(path[len('timm:'):], img_size)
     sys.path.insert(0, ROOT)
     from config import load_config
     extra = list(opts) + (['DATA.IMG_SIZE', str(img_size)] if img_size else [])
@@ -193,8 +204,14 @@ def load_cfg(path: str, img_size: Optional[int] = None, opts: Sequence[str] = ()
 
 
 def build(config) -> nn.Module:
-    from models import build_model
     torch.manual_seed(0)
+    if isinstance(config, TimmSpec):
+        import timm
+        try:
+            return timm.create_model(config.name, img_size=config.DATA.IMG_SIZE)
+        except TypeError:                        # models without an img_size argument (CNNs)
+            return timm.create_model(config.name)
+    from models import build_model
     return build_model(config)
 
 
@@ -371,7 +388,10 @@ def run_models(args) -> List[Dict[str, Any]]:
             model = build(config)
             flops = count_flops(model, img_size) if args.flops else None
             opts = _row_opts(args, config, img_size)
-            official = OfficialProcess(args.reference, cfg_path, model, opts) if args.reference else None
+            official = None
+            if args.reference and not isinstance(config, TimmSpec):
+                official = OfficialProcess(args.reference, cfg_path, model,
+                                           dict(opts, dtype=args.reference_dtype or args.dtype))
             rounds = {'ours': [], 'official': []}
             try:
                 for _ in range(args.rounds if official else 1):
@@ -492,7 +512,8 @@ def print_data(rows: List[Dict[str, Any]]) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument('--cfgs', nargs='+', default=None, help='config files (default: cfgs/flatten_swin_t.yaml)')
+    p.add_argument('--cfgs', nargs='+', default=None,
+                   help='config files, or timm:<name> for a timm model (default: cfgs/flatten_swin_t.yaml)')
     p.add_argument('--opts', nargs='*', default=[], help='KEY VALUE config overrides for every config')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--img-size', type=int, nargs='*', default=None, help='resolution(s); default: the config')
@@ -509,6 +530,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--no-flops', dest='flops', action='store_false', help='skip the fvcore FLOP count')
     p.add_argument('--reference', metavar='DIR', help='checkout of LeapLabTHU/FLatten-Transformer to compare')
     p.add_argument('--rounds', type=int, default=5, help='alternating rounds with --reference')
+    p.add_argument('--reference-dtype', choices=sorted(DTYPES), default=None,
+                   help="the official side's autocast dtype (default: --dtype); its --amp is float16")
     p.add_argument('--sweep-resolution', action='store_true')
     p.add_argument('--data', metavar='PATH', help='time the input pipeline on this dataset instead')
     p.add_argument('--workers', type=int, nargs='+', default=[4])

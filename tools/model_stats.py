@@ -49,8 +49,16 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
     family = sys.modules.get(type(model).__module__)        # custom ops priced by their family (DAT++: natten's rule)
     if family is not None and hasattr(family, 'fvcore_handles'):
         analysis.set_op_handle(**family.fvcore_handles())
-    with torch.no_grad():
-        return int(analysis.total())
+    # fvcore prices explicit matmuls, not the fused SDPA kernel: hook every attention tap so that softmax
+    # blocks take their explicit-probabilities path (same maths) while counting
+    from models.focused_attention import AttentionTap
+    handles = [m.register_forward_hook(lambda *a: None) for m in model.modules() if isinstance(m, AttentionTap)]
+    try:
+        with torch.no_grad():
+            return int(analysis.total())
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def model_row(cfg_path: str, opts: Sequence[str] = (), flops: bool = True) -> List[str]:
@@ -58,7 +66,8 @@ def model_row(cfg_path: str, opts: Sequence[str] = (), flops: bool = True) -> Li
     config = load_config(cfg_path, list(opts))
     model = build_model(config)
     params = f'{count_params(model) / 1e6:.3f}'
-    gflops = f'{count_flops(model, config.DATA.IMG_SIZE, config.MODEL.SWIN.IN_CHANS) / 1e9:.3f}' if flops else '-'
+    in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels   # the stem's
+    gflops = f'{count_flops(model, config.DATA.IMG_SIZE, in_chans) / 1e9:.3f}' if flops else '-'
     return [os.path.splitext(os.path.basename(cfg_path))[0], config.MODEL.TYPE, params, gflops]
 
 

@@ -1,0 +1,105 @@
+"""Training curves of one or several runs in one figure: train loss, val Acc@1 and learning rate per epoch.
+
+    python tools/plot_runs.py RUN_DIR [RUN_DIR ...] -o curves.png
+    python tools/plot_runs.py output/flatten_swin_digits/L output/flatten_swin_digits/S -o docs/curves.png
+
+A RUN_DIR is a training output folder (``<output>/<MODEL.NAME>/<TAG>``) holding ``metrics.jsonl`` (a path
+to the file itself works too). Each run's legend entry is ``MODEL.NAME/TAG`` from its ``config.yaml``
+(the folder's last two components without one), or the ``--labels`` given. With ``--ema`` the EMA's
+Acc@1 is drawn too (dashed), for runs that have it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from logger import METRICS_FILE, read_metrics  # noqa: E402
+
+PANELS = (('train_loss', 'train loss'), ('val_acc1', 'val Acc@1 (%)'), ('lr', 'learning rate'))
+
+
+def epoch_records(path: str) -> List[Dict]:
+    """The run's per-epoch records, one per epoch (the last one written wins), sorted by epoch."""
+    by_epoch: Dict[int, Dict] = {}
+    for rec in read_metrics(path):
+        if rec.get('kind') == 'epoch' and isinstance(rec.get('epoch'), int):
+            by_epoch[rec['epoch']] = rec
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def run_label(path: str) -> str:
+    """``MODEL.NAME/TAG`` from the run's config.yaml, else the folder's last two path components."""
+    folder = os.path.dirname(path) if path.endswith('.jsonl') else path
+    cfg = os.path.join(folder, 'config.yaml')
+    if os.path.isfile(cfg):
+        import yaml
+        with open(cfg) as f:
+            data = yaml.safe_load(f) or {}
+        name, tag = (data.get('MODEL') or {}).get('NAME'), data.get('TAG')
+        if name and tag:
+            return f'{name}/{tag}'
+    parts = os.path.normpath(os.path.abspath(folder)).split(os.sep)
+    return '/'.join(parts[-2:])
+
+
+def plot_runs(paths: Sequence[str], output: str, labels: Optional[Sequence[str]] = None, ema: bool = False,
+              title: Optional[str] = None):
+    """Draw the figure and save it to ``output``; returns the matplotlib Figure (three Axes)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    if labels is not None and len(labels) != len(paths):
+        raise SystemExit(f'error: {len(labels)} --labels for {len(paths)} runs')
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8))
+    for i, path in enumerate(paths):
+        if not os.path.exists(path if path.endswith('.jsonl') else os.path.join(path, METRICS_FILE)):
+            raise SystemExit(f'error: no {METRICS_FILE} in {path}: give the output folder of a training run')
+        records = epoch_records(path)
+        if not records:
+            raise SystemExit(f'error: {path} has no epoch records yet')
+        label = labels[i] if labels is not None else run_label(path)
+        epochs = [r['epoch'] for r in records]
+        colour = f'C{i % 10}'
+        for ax, (key, _) in zip(axes, PANELS):
+            ax.plot(epochs, [r.get(key) if r.get(key) is not None else float('nan') for r in records],
+                    marker='o', markersize=3, color=colour, label=label)
+        if ema and any(r.get('ema_acc1') is not None for r in records):
+            axes[1].plot(epochs, [r.get('ema_acc1', float('nan')) for r in records], linestyle='--',
+                         color=colour, label=f'{label} (EMA)')
+    for ax, (key, name) in zip(axes, PANELS):
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if key == 'lr':
+            ax.ticklabel_format(axis='y', style='sci', scilimits=(-3, 3))
+    axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=120)
+    return fig
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('runs', nargs='+', help='run output folders (or their metrics.jsonl)')
+    p.add_argument('-o', '--output', default='curves.png', help='PNG to write (default: curves.png)')
+    p.add_argument('--labels', nargs='+', help='legend entries, one per run (default: MODEL.NAME/TAG)')
+    p.add_argument('--ema', action='store_true', help="also draw the EMA's val Acc@1 (dashed)")
+    p.add_argument('--title', help='figure title')
+    args = p.parse_args(argv)
+    plot_runs(args.runs, args.output, args.labels, args.ema, args.title)
+    print(f'wrote {args.output}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
