@@ -40,7 +40,7 @@ _C.DATA.PERSISTENT_WORKERS = True        # (ours) keep DataLoader workers alive 
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
-_C.MODEL.TYPE = 'swin'
+_C.MODEL.TYPE = 'flatten_swin'              # a registered type (the official default 'swin' builds nothing here)
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
 _C.MODEL.RESUME = ''
 _C.MODEL.PRETRAINED = ''                 # (ours) set by --pretrained
@@ -62,22 +62,10 @@ _C.MODEL.SWIN.QKV_BIAS = True
 _C.MODEL.SWIN.QK_SCALE = None
 _C.MODEL.SWIN.APE = False
 _C.MODEL.SWIN.PATCH_NORM = True
-# Kept for compatibility with the official config (and the checkpoints that pickle it); unused.
-_C.MODEL.SWIN.KA = [7, 7, 7, 7]
-_C.MODEL.SWIN.DIM_REDUCTION = [4, 4, 4, 4]
-_C.MODEL.SWIN.STAGES = [True, True, True, True]
-_C.MODEL.SWIN.STAGES_NUM = [-1, -1, -1, -1]
-_C.MODEL.SWIN.RPB = True
-_C.MODEL.SWIN.PADDING_MODE = 'zeros'
-_C.MODEL.SWIN.SHARE_DWC_KERNEL = True
-_C.MODEL.SWIN.SHARE_QKV = False
-_C.MODEL.SWIN.LR_FACTOR = 2
-_C.MODEL.SWIN.DEPTHS_LR = [2, 2, 2, 2]
-_C.MODEL.SWIN.FUSION_TYPE = 'add'
-_C.MODEL.SWIN.STAGE_CFG = None
-_C.MODEL.SWIN_HR = CN(new_allowed=True)
-_C.MODEL.SWIN_LRVIT = CN(new_allowed=True)
-_C.MODEL.PVD = CN(new_allowed=True)
+# Removed (issue 14): the official config's unused MODEL.SWIN.KA, DIM_REDUCTION, STAGES, STAGES_NUM, RPB,
+# PADDING_MODE, SHARE_DWC_KERNEL, SHARE_QKV, LR_FACTOR, DEPTHS_LR, FUSION_TYPE, STAGE_CFG and the empty
+# sections MODEL.SWIN_HR, MODEL.SWIN_LRVIT, MODEL.PVD, and LOCAL_RANK: no official YAML sets them and
+# checkpoints are loaded without merging their pickled config, so nothing needs them to load.
 
 # Focused linear attention
 _C.MODEL.LA = CN()
@@ -228,7 +216,6 @@ _C.PRINT_FREQ = 100
 _C.SEED = 0
 _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
-_C.LOCAL_RANK = 0
 _C.FIND_UNUSED_PARAMS = False            # (ours) set by --find-unused-params
 _C.TENSORBOARD = False                   # (ours) set by --tensorboard: also write TensorBoard event files
 

@@ -112,6 +112,12 @@ def main(argv: Optional[List[str]] = None, ema: bool = False) -> int:
         print(f'ERROR: {message}', file=sys.stderr, flush=True)
         return ERROR_EXIT_CODE
     except RuntimeError as e:
+        if 'Expected to have finished reduction in the prior iteration' in str(e):   # DDP, unused parameters
+            message = ('DDP found model parameters that receive no gradient (unused in the forward); rerun with '
+                       '--find-unused-params, or set has_unused_parameters = True on the model class')
+            log_to_file(f'ERROR: {message}')
+            print(f'ERROR: {message}', file=sys.stderr, flush=True)
+            return ERROR_EXIT_CODE
         if not peer_failure(e):
             raise
         log_to_file(f'distributed failure: {e}')

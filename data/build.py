@@ -286,9 +286,9 @@ def check_data_path(config: CfgNode, splits: Tuple[str, ...] = ('train', 'val'))
 
 def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: int = 1) -> SampleDataset:
     """The train or val split of DATA.DATA_PATH, wrapped in SampleDataset. In folder mode both splits use
-    the training split's class list (checked equal to val's by ``check_data_path``)."""
+    the training split's class list (checked equal to val's by ``check_data_path``). DATA.* is validated
+    once, by the caller, with ``check_data_path`` (``engine.setup_run`` does it before any work)."""
     split = 'train' if is_train else 'val'
-    check_data_path(config, (split,))
     path = config.DATA.DATA_PATH
     transform = build_transform(is_train, config)
     if config.DATA.ZIP_MODE:
@@ -301,8 +301,11 @@ def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: in
 
 
 def check_num_classes(dataset: SampleDataset, config: CfgNode, split: str) -> None:
-    """The class count must equal MODEL.NUM_CLASSES; in zip mode every label of the map file must also be
-    below it, and a val map may cover a subset of the classes."""
+    """Zip mode: every label of the map file must be below MODEL.NUM_CLASSES, and the train map must have
+    that many classes (a val map may cover a subset). Folder mode: nothing to do, ``check_data_path``
+    counted the class folders before the dataset was built."""
+    if not isinstance(dataset.dataset, CachedImageFolder):
+        return
     if isinstance(dataset.dataset, CachedImageFolder):
         top = max(dataset.dataset.classes)
         if top >= config.MODEL.NUM_CLASSES:

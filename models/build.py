@@ -68,11 +68,12 @@ def model_spec(config) -> ModelSpec:
 def _config_error(err: ValueError, spec: ModelSpec) -> ConfigError:
     """The model's ValueError with each keyword argument it mentions replaced by its config key (one line)."""
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-    hit = False
-    for kwarg, key in sorted(spec.keys.items(), key=lambda kv: -len(kv[0])):
-        msg, n = re.subn(rf'\b{re.escape(kwarg)}\b', key, msg)
-        hit = hit or n > 0
-    return ConfigError(msg if hit else f'MODEL.TYPE {spec.name}: {msg}')
+    if not spec.keys:
+        return ConfigError(f'MODEL.TYPE {spec.name}: {msg}')
+    names = sorted(spec.keys, key=len, reverse=True)       # one pass: a replaced key is not scanned again
+    pattern = re.compile(r'(?<![\w.])(' + '|'.join(re.escape(k) for k in names) + r')(?![\w])')
+    msg, hits = pattern.subn(lambda m: spec.keys[m.group(1)], msg)
+    return ConfigError(msg if hits else f'MODEL.TYPE {spec.name}: {msg}')
 
 
 def build_model(config, **overrides: Any) -> nn.Module:

@@ -424,6 +424,7 @@ class L2ViT(nn.Module):
         take, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
         self.downsample_layers = self.downsample_layers[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:

@@ -9,7 +9,7 @@ outer part of the (2k-1, 2k-1) table). Attention entries are ordered row-major o
 Two implementations:
   * :func:`neighborhood_attention_naive`: gathers the k^2 keys of every query (natten's (B, heads, H, W,
     k^2) attention layout, memory O(N k^2 d)); simple, used for visualisation and as the slow baseline.
-  * :func:`neighborhood_attention`: the fast path. Queries are cut into T x T tiles; the windows of a
+  * :func:`neighborhood_attention`: the fast path. Queries are cut into T x T tiles (:func:`auto_tile`); the windows of a
     tile's queries all lie in one (T+k-1) x (T+k-1) key region (clamped into the map), so each tile is
     a small dense attention over its region with an additive mask that holds the bias inside each query's
     window and -inf outside it (one batched matmul / SDPA call for all tiles). It is wrapped in an
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,12 @@ def neighborhood_attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 # ----------------------------------------------------------------------------- fast (tiled) path
+def auto_tile(length: int, kernel_size: int) -> int:
+    """Tile side for one axis: the whole axis when it is short (<= 2k + 2: one dense tile beats several
+    overlapping regions), else DEFAULT_TILE."""
+    return length if length <= 2 * kernel_size + 2 else DEFAULT_TILE
+
+
 @lru_cache(maxsize=64)
 def _axis_plan(length: int, kernel_size: int, tile: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                   torch.Tensor]:
@@ -118,8 +124,9 @@ def _axis_plan(length: int, kernel_size: int, tile: int) -> Tuple[torch.Tensor, 
     return queries, keys, inside, table
 
 
-def _plans(H: int, W: int, kernel_size: int, tile: int, device: torch.device) -> List[torch.Tensor]:
-    return [t.to(device) for t in _axis_plan(H, kernel_size, tile) + _axis_plan(W, kernel_size, tile)]
+def _plans(H: int, W: int, kernel_size: int, tile: Optional[int], device: torch.device) -> List[torch.Tensor]:
+    th, tw = (tile, tile) if tile else (auto_tile(H, kernel_size), auto_tile(W, kernel_size))
+    return [t.to(device) for t in _axis_plan(H, kernel_size, th) + _axis_plan(W, kernel_size, tw)]
 
 
 def _tile_mask(rpb: torch.Tensor, plans: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -144,7 +151,7 @@ def _to_tiles(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.
 
 
 def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int,
-                     tile: int, dropout_p: float = 0.) -> torch.Tensor:
+                     tile: Optional[int], dropout_p: float = 0.) -> torch.Tensor:
     B, h, H, W, d = q.shape
     plans = _plans(H, W, kernel_size, tile, q.device)
     q_rows, k_rows, _, _, q_cols, k_cols, _, _ = plans
@@ -165,7 +172,7 @@ class NeighborhoodAttention2D(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int,
-                tile: int) -> torch.Tensor:
+                tile: Optional[int]) -> torch.Tensor:
         ctx.save_for_backward(q, k, v, rpb)
         ctx.kernel_size, ctx.tile = kernel_size, tile
         with torch.no_grad():
@@ -183,9 +190,10 @@ class NeighborhoodAttention2D(torch.autograd.Function):
 
 
 def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor,
-                           kernel_size: int, tile: int = DEFAULT_TILE, dropout_p: float = 0.) -> torch.Tensor:
+                           kernel_size: int, tile: Optional[int] = None, dropout_p: float = 0.) -> torch.Tensor:
     """Fast neighbourhood attention. q (pre-scaled), k, v: (B, heads, H, W, head_dim) with H, W >= kernel_size;
-    rpb (heads, 2k-1, 2k-1). Returns (B, heads, H, W, head_dim). ``dropout_p`` > 0 (attention dropout, used
+    rpb (heads, 2k-1, 2k-1). Returns (B, heads, H, W, head_dim). ``tile``: query tile side (default
+    :func:`auto_tile` per axis). ``dropout_p`` > 0 (attention dropout, used
     in training only by the caller) takes the un-fused autograd path, where SDPA draws the dropout mask."""
     _check(q, k, v, rpb, kernel_size)
     window_starts(q.shape[2], kernel_size), window_starts(q.shape[3], kernel_size)   # size check

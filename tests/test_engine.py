@@ -585,3 +585,25 @@ def test_randaugment_posterize_patch_is_explicit():
     proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split('\n')[:3] == ['True', 'True False', '0 (8, 8)']
+
+
+def test_default_model_type_is_registered_and_dead_keys_are_gone():
+    from config import default_config
+    from models.build import model_types
+    c = default_config()
+    assert c.MODEL.TYPE in model_types()
+    for key in ('KA', 'DIM_REDUCTION', 'STAGES', 'STAGES_NUM', 'RPB', 'PADDING_MODE', 'SHARE_DWC_KERNEL',
+                'SHARE_QKV', 'LR_FACTOR', 'DEPTHS_LR', 'FUSION_TYPE', 'STAGE_CFG'):
+        assert key not in c.MODEL.SWIN
+    assert not {'SWIN_HR', 'SWIN_LRVIT', 'PVD'} & set(c.MODEL) and 'LOCAL_RANK' not in c
+
+
+def test_data_path_and_class_count_are_validated_once(digits, tmp_path, monkeypatch):
+    """setup_run checks DATA.* once; building the datasets does not repeat it (one count per split)."""
+    import data.build as db
+    counted = []
+    real = db._check_class_count
+    monkeypatch.setattr(db, '_check_class_count', lambda found, config, split: (counted.append(split),
+                                                                               real(found, config, split)))
+    make_trainer(digits, str(tmp_path), ('TRAIN.EPOCHS', '1'))
+    assert sorted(counted) == ['train', 'val']

@@ -32,8 +32,8 @@ PINNED = {'L2ViT_Tiny': 28_596_781, 'L2ViT_Small': 50_199_157, 'L2ViT_Base': 88_
           'L2ViT_Base_384': 88_577_188}
 # config -> (MODEL.TYPE, DATA.IMG_SIZE, forward size): the model is size-agnostic, so the big variants are run
 # at a small resolution (every layer still runs; small maps are padded to one window) to keep the suite fast.
-CONFIGS = {'l2vit_tiny': ('L2ViT_Tiny', 224, 224), 'l2vit_small': ('L2ViT_Small', 224, 64),
-           'l2vit_base': ('L2ViT_Base', 224, 64), 'l2vit_base_384': ('L2ViT_Base_384', 384, 96)}
+CONFIGS = {'l2vit_tiny': ('L2ViT_Tiny', 224, 224), 'l2vit_small': ('L2ViT_Small', 224, 32),
+           'l2vit_base': ('L2ViT_Base', 224, 32), 'l2vit_base_384': ('L2ViT_Base_384', 384, 48)}
 SMALL = dict(depths=(2, 2, 2, 2), dims=(16, 32, 32, 64), num_heads=(2, 2, 4, 4), num_classes=7)
 
 

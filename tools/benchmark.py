@@ -538,6 +538,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--data-batches', type=int, default=20)
     p.add_argument('--json', metavar='FILE', help='write results and environment here')
     p.add_argument('--smoke', action='store_true', help='CI-sized run: tiny model, one repeat, no targets')
+    p.add_argument('--neighborhood', action='store_true',
+                   help="DAT++ neighbourhood attention: fused fast path vs the gather path (dat_tiny's shapes)")
     args = p.parse_args(argv)
     if args.smoke:
         args.cfgs = args.cfgs or [os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml')]
@@ -549,6 +551,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         p.error(f'--device {args.device}: CUDA is not available here; use --device cpu')
     return args
+
+
+# ----------------------------------------------------------------------------- DAT++ neighbourhood attention
+def run_neighborhood(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Neighbourhood attention (models/neighborhood_attention.py) at dat_tiny's 'N' shapes (k 7, head_dim 32,
+    maps 56/28/14 with 2/4/8 heads), batch ``--batch``: the fused tiled path vs the gather ('naive') path,
+    forward and forward+backward, median seconds per call."""
+    from models.neighborhood_attention import neighborhood_attention, neighborhood_attention_naive
+    device = torch.device(args.device)
+    rows = []
+    for size, heads in ((56, 2), (28, 4), (14, 8)):
+        q, k, v = (torch.randn(args.batch, heads, size, size, 32, device=device) for _ in range(3))
+        rpb = torch.randn(heads, 13, 13, device=device)
+        row: Dict[str, Any] = {'map': size, 'heads': heads}
+        for name, fn in (('fast', neighborhood_attention), ('naive', neighborhood_attention_naive)):
+            with torch.no_grad():
+                row[f'{name}_fwd_s'] = time_calls(lambda: fn(q, k, v, rpb, 7), device, args.warmup,
+                                                  args.repeats)['wall_s']
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v, rpb)]
+            row[f'{name}_fwd_bwd_s'] = time_calls(lambda: fn(*leaves, 7).sum().backward(), device, args.warmup,
+                                                  args.repeats)['wall_s']
+        rows.append(row)
+        print(f"map {size}x{size}, {heads} heads, batch {args.batch}: fwd fast {row['fast_fwd_s'] * 1e3:.1f} ms "
+              f"/ naive {row['naive_fwd_s'] * 1e3:.1f} ms; fwd+bwd fast {row['fast_fwd_bwd_s'] * 1e3:.1f} ms "
+              f"/ naive {row['naive_fwd_bwd_s'] * 1e3:.1f} ms")
+    return rows
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -566,7 +594,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           f"load {env['loadavg_start']}, attention '{env['attention_impl']}', commit {env['git_commit']}"
           f"{' (+ local changes)' if env['git_dirty'] else ''}, {env['date']}\n")
     result: Dict[str, Any] = {'environment': env, 'args': vars(args)}
-    if args.data:
+    if args.neighborhood:
+        result['neighborhood'] = run_neighborhood(args)
+    elif args.data:
         result['data'] = run_data(args)
         print_data(result['data'])
     elif args.sweep_resolution:

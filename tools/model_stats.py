@@ -51,10 +51,11 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
         analysis.set_op_handle(**family.fvcore_handles())
     # fvcore prices explicit matmuls, not the fused SDPA kernel: hook every attention tap so that softmax
     # blocks take their explicit-probabilities path (same maths) while counting
-    from models.focused_attention import AttentionTap
+    # (and the focused linear attention its plain-formula implementation, whose ops fvcore can see)
+    from models.focused_attention import AttentionTap, attention_impl
     handles = [m.register_forward_hook(lambda *a: None) for m in model.modules() if isinstance(m, AttentionTap)]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), attention_impl('reference'):
             return int(analysis.total())
     finally:
         for h in handles:
