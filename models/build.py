@@ -107,11 +107,17 @@ def _value_at(config: Any, key: str) -> Any:
     return node
 
 
+# Sections shared by several families, whose keys each family reads in its own way: not checked (the
+# official YAMLs and tests set e.g. MODEL.LA.PVT_LA_SR_RATIOS whatever the model).
+SHARED_SECTIONS = ('LA',)
+
+
 def check_config_keys(config, defaults) -> None:
-    """ConfigError naming the key when a key under a MODEL.<section> that some model type reads (e.g.
-    MODEL.SWIN.EMBED_DIM, MODEL.PVT.DEPTHS, MODEL.LA.CSWIN_LA_SPLIT_SIZE) is set away from its default in
+    """ConfigError naming the key when a key under a family section MODEL.<section> that some model type
+    reads (e.g. MODEL.SWIN.EMBED_DIM, MODEL.PVT.DEPTHS, MODEL.CSWIN.DEPTHS) is set away from its default in
     ``defaults`` but the selected MODEL.TYPE does not read it. Keys no adapter reads (kept only so that
-    official YAMLs and checkpoints load) are not checked; an unknown MODEL.TYPE is left to build_model."""
+    official YAMLs and checkpoints load) and the shared MODEL.LA section are not checked; an unknown
+    MODEL.TYPE is left to build_model."""
     if config.MODEL.TYPE not in _ADAPTERS:
         return
     used = set(model_spec(config).keys.values())
@@ -124,7 +130,8 @@ def check_config_keys(config, defaults) -> None:
             readable |= set(adapter(probe).keys.values())
         except Exception:          # another family's adapter may not understand this config
             continue
-    model_keys = _leaves({k: v for k, v in config.MODEL.items() if isinstance(v, dict)}, 'MODEL.')
+    model_keys = _leaves({k: v for k, v in config.MODEL.items() if isinstance(v, dict) and k not in SHARED_SECTIONS},
+                         'MODEL.')
     for key, value in model_keys.items():
         if key in readable and key not in used:
             try:

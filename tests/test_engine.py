@@ -607,3 +607,15 @@ def test_data_path_and_class_count_are_validated_once(digits, tmp_path, monkeypa
                                                                                real(found, config, split)))
     make_trainer(digits, str(tmp_path), ('TRAIN.EPOCHS', '1'))
     assert sorted(counted) == ['train', 'val']
+
+
+def test_channels_last_model_and_images():
+    from utils import DistInfo
+    config = load_config(CFG, TINY + ['TRAIN.CHANNELS_LAST', 'True'])
+    model = engine.create_model(config, DistInfo(device=torch.device('cpu')))
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    images = engine.to_device(torch.randn(2, 3, 32, 32), torch.device('cpu'), channels_last=True)
+    assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    model.eval()
+    assert torch.allclose(model(images), model(images.contiguous()), atol=1e-5)
