@@ -186,6 +186,7 @@ class _FocusedKernelFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, pos, s = ctx.saved_tensors
         p, heads = ctx.p, ctx.heads
@@ -237,6 +238,7 @@ class _LinearCoreFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         q, k, vf, kv, t, den = ctx.saved_tensors
         B, h, N, d, n = ctx.shape
@@ -341,8 +343,9 @@ class FocusedLinearAttentionBase(nn.Module):
 
         Computed in at least float32 even under autocast (the focusing power p can overflow float16);
         float64 inputs stay float64. Returns v's dtype. Runs the implementation chosen with
-        :func:`set_attention_impl` (the reference formulas while torch.compile traces). A hooked ``tap`` sees (phi_q, phi_k, v) as (B, n, C) tensors either way
-        (the fast path then merges copies of its per-head buffers for it; results are unchanged).
+        :func:`set_attention_impl` (the reference formulas while torch.compile traces). A hooked ``tap``
+        sees (phi_q, phi_k, v) as (B, n, C) tensors either way (the fast path then merges copies of its
+        per-head buffers for it; results are unchanged).
         """
         impl = get_attention_impl()
         # Under torch.compile the plain formulas are traced instead: inductor fuses them itself (faster than

@@ -144,6 +144,7 @@ class TritonLinearCore(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, vv, kv, ks, den = ctx.saved_tensors
         B, h, N, d = q.shape

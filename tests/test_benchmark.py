@@ -116,3 +116,20 @@ def test_measure_train_updates_parameters():
     assert res['train']['img_s'] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert isinstance(model, nn.Module)
+
+
+def test_data_mode_times_the_input_pipeline(tmp_path):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for cls in ('a', 'b'):
+        folder = tmp_path / 'train' / cls
+        folder.mkdir(parents=True)
+        for i in range(4):
+            pixels = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f'{i}.png')
+    cfg = os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml')
+    result = benchmark.main(['--data', str(tmp_path), '--cfgs', cfg,
+                             '--opts', 'MODEL.NUM_CLASSES', '2', '--workers', '0', '--batch', '2',
+                             '--data-batches', '3', '--warmup', '1'])
+    row, = result['data']
+    assert row['workers'] == 0 and row['images'] == 6 and row['img_s'] > 0 and row['img_size'] == 64

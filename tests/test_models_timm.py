@@ -358,7 +358,8 @@ def test_state_dict_order_is_unchanged():
 def test_pvt_size_keys_and_unused_keys():
     cfg = os.path.join(ROOT, 'cfgs/flatten_pvt_t.yaml')
     model = build_model(load_config(cfg, ['DATA.IMG_SIZE', '64', 'MODEL.PVT.DEPTHS', '[1, 1, 1, 1]',
-                                          'MODEL.PVT.EMBED_DIMS', '[8, 16, 24, 32]', 'MODEL.PVT.NUM_HEADS', '[1, 2, 3, 4]']))
+                                          'MODEL.PVT.EMBED_DIMS', '[8, 16, 24, 32]',
+                                          'MODEL.PVT.NUM_HEADS', '[1, 2, 3, 4]']))
     assert [len(getattr(model, f'block{i}')) for i in range(1, 5)] == [1, 1, 1, 1]
     assert model.feature_info[3]['num_chs'] == 32
     with pytest.raises(ConfigError, match=r'MODEL\.PVT\.DEPTHS'):

@@ -441,43 +441,79 @@ def test_row4_class_count_advice_is_not_circular(cfg, upfront):
     pytest.fail(f'advice kept changing: {tried}')
 
 
-# ----------------------------------------------------------------------------- row 5: small images, mixed sizes
-def test_row5_small_image_path_resizes_mixed_sizes(cfg, digits, workdir):
-    """IMG_SIZE 32 (the small-image path) on folders that also hold 40 px and 24 px images: the run
-    trains and validates."""
-    data = copy_digits(digits, str(workdir / 'mixed'))
+# ----------------------------------------------------------------------------- rows 5, 8, 10: data that ran wrong
+@pytest.fixture(scope='module')
+def data_runs(cfg, digits, workdir) -> dict:
+    """Three runs in one interpreter, each on its own copy of the digits:
+    'mixed' (row 5): train 1 epoch at IMG_SIZE 32 with 40, 24 and 48 px images added to train and val;
+    'loops' (row 8): --eval with val/3/again -> . , val/5/up -> .. and a text file in val/6;
+    'deep' (row 10): --eval on a val split saved as 16-bit PNGs (8-bit values x 257);
+    'short' (row 7): Mixup, batch 10, SKIP_BAD_IMAGES, 10 train images of which 9 are unreadable."""
+    mixed = copy_digits(digits, str(workdir / 'mixed'))
     rng = np.random.RandomState(0)
     for split in ('train', 'val'):
         for cls, side in (('1', 40), ('2', 24), ('3', 48)):
             pixels = rng.randint(0, 256, (side, side, 3)).astype(np.uint8)
-            Image.fromarray(pixels).save(os.path.join(data, split, cls, f'odd_{side}.png'))
-    r = run_main(*main_args(cfg, data, str(workdir / 'runs'), 'row5'))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert re.search(r'on the 23 test images', r.stdout), r.stdout[-2000:]
+            Image.fromarray(pixels).save(os.path.join(mixed, split, cls, f'odd_{side}.png'))
+    loops = copy_digits(digits, str(workdir / 'loops'))
+    os.symlink('.', os.path.join(loops, 'val', '3', 'again'))
+    os.symlink('..', os.path.join(loops, 'val', '5', 'up'))
+    open(os.path.join(loops, 'val', '6', 'notes.txt'), 'w').write('not an image')
+    deep = copy_digits(digits, str(workdir / 'deep'))
+    for root, _, files in os.walk(os.path.join(deep, 'val')):
+        for f in files:
+            gray = np.asarray(Image.open(os.path.join(root, f)).convert('L'), dtype=np.uint16) * 257
+            Image.fromarray(gray).save(os.path.join(root, f))
+    short = str(workdir / 'short')            # one train image per class, 9 of the 10 unreadable
+    shutil.copytree(os.path.join(digits, 'val'), os.path.join(short, 'val'))
+    for cls in range(10):
+        os.makedirs(os.path.join(short, 'train', str(cls)))
+        target = os.path.join(short, 'train', str(cls), 'only.png')
+        if cls == 0:
+            shutil.copy(os.path.join(digits, 'val', '0', sorted(os.listdir(os.path.join(digits, 'val', '0')))[0]), target)
+        else:
+            open(target, 'w').write('not an image')
+    output = str(workdir / 'runs')
+    cases = {'mixed': (mixed, []), 'loops': (loops, ['--eval']), 'deep': (deep, ['--eval']),
+             'short': (short, ['--batch-size', '10', '--opts', 'DATA.SKIP_BAD_IMAGES', 'True', 'AUG.MIXUP', '0.8'])}
+    argvs = [(['--cfg', cfg, '--data-path', d, '--output', output, '--tag', f'data-{n}', '--device', 'cpu', *extra],
+              run_dir(output, f'data-{n}')) for n, (d, extra) in cases.items()]
+    return {n: (cases[n][0], res) for n, res in zip(cases, run_cases(argvs))}
 
 
-# ----------------------------------------------------------------------------- row 8: symlink loop
-def test_row8_symlink_loop_is_followed_once(cfg, digits, workdir):
+def test_row5_small_image_path_resizes_mixed_sizes(data_runs):
+    """IMG_SIZE 32 (the small-image path) on folders that also hold 40, 24 and 48 px images: the run
+    trains and validates all 23 val images."""
+    _, res = data_runs['mixed']
+    assert res['rc'] == 0, res['stdout'][-3000:] + res['stderr'][-3000:]
+    assert re.search(r'on the 23 test images', res['stdout']), res['stdout'][-2000:]
+
+
+def test_row7_batch_shortened_by_skipped_images_with_mixup(data_runs):
+    """The one batch of the epoch keeps 1 of its 10 images (9 unreadable, skipped): with Mixup on, the run
+    neither crashes nor trains on an empty batch, and the shortening is logged."""
+    _, res = data_runs['short']
+    assert res['rc'] == 0, res['stdout'][-3000:] + res['stderr'][-3000:]
+    assert 'batch shortened to 1 of 10 images (9 unreadable skipped)' in res['stdout']
+
+
+def test_row8_symlink_loop_is_followed_once(data_runs):
     """val/3 holds a link to itself and val/5 a link to its parent: every image is listed once, and
-    the scan says what it skipped."""
-    data = copy_digits(digits, str(workdir / 'loops'))
-    os.symlink('.', os.path.join(data, 'val', '3', 'again'))
-    os.symlink('..', os.path.join(data, 'val', '5', 'up'))
-    open(os.path.join(data, 'val', '6', 'notes.txt'), 'w').write('not an image')
-    r = run_main(*main_args(cfg, data, str(workdir / 'runs'), 'row8', '--eval'))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert re.search(rf'on the {N_VAL} test images', r.stdout), r.stdout[-2000:]
+    the scan says what it skipped (and shows its progress)."""
+    data, res = data_runs['loops']
+    out = res['stdout']
+    assert res['rc'] == 0, out[-3000:] + res['stderr'][-3000:]
+    assert re.search(rf'on the {N_VAL} test images', out), out[-2000:]
     val_dir = os.path.join(data, 'val')
-    report = re.search(rf'{re.escape(val_dir)}: (\d+) images in 10 classes \(skipped (.*)\)', r.stdout)
-    assert report and int(report.group(1)) == N_VAL, r.stdout[-2000:]
-    assert '1 non-image files' in report.group(2) and 'symlink' in report.group(2)
-    assert re.search(rf'scanning {re.escape(val_dir)}: 5/10 classes', r.stdout)   # scan progress
+    report = re.search(rf'{re.escape(val_dir)}: (\d+) images in 10 classes \(skipped (.*)\)', out)
+    assert report and int(report.group(1)) == N_VAL, out[-2000:]
+    assert '1 non-image files' in report.group(2) and '2 directories' in report.group(2), report.group(2)
+    assert re.search(rf'scanning {re.escape(val_dir)}: 5/10 classes', out)   # scan progress
 
 
-# ----------------------------------------------------------------------------- row 10: more than 8 bits
-def test_row10_16bit_and_float_images_are_scaled_not_clipped(cfg, digits, workdir):
+def test_row10_16bit_and_float_images_are_scaled_not_clipped(data_runs, workdir):
     """16-bit PNGs and float TIFFs load with the right 8-bit scaling (compared with numpy), and a run on
-    a folder of them warns once; a float image outside [0, 1] is refused naming the file."""
+    a folder of 16-bit images warns once; a float image outside [0, 1] is refused naming the file."""
     from data.cached_image_folder import DataError, load_image
     ramp16 = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)       # 0 .. 65520
     ramp_f = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
@@ -491,14 +527,9 @@ def test_row10_16bit_and_float_images_are_scaled_not_clipped(cfg, digits, workdi
         assert np.abs(got[..., 0] - ref).max() <= 0.5 + 1e-6, path
     with pytest.raises(DataError, match='bad_float.tif'):
         load_image(pbad)
-    data = copy_digits(digits, str(workdir / 'deep'))
-    for root, _, files in os.walk(os.path.join(data, 'val')):
-        for f in files:
-            gray = np.asarray(Image.open(os.path.join(root, f)).convert('L'), dtype=np.uint16) * 257
-            Image.fromarray(gray).save(os.path.join(root, f))
-    r = run_main(*main_args(cfg, data, str(workdir / 'runs'), 'row10', '--eval'))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert (r.stdout + r.stderr).count('more than 8 bits per channel') == 1
+    _, res = data_runs['deep']
+    assert res['rc'] == 0, res['stdout'][-3000:] + res['stderr'][-3000:]
+    assert (res['stdout'] + res['stderr']).count('more than 8 bits per channel') == 1
 
 
 # ----------------------------------------------------------------------------- rows 9 and 12 on a finished run

@@ -307,8 +307,6 @@ def official_worker(argv: List[str]) -> None:
     proto = os.fdopen(os.dup(1), 'w')
     sys.stdout = sys.stderr                   # the official code prints while building
     torch.set_num_threads(spec['threads'])
-    if spec['device'] == 'cpu':
-        torch.backends.mkldnn.enabled = True
     with contextlib.redirect_stdout(io.StringIO()):
         model = build_official(spec['ref_dir'], spec['cfg_name'], spec['opts']['img_size'],
                                spec['opts']['num_classes'])

@@ -174,6 +174,10 @@ def cli_render(args: Any, model: nn.Module, config: Any, image: Image.Image, dev
     name = args.module[:-len('.tap')] if args.module.endswith('.tap') else args.module
     name = name or f'stages.{args.stage}.attns.{args.block}'
     if name not in found:
+        module = dict(model.named_modules()).get(name)
+        if getattr(module, 'attn_kind', None) == 'neighborhood':
+            raise SelectionError(f"'{name}' is a neighbourhood ('N') block, which is not drawn yet; choose a "
+                                 f"deformable block: {', '.join(found)}")
         return None
     os.makedirs(args.output, exist_ok=True)
     written = []
