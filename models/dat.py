@@ -29,6 +29,7 @@ DropPath serves both residuals of a block; the effective init is PyTorch's defau
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -697,12 +698,6 @@ def dat_base_384(pretrained: bool = False, **kwargs: Any) -> DAT:
 
 
 # ----------------------------------------------------------------------------- config adapter
-# MODEL.DAT keys (official, lower case) -> DAT keyword arguments; they are passed through unchanged.
-_DAT_KEYS = ('img_size', 'patch_size', 'num_classes', 'expansion', 'dim_stem', 'dims', 'depths', 'heads',
-             'window_sizes', 'drop_rate', 'attn_drop_rate', 'drop_path_rate', 'strides', 'offset_range_factor',
-             'stage_spec', 'groups', 'use_pes', 'dwc_pes', 'fixed_pes', 'no_offs', 'use_dwc_mlps',
-             'use_conv_patches', 'ksizes', 'nat_ksizes', 'layer_scale_values', 'use_lpus', 'log_cpb',
-             'sr_ratios', 'heads_q', 'ns_per_pts', 'ksize_qnas', 'nqs', 'qna_activation', 'lower_lr_kvs')
 _ARCH_KEYS = ('patch_size', 'expansion', 'dim_stem', 'dims', 'depths', 'heads', 'window_sizes', 'strides',
               'offset_range_factor', 'stage_spec', 'groups', 'use_pes', 'dwc_pes', 'fixed_pes', 'no_offs',
               'use_dwc_mlps', 'use_conv_patches', 'ksizes', 'nat_ksizes', 'use_lpus')
@@ -726,8 +721,8 @@ def released_name(kwargs: Dict[str, Any], input_size: int) -> Optional[str]:
 def dat_spec(config: Any) -> ModelSpec:
     """MODEL.TYPE 'dat': every key of MODEL.DAT (official names) becomes a DAT argument. MODEL.NUM_CLASSES,
     MODEL.DROP_RATE and MODEL.DROP_PATH_RATE are used (config.py has already reconciled them with the DAT
-    section); TRAIN.USE_CHECKPOINT turns on gradient checkpointing. ``img_size`` defaults to
-    DATA.IMG_SIZE when the section does not give it."""
+    section); TRAIN.USE_CHECKPOINT turns on gradient checkpointing. Keys the section omits take the DAT
+    class defaults (as the official ``DAT(**config.MODEL.DAT)``), except ``img_size``: DATA.IMG_SIZE."""
     section = config.MODEL.DAT
     kwargs: Dict[str, Any] = {}
     keys: Dict[str, str] = {}
@@ -740,4 +735,8 @@ def dat_spec(config: Any) -> ModelSpec:
                 use_checkpoint='TRAIN.USE_CHECKPOINT')
     if 'img_size' not in kwargs:
         kwargs['img_size'], keys['img_size'] = config.DATA.IMG_SIZE, 'DATA.IMG_SIZE'
+    defaults = {k: p.default for k, p in inspect.signature(DAT.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    for key in MODEL_ARGS['dat_tiny']:      # a key the section omits gets DAT's default, as officially,
+        kwargs.setdefault(key, defaults[key])   # not the registered variant's value
     return ModelSpec(released_name(kwargs, config.DATA.IMG_SIZE) or 'dat_tiny', kwargs, keys)

@@ -192,7 +192,7 @@ class FocusedLinearStripeAttention(StripeLePE, FocusedLinearAttentionBase):
         grid, window = self.geometry(hw)
         self.kv_grid = window
         q, k, v = (to_windows(t, grid, window) for t in (q, k, v))
-        out = self.attend(q, k, v) + self.rank_restoration(v, window) + self.lepe(v, window)
+        out = self.attend(q, k, v, hw=window) + self.lepe(v, window)          # attend includes the dwc branch
         return from_windows(out, grid, window)
 
     def extra_repr(self) -> str:

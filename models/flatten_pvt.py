@@ -171,10 +171,10 @@ class FocusedLinearSRAttention(SpatialReduction, FocusedLinearAttentionBase):
         hw = tuple(hw) if hw is not None else self.resolution
         self.kv_grid = self.kv_hw(hw)
         k, v = self.kv(self.reduce(x, hw)).reshape(B, -1, 2, C).unbind(2)   # (B, n, C) each
-        out = self.attend(self.q(x), k, v)
-        if v.shape[1] != N:
-            v = interpolate_tokens(v, self.num_heads, N)
-        out = out + self.rank_restoration(v, hw)
+        if v.shape[1] == N:                                        # attend includes the dwc branch
+            out = self.attend(self.q(x), k, v, hw=hw)
+        else:
+            out = self.attend(self.q(x), k, v) + self.rank_restoration(interpolate_tokens(v, self.num_heads, N), hw)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:

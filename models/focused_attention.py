@@ -16,6 +16,10 @@ Parameter names and shapes are those of the official release: ``scale`` (1, 1, d
 
 For tools (``visualize``), each attention module owns a parameter-free :class:`AttentionTap` called on
 the tensors that define its attention; a forward hook on ``module.tap`` reads them without model edits.
+
+The same function has three implementations (``set_attention_impl``): 'reference' (the plain formulas
+below), 'fast' (default: fused in-place kernel map, normaliser folded into K^T [V, 1], hand-written
+backward) and 'triton' (the product as Triton kernels on CUDA, opt-in; models/triton_linear_attention.py).
 """
 from __future__ import annotations
 
@@ -119,6 +123,8 @@ def interpolate_tokens(v: torch.Tensor, num_heads: int, length: int) -> torch.Te
 # Triton kernel on CUDA, see models/triton_linear_attention.py; opt-in until measured on a GPU).
 IMPLEMENTATIONS = ('reference', 'fast', 'triton')
 _impl = os.environ.get('FLATTEN_ATTENTION_IMPL', 'fast')
+if _impl not in IMPLEMENTATIONS:
+    raise ValueError(f'FLATTEN_ATTENTION_IMPL={_impl!r} is unknown; use one of {", ".join(IMPLEMENTATIONS)}')
 
 
 def set_attention_impl(name: str) -> None:

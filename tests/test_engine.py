@@ -149,6 +149,10 @@ def test_eval_reproduces_logged_accuracy(baseline, digits, tmp_path):
     # the EMA weights evaluate as the EMA's logged accuracy
     assert f'{ev.ema_eval.acc1:.3f}' == logged(os.path.join(run_dir(out), 'log_rank0.txt'),
                                                r' \* Acc@1 ([\d.]+) Acc@5')[-1]
+    # the evaluation's record, in the evaluation's own folder
+    recs = [json.loads(x) for x in open(os.path.join(eval_files_dir(digits, tmp_path, ckpt), 'metrics.jsonl'))]
+    assert [(r['kind'], r['checkpoint']) for r in recs] == [('eval', ckpt)]
+    assert (recs[0]['val_acc1'], recs[0]['ema_acc1']) == (ev.eval.acc1, ev.ema_eval.acc1)
 
 
 def test_eval_resume_not_replaced_by_auto_resume(baseline, digits, tmp_path):
@@ -159,6 +163,11 @@ def test_eval_resume_not_replaced_by_auto_resume(baseline, digits, tmp_path):
     ref1, _ = naive_eval(_load(older), os.path.join(digits, 'val'))
     assert ev.eval.acc1 == pytest.approx(ref1, abs=1e-9)
     assert states_equal(ev.model.state_dict(), torch.load(older, weights_only=True)['model'])
+
+
+def eval_files_dir(data: str, out, ckpt: str) -> str:
+    """Where an --eval run with these arguments writes its config, log and metrics."""
+    return engine.files_dir(get_config(entry.build_parser().parse_args(args(data, str(out), '--eval', '--resume', ckpt))))
 
 
 def _load(path: str, opts: tuple = ()) -> torch.nn.Module:
@@ -619,3 +628,35 @@ def test_channels_last_model_and_images():
     assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
     model.eval()
     assert torch.allclose(model(images), model(images.contiguous()), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dead_peer_real_two_ranks(digits, tmp_path):
+    """Two gloo ranks started with torchrun's environment (no agent); rank 1 is killed -9 during
+    training: rank 0 ends within seconds with exit code 2 and exactly one ERROR line on stderr that
+    carries the backend's message."""
+    import time
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    env.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()), WORLD_SIZE='2', OMP_NUM_THREADS='1')
+    cmd = [sys.executable, os.path.join(ROOT, 'main.py'), *args(digits, str(tmp_path), '--device', 'cpu', opts=(
+        'DATA.BATCH_SIZE', '8', 'PRINT_FREQ', '1', 'DIST_TIMEOUT', '60', 'MODEL_EMA.ENABLE', 'False'))]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
+                              stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
+                              stderr=subprocess.PIPE if r == 0 else subprocess.DEVNULL) for r in (1, 0)]
+    rank1, rank0 = procs
+    try:
+        for line in rank0.stdout:                          # wait until training is under way
+            if re.search(r'Train: \[1/3\]\[2/', line):
+                break
+        rank1.kill()
+        start = time.time()
+        _, err = rank0.communicate(timeout=50)
+        assert time.time() - start < 50
+        assert rank0.returncode == 2, err[-3000:]
+        errors = [ln for ln in err.splitlines() if ln.startswith('ERROR: ')]
+        assert len(errors) == 1 and 'distributed peer failed' in errors[0], err[-3000:]
+        assert re.search(r'Connection (closed|reset) by peer|Timed out', errors[0]), errors[0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

@@ -23,7 +23,6 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +65,6 @@ LAUNCHER = r'''
 import hashlib, os, runpy, sys
 entry = sys.argv.pop(1)
 sys.path.insert(0, os.path.dirname(os.path.abspath(entry)))
-import torch
 mode, rank = os.environ.get('REL_INJECT', ''), os.environ.get('RANK', '0')
 if mode == 'fail':                       # an unexpected error in a DataLoader worker of one rank
     import torch.utils.data

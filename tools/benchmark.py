@@ -9,7 +9,7 @@ code, over resolutions, and of the input pipeline alone.
 
 Method: models come from ``models.build_model(load_config(cfg, opts))`` (random weights). Each measure runs
 ``--warmup`` untimed calls, then ``--repeats`` timed calls (CUDA synchronised before and after each), and
-reports the median. Inference is ``model(x)`` under ``torch.inference_mode``; a training step is forward,
+reports the median. Inference is ``model(x)`` under ``torch.no_grad``; a training step is forward,
 cross-entropy on random labels, backward and an AdamW step (fused on CUDA). ``--dtype`` runs both under
 autocast. Peak memory is CUDA's max_memory_allocated, or on CPU the process's peak resident set (VmHWM,
 reset before each measure where Linux allows). FLOPs are fvcore counts at batch 1 (one multiply-add = one
@@ -127,7 +127,9 @@ def measure_inference(model: nn.Module, x: torch.Tensor, dtype: str, warmup: int
     model.eval()
 
     def step():
-        with torch.inference_mode(), _autocast(device, dtype):
+        # no_grad rather than inference_mode: models that cache tensors (DAT's neighbourhood attention) must
+        # stay usable for the training measure that follows
+        with torch.no_grad(), _autocast(device, dtype):
             model(x)
 
     step()                                   # first call outside the peak window (lazy init, compile)
@@ -225,10 +227,15 @@ def count_flops(model: nn.Module, img_size: int) -> Optional[float]:
     from models.focused_attention import attention_impl
     model = model.eval()
     x = torch.zeros(1, 3, img_size, img_size)
-    with attention_impl('reference'), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-        flops = FlopCountAnalysis(model, x)
-        flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        return float(flops.total())
+    try:
+        with attention_impl('reference'), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            flops = FlopCountAnalysis(model, x)
+            flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            return float(flops.total())
+    except Exception as err:                      # tracing can fail on exotic ops: report n/a, keep timing
+        logging.getLogger(__name__).warning('fvcore could not count FLOPs (%s: %s); reporting n/a',
+                                            type(err).__name__, err)
+        return None
 
 
 def device_peak_tflops(device: torch.device, dtype: str) -> Optional[float]:
@@ -476,7 +483,8 @@ def print_sweep(rows: List[Dict[str, Any]]) -> None:
 def run_data(args) -> List[Dict[str, Any]]:
     """Images/s of the training input pipeline alone (decode + augment + collate, N workers)."""
     sys.path.insert(0, ROOT)
-    from data.build import build_train_loader
+    from data.build import build_train_loader, patch_randaugment_posterize
+    patch_randaugment_posterize()          # as engine.run does: RandAugment 'inc1' under Pillow >= 12
     rows = []
     for cfg_path in args.cfgs:
         for workers in args.workers:
