@@ -15,8 +15,6 @@ fallback.
 """
 from __future__ import annotations
 
-import argparse
-import collections
 import glob
 import logging
 import os
@@ -29,9 +27,10 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode
 
+from models.layers import OFFICIAL_CHECKPOINT_GLOBALS  # the one allow-list, shared with timm's loading path
+
 logger = logging.getLogger(__name__)
 
-_CFG_GLOBAL = 'yacs.config.CfgNode'
 
 
 class CheckpointError(RuntimeError):
@@ -139,7 +138,7 @@ def _safe_load(path: str, map_location: Any = 'cpu', mmap: bool = False) -> Any:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path} (check the path given to --resume/--pretrained)")
     try:
-        with torch.serialization.safe_globals([(collections.OrderedDict, _CFG_GLOBAL), argparse.Namespace]):
+        with torch.serialization.safe_globals(OFFICIAL_CHECKPOINT_GLOBALS):
             try:
                 obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
             except (RuntimeError, OSError, ValueError):

@@ -39,12 +39,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .build import ModelSpec, register_config_adapter
 from .focused_attention import AttentionTap
-from .layers import WindowAttention, shifted_window_mask, window_partition, window_reverse
+from .layers import WindowAttention, build_backbone, shifted_window_mask, window_partition, window_reverse
 from .neighborhood_attention import fvcore_handles as _na_fvcore_handles
 from .neighborhood_attention import neighborhood_attention, neighborhood_av, neighborhood_probs
 
@@ -668,9 +668,7 @@ MODEL_ARGS['dat_base_384'] = dict(MODEL_ARGS['dat_base'], drop_path_rate=0.6)   
 
 
 def _create(name: str, pretrained: bool = False, **kwargs: Any) -> DAT:
-    return build_model_with_cfg(DAT, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
-                                **dict(MODEL_ARGS[name], **kwargs))
+    return build_backbone(DAT, name, pretrained, checkpoint_filter_fn, **dict(MODEL_ARGS[name], **kwargs))
 
 
 @register_model

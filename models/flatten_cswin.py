@@ -51,13 +51,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from einops.layers.torch import Rearrange
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .build import ModelSpec, common_spec, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, AttentionTap, FocusedLinearAttentionBase, merge_heads, split_heads
-from .layers import (ClassifierMixin, TokenGroups, init_weights, run_blocks, square_size, tokens_to_nchw,
-                     unwrap_state_dict)
+from .layers import (ClassifierMixin, TokenGroups, build_backbone, flatten_pretrained_cfg, init_weights, run_blocks,
+                     square_size, tokens_to_nchw, unwrap_state_dict)
 
 PATCH_STRIDE = 4          # the 7x7 stride-4 convolutional stem
 NUM_STAGES = 4
@@ -453,15 +453,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: FLattenCSWinTransfor
 
 # ----------------------------------------------------------------------------- registry
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    cfg = dict(url='', origin_url=url or 'https://github.com/LeapLabTHU/FLatten-Transformer',
-               num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=.9, interpolation='bicubic',
-               fixed_input_size=True, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-               first_conv='stage1_conv_embed.0', classifier='head', paper_ids='arXiv:2308.00442',
-               paper_name='FLatten Transformer: Vision Transformer using Focused Linear Attention',
-               notes=('weights: the official release (origin_url); load a downloaded file with '
-                      'pretrained_cfg_overlay=dict(file=PATH)',))
-    cfg.update(kwargs)
-    return cfg
+    return flatten_pretrained_cfg('stage1_conv_embed.0', url, **kwargs)
 
 
 _CSWIN_BASELINE = dict(paper_ids='arXiv:2107.00652', paper_name='CSWin Transformer', notes=(
@@ -497,9 +489,7 @@ def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenCSWinTransf
     softmax = name.endswith('_softmax')
     args = dict(CSWIN_VARIANTS[name[:-len('_softmax')] if softmax else name][1],
                 attn_type='SSSS' if softmax else 'LLSS')
-    return build_model_with_cfg(FLattenCSWinTransformer, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
-                                **dict(args, **kwargs))
+    return build_backbone(FLattenCSWinTransformer, name, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
 
 
 @register_model

@@ -34,13 +34,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .build import ModelSpec, common_spec, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, AttentionTap, FocusedLinearAttentionBase, interpolate_tokens
-from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, init_weights, run_blocks, square_size,  # noqa: F401
-                     tokens_to_nchw, unwrap_state_dict, whole_grid)
+from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, build_backbone, flatten_pretrained_cfg,  # noqa: F401
+                     init_weights, run_blocks, square_size, tokens_to_nchw, unwrap_state_dict, whole_grid)
 
 SOFTMAX_SR_RATIOS = (8, 4, 2, 1)   # PVT's reductions, used by every softmax stage
 LINEAR_POOL = 7                    # PVTv2 'linear' mode pools keys/values to 7 x 7
@@ -433,16 +433,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
 # ----------------------------------------------------------------------------- registry
 def pvt_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    """pretrained_cfg of a PVT / PVTv2 variant (no download address: ``url`` goes to ``origin_url``)."""
-    cfg = dict(url='', origin_url=url or 'https://github.com/LeapLabTHU/FLatten-Transformer',
-               num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=.9, interpolation='bicubic',
-               fixed_input_size=True, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-               first_conv='patch_embed1.proj', classifier='head', paper_ids='arXiv:2308.00442',
-               paper_name='FLatten Transformer: Vision Transformer using Focused Linear Attention',
-               notes=('weights: the official release (origin_url); load a downloaded file with '
-                      'pretrained_cfg_overlay=dict(file=PATH)',))
-    cfg.update(kwargs)
-    return cfg
+    return flatten_pretrained_cfg('patch_embed1.proj', url, **kwargs)
 
 
 _PVT_BASELINE = dict(paper_ids='arXiv:2102.12122', paper_name='Pyramid Vision Transformer', notes=(
@@ -472,9 +463,7 @@ PVT_DEPTHS = {model_type: depths for model_type, depths in PVT_VARIANTS.values()
 def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenPVT:
     base = name[:-len('_softmax')] if name.endswith('_softmax') else name
     args = dict(depths=PVT_VARIANTS[base][1], attn_type='SSSS' if name.endswith('_softmax') else 'LLLL')
-    return build_model_with_cfg(FLattenPVT, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
-                                **dict(args, **kwargs))
+    return build_backbone(FLattenPVT, name, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
 
 
 @register_model

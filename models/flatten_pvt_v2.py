@@ -32,11 +32,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 from timm.layers import to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from .build import ModelSpec, register_config_adapter
-from .flatten_pvt import (NUM_STAGES, PVTBlock, PyramidClassifier, check_pvt_layout, check_stage_lists,  # noqa: F401
-                          checkpoint_filter_fn, init_weights, pvt_cfg, pyramid_spec, run_blocks, square_size,
+from .flatten_pvt import (NUM_STAGES, PVTBlock, PyramidClassifier, build_backbone, check_pvt_layout,  # noqa: F401
+                          check_stage_lists, checkpoint_filter_fn, init_weights, pvt_cfg, pyramid_spec, run_blocks, square_size,
                           stage_sr_ratios, tokens_to_nchw)
 
 Grid = Tuple[int, int]
@@ -196,9 +196,7 @@ def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenPVTv2:
     softmax = name.endswith('_softmax')
     args = dict(PVT_V2_VARIANTS[name[:-len('_softmax')] if softmax else name][1],
                 attn_type='SSSS' if softmax else 'LLLL')
-    return build_model_with_cfg(FLattenPVTv2, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
-                                **dict(args, **kwargs))
+    return build_backbone(FLattenPVTv2, name, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
 
 
 @register_model

@@ -32,15 +32,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, resize_rel_pos_bias_table_simple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .build import ModelSpec, common_spec, register_config_adapter
 from .focused_attention import FocusedLinearAttentionBase
-from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, WindowAttention, init_weights,  # noqa: F401
-                     relative_position_index, run_blocks, shifted_window_mask, square_size, tokens_to_nchw,
-                     unwrap_state_dict,
-                     window_partition, window_reverse)
+from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, WindowAttention, build_backbone,  # noqa: F401
+                     flatten_pretrained_cfg, init_weights, relative_position_index, run_blocks, shifted_window_mask,
+                     square_size, tokens_to_nchw, unwrap_state_dict, window_partition, window_reverse)
 
 Grid = Tuple[int, int]
 
@@ -359,15 +358,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: FLattenSwinTransform
 
 # ----------------------------------------------------------------------------- registry
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    cfg = dict(url='', origin_url=url or 'https://github.com/LeapLabTHU/FLatten-Transformer',
-               num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=.9, interpolation='bicubic',
-               fixed_input_size=True, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-               first_conv='patch_embed.proj', classifier='head', paper_ids='arXiv:2308.00442',
-               paper_name='FLatten Transformer: Vision Transformer using Focused Linear Attention',
-               notes=('weights: the official release (origin_url); load a downloaded file with '
-                      'pretrained_cfg_overlay=dict(file=PATH)',))
-    cfg.update(kwargs)
-    return cfg
+    return flatten_pretrained_cfg('patch_embed.proj', url, **kwargs)
 
 
 _SWIN_BASELINE = dict(paper_ids='arXiv:2103.14030', paper_name='Swin Transformer', notes=(
@@ -402,9 +393,8 @@ SWIN_ARCHS: Dict[str, Dict[str, Any]] = {
 
 
 def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    return build_model_with_cfg(FLattenSwinTransformer, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
-                                **dict(SWIN_ARCHS[name], **kwargs))
+    return build_backbone(FLattenSwinTransformer, name, pretrained, checkpoint_filter_fn,
+                          **dict(SWIN_ARCHS[name], **kwargs))
 
 
 @register_model

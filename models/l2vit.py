@@ -29,12 +29,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from .build import ModelSpec, common_spec, register_config_adapter
 from .focused_attention import ATTN_LINEAR, AttentionTap
-from .layers import (TokenGroups, WindowAttention, tokens_to_nchw, unwrap_state_dict, whole_grid, window_partition,
-                     window_reverse)
+from .layers import (TokenGroups, WindowAttention, build_backbone, tokens_to_nchw, unwrap_state_dict, whole_grid,
+                     window_partition, window_reverse)
 
 _logger = logging.getLogger(__name__)
 
@@ -462,9 +462,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(name: str, pretrained: bool, model_args: Dict[str, Any], **kwargs: Any) -> L2ViT:
-    return build_model_with_cfg(L2ViT, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
-                                **dict(model_args, **kwargs))
+    return build_backbone(L2ViT, name, pretrained, checkpoint_filter_fn, **dict(model_args, **kwargs))
 
 
 # Official variants (ChuanyangZheng/L2ViT classification/models/l2vit.py): heads 3/6/12/24 unless given.

@@ -3,15 +3,18 @@ one window attention (partition/reverse, relative position bias index, shifted-w
 family with windows (Swin, DAT++ 'L'/'S', L2ViT, Visformer v2) uses."""
 from __future__ import annotations
 
+import argparse
+import collections
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Tuple
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from timm.layers import to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg
 
 from .focused_attention import ATTN_LINEAR, ATTN_SOFTMAX, AttentionTap  # noqa: F401
 
@@ -278,3 +281,33 @@ def square_size(img_size) -> int:
                              f'sizes with dynamic_img_size=True')
         img_size = img_size[0]
     return int(img_size)
+
+
+def flatten_pretrained_cfg(first_conv: str, url: str = '', **kwargs) -> dict:
+    """pretrained_cfg of a FLatten variant. No download address: the official ``url`` goes to ``origin_url``
+    and a downloaded file is loaded with ``pretrained_cfg_overlay=dict(file=PATH)``."""
+    cfg = dict(url='', origin_url=url or 'https://github.com/LeapLabTHU/FLatten-Transformer',
+               num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=.9, interpolation='bicubic',
+               fixed_input_size=True, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+               first_conv=first_conv, classifier='head', paper_ids='arXiv:2308.00442',
+               paper_name='FLatten Transformer: Vision Transformer using Focused Linear Attention',
+               notes=('weights: the official release (origin_url); load a downloaded file with '
+                      'pretrained_cfg_overlay=dict(file=PATH)',))
+    cfg.update(kwargs)
+    return cfg
+
+
+# The classes that official checkpoints pickle beside their tensors: the Swin-codebase trainers store the yacs
+# config (read back as a plain OrderedDict, so yacs runs nothing), the DeiT/ConvNeXt trainers an
+# argparse.Namespace. weights_only loading allows these and nothing else.
+OFFICIAL_CHECKPOINT_GLOBALS = [(collections.OrderedDict, 'yacs.config.CfgNode'), argparse.Namespace]
+
+
+def build_backbone(cls: type, name: str, pretrained: bool, filter_fn: Callable, num_stages: int = 4,
+                   **kwargs: Any) -> nn.Module:
+    """timm's ``build_model_with_cfg`` with the getter feature wrapper over ``num_stages`` stage maps; a
+    ``pretrained_cfg_overlay=dict(file=PATH)`` official file is read with weights_only and the allow-list above."""
+    with torch.serialization.safe_globals(OFFICIAL_CHECKPOINT_GLOBALS):
+        return build_model_with_cfg(cls, name, pretrained, pretrained_filter_fn=filter_fn,
+                                    feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_stages))),
+                                    **kwargs)

@@ -28,13 +28,13 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from timm.models.visformer import SpatialMlp
 
 from .build import ModelSpec, common_spec, register_config_adapter
-from .layers import (TokenGroups, WindowAttention, shifted_window_mask, square_size, unwrap_state_dict,
-                     window_partition, window_reverse)
+from .layers import (TokenGroups, WindowAttention, build_backbone, shifted_window_mask, square_size,
+                     unwrap_state_dict, window_partition, window_reverse)
 
 _logger = logging.getLogger(__name__)
 
@@ -376,9 +376,8 @@ TIMM_NAMES = {'visformer_tiny': 'official_visformer_tiny', 'visformer_small': 'o
 
 def _create(name: str, pretrained: bool, **kwargs: Any) -> Visformer:
     n = len(kwargs.get('depths', ARCHS[name].get('depths', ())))
-    return build_model_with_cfg(Visformer, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(n))),
-                                **dict(ARCHS[name], **kwargs))
+    return build_backbone(Visformer, name, pretrained, checkpoint_filter_fn, num_stages=n,
+                          **dict(ARCHS[name], **kwargs))
 
 
 @register_model

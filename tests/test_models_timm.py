@@ -6,6 +6,8 @@ the explicit-probabilities path, official initial weights (random draws replayed
 construction order), config size keys, unused parameters, and the models/ import rule."""
 from __future__ import annotations
 
+import argparse
+
 import ast
 import glob
 import os
@@ -189,6 +191,10 @@ def test_official_checkpoint_through_pretrained_cfg_overlay(tmp_path, name, wrap
         ckpt = {'model': {k: torch.zeros_like(v) for k, v in sd.items()}, 'model_ema': sd, 'epoch': 3}
     else:
         ckpt = {wrap: sd, 'epoch': 299, 'max_accuracy': 82.1}
+    if wrap == 'model':                         # the Swin-codebase trainer pickles its yacs config, DeiT's its args
+        from yacs.config import CfgNode
+        ckpt['config'] = CfgNode({'MODEL': CfgNode({'TYPE': 'flatten_swin', 'NUM_CLASSES': 7})})
+        ckpt['args'] = argparse.Namespace(lr=5e-4, model=name)
     path = tmp_path / 'official.pth'
     torch.save(ckpt, path)
     torch.manual_seed(1)
