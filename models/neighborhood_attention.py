@@ -110,6 +110,14 @@ def auto_tile(length: int, kernel_size: int) -> int:
 @lru_cache(maxsize=64)
 def _axis_plan(length: int, kernel_size: int, tile: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                   torch.Tensor]:
+    """Cached :func:`_build_axis_plan`, always built as normal tensors: an index made under
+    ``torch.inference_mode`` and cached would break every later training step that saves it for backward."""
+    with torch.inference_mode(False):
+        return _build_axis_plan(length, kernel_size, tile)
+
+
+def _build_axis_plan(length: int, kernel_size: int, tile: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor]:
     """Per axis: query index (n, T) (the last tile repeats the last query), key region index (n, L),
     window membership (n, T, L) and bias-table index (n, T, L) of each (query, region key)."""
     tile = min(tile, length)

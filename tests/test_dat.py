@@ -130,6 +130,19 @@ def test_neighborhood_fast_matches_loop_reference(H, W, k, tile):
     torch.testing.assert_close(neighborhood_attention_naive(q, key, v, rpb, k), ref, rtol=1e-10, atol=1e-12)
 
 
+def test_neighborhood_training_after_inference_mode():
+    """Index plans cached during an inference_mode evaluation must not break the next training step (an
+    inference tensor cannot be saved for backward)."""
+    H, W, k = 17, 19, 5                                  # a size no other test uses: the plan is built here
+    q, key, v = (torch.randn(1, 2, H, W, 4) for _ in range(3))
+    rpb = torch.randn(2, 2 * k - 1, 2 * k - 1)
+    with torch.inference_mode():
+        neighborhood_attention(q, key, v, rpb, k)
+    q.requires_grad_(True)
+    neighborhood_attention(q, key, v, rpb, k).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
 def test_neighborhood_probs_layout_and_gradients():
     """natten's layout: entry t = t_row * k + t_col of query (0, 8) on an 8 x 9 map, k = 5, is key
     (t_row, 4 + t_col) (the window is shifted inside the map) with bias rpb[:, 4 + t_row, t_col]. Gradients
