@@ -275,7 +275,7 @@ def fast_focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     given, is called on (phi_q, phi_k, v) in the (B, n, C) layout for observation (its result is not used).
     """
     B, N, C = q.shape
-    n, h, d = k.shape[1], num_heads, C // num_heads
+    h, d = num_heads, C // num_heads
     dtype = v.dtype
     compute = torch.promote_types(dtype, torch.float32)
     vh = v.unflatten(-1, (h, d)).transpose(1, 2).contiguous()                    # (B, h, n, d)
