@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode
 
-from models.layers import OFFICIAL_CHECKPOINT_GLOBALS  # the one allow-list, shared with timm's loading path
+from models.layers import OFFICIAL_CHECKPOINT_GLOBALS, unwrap_state_dict  # shared with timm's loading path
 
 logger = logging.getLogger(__name__)
 
@@ -184,22 +184,13 @@ def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------- model state
 def extract_model_state(ckpt: Dict[str, Any], prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The model state_dict inside ``ckpt`` ({'model'|'state_dict'|'model_ema': sd} or a bare sd),
-    with leading 'module.' prefixes stripped."""
-    order = ('model_ema', 'model', 'state_dict') if prefer_ema else ('model', 'state_dict', 'model_ema')
-    sd = next((ckpt[k] for k in order if isinstance(ckpt.get(k), dict)), None)
-    if sd is None:
-        if ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-            sd = ckpt
-        else:
-            raise CheckpointError(f"checkpoint has no model weights (keys: {', '.join(map(str, list(ckpt)[:8]))}); "
-                                  f"expected 'model', 'state_dict' or 'model_ema'")
-    out: Dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        while k.startswith('module.'):
-            k = k[len('module.'):]
-        out[k] = v
-    return out
+    """The model state_dict inside ``ckpt`` (the model library's ``unwrap_state_dict``: any official
+    wrapping, 'module.' prefixes stripped); CheckpointError when the file holds no weights at all."""
+    sd = unwrap_state_dict(ckpt, prefer_ema=prefer_ema)
+    if not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise CheckpointError(f"checkpoint has no model weights (keys: {', '.join(map(str, list(ckpt)[:8]))}); "
+                              f"expected 'model', 'state_dict' or 'model_ema'")
+    return sd
 
 
 def _mismatch_report(missing: List[str], unexpected: List[str], shapes: List[str]) -> str:

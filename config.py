@@ -44,6 +44,7 @@ _C.MODEL.TYPE = 'flatten_swin'              # a registered type (the official de
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
 _C.MODEL.RESUME = ''
 _C.MODEL.PRETRAINED = ''                 # (ours) set by --pretrained
+_C.MODEL.USE_EMA_WEIGHTS = False         # (ours) --ema: read 'model_ema' of --pretrained / evaluated checkpoints
 _C.MODEL.PRETRAINED_22K_TO_1K = ''       # (ours) text file of 1000 class indices mapping a 21841-class head
 _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_RATE = 0.0
@@ -357,7 +358,7 @@ def get_config(args) -> CN:
     switches = [('zip', 'DATA.ZIP_MODE'), ('use_checkpoint', 'TRAIN.USE_CHECKPOINT'), ('amp', 'AMP'),
                 ('eval', 'EVAL_MODE'), ('throughput', 'THROUGHPUT_MODE'), ('model_ema', 'MODEL_EMA.ENABLE'),
                 ('model_ema_force_cpu', 'MODEL_EMA.FORCE_CPU'), ('find_unused_params', 'FIND_UNUSED_PARAMS'),
-                ('tensorboard', 'TENSORBOARD')]
+                ('tensorboard', 'TENSORBOARD'), ('ema', 'MODEL.USE_EMA_WEIGHTS')]
     for flag, key in switches:
         if getattr(args, flag, False):
             _set(config, key, True)

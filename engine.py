@@ -325,12 +325,17 @@ def save(t: Trainer, name: str, epoch: int, step: int = 0) -> str:
     return path
 
 
-def load_weights(path: str, model: nn.Module, ema: Optional[ModelEmaV3] = None) -> Dict[str, Any]:
+def load_weights(path: str, model: nn.Module, ema: Optional[ModelEmaV3] = None,
+                 prefer_ema: bool = False) -> Dict[str, Any]:
     """Load the model (and EMA) weights of checkpoint ``path``; returns the checkpoint dict. Without EMA
-    weights in the file the EMA restarts from the loaded model."""
+    weights in the file the EMA restarts from the loaded model. ``prefer_ema`` (--ema, evaluation only): the
+    model gets the file's 'model_ema' weights when it has them."""
     logger.info(f'==============> Resuming from {path}....................')
     ckpt = ckpt_io.load_checkpoint(path)
-    ckpt_io.load_model_state(model, ckpt_io.extract_model_state(ckpt), path)
+    if prefer_ema:
+        logger.info("%s: evaluating its %s weights (--ema)", path,
+                    "'model_ema'" if isinstance(ckpt.get('model_ema'), dict) else "'model' (it has no EMA)")
+    ckpt_io.load_model_state(model, ckpt_io.extract_model_state(ckpt, prefer_ema=prefer_ema), path)
     if ema is not None:
         if isinstance(ckpt.get('model_ema'), dict):
             ckpt_io.load_model_state(ema.module, ckpt_io.extract_model_state({'model': ckpt['model_ema']}), path)
@@ -684,7 +689,8 @@ def create_model(config: CfgNode, info: DistInfo) -> nn.Module:
     logger.info(f'number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}')
     if config.MODEL.PRETRAINED:
         ckpt_io.load_pretrained(model, config.MODEL.PRETRAINED, logger,
-                                index_22k_to_1k=config.MODEL.PRETRAINED_22K_TO_1K or None)
+                                index_22k_to_1k=config.MODEL.PRETRAINED_22K_TO_1K or None,
+                                prefer_ema=config.MODEL.USE_EMA_WEIGHTS)
     return model
 
 
@@ -771,7 +777,7 @@ def evaluate(config: CfgNode, info: DistInfo) -> RunResult:
     source = resume_source(config, info)
     has_ema = False
     if source:
-        has_ema = isinstance(load_weights(source, model, ema).get('model_ema'), dict)
+        has_ema = isinstance(load_weights(source, model, ema, config.MODEL.USE_EMA_WEIGHTS).get('model_ema'), dict)
     elif not config.MODEL.PRETRAINED:
         logger.warning('evaluating a randomly initialised model: give --resume CKPT or --pretrained CKPT')
     result = RunResult(model=model, ema_model=ema.module if ema is not None else None)
@@ -792,7 +798,7 @@ def measure_throughput(config: CfgNode, info: DistInfo) -> RunResult:
     model = create_model(config, info)
     source = resume_source(config, info)
     if source:
-        load_weights(source, model)
+        load_weights(source, model, prefer_ema=config.MODEL.USE_EMA_WEIGHTS)
     if config.DATA.DATA_PATH:
         _, loader_val = build_val_loader(config, info.rank, info.world_size, info.device.type == 'cuda')
         images = next(iter(loader_val))[0]

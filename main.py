@@ -46,6 +46,9 @@ def build_parser(ema: bool = False) -> argparse.ArgumentParser:
     p.add_argument('--eval', action='store_true', help='evaluate only')
     p.add_argument('--throughput', action='store_true', help='measure throughput only')
     p.add_argument('--pretrained', type=str, default=None, help='initial weights for fine-tuning (resized)')
+    p.add_argument('--ema', action='store_true',
+                   help="take the checkpoint's EMA weights ('model_ema', when it has them) for --pretrained and "
+                        "--eval/--throughput --resume (MODEL.USE_EMA_WEIGHTS)")
     p.add_argument('--find-unused-params', action='store_true', help='DDP find_unused_parameters')
     p.add_argument('--tensorboard', action='store_true',
                    help='also write TensorBoard event files (needs the tensorboard package)')

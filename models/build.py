@@ -157,12 +157,15 @@ def load_pretrained(model: nn.Module, checkpoint: Dict[str, Any], index_22k_to_1
     from .layers import unwrap_state_dict
 
     sd = unwrap_state_dict(checkpoint, prefer_ema=prefer_ema)
+    notes = []
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get('model_ema'), dict):
+        notes.append(f"took its {'model_ema' if prefer_ema else 'model'} weights (the file has both; "
+                     f"{'without' if prefer_ema else 'with'} --ema the other)")
     family = sys.modules.get(type(model).__module__)
     filter_fn = getattr(family, 'checkpoint_filter_fn', None)
     if filter_fn is not None:
         sd = filter_fn(sd, model)
     target = model.state_dict()
-    notes = []
     head = getattr(model, 'pretrained_cfg', {}).get('classifier', 'head') or 'head'
     for suffix in ('weight', 'bias'):
         key = f'{head}.{suffix}'

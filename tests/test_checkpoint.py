@@ -370,3 +370,42 @@ def test_load_pretrained_resizes_flatten_pvt_pos_embeds(tmp_path):
     for k in out:
         if k not in grids:
             assert torch.equal(out[k], src_sd[k]), k
+
+
+def test_ema_flag_picks_model_ema_for_pretrained_and_eval(tmp_path, caplog):
+    """--ema: --pretrained and --eval --resume take the file's 'model_ema' entry (said in the log); without
+    it, 'model'. A file without EMA weights falls back to 'model'."""
+    import logging
+
+    import engine
+    from config import get_config
+    from main import build_parser
+
+    cfg_file = tmp_path / 'c.yaml'
+    cfg_file.write_text('MODEL:\n  TYPE: flatten_swin\n')
+    args = build_parser().parse_args(['--cfg', str(cfg_file), '--ema'])
+    assert get_config(args).MODEL.USE_EMA_WEIGHTS is True
+    assert get_config(build_parser().parse_args(['--cfg', str(cfg_file)])).MODEL.USE_EMA_WEIGHTS is False
+
+    torch.manual_seed(0)
+    cfg = _swin_config(64, 8, 5)
+    plain, averaged = build_model(cfg).state_dict(), build_model(cfg).state_dict()
+    path = str(tmp_path / 'both.pth')
+    torch.save({'model': plain, 'model_ema': averaged, 'epoch': 3}, path)
+    key = 'layers.0.blocks.0.attn.qkv.weight'
+    assert not torch.equal(plain[key], averaged[key])
+    for prefer, want in ((True, averaged), (False, plain)):
+        m = build_model(cfg)
+        with caplog.at_level(logging.INFO):
+            C.load_pretrained(m, path, prefer_ema=prefer)
+        assert torch.equal(m.state_dict()[key], want[key])
+        assert ('model_ema weights' if prefer else 'model weights') in caplog.text
+        caplog.clear()
+        m = build_model(cfg)
+        engine.load_weights(path, m, prefer_ema=prefer)
+        assert torch.equal(m.state_dict()[key], want[key])
+    only = str(tmp_path / 'plain.pth')
+    torch.save({'model': plain}, only)
+    m = build_model(cfg)
+    engine.load_weights(only, m, prefer_ema=True)
+    assert torch.equal(m.state_dict()[key], plain[key])
