@@ -2,7 +2,7 @@
 # The end-to-end demo on the embedded real dataset (scikit-learn digits, 10 classes, 64x64 RGB):
 #   1. write the digits folders into DIGITS_DIR (train/ and val/, ImageNet layout) unless they exist,
 #   2. train cfgs/demo/flatten_swin_digits.yaml (validating every epoch),
-#   3. evaluate the saved final checkpoint with --eval --resume.
+#   3. evaluate the saved final checkpoint with --eval --resume (its files go to <run>/eval/).
 # Usage: tools/demo.sh DIGITS_DIR [OUTPUT_ROOT]   (env: PY=python3, OMP_NUM_THREADS=2)
 # Rerunning continues (auto-resume) or, when training is complete, only re-evaluates.
 set -euo pipefail
@@ -30,4 +30,4 @@ done_at=$(date +%s)
 echo "---- demo summary"
 echo "training (with per-epoch validation): $((trained - start)) s; evaluation of $CKPT: $((done_at - trained)) s"
 grep -h ' \* Acc@1' "$RUN/log_rank0.txt" | tail -1 | sed 's/.*\*/last training epoch:/'
-grep -h ' \* Acc@1' "$OUT/flatten_swin_digits/demo_eval/log_rank0.txt" | tail -1 | sed 's/.*\*/--eval --resume:/'
+grep -h ' \* Acc@1' "$OUT/flatten_swin_digits/demo_eval/eval/log_rank0.txt" | tail -1 | sed 's/.*\*/--eval --resume:/'
