@@ -218,20 +218,18 @@ def build(config) -> nn.Module:
 
 
 def count_flops(model: nn.Module, img_size: int) -> Optional[float]:
-    """fvcore multiply-adds of one image (eval, float32, CPU), or None without fvcore. The attention runs
-    the reference formulas while counting (the same function; fvcore cannot see inside autograd Functions)."""
+    """fvcore multiply-adds of one image, counted as ``tools/model_stats.py`` counts them (the one counting
+    rule: family op handles such as DAT++'s neighbourhood attention, explicit attention formulas), or None
+    without fvcore or when tracing fails."""
     try:
-        from fvcore.nn import FlopCountAnalysis
+        import fvcore  # noqa: F401
     except ImportError:
         return None
-    from models.focused_attention import attention_impl
-    model = model.eval()
-    x = torch.zeros(1, 3, img_size, img_size)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from model_stats import count_flops as fvcore_flops
     try:
-        with attention_impl('reference'), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            flops = FlopCountAnalysis(model, x)
-            flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            return float(flops.total())
+        with contextlib.redirect_stderr(io.StringIO()):
+            return float(fvcore_flops(model, img_size))
     except Exception as err:                      # tracing can fail on exotic ops: report n/a, keep timing
         logging.getLogger(__name__).warning('fvcore could not count FLOPs (%s: %s); reporting n/a',
                                             type(err).__name__, err)
