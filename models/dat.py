@@ -44,7 +44,8 @@ from timm.models._features import feature_take_indices
 
 from .build import ModelSpec, register_config_adapter
 from .focused_attention import AttentionTap
-from .layers import WindowAttention, build_backbone, shifted_window_mask, window_partition, window_reverse
+from .layers import (LinearHeadMixin, WindowAttention, build_backbone, shifted_window_mask, window_partition,
+                     window_reverse)
 from .neighborhood_attention import fvcore_handles as _na_fvcore_handles
 from .neighborhood_attention import neighborhood_attention, neighborhood_av, neighborhood_probs
 
@@ -400,13 +401,15 @@ def _per_stage(name: str, value: Any, n: int = 4) -> list:
     return [value] * n
 
 
-class DAT(nn.Module):
+class DAT(LinearHeadMixin, nn.Module):
     """DAT++ classifier. forward: (B, 3, H, W) -> (B, num_classes).
 
     Arguments are the official ``MODEL.DAT`` keys (per-stage lists of 4). ``img_size`` is the resolution
     the deformable position-bias tables (and 'S' masks) are built for; inputs of other sizes are accepted
     (dat_base_384 runs 224-built tables on 384 images, as officially). Unused official keys (sr_ratios,
     heads_q, ns_per_pts, ksize_qnas, nqs, qna_activation, lower_lr_kvs) are accepted and ignored."""
+
+    head_name = 'cls_head'          # the official name of the classifier
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, num_classes: int = 1000, expansion: int = 4,
                  dim_stem: int = 96, dims: Sequence[int] = (96, 192, 384, 768), depths: Sequence[int] = (2, 2, 6, 2),
@@ -509,18 +512,6 @@ class DAT(nn.Module):
         self.grad_checkpointing = enable
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.cls_head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
-            self.global_pool = global_pool
-        self.cls_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, dims[-1], H/32, W/32), after ``cls_norm``."""

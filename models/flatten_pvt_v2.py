@@ -36,8 +36,8 @@ from timm.models import generate_default_cfgs, register_model
 
 from .build import ModelSpec, register_config_adapter
 from .flatten_pvt import (NUM_STAGES, PVTBlock, PyramidClassifier, build_backbone, check_pvt_layout,  # noqa: F401
-                          check_stage_lists, checkpoint_filter_fn, init_weights, pvt_cfg, pyramid_spec, run_blocks, square_size,
-                          stage_sr_ratios, tokens_to_nchw)
+                          check_stage_lists, checkpoint_filter_fn, init_weights, pvt_cfg, pyramid_spec, run_blocks,
+                          square_size, stage_sr_ratios, tokens_to_nchw)
 
 Grid = Tuple[int, int]
 

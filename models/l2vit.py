@@ -33,8 +33,8 @@ from timm.models import generate_default_cfgs, register_model
 
 from .build import ModelSpec, common_spec, register_config_adapter
 from .focused_attention import ATTN_LINEAR, AttentionTap
-from .layers import (TokenGroups, WindowAttention, build_backbone, tokens_to_nchw, unwrap_state_dict, whole_grid,
-                     window_partition, window_reverse)
+from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, build_backbone, tokens_to_nchw,
+                     unwrap_state_dict, whole_grid, window_partition, window_reverse)
 
 _logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def _check_stage_list(name: str, value: Sequence[Any], n: int) -> None:
         raise ValueError(f'{name}={tuple(value)} needs one entry per stage ({n} stages, from depths)')
 
 
-class L2ViT(nn.Module):
+class L2ViT(LinearHeadMixin, nn.Module):
     """L2ViT classifier. forward: (B, 3, H, W) -> (B, num_classes); any H, W (odd maps are padded).
 
     Args:
@@ -359,18 +359,6 @@ class L2ViT(nn.Module):
         self.grad_checkpointing = enable
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _stage(self, i: int, x: torch.Tensor, size: Size) -> Tuple[torch.Tensor, Size]:
         x, size = self.downsample_layers[i](x, size) if i > 0 else self.downsample_layers[0](x)

@@ -71,18 +71,18 @@ def tokens_to_nchw(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
 _EXTRA_NO_DECAY = re.compile(r'(^|\.)(scale|positional_encoding|pos_embed\d+)$')
 
 
-class ClassifierMixin:
-    """The timm head contract shared by the FLatten families: ``forward_features`` gives (B, N, C) tokens,
-    the head averages them (``global_pool='avg'``; '' keeps tokens) and applies ``head``."""
+class LinearHeadMixin:
+    """timm's classifier accessors for every family: a linear head (named ``head_name``) on ``num_features``
+    pooled channels, ``global_pool`` 'avg' or '' (no pooling)."""
 
+    head_name = 'head'
     num_classes: int
     num_features: int
     global_pool: str
-    head: nn.Module
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.head
+        return getattr(self, self.head_name)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
@@ -90,7 +90,14 @@ class ClassifierMixin:
                 raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        setattr(self, self.head_name, nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity())
+
+
+class ClassifierMixin(LinearHeadMixin):
+    """The timm head contract shared by the FLatten families: ``forward_features`` gives (B, N, C) tokens,
+    the head averages them (``global_pool='avg'``; '' keeps tokens) and applies ``head``."""
+
+    head: nn.Module
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, N, C) tokens -> (B, num_classes) logits, or pooled (B, C) with ``pre_logits``."""

@@ -33,7 +33,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.visformer import SpatialMlp
 
 from .build import ModelSpec, common_spec, register_config_adapter
-from .layers import (TokenGroups, WindowAttention, build_backbone, shifted_window_mask, square_size,
+from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, build_backbone, shifted_window_mask, square_size,
                      unwrap_state_dict, window_partition, window_reverse)
 
 _logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def _flags(name: str, value: str, n: int) -> List[bool]:
     return [c == '1' for c in value]
 
 
-class Visformer(nn.Module):
+class Visformer(LinearHeadMixin, nn.Module):
     """Visformer v1 (3 stages) or v2 (4 stages). forward: (B, 3, img_size, img_size) -> (B, num_classes).
 
     Stage i (numbered so that the last is 3: v1 uses 1-3, v2 0-3) has width embed_dim * 2**(i - 2), a
@@ -250,18 +250,6 @@ class Visformer(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         x = self.pos_drop(getattr(self, f'patch_embed{i}')(x) + getattr(self, f'pos_embed{i}'))
