@@ -31,7 +31,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import to_2tuple
 from timm.models import generate_default_cfgs, register_model
 
 from .build import ModelSpec, register_config_adapter
@@ -103,14 +103,8 @@ def init_pvt_v2(m: nn.Module) -> None:
     """The official PVTv2 init (one function for every module kind, applied depth-first): truncated-normal
     linear weights, unit LayerNorms, conv weights normal with std sqrt(2 / fan_out) (fan_out per group);
     zero biases."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
+    init_weights(m)                              # linear and LayerNorm: the shared ViT init
+    if isinstance(m, nn.Conv2d):
         fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
         nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:

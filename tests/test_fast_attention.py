@@ -13,21 +13,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.focused_attention import (FocusedLinearAttentionBase, _FocusedKernelFn, _LinearCoreFn,
-                                      attention_impl, get_attention_impl, set_attention_impl)
+from models.focused_attention import (_FocusedKernelFn, _LinearCoreFn, attention_impl, get_attention_impl,
+                                      set_attention_impl)
 from reference import naive_focused_kernel, naive_focused_linear_attention
+from test_focused_attention import _module as random_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module(dim, heads, n_kv, p, g, kernel_size=3, dtype=torch.float32):
-    m = FocusedLinearAttentionBase(dim, heads, n_kv, focusing_factor=p, kernel_size=kernel_size)
-    with torch.no_grad():
-        m.scale.copy_(torch.randn(m.scale.shape, generator=g))
-        m.positional_encoding.copy_(0.5 * torch.randn(m.positional_encoding.shape, generator=g))
-        m.dwc.weight.copy_(0.2 * torch.randn(m.dwc.weight.shape, generator=g))
-        m.dwc.bias.copy_(torch.randn(m.dwc.bias.shape, generator=g))
-    return m.to(dtype)
+    """test_focused_attention's random non-zero module, with a 3x3 dwc by default here."""
+    return random_module(dim, heads, n_kv, p, g, kernel_size=kernel_size, dtype=dtype)
 
 
 def _rel(a, b):
