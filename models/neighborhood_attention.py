@@ -15,19 +15,27 @@ Two implementations:
     window and -inf outside it (one batched matmul / SDPA call for all tiles). It is wrapped in an
     autograd Function (:class:`NeighborhoodAttention2D`) whose backward recomputes the tile attention,
     and which FLOP counters see as one op priced by natten's rule (:func:`fvcore_handles`).
+
+An installed ``natten`` that still has relative position bias (0.14 to 0.17) can serve the fast path instead:
+``set_neighborhood_impl('natten')`` or ``DAT_NEIGHBORHOOD_IMPL=natten`` (an option, never a requirement;
+default 'torch'). natten 0.20+ dropped the bias that DAT++'s 'N' blocks use, so it is refused with an error.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+import os
 from functools import lru_cache
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ['window_starts', 'neighborhood_attention', 'neighborhood_attention_naive', 'neighborhood_probs',
            'neighborhood_av',
-           'NeighborhoodAttention2D', 'natten_flops', 'fvcore_handles', 'DEFAULT_TILE']
+           'NeighborhoodAttention2D', 'natten_flops', 'fvcore_handles', 'DEFAULT_TILE', 'NEIGHBORHOOD_IMPLS',
+           'set_neighborhood_impl', 'get_neighborhood_impl', 'neighborhood_impl', 'natten_functions']
 
 DEFAULT_TILE = 8
 
@@ -197,14 +205,86 @@ class NeighborhoodAttention2D(torch.autograd.Function):
         return tuple(next(grads) if t.requires_grad else None for t in inputs) + (None, None)
 
 
+# ----------------------------------------------------------------------------- optional natten backend
+NEIGHBORHOOD_IMPLS = ('torch', 'natten')
+NattenOps = Tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]
+
+
+def natten_functions() -> NattenOps:
+    """(qk_rpb(q, k, rpb, kernel_size), av(attn, v, kernel_size)) from the installed natten, dilation 1, in
+    natten's unfused (B, heads, H, W, ...) layout -- ours too. Raises RuntimeError naming the fix when natten
+    is missing or has no relative position bias."""
+    try:
+        import natten
+        import natten.functional as nf
+    except ImportError as e:
+        raise RuntimeError(f"neighbourhood attention 'natten' was selected but natten cannot be imported ({e}); "
+                           "install natten 0.14-0.17 or select the built-in 'torch' implementation") from None
+    version = getattr(natten, '__version__', '?')
+    if hasattr(nf, 'na2d_qk') and 'rpb' in inspect.signature(nf.na2d_qk).parameters:     # natten 0.15-0.17
+        return (lambda q, k, rpb, ks: nf.na2d_qk(q, k, ks, 1, rpb=rpb),
+                lambda attn, v, ks: nf.na2d_av(attn, v, ks, 1))
+    if hasattr(nf, 'natten2dqkrpb'):                                                  # natten 0.14 (DAT's pin)
+        return (lambda q, k, rpb, ks: nf.natten2dqkrpb(q, k, rpb, ks, 1),
+                lambda attn, v, ks: nf.natten2dav(attn, v, ks, 1))
+    raise RuntimeError(f"natten {version} has no relative position bias (natten 0.20 removed it) and DAT++'s "
+                       "'N' blocks need it: install natten 0.14-0.17 or select the built-in 'torch' implementation")
+
+
+def _check_impl(name: str) -> str:
+    if name not in NEIGHBORHOOD_IMPLS:
+        raise ValueError(f'neighbourhood attention implementation {name!r} is unknown; use one of '
+                         f'{", ".join(NEIGHBORHOOD_IMPLS)}')
+    return name
+
+
+_impl = os.environ.get('DAT_NEIGHBORHOOD_IMPL', 'torch')
+if _impl not in NEIGHBORHOOD_IMPLS:
+    raise ValueError(f'DAT_NEIGHBORHOOD_IMPL={_impl!r} is unknown; use one of {", ".join(NEIGHBORHOOD_IMPLS)}')
+
+
+def set_neighborhood_impl(name: str) -> None:
+    """Select the fast path of every neighbourhood attention: 'torch' (built in) or 'natten' (checked now)."""
+    global _impl
+    if _check_impl(name) == 'natten':
+        natten_functions()
+    _impl = name
+
+
+def get_neighborhood_impl() -> str:
+    """The implementation selected by :func:`set_neighborhood_impl` (or $DAT_NEIGHBORHOOD_IMPL; default 'torch')."""
+    return _impl
+
+
+@contextlib.contextmanager
+def neighborhood_impl(name: str) -> Iterator[None]:
+    """Context manager: ``with neighborhood_impl('natten'): model(x)``."""
+    previous = get_neighborhood_impl()
+    set_neighborhood_impl(name)
+    try:
+        yield
+    finally:
+        set_neighborhood_impl(previous)
+
+
+def _natten_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int,
+                      dropout_p: float) -> torch.Tensor:
+    qk_rpb, av = natten_functions()
+    attn = qk_rpb(q, k, rpb, kernel_size).softmax(dim=-1)
+    return av(F.dropout(attn, dropout_p) if dropout_p > 0 else attn, v, kernel_size)
+
+
 def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor,
                            kernel_size: int, tile: Optional[int] = None, dropout_p: float = 0.) -> torch.Tensor:
     """Fast neighbourhood attention. q (pre-scaled), k, v: (B, heads, H, W, head_dim) with H, W >= kernel_size;
     rpb (heads, 2k-1, 2k-1). Returns (B, heads, H, W, head_dim). ``tile``: query tile side (default
     :func:`auto_tile` per axis). ``dropout_p`` > 0 (attention dropout, used
-    in training only by the caller) takes the un-fused autograd path, where SDPA draws the dropout mask."""
+    in training only by the caller) takes the un-fused autograd path, where SDPA draws the dropout mask.
+    With :func:`set_neighborhood_impl` ('natten') the installed natten computes it (``tile`` is ignored)."""
     _check(q, k, v, rpb, kernel_size)
     window_starts(q.shape[2], kernel_size), window_starts(q.shape[3], kernel_size)   # size check
+    if _impl == 'natten':
+        return _natten_attention(q, k, v, rpb, kernel_size, dropout_p)
     if dropout_p > 0:
         return _tiled_attention(q, k, v, rpb, kernel_size, tile, dropout_p)
     return NeighborhoodAttention2D.apply(q, k, v, rpb, kernel_size, tile)

@@ -359,6 +359,38 @@ def test_deformable_visualisation_renders(tmp_path):
     assert info['points'].shape[-1] == 2 and math.isclose(float(info['weights'].sum()), 1.0, rel_tol=1e-4)
 
 
+def test_neighborhood_visualisation_draws_the_clamped_window(tmp_path):
+    """An 'N' block drawn for a corner query: the k x k keys are the window shifted inward (explicit clamp
+    here), and the weights equal a float64 recomputation from the block's input (qkv, bias at the true
+    offset, softmax, mean over heads)."""
+    from visualize.deformable import render_deformable
+    torch.manual_seed(0)
+    model = small_dat().eval()
+    block = model.stages[0].attns[0]
+    assert isinstance(block, NeighborhoodAttention) and block.kernel_size == 5
+    seen = []
+    handle = block.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].detach().double()))
+    path = str(tmp_path / 'nat.png')
+    info = render_deformable(model, path, image='china', stage=0, block=0, query=(0, 15), size=64, out_size=320)
+    handle.remove()
+    assert os.path.getsize(path) > 1000 and info['grid'] == (16, 16) and info['query'] == (0, 15)
+    k, H, W = 5, 16, 16
+    rows, cols = range(0, k), range(W - k, W)                    # clamp(0 - 2, 0, 11) = 0, clamp(13, 0, 11) = 11
+    want_xy = [((c + 0.5) * 320 / W, (r + 0.5) * 320 / H) for r in rows for c in cols]
+    torch.testing.assert_close(info['points'].double(), torch.tensor(want_xy, dtype=torch.float64), rtol=1e-6, atol=1e-4)
+    x = seen[0][0].permute(1, 2, 0)                              # (H, W, C) of image 0
+    C, heads = x.shape[-1], block.num_heads
+    d = C // heads
+    qkv = x @ block.qkv.weight.double().T + block.qkv.bias.double()
+    weights = torch.zeros(k * k, dtype=torch.float64)
+    for h in range(heads):
+        q = qkv[0, 15, h * d:(h + 1) * d] * d ** -0.5
+        logits = torch.stack([q @ qkv[r, c, C + h * d:C + (h + 1) * d]
+                              + block.rpb[h, r - 0 + k - 1, c - 15 + k - 1].double() for r in rows for c in cols])
+        weights += logits.softmax(0) / heads
+    torch.testing.assert_close(info['weights'].double(), weights, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- against the official code
 NATTEN_STUB = '''
 """Stand-in for natten 0.14.6's two functions (the official nat.py imports them), from tests/dat_reference.py

@@ -27,6 +27,7 @@ average, date and git commit. Speed targets live in BENCHMARKS.md, never in test
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import datetime
 import io
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -188,12 +189,39 @@ def measure(model: nn.Module, opts: Dict[str, Any], modes: Sequence[str]) -> Dic
 
 # ----------------------------------------------------------------------------- our models
 class TimmSpec:
-    """``timm:<name>`` in --cfgs: a model straight from timm (e.g. timm:swin_tiny_patch4_window7_224)."""
+    """``timm:<name>[,key=value...]`` in --cfgs: a model straight from timm, e.g.
+    ``timm:swin_tiny_patch4_window7_224`` or ``timm:pvt_v2_b0,sr_ratios=(1,1,1,1)`` (global softmax keys);
+    each value is a Python literal passed to ``timm.create_model``."""
 
-    def __init__(self, name: str, img_size: Optional[int]) -> None:
-        self.name = name
+    def __init__(self, spec: str, img_size: Optional[int]) -> None:
+        self.name, self.kwargs = parse_timm_spec(spec)
         self.DATA = argparse.Namespace(IMG_SIZE=img_size or 224)
         self.MODEL = argparse.Namespace(NUM_CLASSES=1000)
+
+
+def parse_timm_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
+    """'name,key=literal,...' -> (name, kwargs); commas inside brackets belong to the value."""
+    parts, depth, cur = [], 0, ''
+    for ch in spec:
+        depth += ch in '([{'
+        depth -= ch in ')]}'
+        if ch == ',' and depth == 0:
+            parts.append(cur)
+            cur = ''
+        else:
+            cur += ch
+    parts.append(cur)
+    kwargs = {}
+    for item in parts[1:]:
+        key, sep, value = item.partition('=')
+        try:
+            if not sep:
+                raise ValueError
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--cfgs timm:{spec}: '{item}' is not key=<python literal>; "
+                             "e.g. timm:pvt_v2_b0,sr_ratios=(1,1,1,1)") from None
+    return parts[0], kwargs
 
 
 def load_cfg(path: str, img_size: Optional[int] = None, opts: Sequence[str] = ()):
@@ -210,9 +238,9 @@ def build(config) -> nn.Module:
     if isinstance(config, TimmSpec):
         import timm
         try:
-            return timm.create_model(config.name, img_size=config.DATA.IMG_SIZE)
+            return timm.create_model(config.name, img_size=config.DATA.IMG_SIZE, **config.kwargs)
         except TypeError:                        # models without an img_size argument (CNNs)
-            return timm.create_model(config.name)
+            return timm.create_model(config.name, **config.kwargs)
     from models import build_model
     return build_model(config)
 
@@ -517,7 +545,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument('--cfgs', nargs='+', default=None,
-                   help='config files, or timm:<name> for a timm model (default: cfgs/flatten_swin_t.yaml)')
+                   help='config files, or timm:<name>[,key=value...] for a timm model with keyword arguments '
+                        '(default: cfgs/flatten_swin_t.yaml)')
     p.add_argument('--opts', nargs='*', default=[], help='KEY VALUE config overrides for every config')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--img-size', type=int, nargs='*', default=None, help='resolution(s); default: the config')

@@ -1,10 +1,12 @@
 """DAT++ deformable attention drawn as in the DAT README figure: for a chosen query, the key positions the
 block sampled (reference points + learned offsets), over the photo, each point sized (and coloured) by the
-attention weight the query gives it; the reference grid and the query are marked too.
+attention weight the query gives it; the reference grid and the query are marked too. A neighbourhood
+('N') block is drawn the same way: its k x k window of keys (shifted inward at the borders), sized by weight.
 
 The deformable module's tap (``models.dat.DeformableAttention``, ``attn_kind == 'deformable'``) is called as
 ``tap(pos (B, g, Hk, Wk, 2), reference (B, g, Hk, Wk, 2), probs (B*heads, H*W, Hk*Wk))`` with (y, x)
-positions in align-corners coordinates of the block's H x W map; a forward hook reads them.
+positions in align-corners coordinates of the block's H x W map; a forward hook reads them. The
+neighbourhood module's tap (``attn_kind == 'neighborhood'``) is called as ``tap(probs (B, heads, H, W, k*k))``.
 
     python -m visualize --cfg cfgs/dat_tiny.yaml --checkpoint dat_pp_tiny_in1k_224.pth --image photo.jpg \
         --stage 2 --block 1 --queries 7,7 --output vis/
@@ -24,10 +26,49 @@ from PIL import Image
 from .capture import SelectionError
 
 ATTN_KIND = 'deformable'
+NEIGHBORHOOD_KIND = 'neighborhood'
 
 
 def is_deformable(module: nn.Module) -> bool:
     return getattr(module, 'attn_kind', None) == ATTN_KIND
+
+
+def is_drawn(module: nn.Module) -> bool:
+    """Blocks drawn as keys over the photo: deformable ('D') and neighbourhood ('N')."""
+    return getattr(module, 'attn_kind', None) in (ATTN_KIND, NEIGHBORHOOD_KIND)
+
+
+@torch.no_grad()
+def capture_neighborhood(model: nn.Module, module: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Run ``model(images)`` with a hook on ``module.tap``; returns probs (B, heads, H, W, k*k) on CPU."""
+    seen: List[torch.Tensor] = []
+    handle = module.tap.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].detach().float().cpu()))
+    try:
+        model(images)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise RuntimeError(f'the neighbourhood tap was called {len(seen)} times in one forward pass (expected once)')
+    return seen[0]
+
+
+def window_points(probs: torch.Tensor, query: Tuple[int, int], kernel_size: int, image: int = 0,
+                  head: Union[int, str] = 'mean') -> Tuple[torch.Tensor, torch.Tensor]:
+    """For query cell (row, col) of a neighbourhood block: its k*k key positions (y, x) in align-corners
+    coordinates of the H x W map (window start clamp(i - k//2, 0, L - k) per axis, row-major) and their
+    attention weights (one head, or the mean over heads)."""
+    _, H, W, _ = probs[image].shape
+    r, c = query
+    if not (0 <= r < H and 0 <= c < W):
+        raise SelectionError(f'query ({r}, {c}) is outside the {H}x{W} token grid of this block')
+    top = min(max(r - kernel_size // 2, 0), H - kernel_size)
+    left = min(max(c - kernel_size // 2, 0), W - kernel_size)
+    rows, cols = torch.meshgrid(torch.arange(top, top + kernel_size), torch.arange(left, left + kernel_size),
+                                indexing='ij')
+    pos = torch.stack([rows.flatten() / max(H - 1, 1) * 2 - 1, cols.flatten() / max(W - 1, 1) * 2 - 1], dim=1)
+    row = probs[image, :, r, c]                                                   # (heads, k*k)
+    weights = row.mean(0) if head == 'mean' else row[int(head)]
+    return pos, weights / weights.sum()
 
 
 @torch.no_grad()
@@ -105,7 +146,7 @@ def draw(image: Image.Image, points: np.ndarray, weights: np.ndarray, reference:
     ax.set_ylim(size, 0)
     ax.axis('off')
     if title:
-        fig.suptitle(title, fontsize=8)
+        fig.suptitle(title, fontsize=7)
     fig.savefig(path)
 
 
@@ -124,18 +165,20 @@ def _photo(image: Union[str, Image.Image]) -> Image.Image:
 
 
 def deformable_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if is_deformable(m)]
+    """(name, module) of every block this module draws: deformable and neighbourhood attention."""
+    return [(name, m) for name, m in model.named_modules() if is_drawn(m)]
 
 
 def select_module(model: nn.Module, stage: Optional[int] = None, block: Optional[int] = None,
                   module: str = '') -> Tuple[str, nn.Module]:
-    """The deformable module named ``module``, or at ``stages.{stage}.attns.{block}``."""
+    """The deformable or neighbourhood module named ``module``, or at ``stages.{stage}.attns.{block}``."""
     found = dict(deformable_modules(model))
     name = module[:-len('.tap')] if module.endswith('.tap') else module
     if not name:
         name = f'stages.{stage or 0}.attns.{block or 0}'
     if name not in found:
-        raise SelectionError(f"no deformable attention at '{name}'; valid: {', '.join(found) or 'none'}")
+        raise SelectionError(f"no deformable or neighbourhood attention at '{name}'; valid: "
+                             f"{', '.join(found) or 'none'}")
     return name, found[name]
 
 
@@ -143,7 +186,8 @@ def render_deformable(model: nn.Module, path: str, image: Union[str, Image.Image
                       stage: Optional[int] = None, block: Optional[int] = None, module: str = '',
                       query: Union[Tuple[int, int], Tuple[float, float]] = (0.5, 0.5), size: int = 224,
                       head: Union[int, str] = 'mean', out_size: int = 448, device: Any = 'cpu') -> Dict[str, Any]:
-    """Draw one query of one deformable block of ``model`` on ``image`` into ``path``. ``query``: a (row, col)
+    """Draw one query of one deformable (or neighbourhood) block of ``model`` on ``image`` into ``path``.
+    ``query``: a (row, col)
     cell of the block's grid (ints) or fractions of the image height/width (floats). ``size``: model input.
     Returns the points (pixel x, y), their weights and the block name."""
     from torchvision.transforms.functional import normalize, pil_to_tensor
@@ -153,31 +197,36 @@ def render_deformable(model: nn.Module, path: str, image: Union[str, Image.Image
     name, attn = select_module(model, stage, block, module)
     x = pil_to_tensor(photo.resize((size, size), Image.BICUBIC)).float() / 255.0
     x = normalize(x, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).unsqueeze(0).to(device)
-    cap = capture_deformable(model.eval(), attn, x)
-    hw = _block_hw(cap['probs'], (size, size))
+    neighborhood = attn.attn_kind == NEIGHBORHOOD_KIND
+    if neighborhood:
+        probs = capture_neighborhood(model.eval(), attn, x)
+        hw = tuple(probs.shape[2:4])
+    else:
+        cap = capture_deformable(model.eval(), attn, x)
+        hw = _block_hw(cap['probs'], (size, size))
     if all(isinstance(v, float) for v in query):
         query = (min(int(query[0] * hw[0]), hw[0] - 1), min(int(query[1] * hw[1]), hw[1] - 1))
-    points, weights, reference = query_points(cap, query, hw, head=head)
+    if neighborhood:
+        points, weights = window_points(probs, query, attn.kernel_size, head=head)
+        reference, what = points[:0], f'{attn.kernel_size}x{attn.kernel_size} neighbourhood keys'
+    else:
+        points, weights, reference = query_points(cap, query, hw, head=head)
+        what = f'{len(points)} sampled keys'
     px, ref_px = to_pixels(points, hw, out_size), to_pixels(reference, hw, out_size)
     qxy = ((query[1] + 0.5) * out_size / hw[1], (query[0] + 0.5) * out_size / hw[0])
     draw(photo, px, weights.numpy(), ref_px, qxy, path,
-         title=f'{name}: query {query} of {hw[0]}x{hw[1]}, {len(points)} sampled keys (size = attention weight)',
-         size=out_size)
+         title=f'{name}: query {query} of {hw[0]}x{hw[1]}, {what} (size = attention weight)', size=out_size)
     return dict(name=name, query=query, points=torch.from_numpy(px), weights=weights, grid=hw)
 
 
 def cli_render(args: Any, model: nn.Module, config: Any, image: Image.Image, device: Any,
                queries: Sequence[Tuple[int, int]]) -> Optional[List[str]]:
-    """``python -m visualize`` hook: if the selected block is deformable, draw its sampled keys for each query
-    (default: the centre cell) into ``--output`` and return the written paths; otherwise None."""
+    """``python -m visualize`` hook: if the selected block is deformable or neighbourhood attention, draw its
+    keys for each query (default: the centre cell) into ``--output`` and return the written paths; else None."""
     found = dict(deformable_modules(model))
     name = args.module[:-len('.tap')] if args.module.endswith('.tap') else args.module
     name = name or f'stages.{args.stage}.attns.{args.block}'
     if name not in found:
-        module = dict(model.named_modules()).get(name)
-        if getattr(module, 'attn_kind', None) == 'neighborhood':
-            raise SelectionError(f"'{name}' is a neighbourhood ('N') block, which is not drawn yet; choose a "
-                                 f"deformable block: {', '.join(found)}")
         return None
     os.makedirs(args.output, exist_ok=True)
     written = []
@@ -186,7 +235,8 @@ def cli_render(args: Any, model: nn.Module, config: Any, image: Image.Image, dev
         info = render_deformable(model, os.path.join(args.output, 'tmp.png'), image, module=name, query=q,
                                  size=config.DATA.IMG_SIZE, head=head, out_size=max(args.size, 224),
                                  device=device)
-        path = os.path.join(args.output, f'{name}_deformable_r{info["query"][0]}_c{info["query"][1]}.png')
+        kind = 'neighborhood' if found[name].attn_kind == NEIGHBORHOOD_KIND else 'deformable'
+        path = os.path.join(args.output, f'{name}_{kind}_r{info["query"][0]}_c{info["query"][1]}.png')
         os.replace(os.path.join(args.output, 'tmp.png'), path)
         written.append(path)
     return written
