@@ -45,6 +45,19 @@ def test_smoke_resolution_sweep(capsys):
     assert all(r['ms_per_img'] > 0 and r['peak_mb'] > 0 for r in rows)
 
 
+def test_timm_spec_passes_keyword_arguments():
+    """timm:NAME,key=value builds the timm model with those arguments: PVTv2-b0 without key reduction is
+    global attention (no spatial-reduction conv anywhere), the counterpart the sweep needs."""
+    assert benchmark.parse_timm_spec('pvt_v2_b0,sr_ratios=(1, 1, 1, 1),drop_rate=0.1') == \
+        ('pvt_v2_b0', {'sr_ratios': (1, 1, 1, 1), 'drop_rate': 0.1})
+    reduced = benchmark.build(benchmark.load_cfg('timm:pvt_v2_b0', 64))
+    glob = benchmark.build(benchmark.load_cfg('timm:pvt_v2_b0,sr_ratios=(1,1,1,1)', 64))
+    assert sum(name.endswith('attn.sr') for name, _ in reduced.named_modules()) == 6      # stages 1-3, 2 blocks
+    assert not any(name.endswith('attn.sr') for name, _ in glob.named_modules())
+    with pytest.raises(SystemExit, match="'sr_ratios' is not key=<python literal>"):
+        benchmark.parse_timm_spec('pvt_v2_b0,sr_ratios')
+
+
 def test_bad_reference_dir_is_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(['--reference', str(tmp_path / 'missing')])
@@ -133,3 +146,12 @@ def test_data_mode_times_the_input_pipeline(tmp_path):
                              '--data-batches', '3', '--warmup', '1'])
     row, = result['data']
     assert row['workers'] == 0 and row['images'] == 6 and row['img_s'] > 0 and row['img_size'] == 64
+
+
+def test_neighborhood_mode_times_fast_and_naive_paths(capsys):
+    result = benchmark.main(['--neighborhood', '--batch', '1', '--warmup', '0', '--repeats', '1', '--device', 'cpu'])
+    rows = result['neighborhood']
+    assert [(r['map'], r['heads']) for r in rows] == [(56, 2), (28, 4), (14, 8)]
+    for r in rows:
+        for key in ('fast_fwd_s', 'naive_fwd_s', 'fast_fwd_bwd_s', 'naive_fwd_bwd_s'):
+            assert r[key] > 0

@@ -591,14 +591,26 @@ def run_neighborhood(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Neighbourhood attention (models/neighborhood_attention.py) at dat_tiny's 'N' shapes (k 7, head_dim 32,
     maps 56/28/14 with 2/4/8 heads), batch ``--batch``: the fused tiled path vs the gather ('naive') path,
     forward and forward+backward, median seconds per call."""
-    from models.neighborhood_attention import neighborhood_attention, neighborhood_attention_naive
+    from models.neighborhood_attention import (natten_functions, neighborhood_attention,
+                                               neighborhood_attention_naive, neighborhood_impl)
     device = torch.device(args.device)
+    impls: List[Tuple[str, Callable[..., torch.Tensor]]] = [('fast', neighborhood_attention),
+                                                           ('naive', neighborhood_attention_naive)]
+    try:
+        natten_functions()
+
+        def natten_path(*a: Any) -> torch.Tensor:
+            with neighborhood_impl('natten'):
+                return neighborhood_attention(*a)
+        impls.append(('natten', natten_path))            # only where a natten with bias is installed
+    except RuntimeError as e:
+        print(f'(no natten column: {e})')
     rows = []
     for size, heads in ((56, 2), (28, 4), (14, 8)):
         q, k, v = (torch.randn(args.batch, heads, size, size, 32, device=device) for _ in range(3))
         rpb = torch.randn(heads, 13, 13, device=device)
         row: Dict[str, Any] = {'map': size, 'heads': heads}
-        for name, fn in (('fast', neighborhood_attention), ('naive', neighborhood_attention_naive)):
+        for name, fn in impls:
             with torch.no_grad():
                 row[f'{name}_fwd_s'] = time_calls(lambda: fn(q, k, v, rpb, 7), device, args.warmup,
                                                   args.repeats)['wall_s']
@@ -606,9 +618,10 @@ def run_neighborhood(args: argparse.Namespace) -> List[Dict[str, Any]]:
             row[f'{name}_fwd_bwd_s'] = time_calls(lambda: fn(*leaves, 7).sum().backward(), device, args.warmup,
                                                   args.repeats)['wall_s']
         rows.append(row)
-        print(f"map {size}x{size}, {heads} heads, batch {args.batch}: fwd fast {row['fast_fwd_s'] * 1e3:.1f} ms "
-              f"/ naive {row['naive_fwd_s'] * 1e3:.1f} ms; fwd+bwd fast {row['fast_fwd_bwd_s'] * 1e3:.1f} ms "
-              f"/ naive {row['naive_fwd_bwd_s'] * 1e3:.1f} ms")
+        names = [n for n, _ in impls]
+        print(f"map {size}x{size}, {heads} heads, batch {args.batch}: fwd "
+              + ' / '.join(f"{n} {row[f'{n}_fwd_s'] * 1e3:.1f}" for n in names) + ' ms; fwd+bwd '
+              + ' / '.join(f"{n} {row[f'{n}_fwd_bwd_s'] * 1e3:.1f}" for n in names) + ' ms')
     return rows
 
 
