@@ -23,13 +23,13 @@ backward) and 'triton' (the product as Triton kernels on CUDA, opt-in; models/tr
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, ContextManager, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .impl_choice import ImplChoice
 
 EPS = 1e-6
 
@@ -122,33 +122,22 @@ def interpolate_tokens(v: torch.Tensor, num_heads: int, length: int) -> torch.Te
 # Implementations: 'reference' (the plain formulas above), 'fast' (default) and 'triton' (the core as a
 # Triton kernel on CUDA, see models/triton_linear_attention.py; opt-in until measured on a GPU).
 IMPLEMENTATIONS = ('reference', 'fast', 'triton')
-_impl = os.environ.get('FLATTEN_ATTENTION_IMPL', 'fast')
-if _impl not in IMPLEMENTATIONS:
-    raise ValueError(f'FLATTEN_ATTENTION_IMPL={_impl!r} is unknown; use one of {", ".join(IMPLEMENTATIONS)}')
+_IMPL = ImplChoice('attention implementation', IMPLEMENTATIONS, 'FLATTEN_ATTENTION_IMPL', 'fast')
 
 
 def set_attention_impl(name: str) -> None:
     """Select how every focused linear attention computes: 'reference', 'fast' or 'triton'."""
-    global _impl
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f'attention implementation {name!r} is unknown; use one of {", ".join(IMPLEMENTATIONS)}')
-    _impl = name
+    _IMPL.set(name)
 
 
 def get_attention_impl() -> str:
     """The implementation selected by :func:`set_attention_impl` (or $FLATTEN_ATTENTION_IMPL; default 'fast')."""
-    return _impl
+    return _IMPL.name
 
 
-@contextlib.contextmanager
-def attention_impl(name: str) -> Iterator[None]:
+def attention_impl(name: str) -> ContextManager[None]:
     """Context manager: ``with attention_impl('reference'): model(x)``."""
-    previous = get_attention_impl()
-    set_attention_impl(name)
-    try:
-        yield
-    finally:
-        set_attention_impl(previous)
+    return _IMPL.use(name)
 
 
 def _token_norm(y: torch.Tensor) -> torch.Tensor:

@@ -22,15 +22,15 @@ default 'torch'). natten 0.20+ dropped the bias that DAT++'s 'N' blocks use, so 
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-import os
 from functools import lru_cache
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .impl_choice import ImplChoice
 
 __all__ = ['window_starts', 'neighborhood_attention', 'neighborhood_attention_naive', 'neighborhood_probs',
            'neighborhood_av',
@@ -231,40 +231,28 @@ def natten_functions() -> NattenOps:
                        "'N' blocks need it: install natten 0.14-0.17 or select the built-in 'torch' implementation")
 
 
-def _check_impl(name: str) -> str:
-    if name not in NEIGHBORHOOD_IMPLS:
-        raise ValueError(f'neighbourhood attention implementation {name!r} is unknown; use one of '
-                         f'{", ".join(NEIGHBORHOOD_IMPLS)}')
-    return name
+def _check_backend(name: str) -> None:
+    if name == 'natten':
+        natten_functions()
 
 
-_impl = os.environ.get('DAT_NEIGHBORHOOD_IMPL', 'torch')
-if _impl not in NEIGHBORHOOD_IMPLS:
-    raise ValueError(f'DAT_NEIGHBORHOOD_IMPL={_impl!r} is unknown; use one of {", ".join(NEIGHBORHOOD_IMPLS)}')
+_IMPL = ImplChoice('neighbourhood attention implementation', NEIGHBORHOOD_IMPLS, 'DAT_NEIGHBORHOOD_IMPL', 'torch',
+                   check=_check_backend)
 
 
 def set_neighborhood_impl(name: str) -> None:
     """Select the fast path of every neighbourhood attention: 'torch' (built in) or 'natten' (checked now)."""
-    global _impl
-    if _check_impl(name) == 'natten':
-        natten_functions()
-    _impl = name
+    _IMPL.set(name)
 
 
 def get_neighborhood_impl() -> str:
     """The implementation selected by :func:`set_neighborhood_impl` (or $DAT_NEIGHBORHOOD_IMPL; default 'torch')."""
-    return _impl
+    return _IMPL.name
 
 
-@contextlib.contextmanager
-def neighborhood_impl(name: str) -> Iterator[None]:
+def neighborhood_impl(name: str) -> ContextManager[None]:
     """Context manager: ``with neighborhood_impl('natten'): model(x)``."""
-    previous = get_neighborhood_impl()
-    set_neighborhood_impl(name)
-    try:
-        yield
-    finally:
-        set_neighborhood_impl(previous)
+    return _IMPL.use(name)
 
 
 def _natten_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int,
@@ -283,7 +271,7 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rp
     With :func:`set_neighborhood_impl` ('natten') the installed natten computes it (``tile`` is ignored)."""
     _check(q, k, v, rpb, kernel_size)
     window_starts(q.shape[2], kernel_size), window_starts(q.shape[3], kernel_size)   # size check
-    if _impl == 'natten':
+    if _IMPL.name == 'natten':
         return _natten_attention(q, k, v, rpb, kernel_size, dropout_p)
     if dropout_p > 0:
         return _tiled_attention(q, k, v, rpb, kernel_size, tile, dropout_p)

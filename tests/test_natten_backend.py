@@ -183,3 +183,17 @@ def test_installed_natten_matches_builtin(H, W, k):
     with neighborhood_impl('natten'):
         theirs = neighborhood_attention(q, key, v, rpb, k)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+
+
+def test_implementation_choice_reads_and_checks_its_environment_variable(monkeypatch):
+    from models.impl_choice import ImplChoice
+    monkeypatch.setenv('DAT_NEIGHBORHOOD_IMPL', 'natten')
+    checked = []
+    choice = ImplChoice('thing', ('torch', 'natten'), 'DAT_NEIGHBORHOOD_IMPL', 'torch', check=checked.append)
+    assert choice.name == 'natten' and checked == []          # the variable is taken as given
+    with choice.use('torch'):
+        assert choice.name == 'torch' and checked == ['torch']
+    assert choice.name == 'natten'
+    monkeypatch.setenv('DAT_NEIGHBORHOOD_IMPL', 'bogus')
+    with pytest.raises(ValueError, match="DAT_NEIGHBORHOOD_IMPL='bogus' is unknown; use one of torch, natten"):
+        ImplChoice('thing', ('torch', 'natten'), 'DAT_NEIGHBORHOOD_IMPL', 'torch')
