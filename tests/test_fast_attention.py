@@ -187,7 +187,9 @@ def test_model_forward_and_gradients_fast_equal_reference():
 
 TRITON_SCRIPT = textwrap.dedent('''
     import os, sys
-    os.environ['TRITON_INTERPRET'] = '1'            # before triton is imported
+    DEVICE = {device!r}
+    if DEVICE == 'cpu':
+        os.environ['TRITON_INTERPRET'] = '1'        # before triton is imported
     sys.path[:0] = [{root!r}, {tests!r}]
     import torch
     from models.triton_linear_attention import TritonLinearCore, triton_core_for
@@ -201,11 +203,11 @@ TRITON_SCRIPT = textwrap.dedent('''
     # the core, forward and backward, against float64 autograd of the plain formula (masked tail blocks:
     # N = 40 and n = 72 are not multiples of the 64-token block)
     B, h, N, n, d = 1, 2, 40, 72, 16
-    q = torch.rand(B, h, N, d, generator=g).requires_grad_()
-    k = torch.rand(B, h, n, d, generator=g).requires_grad_()
-    v = torch.randn(B, h, n, d, generator=g).requires_grad_()
+    q = torch.rand(B, h, N, d, generator=g).to(DEVICE).requires_grad_()
+    k = torch.rand(B, h, n, d, generator=g).to(DEVICE).requires_grad_()
+    v = torch.randn(B, h, n, d, generator=g).to(DEVICE).requires_grad_()
     out = TritonLinearCore.apply(q, k, v)
-    go = torch.randn(out.shape, generator=g)
+    go = torch.randn(out.shape, generator=g).to(DEVICE)
     grads = torch.autograd.grad(out, (q, k, v), go)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     z = 1 / (q64 @ k64.mean(2, keepdim=True).transpose(-2, -1) + 1e-6)
@@ -219,8 +221,9 @@ TRITON_SCRIPT = textwrap.dedent('''
     m = FocusedLinearAttentionBase(C, heads, H * W, 3, 3)
     with torch.no_grad():
         m.scale.normal_(generator=g); m.positional_encoding.normal_(0, 0.5, generator=g)
-    assert triton_core_for(torch.zeros(1), C // heads) is not None
-    x = torch.randn(2, H * W, 3 * C, generator=g)
+    m.to(DEVICE)
+    assert triton_core_for(torch.zeros(1, device=DEVICE), C // heads) is not None
+    x = torch.randn(2, H * W, 3 * C, generator=g).to(DEVICE)
     qq, kk, vv = x.view(2, H * W, 3, C).unbind(2)
     with attention_impl('triton'):
         got = m.attend(qq, kk, vv, hw=(H, W))
@@ -231,13 +234,25 @@ TRITON_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_triton_core_under_interpreter(tmp_path):
-    pytest.importorskip('triton')
+def _run_triton_script(tmp_path, device: str, env: dict) -> None:
     script = tmp_path / 'triton_check.py'
-    script.write_text(TRITON_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, 'tests')))
-    env = dict(os.environ, TRITON_INTERPRET='1', OMP_NUM_THREADS='1')
+    script.write_text(TRITON_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), device=device))
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0 and 'TRITON-OK' in res.stdout, res.stdout + res.stderr[-3000:]
+
+
+def test_triton_core_under_interpreter(tmp_path):
+    pytest.importorskip('triton')
+    _run_triton_script(tmp_path, 'cpu', dict(os.environ, TRITON_INTERPRET='1', OMP_NUM_THREADS='1'))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_triton_core_compiled_on_cuda(tmp_path):
+    """The same checks with the kernels compiled for the GPU (float32 'ieee' dots), not interpreted."""
+    pytest.importorskip('triton')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    _run_triton_script(tmp_path, 'cuda', env)
 
 
 def test_triton_falls_back_cleanly_on_cpu_without_interpreter(rng, monkeypatch):

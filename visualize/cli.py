@@ -212,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.list:
             sys.stdout.write(list_sites(model) + '\n')
             return 0
-        from .deformable import cli_render      # DAT++ 'D' blocks: sampled key positions, not a map
+        from .deformable import cli_render      # DAT++ 'D' / 'N' blocks: key positions, not a map
         written = cli_render(args, model, config, image, device, queries)
         if written is not None:
             logger.info('wrote %d PNGs to %s', len(written), args.output)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every GPU figure BENCHMARKS.md still lacks, in one run sized for ~10 minutes on one H100/H200-class GPU.
+#
+#   tools/gpu_benchmarks.sh OUT_DIR [OFFICIAL_CHECKOUT]
+#
+# OUT_DIR receives one JSON and one text table per measurement plus the CUDA test log. OFFICIAL_CHECKOUT
+# (a checkout of LeapLabTHU/FLatten-Transformer) adds the side-by-side ratios; without it those rows are
+# skipped and the script says so. Wheels in .wheels/ (e.g. yacs, termcolor for a bare machine) are installed
+# first. Each step runs even if an earlier one failed; the exit status is the number of failed steps.
+set -uo pipefail
+out=${1:?usage: tools/gpu_benchmarks.sh OUT_DIR [OFFICIAL_CHECKOUT]}
+official=${2:-}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+failed=0
+step() {  # step NAME COMMAND...: run, tee its output to OUT_DIR/NAME.txt, count failures
+    local name=$1; shift
+    echo "=== $name: $*"
+    "$@" 2>&1 | tee "$out/$name.txt" || { echo "=== $name FAILED"; failed=$((failed + 1)); }
+}
+if compgen -G '.wheels/*.whl' > /dev/null; then pip install -q --no-index --no-deps .wheels/*.whl; fi
+python -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.cuda.get_device_name())' \
+    || exit 1
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$out/gpu.txt" 2>&1 || true
+
+# correctness on the GPU first: every test marked gpu (Triton kernels compiled for real, nccl, float16)
+step cuda_tests python -m pytest -q -m gpu tests/
+
+bench=(python tools/benchmark.py --device cuda --dtype bfloat16 --batch 128 --warmup 3 --repeats 10)
+if [ -n "$official" ]; then
+    step vs_official "${bench[@]}" --cfgs cfgs/flatten_swin_t.yaml cfgs/flatten_pvt_v2_b0.yaml \
+        cfgs/flatten_cswin_t.yaml --reference "$official" --reference-dtype float16 --rounds 3 \
+        --json "$out/vs_official.json"
+else
+    echo '=== vs_official skipped: no OFFICIAL_CHECKOUT given'
+    step ours "${bench[@]}" --cfgs cfgs/flatten_swin_t.yaml cfgs/flatten_pvt_v2_b0.yaml cfgs/flatten_cswin_t.yaml \
+        --json "$out/ours.json"
+fi
+step vs_timm "${bench[@]}" --cfgs timm:swin_tiny_patch4_window7_224 cfgs/dat_tiny.yaml --json "$out/vs_timm.json"
+step triton "${bench[@]}" --cfgs cfgs/flatten_swin_t.yaml --attention-impl triton --json "$out/triton.json"
+step sweep python tools/benchmark.py --device cuda --dtype bfloat16 --batch 32 --warmup 3 --repeats 10 \
+    --sweep-resolution --cfgs cfgs/flatten_pvt_v2_b0.yaml 'timm:pvt_v2_b0,sr_ratios=(1,1,1,1)' \
+    --json "$out/sweep.json"
+step neighborhood python tools/benchmark.py --device cuda --neighborhood --batch 32 --warmup 3 --repeats 10 \
+    --json "$out/neighborhood.json"
+echo "=== done, $failed step(s) failed; results in $out"
+exit "$failed"
