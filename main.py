@@ -100,11 +100,16 @@ def peer_failure_message(error: BaseException) -> str:
 def main(argv: Optional[List[str]] = None, ema: bool = False) -> int:
     """Parse, configure, run; returns the exit code."""
     args = build_parser(ema).parse_args(argv)
-    from checkpoint import CheckpointError
-    from config import ConfigError, get_config
-    from data import DataError
-    import engine
-    from logger import log_to_file
+    from errors import ConfigError
+    try:       # importing the models reads FLATTEN_ATTENTION_IMPL / DAT_NEIGHBORHOOD_IMPL: a bad one is a ConfigError
+        from checkpoint import CheckpointError
+        from config import get_config
+        from data import DataError
+        import engine
+        from logger import log_to_file
+    except ConfigError as e:
+        print(f'ERROR: {one_line(e)}', file=sys.stderr, flush=True)
+        return ERROR_EXIT_CODE
     try:
         engine.run(get_config(args))
     except engine.Preempted:

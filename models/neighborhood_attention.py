@@ -30,6 +30,8 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from errors import ConfigError
+
 from .impl_choice import ImplChoice
 
 __all__ = ['window_starts', 'neighborhood_attention', 'neighborhood_attention_naive', 'neighborhood_probs',
@@ -212,13 +214,14 @@ NattenOps = Tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]
 
 def natten_functions() -> NattenOps:
     """(qk_rpb(q, k, rpb, kernel_size), av(attn, v, kernel_size)) from the installed natten, dilation 1, in
-    natten's unfused (B, heads, H, W, ...) layout -- ours too. Raises RuntimeError naming the fix when natten
+    natten's unfused (B, heads, H, W, ...) layout -- ours too. Raises ConfigError naming the fix when natten
     is missing or has no relative position bias."""
     try:
         import natten
         import natten.functional as nf
     except ImportError as e:
-        raise RuntimeError(f"neighbourhood attention 'natten' was selected but natten cannot be imported ({e}); "
+        raise ConfigError(f"neighbourhood attention 'natten' was selected (DAT_NEIGHBORHOOD_IMPL or "
+                          f"set_neighborhood_impl) but natten cannot be imported ({e}); "
                            "install natten 0.14-0.17 or select the built-in 'torch' implementation") from None
     version = getattr(natten, '__version__', '?')
     if hasattr(nf, 'na2d_qk') and 'rpb' in inspect.signature(nf.na2d_qk).parameters:     # natten 0.15-0.17
@@ -227,7 +230,7 @@ def natten_functions() -> NattenOps:
     if hasattr(nf, 'natten2dqkrpb'):                                                  # natten 0.14 (DAT's pin)
         return (lambda q, k, rpb, ks: nf.natten2dqkrpb(q, k, rpb, ks, 1),
                 lambda attn, v, ks: nf.natten2dav(attn, v, ks, 1))
-    raise RuntimeError(f"natten {version} has no relative position bias (natten 0.20 removed it) and DAT++'s "
+    raise ConfigError(f"natten {version} has no relative position bias (natten 0.20 removed it) and DAT++'s "
                        "'N' blocks need it: install natten 0.14-0.17 or select the built-in 'torch' implementation")
 
 

@@ -15,6 +15,8 @@ import types
 import pytest
 import torch
 
+from errors import ConfigError
+
 from models.neighborhood_attention import (get_neighborhood_impl, natten_functions, neighborhood_attention,
                                            neighborhood_impl, set_neighborhood_impl)
 
@@ -137,16 +139,16 @@ def test_natten_backend_gradients_flow(monkeypatch):
 
 def test_natten_without_bias_is_refused(monkeypatch):
     _install(monkeypatch, '0.21.7', natten_020())
-    with pytest.raises(RuntimeError, match=r'natten 0\.21\.7 has no relative position bias.*natten 0\.14-0\.17'):
+    with pytest.raises(ConfigError, match=r'natten 0\.21\.7 has no relative position bias.*natten 0\.14-0\.17'):
         set_neighborhood_impl('natten')
     assert get_neighborhood_impl() == 'torch'
 
 
 def test_missing_natten_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, 'natten', None)          # import natten -> ImportError
-    with pytest.raises(RuntimeError, match="natten cannot be imported.*'torch' implementation"):
+    with pytest.raises(ConfigError, match="natten cannot be imported.*'torch' implementation"):
         natten_functions()
-    with pytest.raises(ValueError, match="'cuda_magic' is unknown; use one of torch, natten"):
+    with pytest.raises(ConfigError, match="'cuda_magic' is unknown; use one of torch, natten"):
         set_neighborhood_impl('cuda_magic')
     assert get_neighborhood_impl() == 'torch'
 
@@ -176,7 +178,7 @@ def test_installed_natten_matches_builtin(H, W, k):
     """Only where a real natten is installed: its kernels against the built-in path, float32."""
     try:
         natten_functions()
-    except RuntimeError as e:
+    except ConfigError as e:
         pytest.skip(str(e))
     q, key, v, rpb = (t.float() for t in _inputs(H, W, k, seed=7))
     ours = neighborhood_attention(q, key, v, rpb, k)
@@ -190,10 +192,35 @@ def test_implementation_choice_reads_and_checks_its_environment_variable(monkeyp
     monkeypatch.setenv('DAT_NEIGHBORHOOD_IMPL', 'natten')
     checked = []
     choice = ImplChoice('thing', ('torch', 'natten'), 'DAT_NEIGHBORHOOD_IMPL', 'torch', check=checked.append)
-    assert choice.name == 'natten' and checked == []          # the variable is taken as given
+    assert choice.name == 'natten' and checked == ['natten']  # the variable's choice is checked at once
     with choice.use('torch'):
-        assert choice.name == 'torch' and checked == ['torch']
+        assert choice.name == 'torch' and checked == ['natten', 'torch']
     assert choice.name == 'natten'
     monkeypatch.setenv('DAT_NEIGHBORHOOD_IMPL', 'bogus')
-    with pytest.raises(ValueError, match="DAT_NEIGHBORHOOD_IMPL='bogus' is unknown; use one of torch, natten"):
+    with pytest.raises(ConfigError, match="DAT_NEIGHBORHOOD_IMPL='bogus' is unknown; use one of torch, natten"):
         ImplChoice('thing', ('torch', 'natten'), 'DAT_NEIGHBORHOOD_IMPL', 'torch')
+
+
+@pytest.mark.parametrize('env,expect', [
+    ({'DAT_NEIGHBORHOOD_IMPL': 'natten'}, 'natten 0.21.7 has no relative position bias'),
+    ({'FLATTEN_ATTENTION_IMPL': 'bogus'}, "FLATTEN_ATTENTION_IMPL='bogus' is unknown; use one of reference, fast"),
+])
+def test_bad_implementation_choice_is_one_error_line_from_main(tmp_path, env, expect):
+    """main.py with an unusable implementation chosen by environment variable: exit 2, one ERROR line, no
+    output folder. A stand-in natten 0.21 (no bias) shadows any installed natten."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fake = tmp_path / 'site' / 'natten'
+    fake.mkdir(parents=True)
+    (fake / '__init__.py').write_text("__version__ = '0.21.7'\n")
+    (fake / 'functional.py').write_text('def na2d(query, key, value, kernel_size, dilation=1):\n    pass\n')
+    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / 'site'), root]), **env)
+    out = tmp_path / 'out'
+    res = subprocess.run([sys.executable, os.path.join(root, 'main.py'), '--cfg',
+                          os.path.join(root, 'cfgs', 'demo', 'dat_digits.yaml'), '--data-path', str(tmp_path),
+                          '--output', str(out), '--device', 'cpu'],
+                         cwd=root, env=full_env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith('ERROR: '), res.stderr[-2000:]
+    assert expect in lines[0] and not out.exists()

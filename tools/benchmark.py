@@ -603,7 +603,7 @@ def run_neighborhood(args: argparse.Namespace) -> List[Dict[str, Any]]:
             with neighborhood_impl('natten'):
                 return neighborhood_attention(*a)
         impls.append(('natten', natten_path))            # only where a natten with bias is installed
-    except RuntimeError as e:
+    except ValueError as e:                              # ConfigError: natten missing or without bias
         print(f'(no natten column: {e})')
     rows = []
     for size, heads in ((56, 2), (28, 4), (14, 8)):
