@@ -391,6 +391,25 @@ def test_neighborhood_visualisation_draws_the_clamped_window(tmp_path):
     torch.testing.assert_close(info['weights'].double(), weights, rtol=1e-5, atol=1e-6)
 
 
+def test_visualize_cli_draws_neighborhood_and_deformable_blocks(tmp_path):
+    """``python -m visualize`` on the demo DAT++: an 'N' block (stage 0) and a 'D' block (stage 1) each write
+    one PNG per query, named by the block kind; a query outside the grid is a one-line error (exit 2)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+    from visualize.cli import main as visualize_main
+    photo = str(tmp_path / 'china.jpg')
+    Image.fromarray(load_sample_image('china.jpg')).save(photo)
+    cfg = os.path.join(ROOT, 'cfgs', 'demo', 'dat_digits.yaml')
+    out = tmp_path / 'vis'
+    for stage, kind in ((0, 'neighborhood'), (1, 'deformable')):
+        assert visualize_main(['--cfg', cfg, '--image', photo, '--stage', str(stage), '--block', '0',
+                               '--queries', '0,0', '3,5', '--output', str(out)]) == 0
+        for r, c in ((0, 0), (3, 5)):
+            assert os.path.getsize(out / f'stages.{stage}.attns.0_{kind}_r{r}_c{c}.png') > 1000
+    assert visualize_main(['--cfg', cfg, '--image', photo, '--stage', '0', '--block', '0', '--queries', '99,0',
+                           '--output', str(out)]) == 2
+
+
 # ----------------------------------------------------------------------------- against the official code
 NATTEN_STUB = '''
 """Stand-in for natten 0.14.6's two functions (the official nat.py imports them), from tests/dat_reference.py
