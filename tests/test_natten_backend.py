@@ -23,10 +23,8 @@ from models.neighborhood_attention import (get_neighborhood_impl, natten_functio
 from dat_reference import neighborhood_reference
 
 
-def _loop_qk_rpb(q, k, rpb, kernel):
-    """natten's QK+RPB: (B, h, H, W, k*k) logits over the clamped window, row-major, bias at the true offset."""
-    B, h, H, W, _ = q.shape
-    out = torch.zeros(B, h, H, W, kernel * kernel, dtype=q.dtype)
+def _window_entries(H, W, kernel):
+    """(i, j, entry, y, x) for every query (i, j) and every key (y, x) of its clamped window, entries row-major."""
     r = kernel // 2
     for i in range(H):
         top = min(max(i - r, 0), H - kernel)
@@ -34,23 +32,23 @@ def _loop_qk_rpb(q, k, rpb, kernel):
             left = min(max(j - r, 0), W - kernel)
             for a in range(kernel):
                 for b in range(kernel):
-                    y, x = top + a, left + b
-                    out[:, :, i, j, a * kernel + b] = ((q[:, :, i, j] * k[:, :, y, x]).sum(-1)
-                                                       + rpb[:, y - i + kernel - 1, x - j + kernel - 1])
+                    yield i, j, a * kernel + b, top + a, left + b
+
+
+def _loop_qk_rpb(q, k, rpb, kernel):
+    """natten's QK+RPB: (B, h, H, W, k*k) logits over the clamped window, bias at the true offset."""
+    B, h, H, W, _ = q.shape
+    out = torch.zeros(B, h, H, W, kernel * kernel, dtype=q.dtype)
+    for i, j, e, y, x in _window_entries(H, W, kernel):
+        out[:, :, i, j, e] = (q[:, :, i, j] * k[:, :, y, x]).sum(-1) + rpb[:, y - i + kernel - 1, x - j + kernel - 1]
     return out
 
 
 def _loop_av(attn, v, kernel):
-    B, h, H, W, d = v.shape
+    """natten's AV: each query's window values weighted by its (k*k) attention entries."""
     out = torch.zeros_like(v)
-    r = kernel // 2
-    for i in range(H):
-        top = min(max(i - r, 0), H - kernel)
-        for j in range(W):
-            left = min(max(j - r, 0), W - kernel)
-            for a in range(kernel):
-                for b in range(kernel):
-                    out[:, :, i, j] += attn[:, :, i, j, a * kernel + b, None] * v[:, :, top + a, left + b]
+    for i, j, e, y, x in _window_entries(v.shape[2], v.shape[3], kernel):
+        out[:, :, i, j] += attn[:, :, i, j, e, None] * v[:, :, y, x]
     return out
 
 
@@ -62,10 +60,15 @@ def _install(monkeypatch, version: str, functional: types.ModuleType) -> None:
     monkeypatch.setitem(sys.modules, 'natten.functional', functional)
 
 
+def _functional(**functions) -> types.ModuleType:
+    nf = types.ModuleType('natten.functional')
+    for name, fn in functions.items():
+        setattr(nf, name, fn)
+    return nf
+
+
 def natten_014() -> types.ModuleType:
     """natten 0.14.x (DAT's pin): natten2dqkrpb(q, k, rpb, kernel_size, dilation), natten2dav(a, v, ks, dil)."""
-    nf = types.ModuleType('natten.functional')
-
     def natten2dqkrpb(query, key, rpb, kernel_size, dilation):
         assert dilation == 1
         return _loop_qk_rpb(query, key, rpb, kernel_size)
@@ -73,14 +76,11 @@ def natten_014() -> types.ModuleType:
     def natten2dav(attn, value, kernel_size, dilation):
         assert dilation == 1
         return _loop_av(attn, value, kernel_size)
-    nf.natten2dqkrpb, nf.natten2dav = natten2dqkrpb, natten2dav
-    return nf
+    return _functional(natten2dqkrpb=natten2dqkrpb, natten2dav=natten2dav)
 
 
 def natten_017() -> types.ModuleType:
     """natten 0.15-0.17: na2d_qk(q, k, kernel_size, dilation=1, ..., rpb=None), na2d_av(a, v, ks, dilation=1)."""
-    nf = types.ModuleType('natten.functional')
-
     def na2d_qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None):
         assert dilation == 1 and rpb is not None
         return _loop_qk_rpb(query, key, rpb, kernel_size)
@@ -88,21 +88,17 @@ def natten_017() -> types.ModuleType:
     def na2d_av(attn, value, kernel_size, dilation=1, additional_values=None, is_causal=False):
         assert dilation == 1
         return _loop_av(attn, value, kernel_size)
-    nf.na2d_qk, nf.na2d_av = na2d_qk, na2d_av
-    return nf
+    return _functional(na2d_qk=na2d_qk, na2d_av=na2d_av)
 
 
 def natten_020() -> types.ModuleType:
     """natten 0.20+: no relative position bias anywhere."""
-    nf = types.ModuleType('natten.functional')
-
     def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None):
         raise AssertionError('must not be called')
 
     def na2d_qk(query, key, kernel_size, dilation=1, is_causal=False):
         raise AssertionError('must not be called')
-    nf.na2d, nf.na2d_qk = na2d, na2d_qk
-    return nf
+    return _functional(na2d=na2d, na2d_qk=na2d_qk)
 
 
 def _inputs(H, W, k, seed=0):

@@ -39,17 +39,23 @@ def is_drawn(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def capture_neighborhood(model: nn.Module, module: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Run ``model(images)`` with a hook on ``module.tap``; returns probs (B, heads, H, W, k*k) on CPU."""
-    seen: List[torch.Tensor] = []
-    handle = module.tap.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].detach().float().cpu()))
+def _tap_inputs(model: nn.Module, module: nn.Module, images: torch.Tensor, what: str) -> Tuple[torch.Tensor, ...]:
+    """The float32 CPU copies of what ``module.tap`` received during one ``model(images)``."""
+    seen: List[Tuple[torch.Tensor, ...]] = []
+    handle = module.tap.register_forward_hook(
+        lambda _m, inputs, _out: seen.append(tuple(t.detach().float().cpu() for t in inputs)))
     try:
         model(images)
     finally:
         handle.remove()
     if len(seen) != 1:
-        raise RuntimeError(f'the neighbourhood tap was called {len(seen)} times in one forward pass (expected once)')
+        raise RuntimeError(f'the {what} tap was called {len(seen)} times in one forward pass (expected once)')
     return seen[0]
+
+
+def capture_neighborhood(model: nn.Module, module: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Run ``model(images)`` with a hook on ``module.tap``; returns probs (B, heads, H, W, k*k) on CPU."""
+    return _tap_inputs(model, module, images, 'neighbourhood')[0]
 
 
 def window_points(probs: torch.Tensor, query: Tuple[int, int], kernel_size: int, image: int = 0,
@@ -71,20 +77,10 @@ def window_points(probs: torch.Tensor, query: Tuple[int, int], kernel_size: int,
     return pos, weights / weights.sum()
 
 
-@torch.no_grad()
 def capture_deformable(model: nn.Module, module: nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Run ``model(images)`` with a hook on ``module.tap``; returns pos, reference (B, g, Hk, Wk, 2), probs
     (B, heads, H*W, Hk*Wk) on CPU and the block's map size ``hw``."""
-    seen: List[Tuple[torch.Tensor, ...]] = []
-    handle = module.tap.register_forward_hook(
-        lambda _m, inputs, _out: seen.append(tuple(t.detach().float().cpu() for t in inputs)))
-    try:
-        model(images)
-    finally:
-        handle.remove()
-    if len(seen) != 1:
-        raise RuntimeError(f'the deformable tap was called {len(seen)} times in one forward pass (expected once)')
-    pos, reference, probs = seen[0]
+    pos, reference, probs = _tap_inputs(model, module, images, 'deformable')
     B = pos.shape[0]
     probs = probs.reshape(B, -1, *probs.shape[-2:])
     return dict(pos=pos, reference=reference, probs=probs)
