@@ -234,9 +234,13 @@ def natten_functions() -> NattenOps:
                        "'N' blocks need it: install natten 0.14-0.17 or select the built-in 'torch' implementation")
 
 
+_natten_ops: Optional[NattenOps] = None     # resolved once, when 'natten' is selected (not per forward)
+
+
 def _check_backend(name: str) -> None:
+    global _natten_ops
     if name == 'natten':
-        natten_functions()
+        _natten_ops = natten_functions()
 
 
 _IMPL = ImplChoice('neighbourhood attention implementation', NEIGHBORHOOD_IMPLS, 'DAT_NEIGHBORHOOD_IMPL', 'torch',
@@ -260,7 +264,7 @@ def neighborhood_impl(name: str) -> ContextManager[None]:
 
 def _natten_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int,
                       dropout_p: float) -> torch.Tensor:
-    qk_rpb, av = natten_functions()
+    qk_rpb, av = _natten_ops
     attn = qk_rpb(q, k, rpb, kernel_size).softmax(dim=-1)
     return av(F.dropout(attn, dropout_p) if dropout_p > 0 else attn, v, kernel_size)
 

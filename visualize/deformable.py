@@ -231,8 +231,7 @@ def cli_render(args: Any, model: nn.Module, config: Any, image: Image.Image, dev
         info = render_deformable(model, os.path.join(args.output, 'tmp.png'), image, module=name, query=q,
                                  size=config.DATA.IMG_SIZE, head=head, out_size=max(args.size, 224),
                                  device=device)
-        kind = 'neighborhood' if found[name].attn_kind == NEIGHBORHOOD_KIND else 'deformable'
-        path = os.path.join(args.output, f'{name}_{kind}_r{info["query"][0]}_c{info["query"][1]}.png')
+        path = os.path.join(args.output, f'{name}_{found[name].attn_kind}_r{info["query"][0]}_c{info["query"][1]}.png')
         os.replace(os.path.join(args.output, 'tmp.png'), path)
         written.append(path)
     return written
