@@ -75,7 +75,7 @@ def naive_depthwise_conv(v: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     B, L, C = v.shape
     H, W = hw
     assert L == H * W, (L, hw)
-    d = C // num_heads
+    assert weight.shape[0] * num_heads == C, (weight.shape, C, num_heads)      # one (d, k, k) kernel per head
     ks = weight.shape[-1]
     pad = ks // 2
     img = v.reshape(B, H, W, C)

@@ -101,7 +101,7 @@ def _ours():
 
 
 OPTS = {'device': 'cpu', 'batch': 2, 'img_size': 16, 'dtype': 'float32', 'channels_last': False, 'compile': False,
-        'warmup': 0, 'repeats': 1, 'num_classes': 10}
+        'warmup': 0, 'repeats': 1, 'num_classes': 10, 'fused_optimizer': False}
 
 
 def test_reference_subprocess_alternates_rounds_with_same_weights(tmp_path):
@@ -131,6 +131,38 @@ def test_measure_train_updates_parameters():
     assert isinstance(model, nn.Module)
 
 
+@pytest.mark.parametrize('same', [False, True])
+def test_each_side_trains_with_its_own_adamw(tmp_path, monkeypatch, capsys, same):
+    """Ours steps with the fused AdamW our optimizer.py builds on CPU; the official side with torch's default
+    AdamW, as its own optimizer.py does, unless --same-optimizer gives it ours."""
+    built, official_opts = [], []
+    real_adamw = torch.optim.AdamW
+
+    def spy_adamw(params, **kw):
+        built.append(kw.get('fused', False))
+        return real_adamw(params, **kw)
+
+    class FakeOfficial:
+        def __init__(self, ref_dir, cfg_path, model, opts):
+            official_opts.append(opts)
+
+        def measure(self, modes):
+            return {m: {'img_s': 1.0, 'cpu_s_per_img': 1.0, 'peak_mb': 1.0} for m in modes}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(torch.optim, 'AdamW', spy_adamw)
+    monkeypatch.setattr(benchmark, 'OfficialProcess', FakeOfficial)
+    result = benchmark.main(['--smoke', '--modes', 'train', '--no-flops', '--reference', str(tmp_path)]
+                            + (['--same-optimizer'] if same else []))
+    assert built and all(built)                                   # every step of ours: fused
+    assert [o['fused_optimizer'] for o in official_opts] == [same]
+    row = result['models'][0]
+    assert (row['ours']['adamw'], row['official']['adamw']) == ('fused', 'fused' if same else 'torch default')
+    assert f"ours fused, official {'fused' if same else 'torch default'}" in capsys.readouterr().out
+
+
 def test_data_mode_times_the_input_pipeline(tmp_path):
     from PIL import Image
     g = torch.Generator().manual_seed(0)
@@ -155,3 +187,34 @@ def test_neighborhood_mode_times_fast_and_naive_paths(capsys):
     for r in rows:
         for key in ('fast_fwd_s', 'naive_fwd_s', 'fast_fwd_bwd_s', 'naive_fwd_bwd_s'):
             assert r[key] > 0
+
+
+def test_gpu_benchmark_script_arguments_check_without_a_gpu(tmp_path):
+    """tools/gpu_benchmarks.sh is run once, on a GPU, by a session with minutes to spare: its every step's
+    arguments are checked here (configs load, timm names exist, the official checkout holds each config)."""
+    import subprocess
+    official = tmp_path / 'official'
+    (official / 'cfgs').mkdir(parents=True)
+    for name in ('flatten_swin_t', 'flatten_pvt_v2_b0', 'flatten_cswin_t'):
+        (official / 'cfgs' / f'{name}.yaml').write_text('')
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'tools', 'gpu_benchmarks.sh'), str(tmp_path / 'out'),
+                           str(official)], env=dict(os.environ, GPU_BENCH_DRY_RUN='args'),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [line.split(':')[0][4:] for line in proc.stdout.splitlines() if line.startswith('=== ')]
+    assert steps[:-1] == ['cuda_tests', 'vs_official', 'vs_timm', 'triton', 'sweep', 'neighborhood']
+    assert proc.stdout.count('nothing measured (--check)') == 5
+    assert 'tests collected' in (tmp_path / 'out' / 'cuda_tests.txt').read_text()
+
+
+def test_check_names_what_is_wrong(tmp_path, capsys):
+    (tmp_path / 'cfgs').mkdir()
+    with pytest.raises(SystemExit, match='no cfgs/flatten_swin_t.yaml there'):
+        benchmark.main(['--check', '--cfgs', os.path.join(ROOT, 'cfgs', 'flatten_swin_t.yaml'),
+                        '--reference', str(tmp_path)])
+    with pytest.raises(SystemExit, match='timm:swin_tinyy: timm has no such model'):
+        benchmark.main(['--check', '--cfgs', 'timm:swin_tinyy'])
+    with pytest.raises(SystemExit, match="nope.yaml: config file not found"):
+        benchmark.main(['--check', '--cfgs', str(tmp_path / 'nope.yaml')])
+    assert benchmark.main(['--check', '--cfgs', os.path.join(ROOT, 'cfgs', 'dat_tiny.yaml'),
+                           'timm:swin_tiny_patch4_window7_224'])['checked'] == 2

@@ -10,7 +10,10 @@ code, over resolutions, and of the input pipeline alone.
 Method: models come from ``models.build_model(load_config(cfg, opts))`` (random weights). Each measure runs
 ``--warmup`` untimed calls, then ``--repeats`` timed calls (CUDA synchronised before and after each), and
 reports the median. Inference is ``model(x)`` under ``torch.no_grad``; a training step is forward,
-cross-entropy on random labels, backward and an AdamW step (fused on CUDA). ``--dtype`` runs both under
+cross-entropy on random labels, backward and an AdamW step as each codebase's trainer builds it: ours fused
+wherever torch has a fused kernel (optimizer.py: CUDA and CPU), the official code's plain ``AdamW`` (its
+optimizer.py: torch's default, for-each on CUDA, a per-tensor loop on CPU); ``--same-optimizer`` gives the
+official side ours, for a model-only ratio. ``--dtype`` runs both under
 autocast. Peak memory is CUDA's max_memory_allocated, or on CPU the process's peak resident set (VmHWM,
 reset before each measure where Linux allows). FLOPs are fvcore counts at batch 1 (one multiply-add = one
 FLOP, the convention of the published numbers); achieved TFLOP/s counts 2 FLOPs per multiply-add and a
@@ -143,12 +146,13 @@ def measure_inference(model: nn.Module, x: torch.Tensor, dtype: str, warmup: int
 
 
 def measure_train(model: nn.Module, x: torch.Tensor, num_classes: int, dtype: str, warmup: int,
-                  repeats: int) -> Dict[str, float]:
-    """Forward + cross-entropy + backward + AdamW step (fused on CUDA); float16 uses a GradScaler."""
+                  repeats: int, fused: bool = False) -> Dict[str, float]:
+    """Forward + cross-entropy + backward + AdamW step; float16 uses a GradScaler. ``fused``: the fused AdamW
+    kernel (what our optimizer.py builds where the device has one), else torch's default implementation."""
     device = x.device
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6, **({'fused': True} if device.type == 'cuda' else {}))
+    opt = torch.optim.AdamW(params, lr=1e-6, **({'fused': True} if fused else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
     target = torch.randint(0, num_classes, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(device)
     loss_fn = nn.CrossEntropyLoss()
@@ -172,7 +176,7 @@ def measure_train(model: nn.Module, x: torch.Tensor, num_classes: int, dtype: st
 
 def measure(model: nn.Module, opts: Dict[str, Any], modes: Sequence[str]) -> Dict[str, Dict[str, float]]:
     """The measures of one model on one side; ``opts``: device, batch, img_size, dtype, channels_last,
-    compile, warmup, repeats, num_classes."""
+    compile, warmup, repeats, num_classes, fused_optimizer."""
     device = torch.device(opts['device'])
     model = model.to(device)
     if opts['channels_last']:
@@ -183,7 +187,8 @@ def measure(model: nn.Module, opts: Dict[str, Any], modes: Sequence[str]) -> Dic
     if 'infer' in modes:
         out['infer'] = measure_inference(run, x, opts['dtype'], opts['warmup'], opts['repeats'])
     if 'train' in modes:
-        out['train'] = measure_train(run, x, opts['num_classes'], opts['dtype'], opts['warmup'], opts['repeats'])
+        out['train'] = measure_train(run, x, opts['num_classes'], opts['dtype'], opts['warmup'], opts['repeats'],
+                                     opts['fused_optimizer'])
     return out
 
 
@@ -229,8 +234,12 @@ def load_cfg(path: str, img_size: Optional[int] = None, opts: Sequence[str] = ()
         return TimmSpec(path[len('timm:'):], img_size)
     sys.path.insert(0, ROOT)
     from config import load_config
+    from errors import ConfigError
     extra = list(opts) + (['DATA.IMG_SIZE', str(img_size)] if img_size else [])
-    return load_config(path, opts=extra)
+    try:
+        return load_config(path, opts=extra)
+    except ConfigError as e:                     # a missing file or a wrong key: one line, not a traceback
+        raise SystemExit(f'--cfgs {path}: {e}') from None
 
 
 def build(config) -> nn.Module:
@@ -356,14 +365,20 @@ def official_worker(argv: List[str]) -> None:
         proto.flush()
 
 
+def official_cfg_name(ref_dir: str, cfg_path: str) -> str:
+    """The official config of the same name as ours; a one-line error when the checkout lacks it."""
+    cfg_name = os.path.basename(cfg_path)
+    if not os.path.isfile(os.path.join(ref_dir, 'cfgs', cfg_name)):
+        raise SystemExit(f'--reference {ref_dir}: no cfgs/{cfg_name} there; pass the root of a checkout of '
+                         f'LeapLabTHU/FLatten-Transformer and a config it ships')
+    return cfg_name
+
+
 class OfficialProcess:
     """The official model in a subprocess that measures on request (so rounds alternate)."""
 
     def __init__(self, ref_dir: str, cfg_path: str, model: nn.Module, opts: Dict[str, Any]) -> None:
-        cfg_name = os.path.basename(cfg_path)
-        if not os.path.isfile(os.path.join(ref_dir, 'cfgs', cfg_name)):
-            raise SystemExit(f'--reference {ref_dir}: no cfgs/{cfg_name} there; pass the root of a checkout of '
-                             f'LeapLabTHU/FLatten-Transformer and a config it ships')
+        cfg_name = official_cfg_name(ref_dir, cfg_path)
         self.tmp = tempfile.TemporaryDirectory()
         weights = os.path.join(self.tmp.name, 'weights.pth')
         torch.save(model.state_dict(), weights)
@@ -396,9 +411,11 @@ class OfficialProcess:
 
 # ----------------------------------------------------------------------------- modes
 def _row_opts(args, config, img_size: int) -> Dict[str, Any]:
+    from optimizer import FUSED_DEVICES       # our trainer's rule for the fused AdamW
     return {'device': args.device, 'batch': args.batch, 'img_size': img_size, 'dtype': args.dtype,
             'channels_last': args.channels_last, 'compile': args.compile, 'warmup': args.warmup,
-            'repeats': args.repeats, 'num_classes': config.MODEL.NUM_CLASSES}
+            'repeats': args.repeats, 'num_classes': config.MODEL.NUM_CLASSES,
+            'fused_optimizer': torch.device(args.device).type in FUSED_DEVICES}
 
 
 def _achieved(flops: Optional[float], img_s: float, mode: str, peak: Optional[float]) -> Dict[str, Any]:
@@ -406,6 +423,23 @@ def _achieved(flops: Optional[float], img_s: float, mode: str, peak: Optional[fl
         return {'tflops': None, 'peak_fraction': None}
     tflops = 2 * flops * (3 if mode == 'train' else 1) * img_s / 1e12
     return {'tflops': tflops, 'peak_fraction': tflops / peak if peak else None}
+
+
+def check_args(args) -> int:
+    """``--check``: every config loads (every timm name exists), the --reference checkout has each of them;
+    nothing is built or timed. Returns the number of model configurations checked."""
+    import timm
+    n = 0
+    for cfg_path in args.cfgs:
+        for size in args.img_size or [None]:
+            config = load_cfg(cfg_path, size, args.opts)
+            if isinstance(config, TimmSpec) and not timm.is_model(config.name):
+                raise SystemExit(f'--cfgs timm:{config.name}: timm has no such model (see timm.list_models())')
+            if args.reference and not isinstance(config, TimmSpec):
+                official_cfg_name(args.reference, cfg_path)
+            n += 1
+    print(f'arguments ok: {n} model configuration(s), nothing measured (--check)')
+    return n
 
 
 def run_models(args) -> List[Dict[str, Any]]:
@@ -420,9 +454,10 @@ def run_models(args) -> List[Dict[str, Any]]:
             flops = count_flops(model, img_size) if args.flops else None
             opts = _row_opts(args, config, img_size)
             official = None
+            official_opts = dict(opts, dtype=args.reference_dtype or args.dtype,
+                                 fused_optimizer=opts['fused_optimizer'] and args.same_optimizer)
             if args.reference and not isinstance(config, TimmSpec):
-                official = OfficialProcess(args.reference, cfg_path, model,
-                                           dict(opts, dtype=args.reference_dtype or args.dtype))
+                official = OfficialProcess(args.reference, cfg_path, model, official_opts)
             rounds = {'ours': [], 'official': []}
             try:
                 for _ in range(args.rounds if official else 1):
@@ -441,7 +476,9 @@ def run_models(args) -> List[Dict[str, Any]]:
                         continue
                     per = [r[mode] for r in results]
                     img_s = statistics.median(p['img_s'] for p in per)
+                    fused = (opts if side == 'ours' else official_opts)['fused_optimizer']
                     row[side] = {'img_s': img_s, 'img_s_rounds': [p['img_s'] for p in per],
+                                 'adamw': None if mode == 'infer' else 'fused' if fused else 'torch default',
                                  'cpu_ms_per_img': 1e3 * statistics.median(p['cpu_s_per_img'] for p in per),
                                  'peak_mb': max(p['peak_mb'] for p in per),
                                  **_achieved(flops, img_s, mode, peak)}
@@ -475,6 +512,10 @@ def print_models(rows: List[Dict[str, Any]]) -> None:
             cells += [fmt(f.get('img_s')), fmt(f.get('peak_mb'), '{:.0f}'), fmt(r.get('ratio'), '{:.2f}x'),
                       ' '.join(f'{x:.2f}' for x in r.get('ratio_rounds', [])), fmt(r.get('cpu_ratio'), '{:.2f}x')]
         print('| ' + ' | '.join(cells) + ' |')
+    train = next((r for r in rows if r['mode'] == 'train'), None)
+    if train:
+        print(f"\nAdamW in the training step: ours {train['ours']['adamw']}"
+              + (f", official {train['official']['adamw']}" if 'official' in train else ''))
 
 
 def run_sweep(args) -> List[Dict[str, Any]]:
@@ -565,12 +606,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--rounds', type=int, default=5, help='alternating rounds with --reference')
     p.add_argument('--reference-dtype', choices=sorted(DTYPES), default=None,
                    help="the official side's autocast dtype (default: --dtype); its --amp is float16")
+    p.add_argument('--same-optimizer', action='store_true',
+                   help="give the official side our fused AdamW (default: its own plain AdamW, as its trainer)")
     p.add_argument('--sweep-resolution', action='store_true')
     p.add_argument('--data', metavar='PATH', help='time the input pipeline on this dataset instead')
     p.add_argument('--workers', type=int, nargs='+', default=[4])
     p.add_argument('--data-batches', type=int, default=20)
     p.add_argument('--json', metavar='FILE', help='write results and environment here')
     p.add_argument('--smoke', action='store_true', help='CI-sized run: tiny model, one repeat, no targets')
+    p.add_argument('--check', action='store_true',
+                   help='only check the arguments: every config loads, --reference holds each; measure nothing')
     p.add_argument('--neighborhood', action='store_true',
                    help="DAT++ neighbourhood attention: fused fast path vs the gather path (dat_tiny's shapes)")
     args = p.parse_args(argv)
@@ -640,6 +685,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           f"load {env['loadavg_start']}, attention '{env['attention_impl']}', commit {env['git_commit']}"
           f"{' (+ local changes)' if env['git_dirty'] else ''}, {env['date']}\n")
     result: Dict[str, Any] = {'environment': env, 'args': vars(args)}
+    if args.check:
+        result['checked'] = check_args(args)
+        return result
     if args.neighborhood:
         result['neighborhood'] = run_neighborhood(args)
     elif args.data:

@@ -7,6 +7,12 @@
 # (a checkout of LeapLabTHU/FLatten-Transformer) adds the side-by-side ratios; without it those rows are
 # skipped and the script says so. Wheels in .wheels/ (e.g. yacs, termcolor for a bare machine) are installed
 # first. Each step runs even if an earlier one failed; the exit status is the number of failed steps.
+#
+# Without a GPU, so that a session's few minutes on one are not lost to a typo:
+#   GPU_BENCH_DRY_RUN=args  checks every step's arguments (configs load, the official checkout holds them,
+#                           the gpu tests collect) in about a minute; tests/test_benchmark.py runs this in CI;
+#   GPU_BENCH_DRY_RUN=cpu   runs every step for real on the CPU in the benchmark's smoke mode (batch 2, one
+#                           repeat, the official code included): about 9 minutes on 2 cores.
 set -uo pipefail
 out=${1:?usage: tools/gpu_benchmarks.sh OUT_DIR [OFFICIAL_CHECKOUT]}
 official=${2:-}
@@ -19,15 +25,23 @@ step() {  # step NAME COMMAND...: run, tee its output to OUT_DIR/NAME.txt, count
     echo "=== $name: $*"
     "$@" 2>&1 | tee "$out/$name.txt" || { echo "=== $name FAILED"; failed=$((failed + 1)); }
 }
-if compgen -G '.wheels/*.whl' > /dev/null; then pip install -q --no-index --no-deps .wheels/*.whl; fi
-python -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.cuda.get_device_name())' \
-    || exit 1
-nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$out/gpu.txt" 2>&1 || true
+case "${GPU_BENCH_DRY_RUN:-}" in
+    '') device=(--device cuda); collect=() ;;
+    args) device=(--device cpu --check); collect=(--collect-only) ;;
+    cpu) device=(--device cpu --smoke); collect=(--collect-only) ;;
+    *) echo "GPU_BENCH_DRY_RUN=$GPU_BENCH_DRY_RUN: use 'args' or 'cpu' (or leave it unset on a GPU)"; exit 2 ;;
+esac
+if [ -z "${GPU_BENCH_DRY_RUN:-}" ]; then
+    if compgen -G '.wheels/*.whl' > /dev/null; then pip install -q --no-index --no-deps .wheels/*.whl; fi
+    python -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.cuda.get_device_name())' \
+        || exit 1
+    nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$out/gpu.txt" 2>&1 || true
+fi
 
 # correctness on the GPU first: every test marked gpu (Triton kernels compiled for real, nccl, float16)
-step cuda_tests python -m pytest -q -m gpu tests/
+step cuda_tests python -m pytest -q -m gpu "${collect[@]}" tests/
 
-bench=(python tools/benchmark.py --device cuda --dtype bfloat16 --batch 128 --warmup 3 --repeats 10)
+bench=(python tools/benchmark.py "${device[@]}" --dtype bfloat16 --batch 128 --warmup 3 --repeats 10)
 if [ -n "$official" ]; then
     step vs_official "${bench[@]}" --cfgs cfgs/flatten_swin_t.yaml cfgs/flatten_pvt_v2_b0.yaml \
         cfgs/flatten_cswin_t.yaml --reference "$official" --reference-dtype float16 --rounds 3 \
@@ -39,10 +53,10 @@ else
 fi
 step vs_timm "${bench[@]}" --cfgs timm:swin_tiny_patch4_window7_224 cfgs/dat_tiny.yaml --json "$out/vs_timm.json"
 step triton "${bench[@]}" --cfgs cfgs/flatten_swin_t.yaml --attention-impl triton --json "$out/triton.json"
-step sweep python tools/benchmark.py --device cuda --dtype bfloat16 --batch 32 --warmup 3 --repeats 10 \
+step sweep python tools/benchmark.py "${device[@]}" --dtype bfloat16 --batch 32 --warmup 3 --repeats 10 \
     --sweep-resolution --cfgs cfgs/flatten_pvt_v2_b0.yaml 'timm:pvt_v2_b0,sr_ratios=(1,1,1,1)' \
     --json "$out/sweep.json"
-step neighborhood python tools/benchmark.py --device cuda --neighborhood --batch 32 --warmup 3 --repeats 10 \
+step neighborhood python tools/benchmark.py "${device[@]}" --neighborhood --batch 32 --warmup 3 --repeats 10 \
     --json "$out/neighborhood.json"
 echo "=== done, $failed step(s) failed; results in $out"
 exit "$failed"
