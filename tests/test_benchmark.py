@@ -218,3 +218,25 @@ def test_check_names_what_is_wrong(tmp_path, capsys):
         benchmark.main(['--check', '--cfgs', str(tmp_path / 'nope.yaml')])
     assert benchmark.main(['--check', '--cfgs', os.path.join(ROOT, 'cfgs', 'dat_tiny.yaml'),
                            'timm:swin_tiny_patch4_window7_224'])['checked'] == 2
+
+
+@pytest.mark.parametrize('alternate', [False, True])
+def test_alternate_takes_turns_between_models(monkeypatch, alternate):
+    """--alternate measures every model once per round, in turn (A B A B), each rebuilt with the same weights;
+    without it (and without --reference) each model is measured once."""
+    order, first_weights = [], {}
+
+    def fake_measure(model, opts, modes):
+        name = type(model).__name__
+        order.append(name)
+        w = next(model.parameters()).detach().clone()
+        assert torch.equal(first_weights.setdefault(name, w), w)      # rebuilt from the same seed
+        return {m: {'img_s': 1.0, 'cpu_s_per_img': 1.0, 'peak_mb': 1.0} for m in modes}
+
+    monkeypatch.setattr(benchmark, 'measure', fake_measure)
+    result = benchmark.main(['--smoke', '--no-flops', '--modes', 'infer', '--rounds', '2', '--cfgs',
+                             'timm:resnet18', 'timm:mobilenetv3_small_050', '--img-size', '64']
+                            + (['--alternate'] if alternate else []))
+    a, b = 'ResNet', 'MobileNetV3'
+    assert order == ([a, b, a, b] if alternate else [a, b])
+    assert [len(r['ours']['img_s_rounds']) for r in result['models']] == [2 if alternate else 1] * 2

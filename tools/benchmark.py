@@ -443,58 +443,79 @@ def check_args(args) -> int:
 
 
 def run_models(args) -> List[Dict[str, Any]]:
-    rows = []
+    """One row per (config, resolution, mode). With --reference, ours and the official model alternate for
+    ``--rounds``; with --alternate, every model of the run takes its turn in each of ``--rounds`` rounds (each
+    rebuilt from the same seed per turn, so only one is resident and its peak memory is its own)."""
     device = torch.device(args.device)
     peak = device_peak_tflops(device, args.dtype)
-    for cfg_path in args.cfgs:
-        for size in args.img_size or [None]:
-            config = load_cfg(cfg_path, size, args.opts)
-            img_size = config.DATA.IMG_SIZE
-            model = build(config)
-            flops = count_flops(model, img_size) if args.flops else None
-            opts = _row_opts(args, config, img_size)
-            official = None
-            official_opts = dict(opts, dtype=args.reference_dtype or args.dtype,
-                                 fused_optimizer=opts['fused_optimizer'] and args.same_optimizer)
-            if args.reference and not isinstance(config, TimmSpec):
-                official = OfficialProcess(args.reference, cfg_path, model, official_opts)
-            rounds = {'ours': [], 'official': []}
-            try:
-                for _ in range(args.rounds if official else 1):
-                    rounds['ours'].append(measure(model, opts, args.modes))
-                    if official:
-                        rounds['official'].append(official.measure(args.modes))
-            finally:
-                if official:
-                    official.close()
-            for mode in args.modes:
-                row = {'cfg': os.path.basename(cfg_path), 'mode': mode, 'img_size': img_size, 'batch': args.batch,
-                       'dtype': args.dtype, 'channels_last': args.channels_last, 'compile': args.compile,
-                       'gflops_per_img': None if flops is None else flops / 1e9}
-                for side, results in rounds.items():
-                    if not results:
-                        continue
-                    per = [r[mode] for r in results]
-                    img_s = statistics.median(p['img_s'] for p in per)
-                    fused = (opts if side == 'ours' else official_opts)['fused_optimizer']
-                    row[side] = {'img_s': img_s, 'img_s_rounds': [p['img_s'] for p in per],
-                                 'adamw': None if mode == 'infer' else 'fused' if fused else 'torch default',
-                                 'cpu_ms_per_img': 1e3 * statistics.median(p['cpu_s_per_img'] for p in per),
-                                 'peak_mb': max(p['peak_mb'] for p in per),
-                                 **_achieved(flops, img_s, mode, peak)}
-                if rounds['official']:
-                    o, r = row['ours'], row['official']
-                    row['ratio'] = o['img_s'] / r['img_s']
-                    row['ratio_rounds'] = [a / b for a, b in zip(o['img_s_rounds'], r['img_s_rounds'])]
-                    row['cpu_ratio'] = r['cpu_ms_per_img'] / o['cpu_ms_per_img']
-                rows.append(row)
-    return rows
+    entries: List[Dict[str, Any]] = []
+    try:
+        for cfg_path in args.cfgs:
+            for size in args.img_size or [None]:
+                config = load_cfg(cfg_path, size, args.opts)
+                model = build(config)
+                opts = _row_opts(args, config, config.DATA.IMG_SIZE)
+                e = {'cfg_path': cfg_path, 'config': config, 'opts': opts, 'official': None,
+                     'flops': count_flops(model, config.DATA.IMG_SIZE) if args.flops else None,
+                     'official_opts': dict(opts, dtype=args.reference_dtype or args.dtype,
+                                           fused_optimizer=opts['fused_optimizer'] and args.same_optimizer),
+                     'rounds': {'ours': [], 'official': []}}
+                entries.append(e)
+                if args.reference and not isinstance(config, TimmSpec):
+                    e['official'] = OfficialProcess(args.reference, cfg_path, model, e['official_opts'])
+                if not args.alternate:                   # all of this model's rounds now, then free it
+                    _measure_rounds(e, model, args.rounds if e['official'] else 1, args.modes)
+                    if e['official']:
+                        e['official'].close()
+                        e['official'] = None
+                del model
+        if args.alternate:
+            for _ in range(args.rounds):
+                for e in entries:
+                    _measure_rounds(e, build(e['config']), 1, args.modes)
+    finally:
+        for e in entries:
+            if e['official']:
+                e['official'].close()
+    return [_model_row(args, e, mode, peak) for e in entries for mode in args.modes]
+
+
+def _measure_rounds(e: Dict[str, Any], model: nn.Module, rounds: int, modes: Sequence[str]) -> None:
+    for _ in range(rounds):
+        e['rounds']['ours'].append(measure(model, e['opts'], modes))
+        if e['official']:
+            e['rounds']['official'].append(e['official'].measure(modes))
+
+
+def _model_row(args, e: Dict[str, Any], mode: str, peak: Optional[float]) -> Dict[str, Any]:
+    flops = e['flops']
+    row = {'cfg': os.path.basename(e['cfg_path']), 'mode': mode, 'img_size': e['opts']['img_size'],
+           'batch': args.batch, 'dtype': args.dtype, 'channels_last': args.channels_last, 'compile': args.compile,
+           'gflops_per_img': None if flops is None else flops / 1e9}
+    for side, results in e['rounds'].items():
+        if not results:
+            continue
+        per = [r[mode] for r in results]
+        img_s = statistics.median(p['img_s'] for p in per)
+        fused = e['opts' if side == 'ours' else 'official_opts']['fused_optimizer']
+        row[side] = {'img_s': img_s, 'img_s_rounds': [p['img_s'] for p in per],
+                     'adamw': None if mode == 'infer' else 'fused' if fused else 'torch default',
+                     'cpu_ms_per_img': 1e3 * statistics.median(p['cpu_s_per_img'] for p in per),
+                     'peak_mb': max(p['peak_mb'] for p in per),
+                     **_achieved(flops, img_s, mode, peak)}
+    if e['rounds']['official']:
+        o, r = row['ours'], row['official']
+        row['ratio'] = o['img_s'] / r['img_s']
+        row['ratio_rounds'] = [a / b for a, b in zip(o['img_s_rounds'], r['img_s_rounds'])]
+        row['cpu_ratio'] = r['cpu_ms_per_img'] / o['cpu_ms_per_img']
+    return row
 
 
 def print_models(rows: List[Dict[str, Any]]) -> None:
     ref = any('official' in r for r in rows)
+    alternated = not ref and any(len(r['ours']['img_s_rounds']) > 1 for r in rows)
     head = ['config', 'mode', 'res', 'batch', 'dtype', 'GFLOPs/img', 'ours img/s', 'ours CPU ms/img',
-            'ours peak MiB', 'TFLOP/s', 'of peak']
+            'ours peak MiB', 'TFLOP/s', 'of peak'] + (['per-round img/s'] if alternated else [])
     if ref:
         head += ['official img/s', 'official peak MiB', 'ratio (median of rounds)', 'per-round ratios',
                  'CPU-time ratio']
@@ -507,6 +528,8 @@ def print_models(rows: List[Dict[str, Any]]) -> None:
                  r['dtype'] + (' CL' if r['channels_last'] else '') + (' compiled' if r['compile'] else ''),
                  fmt(r['gflops_per_img'], '{:.3f}'), fmt(o['img_s']), fmt(o['cpu_ms_per_img']),
                  fmt(o['peak_mb'], '{:.0f}'), fmt(o['tflops'], '{:.3f}'), fmt(o['peak_fraction'], '{:.1%}')]
+        if alternated:
+            cells.append(' '.join(f'{x:.1f}' for x in o['img_s_rounds']))
         if ref:
             f = r.get('official', {})
             cells += [fmt(f.get('img_s')), fmt(f.get('peak_mb'), '{:.0f}'), fmt(r.get('ratio'), '{:.2f}x'),
@@ -603,7 +626,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     p.add_argument('--no-flops', dest='flops', action='store_false', help='skip the fvcore FLOP count')
     p.add_argument('--reference', metavar='DIR', help='checkout of LeapLabTHU/FLatten-Transformer to compare')
-    p.add_argument('--rounds', type=int, default=5, help='alternating rounds with --reference')
+    p.add_argument('--rounds', type=int, default=5, help='alternating rounds with --reference or --alternate')
+    p.add_argument('--alternate', action='store_true',
+                   help='measure all --cfgs in turn in each of --rounds rounds (comparisons on a noisy machine)')
     p.add_argument('--reference-dtype', choices=sorted(DTYPES), default=None,
                    help="the official side's autocast dtype (default: --dtype); its --amp is float16")
     p.add_argument('--same-optimizer', action='store_true',

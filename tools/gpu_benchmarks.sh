@@ -5,7 +5,7 @@
 #
 # OUT_DIR receives one JSON and one text table per measurement plus the CUDA test log. OFFICIAL_CHECKOUT
 # (a checkout of LeapLabTHU/FLatten-Transformer) adds the side-by-side ratios; without it those rows are
-# skipped and the script says so. Wheels in .wheels/ (e.g. yacs, termcolor for a bare machine) are installed
+# skipped and the script says so. Wheels in .whl/ (e.g. yacs, termcolor for a bare machine) are installed
 # first. Each step runs even if an earlier one failed; the exit status is the number of failed steps.
 #
 # Without a GPU, so that a session's few minutes on one are not lost to a typo:
@@ -32,7 +32,7 @@ case "${GPU_BENCH_DRY_RUN:-}" in
     *) echo "GPU_BENCH_DRY_RUN=$GPU_BENCH_DRY_RUN: use 'args' or 'cpu' (or leave it unset on a GPU)"; exit 2 ;;
 esac
 if [ -z "${GPU_BENCH_DRY_RUN:-}" ]; then
-    if compgen -G '.wheels/*.whl' > /dev/null; then pip install -q --no-index --no-deps .wheels/*.whl; fi
+    if compgen -G '.whl/*.whl' > /dev/null; then python -m pip install -q --no-index --no-deps .whl/*.whl; fi
     python -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.cuda.get_device_name())' \
         || exit 1
     nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$out/gpu.txt" 2>&1 || true
@@ -51,7 +51,8 @@ else
     step ours "${bench[@]}" --cfgs cfgs/flatten_swin_t.yaml cfgs/flatten_pvt_v2_b0.yaml cfgs/flatten_cswin_t.yaml \
         --json "$out/ours.json"
 fi
-step vs_timm "${bench[@]}" --cfgs timm:swin_tiny_patch4_window7_224 cfgs/dat_tiny.yaml --json "$out/vs_timm.json"
+step vs_timm "${bench[@]}" --cfgs cfgs/flatten_swin_t.yaml timm:swin_tiny_patch4_window7_224 cfgs/dat_tiny.yaml \
+    --alternate --rounds 3 --json "$out/vs_timm.json"
 step triton "${bench[@]}" --cfgs cfgs/flatten_swin_t.yaml --attention-impl triton --json "$out/triton.json"
 step sweep python tools/benchmark.py "${device[@]}" --dtype bfloat16 --batch 32 --warmup 3 --repeats 10 \
     --sweep-resolution --cfgs cfgs/flatten_pvt_v2_b0.yaml 'timm:pvt_v2_b0,sr_ratios=(1,1,1,1)' \
