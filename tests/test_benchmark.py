@@ -73,7 +73,7 @@ def tiny(num_classes):
 '''
 
 
-def _fake_checkout(root, width=4):
+def _fake_checkout(root, width=4, header=''):
     """The official repository's layout, holding a tiny model: config.py (yacs _C), models.build_model, cfgs/."""
     (root / 'models').mkdir(parents=True)
     (root / 'cfgs').mkdir()
@@ -83,7 +83,7 @@ def _fake_checkout(root, width=4):
         _C.DATA = CN(); _C.DATA.IMG_SIZE = 224
         _C.MODEL = CN(); _C.MODEL.NUM_CLASSES = 1000; _C.MODEL.TYPE = 'tiny'
     '''))
-    (root / 'models' / '__init__.py').write_text(TINY.replace('(3, 4, 3', f'(3, {width}, 3').replace(
+    (root / 'models' / '__init__.py').write_text(header + TINY.replace('(3, 4, 3', f'(3, {width}, 3').replace(
         'Linear(4', f'Linear({width}') + textwrap.dedent('''
         def build_model(config):
             print('official code prints while building')          # must not break the protocol
@@ -114,6 +114,21 @@ def test_reference_subprocess_alternates_rounds_with_same_weights(tmp_path):
     finally:
         official.close()
     assert official.proc.returncode == 0
+
+
+def test_reference_worker_keeps_carried_packages_on_its_path(tmp_path, monkeypatch):
+    """The worker drops this repository from PYTHONPATH (the official config.py and models/ must win) but keeps
+    the rest: on the GPU machine, carried wheels (yacs for the official config) live in a --target site."""
+    site = tmp_path / 'site'
+    site.mkdir()
+    (site / 'carried_wheel.py').write_text('MARK = 1\n')
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(site), ROOT]))
+    ref = _fake_checkout(tmp_path / 'official', header='import carried_wheel\n')
+    official = benchmark.OfficialProcess(str(ref), str(tmp_path / 'x' / 'tiny.yaml'), _ours(), OPTS)
+    try:
+        assert official.measure(['infer'])['infer']['img_s'] > 0
+    finally:
+        official.close()
 
 
 def test_reference_without_that_config_fails_clearly(tmp_path):

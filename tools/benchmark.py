@@ -384,7 +384,11 @@ class OfficialProcess:
         torch.save(model.state_dict(), weights)
         spec = {'ref_dir': os.path.abspath(ref_dir), 'cfg_name': cfg_name, 'weights': weights, 'opts': opts,
                 'device': opts['device'], 'threads': torch.get_num_threads()}
-        env = dict(os.environ, PYTHONPATH='')
+        # the official checkout's config.py / models/ must win over ours: drop this repository from the path,
+        # keep the rest (a --target site of carried wheels, say)
+        keep = [d for d in os.environ.get('PYTHONPATH', '').split(os.pathsep)
+                if d and os.path.realpath(d) != os.path.realpath(ROOT)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(keep))
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), WORKER_FLAG, json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      cwd=self.tmp.name)

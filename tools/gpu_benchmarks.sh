@@ -14,6 +14,7 @@
 #   GPU_BENCH_DRY_RUN=cpu   runs every step for real on the CPU in the benchmark's smoke mode (batch 2, one
 #                           repeat, the official code included): about 9 minutes on 2 cores.
 set -uo pipefail
+command -v python > /dev/null || python() { python3 "$@"; }      # some images have python3 alone
 out=${1:?usage: tools/gpu_benchmarks.sh OUT_DIR [OFFICIAL_CHECKOUT]}
 official=${2:-}
 mkdir -p "$out"
@@ -32,7 +33,10 @@ case "${GPU_BENCH_DRY_RUN:-}" in
     *) echo "GPU_BENCH_DRY_RUN=$GPU_BENCH_DRY_RUN: use 'args' or 'cpu' (or leave it unset on a GPU)"; exit 2 ;;
 esac
 if [ -z "${GPU_BENCH_DRY_RUN:-}" ]; then
-    if compgen -G '.whl/*.whl' > /dev/null; then python -m pip install -q --no-index --no-deps .whl/*.whl; fi
+    if compgen -G '.whl/*.whl' > /dev/null; then          # a site of their own, as the device README advises
+        python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
     python -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.cuda.get_device_name())' \
         || exit 1
     nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$out/gpu.txt" 2>&1 || true
