@@ -3,7 +3,9 @@
 #
 #   tools/gpu_benchmarks.sh OUT_DIR [OFFICIAL_CHECKOUT]
 #
-# OUT_DIR receives one JSON and one text table per measurement plus the CUDA test log. OFFICIAL_CHECKOUT
+# OUT_DIR receives one JSON per measurement and one log.txt with everything printed (the device tool brings
+# back at most 8 files from $OUT, so the steps share one log; each JSON lands when its step ends, so a run
+# stopped by a time limit still returns the steps it finished). OFFICIAL_CHECKOUT
 # (a checkout of LeapLabTHU/FLatten-Transformer) adds the side-by-side ratios; without it those rows are
 # skipped and the script says so. Wheels in .whl/ (e.g. yacs, termcolor for a bare machine) are installed
 # first. Each step runs even if an earlier one failed; the exit status is the number of failed steps.
@@ -21,10 +23,11 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 failed=0
-step() {  # step NAME COMMAND...: run, tee its output to OUT_DIR/NAME.txt, count failures
+log=$out/log.txt
+step() {  # step NAME COMMAND...: run, append its output to OUT_DIR/log.txt, count failures
     local name=$1; shift
-    echo "=== $name: $*"
-    "$@" 2>&1 | tee "$out/$name.txt" || { echo "=== $name FAILED"; failed=$((failed + 1)); }
+    echo "=== $name: $*" | tee -a "$log"
+    "$@" 2>&1 | tee -a "$log" || { echo "=== $name FAILED" | tee -a "$log"; failed=$((failed + 1)); }
 }
 case "${GPU_BENCH_DRY_RUN:-}" in
     '') device=(--device cuda); collect=() ;;
@@ -39,7 +42,7 @@ if [ -z "${GPU_BENCH_DRY_RUN:-}" ]; then
     fi
     python -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.cuda.get_device_name())' \
         || exit 1
-    nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$out/gpu.txt" 2>&1 || true
+    nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv 2>&1 | tee -a "$log" || true
 fi
 
 # correctness on the GPU first: every test marked gpu (Triton kernels compiled for real, nccl, float16)
@@ -51,7 +54,7 @@ if [ -n "$official" ]; then
         cfgs/flatten_cswin_t.yaml --reference "$official" --reference-dtype float16 --rounds 3 \
         --json "$out/vs_official.json"
 else
-    echo '=== vs_official skipped: no OFFICIAL_CHECKOUT given'
+    echo '=== vs_official skipped: no OFFICIAL_CHECKOUT given' | tee -a "$log"
     step ours "${bench[@]}" --cfgs cfgs/flatten_swin_t.yaml cfgs/flatten_pvt_v2_b0.yaml cfgs/flatten_cswin_t.yaml \
         --json "$out/ours.json"
 fi
@@ -63,5 +66,5 @@ step sweep python tools/benchmark.py "${device[@]}" --dtype bfloat16 --batch 32 
     --json "$out/sweep.json"
 step neighborhood python tools/benchmark.py "${device[@]}" --neighborhood --batch 32 --warmup 3 --repeats 10 \
     --json "$out/neighborhood.json"
-echo "=== done, $failed step(s) failed; results in $out"
+echo "=== done, $failed step(s) failed; results in $out" | tee -a "$log"
 exit "$failed"
