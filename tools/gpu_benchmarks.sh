@@ -14,7 +14,7 @@
 #   GPU_BENCH_DRY_RUN=args  checks every step's arguments (configs load, the official checkout holds them,
 #                           the gpu tests collect) in about a minute; tests/test_benchmark.py runs this in CI;
 #   GPU_BENCH_DRY_RUN=cpu   runs every step for real on the CPU in the benchmark's smoke mode (batch 2, one
-#                           repeat, the official code included): about 9 minutes on 2 cores.
+#                           repeat, the official code included): about 11 minutes on 2 cores.
 set -uo pipefail
 command -v python > /dev/null || python() { python3 "$@"; }      # some images have python3 alone
 out=${1:?usage: tools/gpu_benchmarks.sh OUT_DIR [OFFICIAL_CHECKOUT]}
