@@ -826,5 +826,21 @@ def run(config: CfgNode) -> RunResult:
         finally:
             if t.metrics is not None:
                 t.metrics.close()
+            release_ddp_reducer(t.model)
     finally:
         cleanup_distributed()
+
+
+def release_ddp_reducer(model: nn.Module) -> None:
+    """Free a DDP wrapper's reducer while the process group is still registered.
+
+    A reducer that outlives ``destroy_process_group`` holds the group's last reference, and its deallocation
+    (GIL held) then destroys the group. Under torch 2.11 with gloo this deadlocks against gloo's worker threads,
+    which need the GIL to free their finished work: every 2-rank CPU run hung after its last checkpoint.
+    Freed here, the reducer drops one reference of several and the group is destroyed by
+    ``destroy_process_group``, which releases the GIL. The model itself is finished with at this point.
+    """
+    ddp = getattr(model, '_orig_mod', model)                  # under TRAIN.COMPILE: the compiled DDP wrapper
+    if isinstance(ddp, nn.parallel.DistributedDataParallel):
+        for name in ('logger', 'reducer'):                   # the logger holds the reducer too
+            ddp.__dict__.pop(name, None)
