@@ -146,6 +146,11 @@ def test_measure_train_updates_parameters():
     assert isinstance(model, nn.Module)
 
 
+def _placeholder_result(modes):
+    """What measure() returns, with placeholder numbers: for tests about what is measured, not the timings."""
+    return {m: {'img_s': 1.0, 'cpu_s_per_img': 1.0, 'peak_mb': 1.0} for m in modes}
+
+
 @pytest.mark.parametrize('same', [False, True])
 def test_each_side_trains_with_its_own_adamw(tmp_path, monkeypatch, capsys, same):
     """Ours steps with the fused AdamW our optimizer.py builds on CPU; the official side with torch's default
@@ -162,7 +167,7 @@ def test_each_side_trains_with_its_own_adamw(tmp_path, monkeypatch, capsys, same
             official_opts.append(opts)
 
         def measure(self, modes):
-            return {m: {'img_s': 1.0, 'cpu_s_per_img': 1.0, 'peak_mb': 1.0} for m in modes}
+            return _placeholder_result(modes)
 
         def close(self):
             pass
@@ -247,7 +252,7 @@ def test_alternate_takes_turns_between_models(monkeypatch, alternate):
         order.append(name)
         w = next(model.parameters()).detach().clone()
         assert torch.equal(first_weights.setdefault(name, w), w)      # rebuilt from the same seed
-        return {m: {'img_s': 1.0, 'cpu_s_per_img': 1.0, 'peak_mb': 1.0} for m in modes}
+        return _placeholder_result(modes)
 
     monkeypatch.setattr(benchmark, 'measure', fake_measure)
     result = benchmark.main(['--smoke', '--no-flops', '--modes', 'infer', '--rounds', '2', '--cfgs',
