@@ -22,10 +22,6 @@ from typing import List, Optional
 if os.environ.get('RANK', '0').strip() not in ('', '0'):    # one copy of each warning per run: rank 0's
     warnings.filterwarnings('ignore')
 
-import runtime_env  # noqa: E402
-
-runtime_env.apply_defaults()       # before torch is imported: CPU huge pages (see runtime_env.py)
-
 from utils import ERROR_EXIT_CODE, PREEMPTED_EXIT_CODE  # noqa: E402
 
 

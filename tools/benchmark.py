@@ -45,20 +45,10 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER_FLAG = '--official-worker'
-# Our side runs with the process defaults of our entry points (runtime_env.py), set before torch starts; the
-# official worker gets the environment the user gave us (USER_ENV), unless --same-env.
-USER_ENV: Optional[Dict[str, Optional[str]]] = None
-if sys.argv[1:2] != [WORKER_FLAG]:           # the official worker keeps this repository off its path
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    import runtime_env
-    if __name__ == '__main__':
-        USER_ENV = runtime_env.apply_defaults()
+import torch
+import torch.nn as nn
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Dense peak TFLOP/s (no sparsity) by device-name substring: {dtype: peak}. Vendor datasheet figures.
 DEVICE_PEAKS = {
@@ -318,12 +308,11 @@ def environment(device: torch.device) -> Dict[str, Any]:
             'loadavg_start': list(os.getloadavg()) if hasattr(os, 'getloadavg') else None,
             'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
             'git_commit': commit, 'git_dirty': dirty, 'python': platform.python_version(),
-            'attention_impl': get_attention_impl(),
-            'process_env': {key: os.environ.get(key) for key in runtime_env.DEFAULTS},
-            'kernel_thp_mode': runtime_env.kernel_thp_mode()}
+            'attention_impl': get_attention_impl()}
 
 
 # ----------------------------------------------------------------------------- the official code (subprocess)
+WORKER_FLAG = '--official-worker'
 
 
 def _install_timm_shims() -> None:
@@ -385,36 +374,24 @@ def official_cfg_name(ref_dir: str, cfg_path: str) -> str:
     return cfg_name
 
 
-def official_env(same_env: bool = False) -> Dict[str, str]:
-    """The official worker's environment: ours, less this repository on PYTHONPATH (the official checkout's
-    config.py / models/ must win; other entries, a --target site of carried wheels say, stay), and with the
-    variables of our process defaults (runtime_env.py) as the user had them, unless ``same_env``."""
-    keep = [d for d in os.environ.get('PYTHONPATH', '').split(os.pathsep)
-            if d and os.path.realpath(d) != os.path.realpath(ROOT)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(keep))
-    if not same_env and USER_ENV is not None:
-        for key, value in USER_ENV.items():
-            if value is None:
-                env.pop(key, None)
-            else:
-                env[key] = value
-    return env
-
-
 class OfficialProcess:
     """The official model in a subprocess that measures on request (so rounds alternate)."""
 
-    def __init__(self, ref_dir: str, cfg_path: str, model: nn.Module, opts: Dict[str, Any],
-                 same_env: bool = False) -> None:
+    def __init__(self, ref_dir: str, cfg_path: str, model: nn.Module, opts: Dict[str, Any]) -> None:
         cfg_name = official_cfg_name(ref_dir, cfg_path)
         self.tmp = tempfile.TemporaryDirectory()
         weights = os.path.join(self.tmp.name, 'weights.pth')
         torch.save(model.state_dict(), weights)
         spec = {'ref_dir': os.path.abspath(ref_dir), 'cfg_name': cfg_name, 'weights': weights, 'opts': opts,
                 'device': opts['device'], 'threads': torch.get_num_threads()}
+        # the official checkout's config.py / models/ must win over ours: drop this repository from the path,
+        # keep the rest (a --target site of carried wheels, say)
+        keep = [d for d in os.environ.get('PYTHONPATH', '').split(os.pathsep)
+                if d and os.path.realpath(d) != os.path.realpath(ROOT)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(keep))
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), WORKER_FLAG, json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=official_env(same_env), cwd=self.tmp.name)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=self.tmp.name)
         ready = self.proc.stdout.readline()
         if not ready:
             raise SystemExit('--reference: the official model failed to build or load our weights '
@@ -489,8 +466,7 @@ def run_models(args) -> List[Dict[str, Any]]:
                      'rounds': {'ours': [], 'official': []}}
                 entries.append(e)
                 if args.reference and not isinstance(config, TimmSpec):
-                    e['official'] = OfficialProcess(args.reference, cfg_path, model, e['official_opts'],
-                                                    args.same_env)
+                    e['official'] = OfficialProcess(args.reference, cfg_path, model, e['official_opts'])
                 if not args.alternate:                   # all of this model's rounds now, then free it
                     _measure_rounds(e, model, args.rounds if e['official'] else 1, args.modes)
                     if e['official']:
@@ -526,10 +502,8 @@ def _model_row(args, e: Dict[str, Any], mode: str, peak: Optional[float]) -> Dic
         per = [r[mode] for r in results]
         img_s = statistics.median(p['img_s'] for p in per)
         fused = e['opts' if side == 'ours' else 'official_opts']['fused_optimizer']
-        env = os.environ if side == 'ours' else official_env(args.same_env)
         row[side] = {'img_s': img_s, 'img_s_rounds': [p['img_s'] for p in per],
                      'adamw': None if mode == 'infer' else 'fused' if fused else 'torch default',
-                     'process_env': {key: env.get(key) for key in runtime_env.DEFAULTS},
                      'cpu_ms_per_img': 1e3 * statistics.median(p['cpu_s_per_img'] for p in per),
                      'peak_mb': max(p['peak_mb'] for p in per),
                      **_achieved(flops, img_s, mode, peak)}
@@ -569,10 +543,6 @@ def print_models(rows: List[Dict[str, Any]]) -> None:
     if train:
         print(f"\nAdamW in the training step: ours {train['ours']['adamw']}"
               + (f", official {train['official']['adamw']}" if 'official' in train else ''))
-    if ref:
-        env = lambda side: ' '.join(f'{k}={"(unset)" if v is None else v}'  # noqa: E731
-                                    for k, v in rows[0][side]['process_env'].items())
-        print(f"process environment (runtime_env.py): ours {env('ours')}; official {env('official')}")
 
 
 def run_sweep(args) -> List[Dict[str, Any]]:
@@ -667,9 +637,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="the official side's autocast dtype (default: --dtype); its --amp is float16")
     p.add_argument('--same-optimizer', action='store_true',
                    help="give the official side our fused AdamW (default: its own plain AdamW, as its trainer)")
-    p.add_argument('--same-env', action='store_true',
-                   help="give the official side our process defaults too (runtime_env.py: CPU huge pages; "
-                        "default: the environment you started us with, as its own trainer would have)")
     p.add_argument('--sweep-resolution', action='store_true')
     p.add_argument('--data', metavar='PATH', help='time the input pipeline on this dataset instead')
     p.add_argument('--workers', type=int, nargs='+', default=[4])
@@ -744,9 +711,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     device = torch.device(args.device)
     env = environment(device)
     print(f"{env['device_name']} ({env['device']}), torch {env['torch']}, {env['threads']} threads, "
-          f"load {env['loadavg_start']}, attention '{env['attention_impl']}', CPU huge pages "
-          f"{env['process_env'][runtime_env.CPU_HUGE_PAGES]} (kernel THP: {env['kernel_thp_mode']}), "
-          f"commit {env['git_commit']}"
+          f"load {env['loadavg_start']}, attention '{env['attention_impl']}', commit {env['git_commit']}"
           f"{' (+ local changes)' if env['git_dirty'] else ''}, {env['date']}\n")
     result: Dict[str, Any] = {'environment': env, 'args': vars(args)}
     if args.check:
