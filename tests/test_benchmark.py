@@ -123,7 +123,8 @@ def test_reference_worker_keeps_carried_packages_on_its_path(tmp_path, monkeypat
     site.mkdir()
     (site / 'carried_wheel.py').write_text('MARK = 1\n')
     monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(site), ROOT]))
-    ref = _fake_checkout(tmp_path / 'official', header='import carried_wheel\n')
+    dropped = f"import os\nassert {ROOT!r} not in os.environ['PYTHONPATH'].split(os.pathsep)\n"
+    ref = _fake_checkout(tmp_path / 'official', header='import carried_wheel\n' + dropped)
     official = benchmark.OfficialProcess(str(ref), str(tmp_path / 'x' / 'tiny.yaml'), _ours(), OPTS)
     try:
         assert official.measure(['infer'])['infer']['img_s'] > 0
