@@ -5,8 +5,9 @@ Public entry points:
   * ``get_config(args)`` -> frozen CfgNode for ``main.py`` (applies the command-line flags too).
   * ``validate_config(config)`` -> raises ``ConfigError`` with a one-line message naming key and fix.
 
-Every key of the official FLatten/Swin config exists here (some are only kept so that their YAML files
-and checkpoints load); keys that are new in this codebase are marked "(ours)".
+The experiment keys of the official Swin-codebase config live here (keys that are new in this codebase are
+marked "(ours)"); the model keys are declared by each model family next to its models (its official
+config section) and by ``models/build.py`` (any timm model: MODEL.TYPE, MODEL.KWARGS).
 """
 from __future__ import annotations
 
@@ -51,80 +52,12 @@ _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
 
-_C.MODEL.SWIN = CN()
-_C.MODEL.SWIN.PATCH_SIZE = 4
-_C.MODEL.SWIN.IN_CHANS = 3
-_C.MODEL.SWIN.EMBED_DIM = 96
-_C.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
-_C.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
-_C.MODEL.SWIN.WINDOW_SIZE = 7
-_C.MODEL.SWIN.MLP_RATIO = 4.
-_C.MODEL.SWIN.QKV_BIAS = True
-_C.MODEL.SWIN.QK_SCALE = None
-_C.MODEL.SWIN.APE = False
-_C.MODEL.SWIN.PATCH_NORM = True
-# Removed (issue 14): the official config's unused MODEL.SWIN.KA, DIM_REDUCTION, STAGES, STAGES_NUM, RPB,
-# PADDING_MODE, SHARE_DWC_KERNEL, SHARE_QKV, LR_FACTOR, DEPTHS_LR, FUSION_TYPE, STAGE_CFG and the empty
-# sections MODEL.SWIN_HR, MODEL.SWIN_LRVIT, MODEL.PVD, and LOCAL_RANK: no official YAML sets them and
-# checkpoints are loaded without merging their pickled config, so nothing needs them to load.
-
-# Focused linear attention
-_C.MODEL.LA = CN()
-_C.MODEL.LA.FOCUSING_FACTOR = 3
-_C.MODEL.LA.KERNEL_SIZE = 5
-_C.MODEL.LA.ATTN_TYPE = 'LLLL'           # one letter per stage: 'L' focused linear, 'S' softmax
-_C.MODEL.LA.PVT_LA_SR_RATIOS = '1111'    # one digit per stage (an integer like 8421 is accepted)
-_C.MODEL.LA.CSWIN_LA_SPLIT_SIZE = '56-28-14-7'
-
-# (ours) Sizes of PVT / PVTv2 / CSwin (empty = the official variant named by MODEL.TYPE). A key of a section
-# the selected MODEL.TYPE does not read is an error when set away from its default.
-_C.MODEL.PVT = CN()
-_C.MODEL.PVT.IN_CHANS = 3
-_C.MODEL.PVT.EMBED_DIMS = []
-_C.MODEL.PVT.NUM_HEADS = []
-_C.MODEL.PVT.MLP_RATIOS = []
-_C.MODEL.PVT.DEPTHS = []
-_C.MODEL.PVT_V2 = CN()
-_C.MODEL.PVT_V2.IN_CHANS = 3
-_C.MODEL.PVT_V2.EMBED_DIMS = []
-_C.MODEL.PVT_V2.NUM_HEADS = []
-_C.MODEL.PVT_V2.MLP_RATIOS = []
-_C.MODEL.PVT_V2.DEPTHS = []
-_C.MODEL.CSWIN = CN()
-_C.MODEL.CSWIN.IN_CHANS = 3
-_C.MODEL.CSWIN.EMBED_DIM = 0             # 0 = the variant's
-_C.MODEL.CSWIN.DEPTHS = []
-_C.MODEL.CSWIN.NUM_HEADS = []
-_C.MODEL.CSWIN.SPLIT_SIZE = []           # softmax stripe widths per stage
-_C.MODEL.CSWIN.MLP_RATIO = 0.            # 0 = the variant's (4)
-
-# DAT++ (MODEL.TYPE dat; models/dat.py): the official MODEL.DAT section, lower-case keys exactly as in the
-# official YAML files (img_size, dims, depths, stage_spec, ...), passed to the model as keyword arguments.
-# MODEL.DAT.num_classes / drop_rate / drop_path_rate win over MODEL.NUM_CLASSES / DROP_RATE / DROP_PATH_RATE
-# (copied there when those are at their defaults; a different explicit value is a ConfigError), see
-# resolve_dat_config. MODEL.DAT.img_size is the resolution the position-bias tables are built for (as
-# officially; dat_base_384 keeps 224 tables on 384 inputs); DATA.IMG_SIZE is the input size.
-_C.MODEL.DAT = CN(new_allowed=True)
-
-# (ours) L2ViT (MODEL.TYPE L2ViT_Tiny, L2ViT_Small, L2ViT_Base, L2ViT_Base_384; models/l2vit.py). Empty lists
-# and 0 keep the variant's official values; set them only for scaled-down models (e.g. the digits demo).
-_C.MODEL.L2VIT = CN()
-_C.MODEL.L2VIT.DEPTHS = []
-_C.MODEL.L2VIT.DIMS = []
-_C.MODEL.L2VIT.NUM_HEADS = []
-_C.MODEL.L2VIT.WINDOW_SIZE = 0           # local-window size; 0 = the variant's (7, or 12 for L2ViT_Base_384)
-_C.MODEL.L2VIT.HEAD_INIT_SCALE = 1.0
-
-# (ours) Visformer (MODEL.TYPE visformer_tiny, visformer_small, swin_visformer_{tiny,small,medium}_v2;
-# models/visformer.py). QK_SCALE_EXPONENT is the official `qk_scale` / `--qk-scale-factor`: q and k are each
-# multiplied by head_dim ** exponent, so the logits by head_dim ** (2 * exponent). None = the variant's
-# default (-0.25 for v1, -0.5 for v2, the value the released v2 weights were trained with).
-_C.MODEL.VISFORMER = CN()
-_C.MODEL.VISFORMER.QK_SCALE_EXPONENT = None
-_C.MODEL.VISFORMER.INIT_CHANNELS = 0     # stem width; 0 = the variant's
-_C.MODEL.VISFORMER.EMBED_DIM = 0         # width C; 0 = the variant's
-_C.MODEL.VISFORMER.DEPTHS = []           # blocks per stage (3 for v1, 4 for v2); [] = the variant's
-_C.MODEL.VISFORMER.NUM_HEADS = []        # heads per stage; [] = the variant's
+_C.MODEL.IN_CHANS = 3                    # (ours) input channels of a stock timm model (families: their section)
+# (ours) keyword arguments passed to timm.create_model as they are (any MODEL.TYPE), e.g. to shrink a stock
+# timm model: KWARGS: {embed_dim: 32, depths: [1, 1, 2, 1]}. They win over the keys above.
+_C.MODEL.KWARGS = CN(new_allowed=True)
+# Each model family declares its own section (MODEL.<SECTION>: the keys of its official configs) next to
+# its models; default_config() adds them (models/build.py: ConfigSection).
 
 # ----------------------------------------------------------------------------- training
 _C.TRAIN = CN()
@@ -220,18 +153,25 @@ _C.THROUGHPUT_MODE = False
 _C.FIND_UNUSED_PARAMS = False            # (ours) set by --find-unused-params
 _C.TENSORBOARD = False                   # (ours) set by --tensorboard: also write TensorBoard event files
 
-# Values whose YAML spelling may be an int or a str; stored as str.
-_STRING_KEYS = {'MODEL.LA.PVT_LA_SR_RATIOS', 'MODEL.LA.CSWIN_LA_SPLIT_SIZE', 'MODEL.LA.ATTN_TYPE'}
-
-
 def default_config() -> CN:
-    """A mutable copy of the defaults."""
-    return _C.clone()
+    """A mutable copy of the defaults: the experiment keys above plus the config section every model family
+    declares (models/build.py: ``ConfigSection``)."""
+    from models.build import config_sections
+    import models  # noqa: F401  (local: the families declare their sections on import)
+
+    config = _C.clone()
+    config.defrost()
+    for section in config_sections():
+        node = CN(new_allowed=section.open)
+        for key in section.keys:
+            node[key.name] = key.default
+        config.MODEL[section.name] = node
+    return config
 
 
 def _coerce(full_key: str, value: Any, original: Any, source: str) -> Any:
-    if full_key in _STRING_KEYS and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+    if isinstance(original, str) and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)                 # a text key written as digits in YAML (e.g. 8421)
     if value is None or original is None:
         return value
     if isinstance(original, (list, tuple)) and isinstance(value, (list, tuple)):
@@ -332,7 +272,7 @@ def load_config(cfg_path: str, opts: Optional[Iterable[str]] = None, validate: b
     config = default_config()
     merge_yaml(config, cfg_path)
     merge_opts(config, list(opts) if opts else None)
-    resolve_dat_config(config)
+    resolve_config(config)
     if validate:
         validate_config(config)
     config.freeze()
@@ -363,7 +303,7 @@ def get_config(args) -> CN:
         if getattr(args, flag, False):
             _set(config, key, True)
     config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)
-    resolve_dat_config(config)
+    resolve_config(config)
     for key, flag in (('RESUME', '--resume'), ('PRETRAINED', '--pretrained')):   # before any data or model work
         path = config.MODEL[key]
         if path and not os.path.isfile(path):
@@ -373,35 +313,17 @@ def get_config(args) -> CN:
     return config
 
 
-_DAT_SHARED_KEYS = (('NUM_CLASSES', 'num_classes'), ('DROP_RATE', 'drop_rate'), ('DROP_PATH_RATE', 'drop_path_rate'))
+def resolve_config(config: CN) -> None:
+    """In place, before validation: a placeholder path in angle brackets (an official YAML ships e.g.
+    ``PRETRAINED: "<path-to-weights.pth>"``) counts as unset (``--pretrained PATH`` sets a real one); then each
+    model family's own reconciliation of its section (models/build.py: ``ConfigSection.resolve``)."""
+    from models.build import resolve_sections
 
-
-def resolve_dat_config(config: CN) -> None:
-    """Make the official DAT++ YAML files usable unchanged (in place, before validation):
-
-      * a placeholder ``MODEL.PRETRAINED`` of the form ``<...>`` (dat_base_384.yaml ships
-        ``"<path-to-dat_b_in1k.pth>"``) counts as unset; ``--pretrained PATH`` sets a real one;
-      * for MODEL.TYPE ``dat``, MODEL.DAT.num_classes / drop_rate / drop_path_rate (the keys the official
-        builder reads) win: the MODEL.NUM_CLASSES / DROP_RATE / DROP_PATH_RATE key is set from them when it
-        is at its default, and a different explicit value is a ConfigError naming both keys.
-    """
-    pretrained = config.MODEL.PRETRAINED
-    if isinstance(pretrained, str) and pretrained.startswith('<') and pretrained.endswith('>'):
-        config.MODEL.PRETRAINED = ''
-    if config.MODEL.TYPE != 'dat':
-        return
-    for upper, lower in _DAT_SHARED_KEYS:
-        if lower not in config.MODEL.DAT:
-            continue
-        default, ours, theirs = _C.MODEL[upper], config.MODEL[upper], config.MODEL.DAT[lower]
-        if not isinstance(theirs, (int, float)) or isinstance(theirs, bool):
-            raise ConfigError(f"MODEL.DAT.{lower} must be a number, got {theirs!r}")
-        if ours == default:
-            config.MODEL[upper] = type(default)(theirs)
-        elif ours != theirs:
-            raise ConfigError(f"MODEL.{upper} {ours!r} contradicts MODEL.DAT.{lower} {theirs!r}; for DAT++ set "
-                              f"MODEL.DAT.{lower} (it wins; MODEL.{upper} may only repeat it or stay at its "
-                              f"default {default!r})")
+    for key in ('PRETRAINED', 'RESUME'):
+        value = config.MODEL[key]
+        if isinstance(value, str) and value.startswith('<') and value.endswith('>'):
+            config.MODEL[key] = ''
+    resolve_sections(config, _C)
 
 
 def _set(config: CN, key: str, value: Any) -> None:
@@ -413,17 +335,10 @@ def _set(config: CN, key: str, value: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- validation
-def _stage_count(config: CN) -> int:
-    t = config.MODEL.TYPE
-    if t == 'flatten_swin':
-        return len(config.MODEL.SWIN.DEPTHS)
-    return 4
-
-
 def validate_config(config: CN) -> None:
-    """Cheap checks that fail before any work, each with one line naming the key and the fix.
-    Family-specific layout checks (divisibility of the image by patch/window/split sizes) are done by
-    the model builders, which know their layout, and raise ConfigError too."""
+    """Cheap checks that fail before any work, each with one line naming the key and the fix. The model
+    keys are checked by the model layer (``models.build.validate_model_config``: each family's declared
+    key checks and layout checks, an unknown MODEL.TYPE with the closest registered names)."""
     if config.DATA.BATCH_SIZE <= 0:
         raise ConfigError(f"DATA.BATCH_SIZE must be positive, got {config.DATA.BATCH_SIZE} "
                           f"(set --batch-size N or --opts DATA.BATCH_SIZE N)")
@@ -436,24 +351,8 @@ def validate_config(config: CN) -> None:
         raise ConfigError(f"DATA.IMG_SIZE must be positive, got {config.DATA.IMG_SIZE}")
     if config.MODEL.NUM_CLASSES <= 0:
         raise ConfigError(f"MODEL.NUM_CLASSES must be positive, got {config.MODEL.NUM_CLASSES}")
-    attn = config.MODEL.LA.ATTN_TYPE
-    stages = _stage_count(config)
-    if len(attn) != stages or set(attn) - {'L', 'S'}:
-        raise ConfigError(f"MODEL.LA.ATTN_TYPE must be {stages} letters from 'L' (focused linear) and 'S' "
-                          f"(softmax), one per stage, e.g. {'L' * (stages // 2) + 'S' * (stages - stages // 2)!r}; got {attn!r}")
-    sr = str(config.MODEL.LA.PVT_LA_SR_RATIOS)
-    if len(sr) != 4 or not sr.isdigit() or '0' in sr:
-        raise ConfigError(f"MODEL.LA.PVT_LA_SR_RATIOS must be 4 non-zero digits, one per stage (e.g. '8421' or "
-                          f"'1111'); got {sr!r}")
-    split = str(config.MODEL.LA.CSWIN_LA_SPLIT_SIZE).split('-')
-    if len(split) != 4 or not all(s.isdigit() and int(s) > 0 for s in split):
-        raise ConfigError(f"MODEL.LA.CSWIN_LA_SPLIT_SIZE must be 4 positive integers joined by '-', e.g. "
-                          f"'56-28-14-7'; got {config.MODEL.LA.CSWIN_LA_SPLIT_SIZE!r}")
-    if config.MODEL.LA.KERNEL_SIZE <= 0 or config.MODEL.LA.KERNEL_SIZE % 2 == 0:
-        raise ConfigError(f"MODEL.LA.KERNEL_SIZE must be a positive odd number, got {config.MODEL.LA.KERNEL_SIZE}")
-    import models  # noqa: F401  (local: the model families register their config adapters on import)
-    from models.build import check_config_keys
-    check_config_keys(config, _C)        # a size key the selected MODEL.TYPE does not read
+    from models.build import validate_model_config
+    validate_model_config(config)        # the family's keys, an unknown MODEL.TYPE, keys of another type
     if config.AMP_DTYPE not in ('float16', 'bfloat16'):
         raise ConfigError(f"AMP_DTYPE must be 'float16' or 'bfloat16', got {config.AMP_DTYPE!r}")
     if config.DEVICE not in ('auto', 'cuda', 'cpu'):

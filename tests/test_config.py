@@ -22,7 +22,7 @@ def write(path, text):
 def test_base_inheritance_relative_to_yaml(tmp_path):
     write(tmp_path / 'bases' / 'root.yaml', """\
         DATA:
-          IMG_SIZE: 160
+          IMG_SIZE: 448
           BATCH_SIZE: 16
         TRAIN:
           EPOCHS: 7
@@ -45,7 +45,7 @@ def test_base_inheritance_relative_to_yaml(tmp_path):
         c = load_config(child)
     finally:
         os.chdir(cwd)
-    assert c.DATA.IMG_SIZE == 160           # from root
+    assert c.DATA.IMG_SIZE == 448           # from root
     assert c.DATA.BATCH_SIZE == 32          # mid overrides root
     assert c.TRAIN.EPOCHS == 7
     assert c.MODEL.NAME == 'child'          # child overrides mid
@@ -54,10 +54,10 @@ def test_base_inheritance_relative_to_yaml(tmp_path):
 
 
 def test_opts_override_yaml(tmp_path):
-    cfg = write(tmp_path / 'a.yaml', "DATA:\n  IMG_SIZE: 160\nTRAIN:\n  BASE_LR: 1e-3\n")
-    c = load_config(cfg, ['DATA.IMG_SIZE', '96', 'TRAIN.BASE_LR', '2e-4', 'MODEL.SWIN.DEPTHS', '[1, 1, 2, 1]',
+    cfg = write(tmp_path / 'a.yaml', "DATA:\n  IMG_SIZE: 448\nTRAIN:\n  BASE_LR: 1e-3\n")
+    c = load_config(cfg, ['DATA.IMG_SIZE', '224', 'TRAIN.BASE_LR', '2e-4', 'MODEL.SWIN.DEPTHS', '[1, 1, 2, 1]',
                           'MODEL.LA.ATTN_TYPE', 'LLSS', 'AMP', 'True'])
-    assert c.DATA.IMG_SIZE == 96 and isinstance(c.DATA.IMG_SIZE, int)
+    assert c.DATA.IMG_SIZE == 224 and isinstance(c.DATA.IMG_SIZE, int)
     assert c.TRAIN.BASE_LR == pytest.approx(2e-4) and isinstance(c.TRAIN.BASE_LR, float)
     assert list(c.MODEL.SWIN.DEPTHS) == [1, 1, 2, 1]
     assert c.MODEL.LA.ATTN_TYPE == 'LLSS'
@@ -114,9 +114,8 @@ def test_wrong_type_in_opts(tmp_path):
 
 
 def test_unknown_model_type_lists_valid_types(tmp_path):
-    c = load_config(write(tmp_path / 'a.yaml', "MODEL:\n  TYPE: flaten_swin\n"))
-    with pytest.raises(ConfigError) as e:
-        build_model(c)
+    with pytest.raises(ConfigError) as e:          # at load time, before any work
+        load_config(write(tmp_path / 'a.yaml', "MODEL:\n  TYPE: flaten_swin\n"))
     msg = str(e.value)
     assert 'flaten_swin' in msg
     assert 'flatten_swin' in model_types()
