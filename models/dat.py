@@ -42,7 +42,9 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .build import ModelSpec, register_config_adapter
+from errors import ConfigError
+
+from .build import ConfigSection, ModelSpec, config_section, register_config_adapter
 from .focused_attention import AttentionTap
 from .layers import (LinearHeadMixin, WindowAttention, build_backbone, shifted_window_mask, window_partition,
                      window_reverse)
@@ -407,7 +409,12 @@ class DAT(LinearHeadMixin, nn.Module):
     Arguments are the official ``MODEL.DAT`` keys (per-stage lists of 4). ``img_size`` is the resolution
     the deformable position-bias tables (and 'S' masks) are built for; inputs of other sizes are accepted
     (dat_base_384 runs 224-built tables on 384 images, as officially). Unused official keys (sr_ratios,
-    heads_q, ns_per_pts, ksize_qnas, nqs, qna_activation, lower_lr_kvs) are accepted and ignored."""
+    heads_q, ns_per_pts, ksize_qnas, nqs, qna_activation, lower_lr_kvs) are accepted and ignored.
+
+    ``dynamic_img_size`` is accepted for timm's one-call dense-prediction API and changes nothing: the model is
+    size-agnostic already ('N' and 'D' blocks, the letters of the released models, run at any map size; the
+    bias tables are sampled, the stride-2 convolutions round up). Only the unreleased 'L' / 'S' window letters
+    need maps that tile into windows ('S': the ``img_size`` map), and say so."""
 
     head_name = 'cls_head'          # the official name of the classifier
 
@@ -424,7 +431,7 @@ class DAT(LinearHeadMixin, nn.Module):
                  nat_ksizes: Sequence[int] = (3, 3, 3, 3), layer_scale_values: Sequence[float] = (-1,) * 4,
                  use_lpus: Sequence[bool] = (False,) * 4, log_cpb: Sequence[bool] = (False,) * 4,
                  in_chans: int = 3, global_pool: str = 'avg', use_checkpoint: bool = False,
-                 **kwargs: Any) -> None:
+                 dynamic_img_size: bool = False, **kwargs: Any) -> None:
         super().__init__()
         unused = set(kwargs) - {'sr_ratios', 'heads_q', 'ns_per_pts', 'ksize_qnas', 'nqs', 'qna_activation',
                                 'lower_lr_kvs'}
@@ -453,6 +460,7 @@ class DAT(LinearHeadMixin, nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.drop_rate = drop_rate
         self.img_size = img_size
+        self.dynamic_img_size = dynamic_img_size     # size-agnostic either way (see the class docstring)
         self.grad_checkpointing = False
         if use_conv_patches:
             self.patch_proj = nn.Sequential(
@@ -706,11 +714,43 @@ def released_name(kwargs: Dict[str, Any], input_size: int) -> Optional[str]:
     return None
 
 
-@register_config_adapter('dat')
+_SHARED_EXPERIMENT_KEYS = (('NUM_CLASSES', 'num_classes'), ('DROP_RATE', 'drop_rate'),
+                           ('DROP_PATH_RATE', 'drop_path_rate'))
+
+
+def resolve_dat_keys(config: Any, defaults: Any) -> None:
+    """Make the official DAT++ YAML files usable unchanged (in place, before validation): for MODEL.TYPE
+    ``dat``, MODEL.DAT.num_classes / drop_rate / drop_path_rate (the keys the official builder reads) win:
+    MODEL.NUM_CLASSES / DROP_RATE / DROP_PATH_RATE is set from them when at its default, and a different
+    explicit value is a ConfigError naming both keys."""
+    if config.MODEL.TYPE != 'dat':
+        return
+    for upper, lower in _SHARED_EXPERIMENT_KEYS:
+        if lower not in config.MODEL.DAT:
+            continue
+        default, ours, theirs = defaults.MODEL[upper], config.MODEL[upper], config.MODEL.DAT[lower]
+        if not isinstance(theirs, (int, float)) or isinstance(theirs, bool):
+            raise ConfigError(f"MODEL.DAT.{lower} must be a number, got {theirs!r}")
+        if ours == default:
+            config.MODEL[upper] = type(default)(theirs)
+        elif ours != theirs:
+            raise ConfigError(f"MODEL.{upper} {ours!r} contradicts MODEL.DAT.{lower} {theirs!r}; for DAT++ set "
+                              f"MODEL.DAT.{lower} (it wins; MODEL.{upper} may only repeat it or stay at its "
+                              f"default {default!r})")
+
+
+# MODEL.DAT: the official section, lower-case keys exactly as in the official YAML files (img_size, dims,
+# depths, stage_spec, ...), passed to the model as keyword arguments. MODEL.DAT.img_size is the resolution
+# the position-bias tables are built for (as officially; dat_base_384 keeps 224 tables on 384 inputs);
+# DATA.IMG_SIZE is the input size.
+DAT_SECTION = config_section(ConfigSection('DAT', open=True, resolve=resolve_dat_keys))
+
+
+@register_config_adapter('dat', reads=(DAT_SECTION,))
 def dat_spec(config: Any) -> ModelSpec:
     """MODEL.TYPE 'dat': every key of MODEL.DAT (official names) becomes a DAT argument. MODEL.NUM_CLASSES,
-    MODEL.DROP_RATE and MODEL.DROP_PATH_RATE are used (config.py has already reconciled them with the DAT
-    section); TRAIN.USE_CHECKPOINT turns on gradient checkpointing. Keys the section omits take the DAT
+    MODEL.DROP_RATE and MODEL.DROP_PATH_RATE are used (``resolve_dat_keys`` has already reconciled them
+    with the DAT section); TRAIN.USE_CHECKPOINT turns on gradient checkpointing. Keys the section omits take the DAT
     class defaults (as the official ``DAT(**config.MODEL.DAT)``), except ``img_size``: DATA.IMG_SIZE."""
     section = config.MODEL.DAT
     kwargs: Dict[str, Any] = {}

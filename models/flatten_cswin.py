@@ -54,8 +54,8 @@ from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .build import ModelSpec, common_spec, register_config_adapter
-from .focused_attention import ATTN_SOFTMAX, AttentionTap, FocusedLinearAttentionBase, merge_heads, split_heads
+from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
+from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, merge_heads, split_heads
 from .layers import (ClassifierMixin, TokenGroups, build_backbone, flatten_pretrained_cfg, init_weights, run_blocks,
                      square_size, tokens_to_nchw, unwrap_state_dict)
 
@@ -533,29 +533,24 @@ def flatten_cswin_b_384_softmax(pretrained: bool = False, **kwargs) -> FLattenCS
 
 
 # ----------------------------------------------------------------------------- experiment config
-@register_config_adapter(*ARCHS)
+CSWIN_SECTION = config_section(ConfigSection('CSWIN', (      # (ours) sizes of a scaled model
+    ConfigKey('IN_CHANS', 3, 'in_chans'),
+    ConfigKey('EMBED_DIM', 0, 'embed_dim', keep=0, doc="0 = the variant's"),
+    ConfigKey('DEPTHS', [], 'depths', keep=[]),
+    ConfigKey('NUM_HEADS', [], 'num_heads', keep=[]),
+    ConfigKey('SPLIT_SIZE', [], 'softmax_split', keep=[], doc='softmax stripe widths per stage'),
+    ConfigKey('MLP_RATIO', 0., 'mlp_ratio', keep=0., doc="0 = the variant's (4)"),
+)))
+CSWIN_LA_KEYS = ('CSWIN_LA_SPLIT_SIZE', 'ATTN_TYPE', 'FOCUSING_FACTOR', 'KERNEL_SIZE')
+
+
+@register_config_adapter(*ARCHS, reads=(CSWIN_SECTION, (LA_SECTION, CSWIN_LA_KEYS)))
 def cswin_spec(config) -> ModelSpec:
     """MODEL.TYPE FLatten_CSWin_*: the official architecture, overridden by non-empty MODEL.CSWIN size keys;
     attention from MODEL.LA."""
     name = next(n for n, (t, _) in CSWIN_VARIANTS.items() if t == config.MODEL.TYPE)
-    la = config.MODEL.LA
-    spec = common_spec(config, name + ('_softmax' if set(la.ATTN_TYPE) == {'S'} else ''))
+    spec = common_spec(config, name + ('_softmax' if set(config.MODEL.LA.ATTN_TYPE) == {'S'} else ''))
     spec.kwargs.update(CSWIN_VARIANTS[name][1])
-    spec.kwargs['img_size'] = config.DATA.IMG_SIZE
-    sizes = config.MODEL.get('CSWIN')
-    if sizes is not None:
-        for kwarg, key in (('embed_dim', 'EMBED_DIM'), ('depths', 'DEPTHS'), ('num_heads', 'NUM_HEADS'),
-                           ('softmax_split', 'SPLIT_SIZE'), ('mlp_ratio', 'MLP_RATIO')):
-            value = sizes.get(key)
-            if value:
-                spec.kwargs[kwarg] = tuple(value) if isinstance(value, (list, tuple)) else value
-                spec.keys[kwarg] = f'MODEL.CSWIN.{key}'
-        spec.kwargs['in_chans'], spec.keys['in_chans'] = sizes.IN_CHANS, 'MODEL.CSWIN.IN_CHANS'
-    for kwarg, key, value in (
-            ('la_split', 'MODEL.LA.CSWIN_LA_SPLIT_SIZE', tuple(int(s) for s in str(la.CSWIN_LA_SPLIT_SIZE).split('-'))),
-            ('attn_type', 'MODEL.LA.ATTN_TYPE', la.ATTN_TYPE),
-            ('focusing_factor', 'MODEL.LA.FOCUSING_FACTOR', la.FOCUSING_FACTOR),
-            ('kernel_size', 'MODEL.LA.KERNEL_SIZE', la.KERNEL_SIZE),
-            ('use_checkpoint', 'TRAIN.USE_CHECKPOINT', config.TRAIN.USE_CHECKPOINT)):
-        spec.kwargs[kwarg], spec.keys[kwarg] = value, key
-    return spec
+    spec.set('img_size', config.DATA.IMG_SIZE, 'DATA.IMG_SIZE')
+    spec.read(config, CSWIN_SECTION).read(config, LA_SECTION, CSWIN_LA_KEYS)
+    return spec.checked(stage_splits, 'img_size', 'attn_type', 'la_split', 'softmax_split')

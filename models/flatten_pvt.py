@@ -37,8 +37,8 @@ from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .build import ModelSpec, common_spec, register_config_adapter
-from .focused_attention import ATTN_SOFTMAX, AttentionTap, FocusedLinearAttentionBase, interpolate_tokens
+from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
+from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, interpolate_tokens
 from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, build_backbone, flatten_pretrained_cfg,  # noqa: F401
                      init_weights, run_blocks, square_size, tokens_to_nchw, unwrap_state_dict, whole_grid)
 
@@ -507,34 +507,36 @@ def flatten_pvt_b_softmax(pretrained: bool = False, **kwargs) -> FLattenPVT:
 
 
 # ----------------------------------------------------------------------------- experiment config
-def pyramid_spec(config, name: str, arch: Dict[str, Any], section: str) -> ModelSpec:
+def pyramid_section(name: str) -> ConfigSection:
+    """MODEL.<name> of PVT / PVTv2 (ours): sizes of a scaled model; empty keeps the variant's."""
+    return config_section(ConfigSection(name, (
+        ConfigKey('IN_CHANS', 3, 'in_chans'),
+        *(ConfigKey(key, [], kwarg, keep=[]) for key, kwarg in (
+            ('EMBED_DIMS', 'embed_dims'), ('NUM_HEADS', 'num_heads'), ('MLP_RATIOS', 'mlp_ratios'),
+            ('DEPTHS', 'depths'))),
+    )))
+
+
+PVT_LA_KEYS = ('ATTN_TYPE', 'PVT_LA_SR_RATIOS', 'FOCUSING_FACTOR', 'KERNEL_SIZE')
+
+
+def pyramid_spec(config, name: str, arch: Dict[str, Any], section: ConfigSection, linear: bool = False) -> ModelSpec:
     """Common part of the PVT / PVTv2 adapters: the variant's architecture, overridden by the non-empty
-    size keys of MODEL.<section> (e.g. MODEL.PVT.DEPTHS), the attention keys of MODEL.LA, the input
-    channels from MODEL.<section>.IN_CHANS."""
+    size keys of ``section`` (e.g. MODEL.PVT.DEPTHS) and the attention keys of MODEL.LA; the softmax
+    baseline's registered name when every stage is 'S'."""
     spec = common_spec(config, name)
-    la, sizes = config.MODEL.LA, config.MODEL.get(section)
-    for kwarg, value in arch.items():
-        spec.kwargs[kwarg] = value
-    if sizes is not None:
-        for kwarg, key in (('embed_dims', 'EMBED_DIMS'), ('num_heads', 'NUM_HEADS'), ('mlp_ratios', 'MLP_RATIOS'),
-                           ('depths', 'DEPTHS')):
-            if sizes.get(key):
-                spec.kwargs[kwarg], spec.keys[kwarg] = tuple(sizes[key]), f'MODEL.{section}.{key}'
-        spec.kwargs['in_chans'], spec.keys['in_chans'] = sizes.IN_CHANS, f'MODEL.{section}.IN_CHANS'
-    for kwarg, key, value in (
-            ('attn_type', 'MODEL.LA.ATTN_TYPE', la.ATTN_TYPE),
-            ('la_sr_ratios', 'MODEL.LA.PVT_LA_SR_RATIOS', str(la.PVT_LA_SR_RATIOS)),
-            ('focusing_factor', 'MODEL.LA.FOCUSING_FACTOR', la.FOCUSING_FACTOR),
-            ('kernel_size', 'MODEL.LA.KERNEL_SIZE', la.KERNEL_SIZE),
-            ('use_checkpoint', 'TRAIN.USE_CHECKPOINT', config.TRAIN.USE_CHECKPOINT)):
-        spec.kwargs[kwarg], spec.keys[kwarg] = value, key
-    if set(la.ATTN_TYPE) == {'S'} and not name.endswith('_softmax'):
+    spec.kwargs.update(arch)
+    spec.read(config, section).read(config, LA_SECTION, PVT_LA_KEYS)
+    if set(spec.kwargs['attn_type']) == {'S'} and not name.endswith('_softmax'):
         spec.name = name + '_softmax'
-    return spec
+    return spec.checked(lambda *a: check_pvt_layout(*a, linear=linear), 'img_size', 'attn_type', 'la_sr_ratios')
 
 
-@register_config_adapter(*PVT_DEPTHS)
+PVT_SECTION = pyramid_section('PVT')
+
+
+@register_config_adapter(*PVT_DEPTHS, reads=(PVT_SECTION, (LA_SECTION, PVT_LA_KEYS)))
 def pvt_spec(config) -> ModelSpec:
     """MODEL.TYPE flatten_pvt_{tiny,small,medium,large}."""
     name = next(n for n, (t, _) in PVT_VARIANTS.items() if t == config.MODEL.TYPE)
-    return pyramid_spec(config, name, dict(depths=PVT_DEPTHS[config.MODEL.TYPE]), 'PVT')
+    return pyramid_spec(config, name, dict(depths=PVT_DEPTHS[config.MODEL.TYPE]), PVT_SECTION)

@@ -35,8 +35,9 @@ from timm.layers import to_2tuple
 from timm.models import generate_default_cfgs, register_model
 
 from .build import ModelSpec, register_config_adapter
+from .focused_attention import LA_SECTION
 from .flatten_pvt import (NUM_STAGES, PVTBlock, PyramidClassifier, build_backbone, check_pvt_layout,  # noqa: F401
-                          check_stage_lists, checkpoint_filter_fn, init_weights, pvt_cfg, pyramid_spec, run_blocks,
+                          check_stage_lists, checkpoint_filter_fn, init_weights, pvt_cfg, pyramid_section, pyramid_spec, PVT_LA_KEYS, run_blocks,
                           square_size, stage_sr_ratios, tokens_to_nchw)
 
 Grid = Tuple[int, int]
@@ -254,11 +255,15 @@ def flatten_pvt_v2_b4_softmax(pretrained: bool = False, **kwargs) -> FLattenPVTv
 
 
 # ----------------------------------------------------------------------------- experiment config
-@register_config_adapter(*PVT_V2_ARCHS)
+PVT_V2_SECTION = pyramid_section('PVT_V2')
+
+
+@register_config_adapter(*PVT_V2_ARCHS, reads=(PVT_V2_SECTION, (LA_SECTION, PVT_LA_KEYS)))
 def pvt_v2_spec(config) -> ModelSpec:
     """MODEL.TYPE flatten_pvt_v2_b{0..5} / flatten_pvt_v2_b2_li."""
     name = config.MODEL.TYPE
-    spec = pyramid_spec(config, name, dict(PVT_V2_ARCHS[name]), 'PVT_V2')
+    arch = dict(PVT_V2_ARCHS[name])
+    spec = pyramid_spec(config, name, arch, PVT_V2_SECTION, linear=bool(arch.get('linear', False)))
     if spec.name.endswith('_softmax') and spec.name not in default_cfgs:
         spec.name = name                      # b5 / b2_li have no registered softmax name: same model
     return spec

@@ -35,8 +35,8 @@ from timm.layers import DropPath, Mlp, resample_abs_pos_embed, resize_rel_pos_bi
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .build import ModelSpec, common_spec, register_config_adapter
-from .focused_attention import FocusedLinearAttentionBase
+from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
+from .focused_attention import LA_SECTION, FocusedLinearAttentionBase
 from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, WindowAttention, build_backbone,  # noqa: F401
                      flatten_pretrained_cfg, init_weights, relative_position_index, run_blocks, shifted_window_mask,
                      square_size, tokens_to_nchw, unwrap_state_dict, window_partition, window_reverse)
@@ -452,22 +452,30 @@ def _closest_variant(kwargs: Dict[str, Any]) -> str:
     return 'flatten_swin_t_softmax' if set(kwargs['attn_type']) == {'S'} else 'flatten_swin_t'
 
 
-@register_config_adapter('flatten_swin')
+SWIN_SECTION = config_section(ConfigSection('SWIN', (
+    ConfigKey('PATCH_SIZE', 4, 'patch_size'),
+    ConfigKey('IN_CHANS', 3, 'in_chans'),
+    ConfigKey('EMBED_DIM', 96, 'embed_dim'),
+    ConfigKey('DEPTHS', [2, 2, 6, 2], 'depths'),
+    ConfigKey('NUM_HEADS', [3, 6, 12, 24], 'num_heads'),
+    ConfigKey('WINDOW_SIZE', 7, 'window_size'),
+    ConfigKey('MLP_RATIO', 4., 'mlp_ratio'),
+    ConfigKey('QKV_BIAS', True, 'qkv_bias'),
+    ConfigKey('QK_SCALE', None, 'qk_scale'),
+    ConfigKey('APE', False, 'ape'),
+    ConfigKey('PATCH_NORM', True, 'patch_norm'),
+)))
+# The official Swin config's other MODEL.SWIN keys (KA, DIM_REDUCTION, STAGES, RPB, ...) are not declared: no
+# official YAML sets them, and checkpoints load without merging their pickled config.
+
+
+@register_config_adapter('flatten_swin', reads=(SWIN_SECTION, (LA_SECTION, ('FOCUSING_FACTOR', 'KERNEL_SIZE',
+                                                                            'ATTN_TYPE'))))
 def swin_spec(config) -> ModelSpec:
-    """MODEL.TYPE flatten_swin: every size from MODEL.SWIN, attention from MODEL.LA."""
-    spec = common_spec(config, '')
-    s, la = config.MODEL.SWIN, config.MODEL.LA
-    for kwarg, key, value in (
-            ('patch_size', 'MODEL.SWIN.PATCH_SIZE', s.PATCH_SIZE), ('in_chans', 'MODEL.SWIN.IN_CHANS', s.IN_CHANS),
-            ('embed_dim', 'MODEL.SWIN.EMBED_DIM', s.EMBED_DIM), ('depths', 'MODEL.SWIN.DEPTHS', tuple(s.DEPTHS)),
-            ('num_heads', 'MODEL.SWIN.NUM_HEADS', tuple(s.NUM_HEADS)),
-            ('window_size', 'MODEL.SWIN.WINDOW_SIZE', s.WINDOW_SIZE),
-            ('mlp_ratio', 'MODEL.SWIN.MLP_RATIO', s.MLP_RATIO),
-            ('qkv_bias', 'MODEL.SWIN.QKV_BIAS', s.QKV_BIAS), ('qk_scale', 'MODEL.SWIN.QK_SCALE', s.QK_SCALE),
-            ('ape', 'MODEL.SWIN.APE', s.APE), ('patch_norm', 'MODEL.SWIN.PATCH_NORM', s.PATCH_NORM),
-            ('use_checkpoint', 'TRAIN.USE_CHECKPOINT', config.TRAIN.USE_CHECKPOINT),
-            ('focusing_factor', 'MODEL.LA.FOCUSING_FACTOR', la.FOCUSING_FACTOR),
-            ('kernel_size', 'MODEL.LA.KERNEL_SIZE', la.KERNEL_SIZE), ('attn_type', 'MODEL.LA.ATTN_TYPE', la.ATTN_TYPE)):
-        spec.kwargs[kwarg], spec.keys[kwarg] = value, key
+    """MODEL.TYPE flatten_swin: every size from MODEL.SWIN, attention from MODEL.LA; the registered variant
+    with this architecture (or flatten_swin_t with these arguments)."""
+    spec = common_spec(config, '').read(config, SWIN_SECTION)
+    spec.read(config, LA_SECTION, ('FOCUSING_FACTOR', 'KERNEL_SIZE', 'ATTN_TYPE'))
     spec.name = _closest_variant(spec.kwargs)
-    return spec
+    return spec.checked(check_swin_layout, 'img_size', 'patch_size', 'depths', 'num_heads', 'window_size',
+                        'attn_type')

@@ -374,3 +374,46 @@ class FocusedLinearAttentionBase(nn.Module):
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, focusing_factor={self.focusing_factor}, '
                 f'kv_tokens={self.positional_encoding.shape[1]}, kernel_size={self.dwc.kernel_size[0]}')
+
+
+# ----------------------------------------------------------------------------- experiment config
+def _check_attn_type(value: str) -> Optional[str]:
+    if not value or set(value) - {'L', 'S'}:
+        return (f"must be letters 'L' (focused linear) or 'S' (softmax), one per stage, e.g. 'LLSS'; "
+                f"got {value!r}")
+    return None
+
+
+def _check_sr_ratios(value: str) -> Optional[str]:
+    if len(value) != 4 or not value.isdigit() or '0' in value:
+        return f"must be 4 non-zero digits, one per stage (e.g. '8421' or '1111'); got {value!r}"
+    return None
+
+
+def _check_split(value: str) -> Optional[str]:
+    parts = str(value).split('-')
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        return f"must be 4 positive integers joined by '-', e.g. '56-28-14-7'; got {value!r}"
+    return None
+
+
+def _check_kernel(value: int) -> Optional[str]:
+    return None if value > 0 and value % 2 else f'must be a positive odd number, got {value}'
+
+
+def _build_section():
+    from .build import ConfigKey, ConfigSection, config_section
+    return config_section(ConfigSection('LA', (
+        ConfigKey('FOCUSING_FACTOR', 3, 'focusing_factor'),
+        ConfigKey('KERNEL_SIZE', 5, 'kernel_size', check=_check_kernel),
+        ConfigKey('ATTN_TYPE', 'LLLL', 'attn_type', check=_check_attn_type, doc="one letter per stage"),
+        ConfigKey('PVT_LA_SR_RATIOS', '1111', 'la_sr_ratios', check=_check_sr_ratios,
+                  doc='one digit per stage (an integer like 8421 is accepted)'),
+        ConfigKey('CSWIN_LA_SPLIT_SIZE', '56-28-14-7', 'la_split', check=_check_split,
+                  convert=lambda v: tuple(int(s) for s in str(v).split('-'))),
+    ), shared=True))
+
+
+# MODEL.LA: the focused linear attention keys of the official configs, read by every FLatten family (each
+# reads the keys it uses; shared=True: e.g. the official Swin YAMLs also set PVT_LA_SR_RATIOS).
+LA_SECTION = _build_section()

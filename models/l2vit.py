@@ -31,7 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
-from .build import ModelSpec, common_spec, register_config_adapter
+from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_LINEAR, AttentionTap
 from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, build_backbone, tokens_to_nchw,
                      unwrap_state_dict, whole_grid, window_partition, window_reverse)
@@ -289,13 +289,16 @@ class L2ViT(LinearHeadMixin, nn.Module):
         img_size: the native input size; it only fixes the token layout reported to ``visualize`` (the
             model runs at any size).
         use_checkpoint: activation checkpointing of every block (``set_grad_checkpointing``).
+        dynamic_img_size: accepted for timm's one-call dense-prediction API and changes nothing: the model is
+            size-agnostic (no position embedding; windows and odd maps are padded, linear attention is global).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (2, 2, 6, 2),
                  dims: Sequence[int] = (96, 192, 384, 768), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 7, mlp_ratio: float = 4., qkv_bias: bool = True, drop_rate: float = 0.,
                  drop_path_rate: float = 0., head_init_scale: float = 1., global_pool: str = 'avg',
-                 img_size: Optional[Union[int, Tuple[int, int]]] = None, use_checkpoint: bool = False) -> None:
+                 img_size: Optional[Union[int, Tuple[int, int]]] = None, use_checkpoint: bool = False,
+                 dynamic_img_size: bool = False) -> None:
         super().__init__()
         n = len(depths)
         if n < 1 or any(d < 0 for d in depths):
@@ -315,6 +318,7 @@ class L2ViT(LinearHeadMixin, nn.Module):
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = False
+        self.dynamic_img_size = dynamic_img_size     # size-agnostic either way
         self.downsample_layers = nn.ModuleList(
             [StemEmbed(in_chans, dims[0])] + [MergeEmbed(dims[i - 1], dims[i]) for i in range(1, n)])
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
@@ -490,19 +494,18 @@ def L2ViT_Base_384(pretrained: bool = False, **kwargs: Any) -> L2ViT:
 
 
 # ---------------------------------------------------------------------- experiment config
-@register_config_adapter(*OFFICIAL_NAMES)
+# MODEL.L2VIT (ours): empty lists and 0 keep the variant's official values; set them only for scaled-down
+# models (e.g. the digits demo).
+L2VIT_SECTION = config_section(ConfigSection('L2VIT', (
+    ConfigKey('DEPTHS', [], 'depths', keep=[]),
+    ConfigKey('DIMS', [], 'dims', keep=[]),
+    ConfigKey('NUM_HEADS', [], 'num_heads', keep=[]),
+    ConfigKey('WINDOW_SIZE', 0, 'window_size', keep=0, doc="local-window size; 0 = the variant's (7, or 12 at 384)"),
+    ConfigKey('HEAD_INIT_SCALE', 1.0, 'head_init_scale', keep=1.0),
+)))
+
+
+@register_config_adapter(*OFFICIAL_NAMES, reads=(L2VIT_SECTION,))
 def _l2vit_spec(config) -> ModelSpec:
     """MODEL.TYPE L2ViT_* -> the timm model of the same name; non-empty MODEL.L2VIT keys override the variant's architecture."""
-    spec = common_spec(config, config.MODEL.TYPE)
-    spec.kwargs['use_checkpoint'], spec.keys['use_checkpoint'] = config.TRAIN.USE_CHECKPOINT, 'TRAIN.USE_CHECKPOINT'
-    section = config.MODEL.L2VIT
-    for kwarg, key in (('depths', 'DEPTHS'), ('dims', 'DIMS'), ('num_heads', 'NUM_HEADS'),
-                       ('window_size', 'WINDOW_SIZE')):
-        value = section[key]
-        if value:
-            spec.kwargs[kwarg] = tuple(value) if isinstance(value, (list, tuple)) else value
-            spec.keys[kwarg] = f'MODEL.L2VIT.{key}'
-    if section.HEAD_INIT_SCALE != 1.0:
-        spec.kwargs['head_init_scale'] = section.HEAD_INIT_SCALE
-        spec.keys['head_init_scale'] = 'MODEL.L2VIT.HEAD_INIT_SCALE'
-    return spec
+    return common_spec(config, config.MODEL.TYPE).read(config, L2VIT_SECTION)

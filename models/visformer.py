@@ -26,13 +26,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from timm.models.visformer import SpatialMlp
 
-from .build import ModelSpec, common_spec, register_config_adapter
+from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, build_backbone, shifted_window_mask, square_size,
                      unwrap_state_dict, window_partition, window_reverse)
 
@@ -53,16 +54,23 @@ class BatchNorm(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Conv (kernel = stride = patch, bias) then BatchNorm: (B, C_in, H, W) -> (B, C, H/p, W/p)."""
+    """Conv (kernel = stride = patch, bias) then BatchNorm: (B, C_in, H, W) -> (B, C, H/p, W/p). With
+    ``dynamic_img_size`` any map is taken, zero-padded on the bottom/right to a multiple of the patch."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
+                 dynamic_img_size: bool = False) -> None:
         super().__init__()
         self.img_size = img_size
+        self.patch_size = patch_size
+        self.dynamic_img_size = dynamic_img_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = BatchNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] != self.img_size or x.shape[-1] != self.img_size:
+        if self.dynamic_img_size:
+            p = self.patch_size
+            x = F.pad(x, (0, (-x.shape[-1]) % p, 0, (-x.shape[-2]) % p))
+        elif x.shape[-2] != self.img_size or x.shape[-1] != self.img_size:
             raise ValueError(f'input map {tuple(x.shape[-2:])} does not match the model '
                              f'({self.img_size}x{self.img_size}); Visformer has fixed-size position embeddings: '
                              f'give images of the configured img_size (DATA.IMG_SIZE)')
@@ -76,6 +84,11 @@ class VisformerBlock(nn.Module):
     Attention is softmax over windows of the map (v2: Swin windows with relative position bias and shifts;
     v1: ``window=None``, one window covering the map, no bias). q and k are each scaled by
     head_dim ** qk_scale_exponent. The MLP is 4x (or 2x with the grouped 3x3 ``spatial_conv``).
+
+    A map other than ``resolution`` (only reached with ``dynamic_img_size``): v1 attends over the whole
+    current map; v2 keeps its window, zero-pads the map on the bottom/right to window multiples and shifts
+    every other block by half a window with the -100 mask of the padded map, as the official v2 detection
+    backbone does (so a v2 block shifts there even where the map fitted one window at the built size).
     """
 
     def __init__(self, dim: int, num_heads: int, resolution: Tuple[int, int], window: Optional[int] = None,
@@ -85,9 +98,12 @@ class VisformerBlock(nn.Module):
         super().__init__()
         self.resolution = resolution
         rel_pos_bias = window is not None
+        shifted = bool(shift)
         if window is None or min(resolution) <= window:      # one window covers the map: no shift
             window, shift = min(resolution), 0
         self.window, self.shift = window, shift
+        self.global_attn = not rel_pos_bias
+        self.dynamic_shift = window // 2 if shifted else 0   # the shift at other map sizes (official detection)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         if not attn_disabled:
             if dim % num_heads:
@@ -108,14 +124,29 @@ class VisformerBlock(nn.Module):
         mask = shifted_window_mask(resolution, window, shift) if (self.attn is not None and shift) else None
         self.register_buffer('attn_mask', mask)
 
+    def _windows(self, y: torch.Tensor, shift: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, H, W, C) -> same: cyclic shift, window attention, reverse."""
+        _, H, W, _ = y.shape
+        if shift:
+            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+        y = window_reverse(self.attn(window_partition(y, self.window), mask=mask), self.window, H, W)
+        if shift:
+            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+        return y
+
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         y = x.permute(0, 2, 3, 1)                                                 # (B, H, W, C)
-        if self.shift:
-            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        y = window_reverse(self.attn(window_partition(y, self.window), mask=self.attn_mask), self.window, H, W)
-        if self.shift:
-            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        if H == self.resolution[0] and W == self.resolution[1]:
+            y = self._windows(y, self.shift, self.attn_mask)
+        elif self.global_attn:                                 # v1 at another size: the whole current map
+            y = self.attn(y.reshape(B, H * W, C)).view(B, H, W, C)
+        else:                                                  # v2 at another size: pad, shift every other block
+            w, shift = self.window, self.dynamic_shift
+            pad_h, pad_w = (-H) % w, (-W) % w
+            y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
+            mask = shifted_window_mask((H + pad_h, W + pad_w), w, shift).to(y) if shift else None
+            y = self._windows(y, shift, mask)[:, :H, :W]
         return y.permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,6 +164,15 @@ class VisformerBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f'resolution={self.resolution}, window={self.window}, shift={self.shift}'
+
+
+def resample_pos_embed(pos: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """(1, C, h, w) position embedding -> (1, C, *size): bicubic, no antialiasing
+    (``timm.layers.resample_abs_pos_embed``, as the FLatten families resample theirs)."""
+    _, C, h, w = pos.shape
+    tokens = resample_abs_pos_embed(pos.flatten(2).transpose(1, 2), [size[0], size[1]], [h, w],
+                                    num_prefix_tokens=0, antialias=False)
+    return tokens.transpose(1, 2).reshape(1, C, size[0], size[1])
 
 
 def _shift(window: Optional[int], index: int) -> int:
@@ -153,6 +193,11 @@ class Visformer(LinearHeadMixin, nn.Module):
     Stage i (numbered so that the last is 3: v1 uses 1-3, v2 0-3) has width embed_dim * 2**(i - 2), a
     patch embedding (patch 4 for the first v1 stage, else 2) after the stride-2 stem, and a position
     embedding. ``window_sizes`` (v2, one per stage) switches on Swin windows; None = global attention (v1).
+
+    ``dynamic_img_size=True``: any input size (e.g. 512 x 1024 for dense prediction). Maps are zero-padded
+    to a multiple of each patch, the position embeddings are resampled bicubically to the current grid
+    (``timm.layers.resample_abs_pos_embed``, as timm's ViTs do), and attention blocks follow
+    :class:`VisformerBlock`'s rule for other map sizes. At ``img_size`` the output is the fixed-size one.
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3, num_classes: int = 1000, init_channels: int = 16,
@@ -160,7 +205,7 @@ class Visformer(LinearHeadMixin, nn.Module):
                  mlp_ratio: float = 4., group: int = 8, attn_stages: str = '011', spatial_conv: str = '100',
                  window_sizes: Optional[Sequence[int]] = None, qk_scale_exponent: float = -0.25,
                  drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
-                 global_pool: str = 'avg', use_checkpoint: bool = False) -> None:
+                 global_pool: str = 'avg', use_checkpoint: bool = False, dynamic_img_size: bool = False) -> None:
         super().__init__()
         n = len(depths)
         if n not in (3, 4) or any(d < 0 for d in depths):
@@ -186,6 +231,7 @@ class Visformer(LinearHeadMixin, nn.Module):
         self.img_size = img_size
         self.num_features = self.head_hidden_size = embed_dim * 2
         self.grad_checkpointing = use_checkpoint
+        self.dynamic_img_size = dynamic_img_size
         widths = [embed_dim * 2 ** i // 4 for i in range(self.first, 4)]
         res = [img_size // reduction // 2 ** j for j in range(n)]
 
@@ -198,7 +244,7 @@ class Visformer(LinearHeadMixin, nn.Module):
         in_chs, size = init_channels, img_size // 2
         for j, i in enumerate(range(self.first, 4)):
             patch = 4 if (n == 3 and j == 0) else 2
-            self.add_module(f'patch_embed{i}', PatchEmbed(size, patch, in_chs, widths[j]))
+            self.add_module(f'patch_embed{i}', PatchEmbed(size, patch, in_chs, widths[j], dynamic_img_size))
             window = window_sizes[j] if window_sizes is not None else None
             self.add_module(f'stage{i}', nn.Sequential(*[
                 VisformerBlock(widths[j], heads[j], (res[j], res[j]), window,
@@ -252,7 +298,11 @@ class Visformer(LinearHeadMixin, nn.Module):
         self.grad_checkpointing = enable
 
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = self.pos_drop(getattr(self, f'patch_embed{i}')(x) + getattr(self, f'pos_embed{i}'))
+        x = getattr(self, f'patch_embed{i}')(x)
+        pos = getattr(self, f'pos_embed{i}')
+        if x.shape[-2] != pos.shape[-2] or x.shape[-1] != pos.shape[-1]:     # only with dynamic_img_size
+            pos = resample_pos_embed(pos, (x.shape[-2], x.shape[-1]))
+        x = self.pos_drop(x + pos)
         stage = getattr(self, f'stage{i}')
         if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
             return checkpoint_seq(stage, x)
@@ -399,17 +449,20 @@ def swin_visformer_medium_v2(pretrained: bool = False, **kwargs: Any) -> Visform
 
 
 # ---------------------------------------------------------------------- experiment config
-@register_config_adapter(*TIMM_NAMES)
+# MODEL.VISFORMER (ours): QK_SCALE_EXPONENT is the official `qk_scale` / `--qk-scale-factor`: q and k are each
+# multiplied by head_dim ** exponent, so the logits by head_dim ** (2 * exponent). None = the variant's
+# default (-0.25 for v1, -0.5 for v2, the value the released v2 weights were trained with). Empty / 0 keep
+# the variant's value.
+VISFORMER_SECTION = config_section(ConfigSection('VISFORMER', (
+    ConfigKey('QK_SCALE_EXPONENT', None, 'qk_scale_exponent', keep=None),
+    ConfigKey('INIT_CHANNELS', 0, 'init_channels', keep=0, doc="stem width; 0 = the variant's"),
+    ConfigKey('EMBED_DIM', 0, 'embed_dim', keep=0, doc="width C; 0 = the variant's"),
+    ConfigKey('DEPTHS', [], 'depths', keep=[], doc="blocks per stage (3 for v1, 4 for v2)"),
+    ConfigKey('NUM_HEADS', [], 'num_heads', keep=[]),
+)))
+
+
+@register_config_adapter(*TIMM_NAMES, reads=(VISFORMER_SECTION,))
 def _visformer_spec(config) -> ModelSpec:
     """MODEL.TYPE (official name) -> timm name; non-empty MODEL.VISFORMER keys override the variant's values."""
-    spec = common_spec(config, TIMM_NAMES[config.MODEL.TYPE])
-    spec.kwargs['use_checkpoint'], spec.keys['use_checkpoint'] = config.TRAIN.USE_CHECKPOINT, 'TRAIN.USE_CHECKPOINT'
-    section = config.MODEL.VISFORMER
-    for kwarg, key in (('qk_scale_exponent', 'QK_SCALE_EXPONENT'), ('init_channels', 'INIT_CHANNELS'),
-                       ('embed_dim', 'EMBED_DIM'), ('depths', 'DEPTHS'), ('num_heads', 'NUM_HEADS')):
-        value = section[key]
-        if value is None or (not isinstance(value, float) and not value):
-            continue
-        spec.kwargs[kwarg] = tuple(value) if isinstance(value, (list, tuple)) else value
-        spec.keys[kwarg] = f'MODEL.VISFORMER.{key}'
-    return spec
+    return common_spec(config, TIMM_NAMES[config.MODEL.TYPE]).read(config, VISFORMER_SECTION)
