@@ -1,6 +1,5 @@
-"""Checkpoints (file I/O only): atomic save, safe (``weights_only``) load, auto-resume discovery, pruning;
-``load_pretrained`` reads a file and hands it to the model library (``models.load_pretrained``), which
-knows each family's checkpoint format.
+"""Checkpoints (file I/O only, no model code): atomic save, safe (``weights_only``) load, strict state loading,
+auto-resume discovery, pruning. Which weights a run starts from (resume, fine-tuning) is ``resume.py``.
 
 Every failure is a ``CheckpointError`` whose one-line message names the file, the problem and the fix.
 
@@ -27,14 +26,10 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode
 
-from models.layers import OFFICIAL_CHECKPOINT_GLOBALS, unwrap_state_dict  # shared with timm's loading path
+from errors import CheckpointError
+from state_dicts import OFFICIAL_CHECKPOINT_GLOBALS, state_dict_mismatch, unwrap_state_dict  # shared with timm's path
 
 logger = logging.getLogger(__name__)
-
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, read or applied (one line: file, problem, fix)."""
 
 
 # ----------------------------------------------------------------------------- save
@@ -193,30 +188,11 @@ def extract_model_state(ckpt: Dict[str, Any], prefer_ema: bool = False) -> Dict[
     return sd
 
 
-def _mismatch_report(missing: List[str], unexpected: List[str], shapes: List[str]) -> str:
-    parts = []
-    for name, items in (('missing', missing), ('unexpected', unexpected), ('shape mismatches', shapes)):
-        if items:
-            more = f' (+{len(items) - 3} more)' if len(items) > 3 else ''
-            parts.append(f"{len(items)} {name}: {', '.join(items[:3])}{more}")
-    return '; '.join(parts)
-
-
-def _compare(model_sd: Dict[str, torch.Tensor], sd: Dict[str, torch.Tensor]
-             ) -> Tuple[List[str], List[str], List[str]]:
-    missing = [k for k in model_sd if k not in sd]
-    unexpected = [k for k in sd if k not in model_sd]
-    shapes = [f'{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}' for k, v in model_sd.items()
-              if k in sd and torch.is_tensor(sd[k]) and tuple(sd[k].shape) != tuple(v.shape)]
-    return missing, unexpected, shapes
-
-
 def load_model_state(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
     """Strict load: keys and shapes are compared first; any mismatch raises CheckpointError."""
-    missing, unexpected, shapes = _compare(model.state_dict(), state_dict)
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"weights in {source} do not fit the model: "
-                              f"{_mismatch_report(missing, unexpected, shapes)}; does --cfg match the "
+    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise CheckpointError(f"weights in {source} do not fit the model: {mismatch}; does --cfg match the "
                               f"checkpoint's model (MODEL.TYPE, sizes, ATTN_TYPE, NUM_CLASSES, IMG_SIZE)?")
     model.load_state_dict(state_dict, strict=True)
 
@@ -314,36 +290,5 @@ def prune_checkpoints(output_dir: str, keep: int) -> None:
             logger.warning('could not prune %s: %s', path, e)
 
 
-# ----------------------------------------------------------------------------- pretrained
-def _read_index_file(path: str) -> List[int]:
-    try:
-        with open(path) as f:
-            return [int(line.split()[0]) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"could not read the 22k->1k class index file {path}: {e}; give a text file "
-                              f"with one class index per line") from None
-
-
-def load_pretrained(model: nn.Module, path: str, logger: Optional[logging.Logger] = None,
-                    index_22k_to_1k: Optional[str] = None, prefer_ema: bool = False) -> None:
-    """Fine-tuning load (``--pretrained``): safe-load ``path`` here, then adapt it to the model with
-    ``models.load_pretrained`` (the family's ``checkpoint_filter_fn``: re-creatable buffers, resized
-    position tables / encodings; a fresh head for another class count, or a 21841-class head mapped to
-    1000 classes with the ``index_22k_to_1k`` file). Any other mismatch raises CheckpointError."""
-    from models.build import load_pretrained as adapt_and_load   # local: checkpoint I/O stays model-free
-
-    log = logger or logging.getLogger(__name__)
-    ckpt = load_checkpoint(path)
-    index = _read_index_file(index_22k_to_1k) if index_22k_to_1k else None
-    try:
-        notes = adapt_and_load(model, ckpt, index_22k_to_1k=index, prefer_ema=prefer_ema)
-    except ValueError as e:
-        raise CheckpointError(f"pretrained weights {path} do not fit the model: {e}; does --cfg match the "
-                              f"checkpoint's model?") from None
-    for note in notes:
-        log.info('pretrained %s: %s', path, note)
-    log.info('loaded pretrained weights from %s', path)
-
-
-__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'extract_model_state', 'load_model_state',
-           'find_resume_checkpoint', 'prune_checkpoints', 'load_pretrained']
+__all__ = ['save_checkpoint', 'load_checkpoint', 'extract_model_state', 'load_model_state', 'find_resume_checkpoint',
+           'prune_checkpoints']

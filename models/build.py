@@ -334,7 +334,7 @@ def load_pretrained(model: nn.Module, checkpoint: Dict[str, Any], index_22k_to_1
     raises ValueError naming the mismatching keys."""
     import sys
 
-    from .layers import unwrap_state_dict
+    from state_dicts import unwrap_state_dict
 
     sd = unwrap_state_dict(checkpoint, prefer_ema=prefer_ema)
     notes = []

@@ -46,7 +46,8 @@ from errors import ConfigError
 
 from .build import ConfigSection, ModelSpec, config_section, register_config_adapter
 from .focused_attention import AttentionTap
-from .layers import (LinearHeadMixin, WindowAttention, build_backbone, shifted_window_mask, window_partition,
+from ._builder import build_backbone
+from .layers import (LinearHeadMixin, WindowAttention, pool_features, shifted_window_mask, window_partition,
                      window_reverse)
 from .neighborhood_attention import fvcore_handles as _na_fvcore_handles
 from .neighborhood_attention import neighborhood_attention, neighborhood_av, neighborhood_probs
@@ -448,8 +449,6 @@ class DAT(LinearHeadMixin, nn.Module):
         for name, flags in (('dwc_pes', dwc_pes), ('fixed_pes', fixed_pes), ('log_cpb', log_cpb)):
             if any(_per_stage(name, flags)):
                 raise ValueError(f'{name}={list(flags)}: this option of the official code is not implemented')
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
         if any(dims[i] != 2 * dims[i - 1] for i in range(1, 4)):
             raise ValueError(f'dims={list(dims)} must double from stage to stage (the official stage input '
                              f'width is 2 * dims[i-1])')
@@ -531,9 +530,14 @@ class DAT(LinearHeadMixin, nn.Module):
         return self.cls_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return x if pre_logits else self.cls_head(x)     # no dropout before the head (officially none)
+        """(B, C, H, W) -> (B, num_classes) logits (pooled (B, C) with ``pre_logits``); unpooled
+        (``global_pool=''``) the head acts as a 1x1 conv: (B, num_classes, H, W)."""
+        x = pool_features(x, self.global_pool, 'NCHW')
+        if pre_logits:
+            return x
+        if x.dim() == 4:
+            return self.cls_head(x.movedim(1, -1)).movedim(-1, 1)
+        return self.cls_head(x)     # no dropout before the head (officially none)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

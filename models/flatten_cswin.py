@@ -54,10 +54,12 @@ from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from state_dicts import unwrap_state_dict
+
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, merge_heads, split_heads
-from .layers import (ClassifierMixin, TokenGroups, build_backbone, flatten_pretrained_cfg, init_weights, run_blocks,
-                     square_size, tokens_to_nchw, unwrap_state_dict)
+from ._builder import build_backbone, flatten_pretrained_cfg, square_size
+from .layers import ClassifierMixin, TokenGroups, init_weights, run_blocks, tokens_to_nchw
 
 PATCH_STRIDE = 4          # the 7x7 stride-4 convolutional stem
 NUM_STAGES = 4

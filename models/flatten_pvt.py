@@ -37,10 +37,12 @@ from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from state_dicts import unwrap_state_dict
+
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, interpolate_tokens
-from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, build_backbone, flatten_pretrained_cfg,  # noqa: F401
-                     init_weights, run_blocks, square_size, tokens_to_nchw, unwrap_state_dict, whole_grid)
+from ._builder import build_backbone, flatten_pretrained_cfg, square_size  # noqa: F401  (flatten_pvt_v2 imports them)
+from .layers import ClassifierMixin, PatchEmbed, TokenGroups, init_weights, run_blocks, tokens_to_nchw, whole_grid
 
 SOFTMAX_SR_RATIOS = (8, 4, 2, 1)   # PVT's reductions, used by every softmax stage
 LINEAR_POOL = 7                    # PVTv2 'linear' mode pools keys/values to 7 x 7

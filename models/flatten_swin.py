@@ -35,11 +35,14 @@ from timm.layers import DropPath, Mlp, resample_abs_pos_embed, resize_rel_pos_bi
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from state_dicts import unwrap_state_dict
+
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import LA_SECTION, FocusedLinearAttentionBase
-from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, WindowAttention, build_backbone,  # noqa: F401
-                     flatten_pretrained_cfg, init_weights, relative_position_index, run_blocks, shifted_window_mask,
-                     square_size, tokens_to_nchw, unwrap_state_dict, window_partition, window_reverse)
+from ._builder import build_backbone, flatten_pretrained_cfg, square_size
+from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, WindowAttention, init_weights,
+                     relative_position_index, run_blocks, shifted_window_mask, tokens_to_nchw, window_partition,
+                     window_reverse)
 
 Grid = Tuple[int, int]
 
@@ -224,8 +227,6 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
         n = len(depths)
         img_size = square_size(img_size)
         check_swin_layout(img_size, patch_size, depths, num_heads, window_size, attn_type)
-        if global_pool not in ('', 'avg'):
-            raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (n - 1))
         self.dynamic_img_size = dynamic_img_size

@@ -31,10 +31,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
+from state_dicts import unwrap_state_dict
+
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_LINEAR, AttentionTap
-from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, build_backbone, tokens_to_nchw,
-                     unwrap_state_dict, whole_grid, window_partition, window_reverse)
+from ._builder import build_backbone
+from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, pool_features, tokens_to_nchw, whole_grid,
+                     window_partition, window_reverse)
 
 _logger = logging.getLogger(__name__)
 
@@ -312,8 +315,6 @@ class L2ViT(LinearHeadMixin, nn.Module):
             raise ValueError(f'dims={tuple(dims)}: the stem needs an even first width')
         if window_size < 1:
             raise ValueError(f'window_size={window_size} must be positive')
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = dims[-1]
@@ -377,9 +378,7 @@ class L2ViT(LinearHeadMixin, nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, H, W, C) -> logits (or the pooled (B, C) features with ``pre_logits``)."""
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
+        x = self.head_drop(pool_features(x, self.global_pool, 'NHWC'))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,18 +3,15 @@ one window attention (partition/reverse, relative position bias index, shifted-w
 family with windows (Swin, DAT++ 'L'/'S', L2ViT, Visformer v2) uses."""
 from __future__ import annotations
 
-import argparse
-import collections
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Tuple
+from typing import Any, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from timm.layers import to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg
 
 from .focused_attention import ATTN_LINEAR, ATTN_SOFTMAX, AttentionTap  # noqa: F401
 
@@ -71,14 +68,48 @@ def tokens_to_nchw(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
 _EXTRA_NO_DECAY = re.compile(r'(^|\.)(scale|positional_encoding|pos_embed\d+)$')
 
 
+# The global poolings every family's head implements (timm's names): 'avg', 'max', 'avgmax' (the mean of
+# both) over all positions, or '' (no pooling: the linear head is applied at every position).
+GLOBAL_POOLS = ('avg', 'max', 'avgmax', '')
+
+
+def check_global_pool(global_pool: Any, model: str = 'this model') -> str:
+    """``global_pool`` when the heads implement it, else a ValueError naming it and the supported values."""
+    if not isinstance(global_pool, str) or global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool={global_pool!r} is not supported by {model}; use 'avg', 'max', 'avgmax' "
+                         f"or '' (no pooling: the head is applied at every position)")
+    return global_pool
+
+
+def pool_features(x: torch.Tensor, global_pool: str, fmt: str) -> torch.Tensor:
+    """Global pooling of features laid out as ``fmt``: 'NLC' (B, N, C), 'NHWC' (B, H, W, C) or 'NCHW'
+    (B, C, H, W) -> (B, C); ``global_pool`` '' returns ``x`` unchanged."""
+    if global_pool == '':
+        return x
+    dims = [2, 3] if fmt == 'NCHW' else ([1, 2] if fmt == 'NHWC' else [1])
+    if global_pool == 'max':
+        return x.amax(dim=dims)
+    if global_pool == 'avgmax':
+        return 0.5 * (x.mean(dim=dims) + x.amax(dim=dims))
+    return x.mean(dim=dims)
+
+
 class LinearHeadMixin:
     """timm's classifier accessors for every family: a linear head (named ``head_name``) on ``num_features``
-    pooled channels, ``global_pool`` 'avg' or '' (no pooling)."""
+    pooled channels. ``global_pool`` is checked whenever it is set (construction, ``reset_classifier``, or
+    assignment): one of :data:`GLOBAL_POOLS`, pooled by :func:`pool_features`."""
 
     head_name = 'head'
     num_classes: int
     num_features: int
-    global_pool: str
+
+    @property
+    def global_pool(self) -> str:
+        return self._global_pool
+
+    @global_pool.setter
+    def global_pool(self, value: str) -> None:
+        self._global_pool = check_global_pool(value, type(self).__name__)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -86,8 +117,6 @@ class LinearHeadMixin:
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
-            if global_pool not in ('', 'avg'):
-                raise ValueError(f"global_pool={global_pool!r} must be 'avg' or ''")
             self.global_pool = global_pool
         self.num_classes = num_classes
         setattr(self, self.head_name, nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity())
@@ -95,14 +124,13 @@ class LinearHeadMixin:
 
 class ClassifierMixin(LinearHeadMixin):
     """The timm head contract shared by the FLatten families: ``forward_features`` gives (B, N, C) tokens,
-    the head averages them (``global_pool='avg'``; '' keeps tokens) and applies ``head``."""
+    the head pools them (``global_pool``; '' keeps the tokens: (B, N, num_classes) logits) and applies ``head``."""
 
     head: nn.Module
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, N, C) tokens -> (B, num_classes) logits, or pooled (B, C) with ``pre_logits``."""
-        if self.global_pool == 'avg':
-            x = x.mean(dim=1)
+        x = pool_features(x, self.global_pool, 'NLC')
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,58 +291,3 @@ class WindowAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, window={self.window}, num_heads={self.num_heads}'
-
-
-def unwrap_state_dict(checkpoint: dict, prefer_ema: bool = False) -> dict:
-    """The model state dict inside a checkpoint in any official wrapping ({'model': sd}, {'state_dict': sd},
-    {'model_ema' / 'state_dict_ema': sd} or a bare sd), with leading ``module.`` prefixes stripped."""
-    order = ('model_ema', 'state_dict_ema', 'model', 'state_dict') if prefer_ema else \
-        ('model', 'state_dict', 'model_ema', 'state_dict_ema')
-    sd = next((checkpoint[k] for k in order if isinstance(checkpoint.get(k), dict)), checkpoint)
-    out = {}
-    for k, v in sd.items():
-        while k.startswith('module.'):
-            k = k[len('module.'):]
-        out[k] = v
-    return out
-
-
-def square_size(img_size) -> int:
-    """``img_size`` given as an int or an (H, W) pair (timm passes ``input_size[-2:]``) -> the int side of a
-    square; ValueError for a non-square native size (other inputs run with ``dynamic_img_size=True``)."""
-    if isinstance(img_size, (tuple, list)):
-        if len(img_size) != 2 or img_size[0] != img_size[1]:
-            raise ValueError(f'img_size={tuple(img_size)} must be one square size (e.g. 224); run other input '
-                             f'sizes with dynamic_img_size=True')
-        img_size = img_size[0]
-    return int(img_size)
-
-
-def flatten_pretrained_cfg(first_conv: str, url: str = '', **kwargs) -> dict:
-    """pretrained_cfg of a FLatten variant. No download address: the official ``url`` goes to ``origin_url``
-    and a downloaded file is loaded with ``pretrained_cfg_overlay=dict(file=PATH)``."""
-    cfg = dict(url='', origin_url=url or 'https://github.com/LeapLabTHU/FLatten-Transformer',
-               num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=.9, interpolation='bicubic',
-               fixed_input_size=True, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-               first_conv=first_conv, classifier='head', paper_ids='arXiv:2308.00442',
-               paper_name='FLatten Transformer: Vision Transformer using Focused Linear Attention',
-               notes=('weights: the official release (origin_url); load a downloaded file with '
-                      'pretrained_cfg_overlay=dict(file=PATH)',))
-    cfg.update(kwargs)
-    return cfg
-
-
-# The classes that official checkpoints pickle beside their tensors: the Swin-codebase trainers store the yacs
-# config (read back as a plain OrderedDict, so yacs runs nothing), the DeiT/ConvNeXt trainers an
-# argparse.Namespace. weights_only loading allows these and nothing else.
-OFFICIAL_CHECKPOINT_GLOBALS = [(collections.OrderedDict, 'yacs.config.CfgNode'), argparse.Namespace]
-
-
-def build_backbone(cls: type, name: str, pretrained: bool, filter_fn: Callable, num_stages: int = 4,
-                   **kwargs: Any) -> nn.Module:
-    """timm's ``build_model_with_cfg`` with the getter feature wrapper over ``num_stages`` stage maps; a
-    ``pretrained_cfg_overlay=dict(file=PATH)`` official file is read with weights_only and the allow-list above."""
-    with torch.serialization.safe_globals(OFFICIAL_CHECKPOINT_GLOBALS):
-        return build_model_with_cfg(cls, name, pretrained, pretrained_filter_fn=filter_fn,
-                                    feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_stages))),
-                                    **kwargs)

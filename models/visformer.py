@@ -33,9 +33,12 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from timm.models.visformer import SpatialMlp
 
+from state_dicts import unwrap_state_dict
+
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
-from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, build_backbone, shifted_window_mask, square_size,
-                     unwrap_state_dict, window_partition, window_reverse)
+from ._builder import build_backbone, square_size
+from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, pool_features, shifted_window_mask,
+                     window_partition, window_reverse)
 
 _logger = logging.getLogger(__name__)
 
@@ -316,9 +319,14 @@ class Visformer(LinearHeadMixin, nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.head(x)
+        """(B, C, H, W) -> (B, num_classes) logits (pooled (B, C) with ``pre_logits``); unpooled
+        (``global_pool=''``) the head acts as a 1x1 conv: (B, num_classes, H, W)."""
+        x = pool_features(x, self.global_pool, 'NCHW')
+        if pre_logits:
+            return x
+        if x.dim() == 4:
+            return self.head(x.movedim(1, -1)).movedim(-1, 1)
+        return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
