@@ -1,10 +1,11 @@
 """Optimiser with the official two parameter groups: weight decay for matrices/kernels, none for 1-D
 parameters (norms), biases and the names the model lists in ``no_weight_decay()`` /
-``no_weight_decay_keywords()`` (each family returns its official repository's rules).
+``no_weight_decay_keywords()`` (each family returns its official repository's rules). This is timm's rule
+too (``param_groups_weight_decay``), so a stock timm model gets the groups timm's trainer gives it.
 
 TRAIN.OPTIMIZER.EXTRA_NO_WEIGHT_DECAY (ours, off by default) also exempts the parameters the model names
-in ``extra_no_weight_decay()`` (the focused attention's ``scale`` and ``positional_encoding``, PVT-v1's
-``pos_embed1-4``): a deviation from the published recipe, see the README.
+in ``extra_no_weight_decay()`` (the model library decides which; see the README): a deviation from the
+published recipe.
 
 AdamW and SGD are built fused where the parameters' device supports it (CUDA, CPU): one kernel per
 step, and the step accepts a ``found_inf`` device flag, which lets the engine skip a non-finite step
@@ -12,7 +13,6 @@ without reading anything back to the host.
 """
 from __future__ import annotations
 
-import re
 from typing import Dict, Iterable, List
 
 import torch
@@ -20,11 +20,6 @@ import torch.nn as nn
 from yacs.config import CfgNode
 
 FUSED_DEVICES = ('cuda', 'cpu')
-# Names of the model method listing our extra exclusions (first found is used).
-EXTRA_NO_DECAY_METHODS = ('extra_no_weight_decay',)
-# Fallback when a model has no such method: the focused attention's scales / positional encodings and
-# PVT-v1's numbered position embeddings.
-_EXTRA_PATTERN = re.compile(r'(^|\.)(scale|positional_encoding|pos_embed\d+)$')
 
 
 def param_groups(model: nn.Module, skip: Iterable[str] = (), skip_keywords: Iterable[str] = ()
@@ -44,11 +39,10 @@ def param_groups(model: nn.Module, skip: Iterable[str] = (), skip_keywords: Iter
 
 
 def extra_no_weight_decay(model: nn.Module) -> set:
-    """Full parameter names of our extra exclusions (see the module docstring)."""
-    for method in EXTRA_NO_DECAY_METHODS:
-        if hasattr(model, method):
-            return set(getattr(model, method)())
-    return {n for n, _ in model.named_parameters() if _EXTRA_PATTERN.search(n)}
+    """Full parameter names of our extra exclusions: what the model lists in ``extra_no_weight_decay()`` (the
+    model library's one rule, see the module docstring); none for a model without that method (stock timm
+    models: timm's rule alone)."""
+    return set(model.extra_no_weight_decay()) if hasattr(model, 'extra_no_weight_decay') else set()
 
 
 def no_decay_rules(config: CfgNode, model: nn.Module) -> tuple:

@@ -80,7 +80,7 @@ class LayerNormProxy(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class ConvMlp(nn.Module):
+class ResidualDepthwiseConvMlp(nn.Module):
     """(B, C, H, W) -> same: ``linear1`` 1x1 conv to C*expansion, x + dwc(x) (3x3 depth-wise), GELU,
     ``linear2`` 1x1 conv back. Keys ``linear1.0``, ``linear2.0``, ``dwc`` (registered last, officially)."""
 
@@ -357,7 +357,7 @@ class DatStage(nn.Module):
         self.grad_checkpointing = False
         self.proj = nn.Conv2d(dim_in, dim, 1) if dim_in != dim else nn.Identity()
         self.layer_norms = nn.ModuleList([LayerNormProxy(dim) for _ in range(2 * depth)])
-        mlp = ConvMlp if use_dwc_mlp else TokenMlp
+        mlp = ResidualDepthwiseConvMlp if use_dwc_mlp else TokenMlp
         self.mlps = nn.ModuleList([mlp(dim, expansion, drop) for _ in range(depth)])
         self.attns = nn.ModuleList()
         for letter in self.spec:

@@ -55,8 +55,9 @@ class DWConv(nn.Module):
         return self.dwconv(tokens_to_nchw(x, hw or self.resolution)).flatten(2).transpose(1, 2)
 
 
-class ConvMlp(nn.Module):
-    """PVTv2 MLP: fc1 -> (ReLU if linear) -> depth-wise conv -> GELU -> dropout -> fc2 -> dropout."""
+class DepthwiseConvMlp(nn.Module):
+    """PVTv2 MLP: fc1 -> (ReLU if linear) -> depth-wise conv -> GELU -> dropout -> fc2 -> dropout. Not timm's
+    ``MlpWithDepthwiseConv`` (same keys): ours takes the token grid at run time (any input size)."""
 
     takes_grid = True
 
@@ -138,7 +139,7 @@ class FLattenPVTv2(PyramidClassifier):
             embed = (OverlapPatchEmbed(img_size, 7, 4, in_chans, dim, dynamic_img_size) if i == 0 else
                      OverlapPatchEmbed(self.resolutions[i - 1][0], 3, 2, embed_dims[i - 1], dim, dynamic_img_size))
             setattr(self, f'patch_embed{i + 1}', embed)
-            mlp = partial(ConvMlp, resolution=res, drop=drop_rate, linear=linear)
+            mlp = partial(DepthwiseConvMlp, resolution=res, drop=drop_rate, linear=linear)
             setattr(self, f'block{i + 1}', nn.ModuleList([
                 PVTBlock(dim, res, num_heads[i], attn_type[i], srs[i], mlp, mlp_ratios[i], qkv_bias, qk_scale,
                          drop_rate, attn_drop_rate, dpr[sum(depths[:i]) + j], linear, focusing_factor,

@@ -231,7 +231,7 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (n - 1))
         self.dynamic_img_size = dynamic_img_size
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, patch_norm, dynamic_img_size)
-        grid = self.patch_embed.grid
+        grid = self.patch_embed.grid_size
         self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim)) if ape else None
         if ape:
             trunc_normal_(self.absolute_pos_embed, std=.02)
@@ -276,8 +276,8 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
         x, hw = self.patch_embed.forward_grid(x)
         if self.absolute_pos_embed is not None:
             pos = self.absolute_pos_embed
-            if hw != self.patch_embed.grid:
-                pos = resample_abs_pos_embed(pos, list(hw), list(self.patch_embed.grid), num_prefix_tokens=0,
+            if hw != self.patch_embed.grid_size:
+                pos = resample_abs_pos_embed(pos, list(hw), list(self.patch_embed.grid_size), num_prefix_tokens=0,
                                              antialias=False)
             x = x + pos
         return self.pos_drop(x), hw
@@ -286,7 +286,7 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
         """Yield (stage index, tokens before its downsample, their grid) up to stage ``stop``; the tokens
         passed on are downsampled."""
         x, hw = self._embed(x)
-        native = hw == self.patch_embed.grid
+        native = hw == self.patch_embed.grid_size
         for i, layer in enumerate(self.layers[:stop + 1]):
             x = layer.forward_blocks(x, None if native else hw)
             yield i, x, hw

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import PatchEmbed as TimmPatchEmbed
+from timm.layers import trunc_normal_
 
 from .focused_attention import ATTN_LINEAR, ATTN_SOFTMAX, AttentionTap  # noqa: F401
 
@@ -108,6 +109,7 @@ class LinearHeadMixin:
         return self._global_pool
 
     @global_pool.setter
+    @torch.jit.unused           # set in Python only; scripted code reads it
     def global_pool(self, value: str) -> None:
         self._global_pool = check_global_pool(value, type(self).__name__)
 
@@ -143,39 +145,26 @@ class ClassifierMixin(LinearHeadMixin):
         return {n for n, _ in self.named_parameters() if _EXTRA_NO_DECAY.search(n)}
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patch projection: (B, C_in, H, W) -> (B, H/p * W/p, C), optional LayerNorm."""
+class PatchEmbed(TimmPatchEmbed):
+    """timm's non-overlapping patch projection (keys ``proj`` / ``norm``): (B, C_in, H, W) -> (B, H/p * W/p, C),
+    optional LayerNorm. Ours adds ``forward_grid`` (the families need the token grid) and reports an input of
+    the wrong size as a ValueError naming the fix instead of timm's assertion."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, norm: bool,
                  dynamic_img_size: bool = False) -> None:
-        super().__init__()
-        self.img_size = to_2tuple(img_size)
-        self.patch_size = patch_size
+        super().__init__(img_size, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm if norm else None,
+                         strict_img_size=not dynamic_img_size, dynamic_img_pad=dynamic_img_size)
         self.dynamic_img_size = dynamic_img_size
-        self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim) if norm else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_grid(x)[0]
 
     def forward_grid(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """(B, C_in, H, W) -> ((B, H/p * W/p, C), (H/p, W/p)). With ``dynamic_img_size`` any size is taken
         (the image is zero-padded on the bottom/right to a multiple of the patch); otherwise it must be
         ``img_size``."""
-        if not self.dynamic_img_size:
-            if tuple(x.shape[-2:]) != self.img_size:
-                raise ValueError(f'input size {tuple(x.shape[-2:])} does not match the model ({self.img_size}); '
-                                 f'set DATA.IMG_SIZE to the input size (or build with dynamic_img_size=True)')
-        else:
-            p = self.patch_size
-            pad_h, pad_w = (-x.shape[-2]) % p, (-x.shape[-1]) % p
-            if pad_h or pad_w:
-                x = F.pad(x, (0, pad_w, 0, pad_h))
-        x = self.proj(x)
         hw = (x.shape[-2], x.shape[-1])
-        x = x.flatten(2).transpose(1, 2)
-        return (self.norm(x) if self.norm is not None else x), hw
+        if not self.dynamic_img_size and hw != self.img_size:
+            raise ValueError(f'input size {hw} does not match the model ({self.img_size}); '
+                             f'set DATA.IMG_SIZE to the input size (or build with dynamic_img_size=True)')
+        return super().forward(x), self.dynamic_feat_size(hw)
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from config import ConfigError, load_config
 from models import build_model
 from models.flatten_cswin import FocusedLinearStripeAttention, LePEAttention
 from models.flatten_pvt import FocusedLinearSRAttention, PVTBlock, SRAttention
-from models.flatten_pvt_v2 import ConvMlp
+from models.flatten_pvt_v2 import DepthwiseConvMlp
 from models.layers import WindowAttention, shifted_window_mask
 from models.flatten_swin import FocusedLinearWindowAttention
 
@@ -347,7 +347,7 @@ def test_pvt_v2_block_replays_the_official_nested_init():
     torch.manual_seed(6)
     from models.flatten_pvt_v2 import init_pvt_v2
     from functools import partial
-    blk = PVTBlock(dim, (4, 4), 2, 'L', 1, partial(ConvMlp, resolution=(4, 4)), 2., nested_init=init_pvt_v2)
+    blk = PVTBlock(dim, (4, 4), 2, 'L', 1, partial(DepthwiseConvMlp, resolution=(4, 4)), 2., nested_init=init_pvt_v2)
     ours = [blk.attn.q, blk.attn.kv, blk.attn.proj, blk.attn.dwc, blk.mlp.fc1, blk.mlp.dwconv.dwconv, blk.mlp.fc2]
     for a, b in zip(ours, attn + mlp):
         assert torch.equal(a.weight, b.weight), a

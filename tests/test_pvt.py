@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from config import ConfigError, load_config
 from models import build_model
 from models.flatten_pvt import FLattenPVT, FocusedLinearSRAttention, SRAttention
-from models.flatten_pvt_v2 import ConvMlp, FLattenPVTv2
+from models.flatten_pvt_v2 import DepthwiseConvMlp, FLattenPVTv2
 from reference import naive_depthwise_conv, naive_focused_linear_attention, naive_interpolate_tokens
 
 CFGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'cfgs')
@@ -247,7 +247,7 @@ def test_softmax_sr_attention_matches_naive(sr, rng):
 @pytest.mark.parametrize('linear', [False, True])
 def test_pvt_v2_conv_mlp_matches_naive(linear, rng):
     H, W, dim, hidden = 6, 5, 8, 16
-    mlp = ConvMlp(dim, hidden, (H, W), linear=linear).eval()
+    mlp = DepthwiseConvMlp(dim, hidden, (H, W), linear=linear).eval()
     _randomise(mlp, rng)
     x = torch.randn(2, H * W, dim, generator=rng)
     h = _linear(x.double(), mlp.fc1)
