@@ -207,6 +207,11 @@ def _merge(config: CN, updates: dict, source: str, prefix: str = '') -> None:
                               f"valid keys here: {', '.join(sorted(config.keys()))})")
         original = config[key]
         if isinstance(original, CN):
+            if isinstance(value, str):            # --opts MODEL.KWARGS "{embed_dim: 32, depths: [1, 1]}"
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    pass
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{full_key}' is a section; give it sub-keys, not {value!r}")
             _merge(original, value, source, full_key + '.')
