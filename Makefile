@@ -1,13 +1,17 @@
 PY ?= python3
 DIGITS ?= data_digits
 
-.PHONY: install test demo bench
+.PHONY: install install-dense test demo bench
 
 install:
 	$(PY) -m pip install -q -r requirements.txt
 
+# Optional extra for dense prediction (smp); the tests need it.
+install-dense:
+	$(PY) -m pip install -q -r requirements-dense.txt
+
 # The test command of the README and of .ci/run.
-test: install
+test: install install-dense
 	$(PY) -m pytest -q tests
 
 # The main job on the embedded real dataset: write digits folders, train, evaluate, re-evaluate the checkpoint.

@@ -97,8 +97,8 @@ _C.TRAIN.OPTIMIZER.NAME = 'adamw'        # adamw, sgd
 _C.TRAIN.OPTIMIZER.EPS = 1e-8
 _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
-# (ours) also exempt the focused attention's scale / positional_encoding (and PVT-v1's pos_embed1-4)
-# from weight decay; off = the official parameter groups of each family.
+# (ours) also exempt what the model lists in extra_no_weight_decay() from weight decay (the model library
+# decides: e.g. the focused attention's scales and positional encodings); off = the official groups.
 _C.TRAIN.OPTIMIZER.EXTRA_NO_WEIGHT_DECAY = False
 
 # ----------------------------------------------------------------------------- augmentation
@@ -116,8 +116,9 @@ _C.AUG.MIXUP_SWITCH_PROB = 0.5
 _C.AUG.MIXUP_MODE = 'batch'
 _C.AUG.HFLIP = 0.5                       # (ours) horizontal flip probability (timm default)
 _C.AUG.SCALE = (0.08, 1.0)               # (ours) random-resized-crop area range (timm default)
-# (ours) repeated augmentation (DeiT's RASampler, Visformer's recipe): each image appears
-# REPEATED_AUG_COUNT times per epoch under different augmentations, spread over the ranks.
+# (ours) repeated augmentation (DeiT's RASampler, Visformer's recipe): the shuffled order lists each image
+# REPEATED_AUG_COUNT times in a row (independent augmentations), dealt to the ranks in turn; each rank's
+# epoch is cut to floor(N / 256) * 256 / ranks samples, so an epoch covers about 1/COUNT of the N images.
 _C.AUG.REPEATED_AUG = False
 _C.AUG.REPEATED_AUG_COUNT = 3
 

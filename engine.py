@@ -1,13 +1,9 @@
-"""The one training / evaluation loop (with or without EMA).
+"""The step, the epoch loop and evaluation (with or without EMA).
 
-``run(config)`` sets the run up (``setup_run``: data path check, lr scaling, output folder, logging) and
-dispatches to one of three modes, each its own function:
-
-* training: ``build_trainer(config, info)`` builds everything a run holds (loaders, model, optimizer,
-  schedule, scaler, EMA, resume state) into a :class:`Trainer`; ``train(t)`` runs the epochs
-  (``train_one_epoch`` -> ``forward_backward`` / ``optimizer_step`` per step, ``validate`` per epoch);
-* evaluation: ``evaluate(config, info)``;
-* throughput: ``measure_throughput(config, info)``.
+A :class:`Trainer` (built by ``runner.build_trainer``) holds everything a training run holds; ``train(t)`` runs
+the epochs (``train_one_epoch`` -> ``forward_backward`` / ``optimizer_step`` per step, ``validate`` per epoch,
+checkpoints through ``resume.save``); ``validate`` and ``throughput`` measure a model. Run setup and the
+modes are ``runner.py``; which weights a run starts from is ``resume.py``.
 
 The training step does no host synchronisation: the loss, the gradient norm, the non-finite flag and the
 count of consecutive non-finite steps stay on the device and are read back once every PRINT_FREQ steps
@@ -32,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -41,15 +36,12 @@ from yacs.config import CfgNode
 
 import checkpoint as ckpt_io
 import report
-from checkpoint import CheckpointError
-from config import ConfigError
-from data import build_mixup, build_train_loader, build_val_loader, check_data_path
-from logger import MetricsWriter, create_logger
-from lr_scheduler import build_scheduler
-from models import build_model
-from optimizer import build_optimizer, supports_found_inf
-from utils import (DistInfo, PreemptionHandler, all_reduce_max, all_reduce_sum, barrier, cleanup_distributed,
-                   derive_seed, get_rank, grad_norm, init_distributed, pick_device, seed_everything)
+from errors import TrainingError
+from logger import MetricsWriter
+from optimizer import supports_found_inf
+from resume import save
+from utils import (DistInfo, PreemptionHandler, all_reduce_max, all_reduce_sum, barrier, derive_seed, get_rank,
+                   grad_norm, seed_everything)
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +51,6 @@ VALIDATION_LOG_SECONDS = 30.0            # validation progress at least this oft
 
 class Preempted(Exception):
     """Raised after a SIGTERM/SIGINT once the resumable checkpoint is written (exit code 143)."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many consecutive non-finite steps); one line with the fix."""
 
 
 @dataclass
@@ -155,39 +143,6 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # peak RSS (KiB on Linux)
 
 
-def accumulation_steps(config: CfgNode) -> int:
-    """Micro-batches per optimizer step (TRAIN.ACCUMULATION_STEPS; 0 means 1, as the official default)."""
-    return max(1, int(config.TRAIN.ACCUMULATION_STEPS))
-
-
-def scale_lr(config: CfgNode, world_size: int) -> CfgNode:
-    """TRAIN.LR_SCALING 'linear': base, warmup and min lr times the total batch (per-process batch x world
-    size x accumulation steps) / TRAIN.LR_SCALE_BATCH, as the official Swin/FLatten/DeiT code; 'none': the
-    configured values are absolute (ConvNeXt/L2ViT)."""
-    if config.TRAIN.LR_SCALING == 'none':
-        return config
-    factor = config.DATA.BATCH_SIZE * world_size * accumulation_steps(config) / float(config.TRAIN.LR_SCALE_BATCH)
-    config = config.clone()
-    config.defrost()
-    config.TRAIN.BASE_LR *= factor
-    config.TRAIN.WARMUP_LR *= factor
-    config.TRAIN.MIN_LR *= factor
-    config.freeze()
-    return config
-
-
-def ensure_output(path: str) -> None:
-    """Create the output folder and prove it is writable (ConfigError naming --output otherwise)."""
-    probe = os.path.join(path, f'.write_test_{os.getpid()}')
-    try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, 'w') as f:
-            f.write('ok')
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"output folder {path} is not writable ({e.strerror or e}); choose another --output") from None
-
-
 def build_criterion(config: CfgNode, mixup: Any) -> nn.Module:
     """SoftTargetCrossEntropy with Mixup/CutMix (smoothing is in the soft targets), label smoothing CE,
     or plain CE."""
@@ -196,33 +151,6 @@ def build_criterion(config: CfgNode, mixup: Any) -> nn.Module:
     if config.MODEL.LABEL_SMOOTHING > 0:
         return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
     return nn.CrossEntropyLoss()
-
-
-def _broadcast_path(path: Optional[str]) -> Optional[str]:
-    if dist.is_available() and dist.is_initialized():
-        box = [path]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return path
-
-
-def resume_source(config: CfgNode, info: DistInfo) -> Optional[str]:
-    """--resume, unless TRAIN.AUTO_RESUME finds a checkpoint of this run in OUTPUT (training only:
-    an explicit --resume with --eval is never replaced)."""
-    explicit = config.MODEL.RESUME or None
-    if explicit and (config.EVAL_MODE or config.THROUGHPUT_MODE):
-        return explicit
-    if not config.TRAIN.AUTO_RESUME:
-        return explicit
-    found = ckpt_io.find_resume_checkpoint(config.OUTPUT) if info.is_main else None
-    found = _broadcast_path(found)
-    if found:
-        if explicit and os.path.abspath(explicit) != os.path.abspath(found):
-            logger.warning('auto-resume: continuing this run from %s instead of --resume %s', found, explicit)
-        logger.info('auto resuming from %s', found)
-        return found
-    logger.info('no checkpoint found in %s, ignoring auto resume', config.OUTPUT)
-    return explicit
 
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
@@ -302,77 +230,6 @@ def throughput(config: CfgNode, images: torch.Tensor, model: nn.Module, device: 
     return value
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def checkpoint_state(t: Trainer, epoch: int, step: int = 0) -> Dict[str, Any]:
-    """The resumable checkpoint dict (see the checkpoint API contract)."""
-    return {
-        'model': t.model_without_ddp.state_dict(),
-        'optimizer': t.optimizer.state_dict(),
-        'lr_scheduler': t.lr_scheduler.state_dict(),
-        'scaler': t.scaler.state_dict() if t.scaler.is_enabled() else None,
-        'model_ema': t.ema.module.state_dict() if t.ema is not None else None,
-        'epoch': epoch, 'step': step,
-        'max_accuracy': t.max_accuracy, 'max_ema_accuracy': t.max_ema_accuracy,
-        'config': t.config.dump(),
-    }
-
-
-def save(t: Trainer, name: str, epoch: int, step: int = 0) -> str:
-    path = os.path.join(t.config.OUTPUT, name)
-    logger.info(f'{path} saving......')
-    ckpt_io.save_checkpoint(checkpoint_state(t, epoch, step), path)
-    logger.info(f'{path} saved !!!')
-    return path
-
-
-def load_weights(path: str, model: nn.Module, ema: Optional[ModelEmaV3] = None,
-                 prefer_ema: bool = False) -> Dict[str, Any]:
-    """Load the model (and EMA) weights of checkpoint ``path``; returns the checkpoint dict. Without EMA
-    weights in the file the EMA restarts from the loaded model. ``prefer_ema`` (--ema, evaluation only): the
-    model gets the file's 'model_ema' weights when it has them."""
-    logger.info(f'==============> Resuming from {path}....................')
-    ckpt = ckpt_io.load_checkpoint(path)
-    if prefer_ema:
-        logger.info("%s: evaluating its %s weights (--ema)", path,
-                    "'model_ema'" if isinstance(ckpt.get('model_ema'), dict) else "'model' (it has no EMA)")
-    ckpt_io.load_model_state(model, ckpt_io.extract_model_state(ckpt, prefer_ema=prefer_ema), path)
-    if ema is not None:
-        if isinstance(ckpt.get('model_ema'), dict):
-            ckpt_io.load_model_state(ema.module, ckpt_io.extract_model_state({'model': ckpt['model_ema']}), path)
-        else:
-            ema.module.load_state_dict(model.state_dict())
-            logger.info('%s holds no EMA weights: EMA restarts from the loaded model', path)
-    return ckpt
-
-
-def resume_training(t: Trainer, path: str) -> None:
-    """Weights, optimizer, schedule, scaler, EMA and progress (epoch, step, best accuracies) from ``path``;
-    a weights-only file (no optimizer state) starts the schedule from TRAIN.START_EPOCH."""
-    ckpt = load_weights(path, t.model_without_ddp, t.ema)
-    if not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
-        return
-    try:
-        t.optimizer.load_state_dict(ckpt['optimizer'])
-        t.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
-        if t.scaler.is_enabled() and isinstance(ckpt.get('scaler'), dict):
-            t.scaler.load_state_dict(ckpt['scaler'])
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"optimizer/scheduler state in {path} does not fit this run ({str(e).splitlines()[0]}); "
-                              f"resume with the config the checkpoint was trained with") from None
-    t.epoch, t.step = int(ckpt['epoch']), int(ckpt.get('step') or 0)
-    t.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
-    t.max_ema_accuracy = float(ckpt.get('max_ema_accuracy', 0.0) or 0.0)
-    logger.info(f"=> loaded successfully '{path}' (epoch {t.epoch}, step {t.step})")
-
-
-def load_resume(t: Optional[Trainer], path: str, model: nn.Module, ema: Optional[ModelEmaV3]) -> Dict[str, Any]:
-    """Compatibility alias: ``resume_training`` with a trainer, ``load_weights`` without."""
-    if t is None:
-        return load_weights(path, model, ema)
-    resume_training(t, path)
-    return {}
-
-
 # ----------------------------------------------------------------------------- the step
 def _poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
     """``loss`` unchanged when finite; otherwise multiplied by NaN so that every gradient is NaN too.
@@ -444,10 +301,21 @@ def optimizer_step(t: Trainer) -> torch.Tensor:
     return torch.stack([norm, bad.float(), t._run_dev])
 
 
+def preemption_point(t: Trainer, epoch: int, step: int) -> str:
+    """Where a run stopped, in the training log's numbering: ``step`` optimizer steps of 0-based epoch
+    ``epoch`` done -> ``[epoch+1/E][step/S]`` as in ``Train: [1/2][12/22]``; at an epoch boundary (step 0)
+    ``after epoch [epoch/E]``."""
+    if step == 0:
+        return f'after epoch [{epoch}/{t.total_epochs}]'
+    return f'at [{epoch + 1}/{t.total_epochs}][{step}/{t.steps_per_epoch}]'
+
+
 def _preempt_exit(t: Trainer, epoch: int, step: int) -> None:
+    """Save the resumable checkpoint of (0-based epoch, steps done in it) and raise Preempted."""
     if t.info.is_main:
-        save(t, PREEMPT_CHECKPOINT, epoch, step)
-        logger.warning(f'preempted: saved epoch {epoch} step {step}; rerun the same command to continue')
+        path = save(t, PREEMPT_CHECKPOINT, epoch, step)
+        logger.warning(f'preempted {preemption_point(t, epoch, step)}: saved {path}; rerun the same command to '
+                       f'continue')
     barrier()
     raise Preempted()
 
@@ -640,207 +508,3 @@ def train(t: Trainer, loader_val=None) -> RunResult:
     result.max_accuracy, result.max_ema_accuracy = t.max_accuracy, t.max_ema_accuracy
     result.skipped_steps = t.skipped_steps
     return result
-
-
-# ----------------------------------------------------------------------------- setup
-def files_dir(config: CfgNode) -> str:
-    """Where this run writes its config.yaml, log and metrics: OUTPUT when training; its own sub-folder
-    OUTPUT/eval (--eval) or OUTPUT/throughput (--throughput), so that evaluating a finished run's
-    checkpoint with that run's --output never overwrites or appends to the training run's files."""
-    if config.EVAL_MODE:
-        return os.path.join(config.OUTPUT, 'eval')
-    if config.THROUGHPUT_MODE:
-        return os.path.join(config.OUTPUT, 'throughput')
-    return config.OUTPUT
-
-
-def setup_run(config: CfgNode, info: DistInfo) -> CfgNode:
-    """What every mode needs first: the data path (and class count) checked once, before any work; the
-    learning rate scaled (TRAIN.LR_SCALING); the output folder writable; logging; config.yaml written
-    (rank 0); seeds. Returns the config the run uses."""
-    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
-    if config.DATA.DATA_PATH or not config.THROUGHPUT_MODE:      # fail on a bad --data-path before any work
-        check_data_path(config, ('train', 'val') if training else ('val',))
-    config = scale_lr(config, info.world_size)
-    folder = files_dir(config)
-    ensure_output(folder)
-    create_logger(folder, info.rank, config.MODEL.NAME)
-    if info.is_main:
-        path = os.path.join(folder, 'config.yaml')
-        with open(path, 'w') as f:
-            f.write(config.dump())
-        logger.info(f'Full config saved to {path}')
-        logger.info(config.dump())
-    logger.info(f'rank {info.rank}/{info.world_size} on {info.device}')
-    seed_everything(config.SEED + info.rank)
-    if info.device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-    return config
-
-
-def create_model(config: CfgNode, info: DistInfo) -> nn.Module:
-    """The model on the run's device (channels_last when TRAIN.CHANNELS_LAST), with --pretrained weights."""
-    logger.info(f'Creating model:{config.MODEL.TYPE}/{config.MODEL.NAME}')
-    model = build_model(config).to(info.device)
-    if config.TRAIN.CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
-    if info.is_main:      # the parameter/FLOPs table on the console, the full module tree in the log file only
-        report.log_model(model, config.DATA.IMG_SIZE)
-    logger.info(f'number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}')
-    if config.MODEL.PRETRAINED:
-        ckpt_io.load_pretrained(model, config.MODEL.PRETRAINED, logger,
-                                index_22k_to_1k=config.MODEL.PRETRAINED_22K_TO_1K or None,
-                                prefer_ema=config.MODEL.USE_EMA_WEIGHTS)
-    return model
-
-
-def create_ema(config: CfgNode, model: nn.Module) -> Optional[ModelEmaV3]:
-    if not config.MODEL_EMA.ENABLE:
-        return None
-    ema = ModelEmaV3(model, decay=config.MODEL_EMA.DECAY,
-                     device=torch.device('cpu') if config.MODEL_EMA.FORCE_CPU else None)
-    logger.info(f'model EMA enabled, decay {config.MODEL_EMA.DECAY}')
-    return ema
-
-
-def convert_sync_batchnorm(model: nn.Module, config: CfgNode, info: DistInfo) -> nn.Module:
-    """TRAIN.SYNC_BN: BatchNorm layers become SyncBatchNorm under DDP (a no-op on one process). The
-    parameters are the same objects, so build the optimizer and EMA afterwards or before alike."""
-    if not (config.TRAIN.SYNC_BN and info.distributed):
-        return model
-    if info.device.type != 'cuda':
-        raise ConfigError('TRAIN.SYNC_BN needs CUDA devices (SyncBatchNorm has no CPU/gloo implementation); '
-                          'train on GPUs or set TRAIN.SYNC_BN False')
-    logger.info('BatchNorm layers converted to SyncBatchNorm')
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
-def build_trainer(config: CfgNode, info: Optional[DistInfo] = None, loader_val=None) -> Trainer:
-    """Everything a training run holds, resumed when a checkpoint says so. ``config`` is the run's config
-    (after ``setup_run``); ``info`` defaults to a single process on DEVICE."""
-    info = info or DistInfo(device=pick_device(config.DEVICE))
-    pin = info.device.type == 'cuda'
-    if loader_val is None:
-        dataset_val, loader_val = build_val_loader(config, info.rank, info.world_size, pin)
-    dataset_train, loader_train, sampler = build_train_loader(config, info.rank, info.world_size, pin)
-    logger.info(f'{len(dataset_train)} training and {len(loader_val.dataset)} validation images')
-    k = accumulation_steps(config)
-    steps_per_epoch = sampler.per_rank() // (config.DATA.BATCH_SIZE * k)
-    if steps_per_epoch < 1:
-        raise ConfigError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} x TRAIN.ACCUMULATION_STEPS {k} is larger than "
-                          f"the {sampler.per_rank()} training images per process; lower one of them")
-
-    model = create_model(config, info)
-    model = convert_sync_batchnorm(model, config, info)
-    optimizer = build_optimizer(config, model)
-    step_model: nn.Module = model
-    if info.distributed:
-        # models whose official architecture has parameters unused in the forward declare it
-        unused = config.FIND_UNUSED_PARAMS or bool(getattr(model, 'has_unused_parameters', False))
-        step_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.local_rank] if info.device.type == 'cuda' else None,
-            find_unused_parameters=unused)
-    ema = create_ema(config, model)      # after DDP broadcast rank 0's weights: one EMA on every rank
-    if config.TRAIN.COMPILE:
-        step_model = torch.compile(step_model, dynamic=False)
-        logger.info('training step model compiled with torch.compile')
-    mixup = build_mixup(config)
-    use_scaler = config.AMP and config.AMP_DTYPE == 'float16'
-    t = Trainer(config=config, info=info, model=step_model, model_without_ddp=model, optimizer=optimizer,
-                lr_scheduler=build_scheduler(config, optimizer, steps_per_epoch),
-                scaler=torch.amp.GradScaler(info.device.type, enabled=use_scaler),
-                criterion=build_criterion(config, mixup), ema=ema, mixup=mixup, loader=loader_train,
-                sampler=sampler, steps_per_epoch=steps_per_epoch, loader_val=loader_val, accumulation=k,
-                epoch=config.TRAIN.START_EPOCH)
-    source = resume_source(config, info)
-    if source:
-        try:
-            resume_training(t, source)
-        except CheckpointError as e:
-            if os.path.abspath(source) == os.path.abspath(config.MODEL.RESUME or '.'):
-                raise
-            raise CheckpointError(
-                f"{e} Auto-resume found {source} in this run's output folder {config.OUTPUT}, which holds a run of "
-                f"another model or config: give this experiment its own --output or --tag, or set "
-                f"TRAIN.AUTO_RESUME False to start afresh") from None
-    if info.is_main:
-        t.metrics = MetricsWriter(config.OUTPUT, tensorboard=config.TENSORBOARD)
-        t.metrics.truncate_after(t.epoch)        # records of epochs past the resume point are replayed
-    return t
-
-
-def evaluate(config: CfgNode, info: DistInfo) -> RunResult:
-    """--eval: the model (and EMA, when the checkpoint holds one) on the validation set."""
-    _, loader_val = build_val_loader(config, info.rank, info.world_size, info.device.type == 'cuda')
-    model = create_model(config, info)
-    ema = create_ema(config, model)
-    source = resume_source(config, info)
-    has_ema = False
-    if source:
-        has_ema = isinstance(load_weights(source, model, ema, config.MODEL.USE_EMA_WEIGHTS).get('model_ema'), dict)
-    elif not config.MODEL.PRETRAINED:
-        logger.warning('evaluating a randomly initialised model: give --resume CKPT or --pretrained CKPT')
-    result = RunResult(model=model, ema_model=ema.module if ema is not None else None)
-    result.eval = validate(config, loader_val, model, info.device)
-    if ema is not None and has_ema:
-        result.ema_eval = validate(config, loader_val, ema.module, info.device, name='ema network')
-    if info.is_main:
-        rec = {'kind': 'eval', 'checkpoint': source or config.MODEL.PRETRAINED or None,
-               'val_acc1': result.eval.acc1, 'val_acc5': result.eval.acc5, 'val_loss': result.eval.loss}
-        if result.ema_eval is not None:
-            rec.update(ema_acc1=result.ema_eval.acc1, ema_acc5=result.ema_eval.acc5, ema_loss=result.ema_eval.loss)
-        MetricsWriter(files_dir(config)).write(rec)
-    return result
-
-
-def measure_throughput(config: CfgNode, info: DistInfo) -> RunResult:
-    """--throughput: images/s of the model on one validation batch (random images without --data-path)."""
-    model = create_model(config, info)
-    source = resume_source(config, info)
-    if source:
-        load_weights(source, model, prefer_ema=config.MODEL.USE_EMA_WEIGHTS)
-    if config.DATA.DATA_PATH:
-        _, loader_val = build_val_loader(config, info.rank, info.world_size, info.device.type == 'cuda')
-        images = next(iter(loader_val))[0]
-    else:
-        images = torch.randn(config.DATA.BATCH_SIZE, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
-    return RunResult(model=model, throughput=throughput(config, images, model, info.device))
-
-
-# ----------------------------------------------------------------------------- run
-def run(config: CfgNode) -> RunResult:
-    """Train, evaluate (EVAL_MODE) or time (THROUGHPUT_MODE) as the config says. Raises ConfigError,
-    CheckpointError, DataError, TrainingError (clear one-line problems) or Preempted."""
-    from data import patch_randaugment_posterize
-    patch_randaugment_posterize()
-    info = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
-    try:
-        config = setup_run(config, info)
-        if config.THROUGHPUT_MODE:
-            return measure_throughput(config, info)
-        if config.EVAL_MODE:
-            return evaluate(config, info)
-        t = build_trainer(config, info)
-        try:
-            return train(t)
-        finally:
-            if t.metrics is not None:
-                t.metrics.close()
-            release_ddp_reducer(t.model)
-    finally:
-        cleanup_distributed()
-
-
-def release_ddp_reducer(model: nn.Module) -> None:
-    """Free a DDP wrapper's reducer while the process group is still registered.
-
-    A reducer that outlives ``destroy_process_group`` holds the group's last reference, and its deallocation
-    (GIL held) then destroys the group. Under torch 2.11 with gloo this deadlocks against gloo's worker threads,
-    which need the GIL to free their finished work: every 2-rank CPU run hung after its last checkpoint.
-    Freed here, the reducer drops one reference of several and the group is destroyed by
-    ``destroy_process_group``, which releases the GIL. The model itself is finished with at this point.
-    """
-    ddp = getattr(model, '_orig_mod', model)                  # under TRAIN.COMPILE: the compiled DDP wrapper
-    if isinstance(ddp, nn.parallel.DistributedDataParallel):
-        for name in ('logger', 'reducer'):                   # the logger holds the reducer too
-            ddp.__dict__.pop(name, None)

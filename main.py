@@ -1,4 +1,4 @@
-"""Train / evaluate a FLatten Transformer (the entry point; the loop is ``engine.run``).
+"""Train / evaluate a FLatten Transformer (the entry point; the run is ``runner.run``).
 
     python main.py --cfg cfgs/flatten_swin_t.yaml --data-path /data/imagenet [--batch-size 128] ...
     torchrun --nproc_per_node=8 main.py --cfg ... --data-path ...
@@ -22,7 +22,8 @@ from typing import List, Optional
 if os.environ.get('RANK', '0').strip() not in ('', '0'):    # one copy of each warning per run: rank 0's
     warnings.filterwarnings('ignore')
 
-from utils import ERROR_EXIT_CODE, PREEMPTED_EXIT_CODE  # noqa: E402
+from errors import UserError, one_line, report  # noqa: E402
+from utils import PREEMPTED_EXIT_CODE  # noqa: E402
 
 
 def build_parser(ema: bool = False) -> argparse.ArgumentParser:
@@ -64,15 +65,6 @@ def build_parser(ema: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line (errors re-raised from DataLoader workers carry the worker's
-    traceback: keep its last line, without the exception's module path)."""
-    text = str(error).strip()
-    if 'Traceback (most recent call last)' in text:
-        text = re.sub(r'^[\w.]*Error:\s*', '', text.splitlines()[-1].strip())
-    return ' '.join(text.split())
-
-
 _PEER_FAILURE = re.compile(r'gloo|nccl|Connection (closed|reset) by peer|[Tt]imed out|[Tt]imeout|ProcessGroup|'
                            r'c10d|Broken pipe')
 
@@ -100,39 +92,28 @@ def peer_failure_message(error: BaseException) -> str:
 def main(argv: Optional[List[str]] = None, ema: bool = False) -> int:
     """Parse, configure, run; returns the exit code."""
     args = build_parser(ema).parse_args(argv)
-    from errors import ConfigError
     try:       # importing the models reads FLATTEN_ATTENTION_IMPL / DAT_NEIGHBORHOOD_IMPL: a bad one is a ConfigError
-        from checkpoint import CheckpointError
         from config import get_config
-        from data import DataError
-        import engine
+        from engine import Preempted
         from logger import log_to_file
-    except ConfigError as e:
-        print(f'ERROR: {one_line(e)}', file=sys.stderr, flush=True)
-        return ERROR_EXIT_CODE
+        import runner
+    except UserError as e:
+        return report(e)
     try:
-        engine.run(get_config(args))
-    except engine.Preempted:
+        runner.run(get_config(args))
+    except Preempted:
         return PREEMPTED_EXIT_CODE
-    except (ConfigError, CheckpointError, DataError, engine.TrainingError) as e:
-        message = one_line(e)
-        log_to_file(f'ERROR: {message}')
-        print(f'ERROR: {message}', file=sys.stderr, flush=True)
-        return ERROR_EXIT_CODE
+    except UserError as e:           # configuration, checkpoint, data, diverged training
+        return report(e, log_to_file)
     except RuntimeError as e:
         if 'Expected to have finished reduction in the prior iteration' in str(e):   # DDP, unused parameters
-            message = ('DDP found model parameters that receive no gradient (unused in the forward); rerun with '
-                       '--find-unused-params, or set has_unused_parameters = True on the model class')
-            log_to_file(f'ERROR: {message}')
-            print(f'ERROR: {message}', file=sys.stderr, flush=True)
-            return ERROR_EXIT_CODE
+            return report(UserError('DDP found model parameters that receive no gradient (unused in the forward); '
+                                    'rerun with --find-unused-params, or set has_unused_parameters = True on the '
+                                    'model class'), log_to_file)
         if not peer_failure(e):
             raise
         log_to_file(f'distributed failure: {e}')
-        message = peer_failure_message(e)
-        log_to_file(f'ERROR: {message}')
-        print(f'ERROR: {message}', file=sys.stderr, flush=True)
-        return ERROR_EXIT_CODE
+        return report(UserError(peer_failure_message(e)), log_to_file)
     return 0
 
 

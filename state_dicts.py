@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -16,12 +16,22 @@ import torch
 OFFICIAL_CHECKPOINT_GLOBALS = [(collections.OrderedDict, 'yacs.config.CfgNode'), argparse.Namespace]
 
 
+EMA_ENTRIES = ('model_ema', 'state_dict_ema')
+
+
+def state_dict_entry(checkpoint: dict, prefer_ema: bool = False) -> Optional[str]:
+    """The key of ``checkpoint`` whose value is the model state dict in the official wrappings ('model',
+    'state_dict', or with ``prefer_ema`` first the EMA entries 'model_ema' / 'state_dict_ema'); None when
+    ``checkpoint`` is a bare state dict."""
+    order = EMA_ENTRIES + ('model', 'state_dict') if prefer_ema else ('model', 'state_dict') + EMA_ENTRIES
+    return next((k for k in order if isinstance(checkpoint.get(k), dict)), None)
+
+
 def unwrap_state_dict(checkpoint: dict, prefer_ema: bool = False) -> dict:
     """The model state dict inside a checkpoint in any official wrapping ({'model': sd}, {'state_dict': sd},
     {'model_ema' / 'state_dict_ema': sd} or a bare sd), with leading ``module.`` prefixes stripped."""
-    order = ('model_ema', 'state_dict_ema', 'model', 'state_dict') if prefer_ema else \
-        ('model', 'state_dict', 'model_ema', 'state_dict_ema')
-    sd = next((checkpoint[k] for k in order if isinstance(checkpoint.get(k), dict)), checkpoint)
+    entry = state_dict_entry(checkpoint, prefer_ema)
+    sd = checkpoint[entry] if entry is not None else checkpoint
     out = {}
     for k, v in sd.items():
         while k.startswith('module.'):

@@ -19,8 +19,6 @@ logger = logging.getLogger(__name__)
 # Exit code of a run stopped by SIGTERM/SIGINT after saving a resumable checkpoint (128 + SIGTERM, as
 # shells and schedulers report a terminated process). Job scripts requeue on it.
 PREEMPTED_EXIT_CODE = 143
-# Exit code for a clear, user-fixable error (configuration, checkpoint, data, diverged training).
-ERROR_EXIT_CODE = 2
 
 
 @dataclass(frozen=True)
@@ -56,6 +54,18 @@ def pick_device(choice: str, local_rank: int = 0) -> torch.device:
     return torch.device('cpu')
 
 
+def _elastic_attempt_store(world: int, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """Under torchrun's agent store (TORCHELASTIC_USE_AGENT_STORE): the agent's TCPStore seen through a prefix
+    per worker-group attempt. torchrun keeps that store across ``--max-restarts`` restarts without one, so a
+    restarted rank could read the previous attempt's keys (gloo: the dead ranks' addresses, 'Connection
+    refused'); torch used to add this prefix itself. None elsewhere (``env://`` as usual)."""
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE', '').lower() != 'true':
+        return None
+    base = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world, is_master=False,
+                         timeout=timeout)
+    return dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+
+
 def init_distributed(device_choice: str = 'auto', timeout_s: float = 600) -> DistInfo:
     """Set up the device and (when launched with WORLD_SIZE > 1 by torchrun / torch.distributed.launch)
     the default process group: nccl on CUDA, gloo on CPU, with a collective timeout of ``timeout_s``
@@ -71,14 +81,34 @@ def init_distributed(device_choice: str = 'auto', timeout_s: float = 600) -> Dis
             # errors/timeouts of NCCL collectives abort the process instead of hanging it
             os.environ.setdefault('TORCH_NCCL_ASYNC_ERROR_HANDLING', '1')
         kwargs = {'device_id': device} if backend == 'nccl' else {}
-        dist.init_process_group(backend=backend, init_method='env://', world_size=world, rank=rank,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _elastic_attempt_store(world, timeout)
+        if store is not None:
+            kwargs['store'] = store
+        else:
+            kwargs['init_method'] = 'env://'
+        dist.init_process_group(backend=backend, world_size=world, rank=rank, timeout=timeout, **kwargs)
     return DistInfo(device=device, rank=rank, world_size=world, local_rank=local_rank)
 
 
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def release_ddp_reducer(model: torch.nn.Module) -> None:
+    """Free a DDP wrapper's reducer while the process group is still registered.
+
+    A reducer that outlives ``destroy_process_group`` holds the group's last reference, and its deallocation
+    (GIL held) then destroys the group. Under torch 2.11 with gloo this deadlocks against gloo's worker threads,
+    which need the GIL to free their finished work: every 2-rank CPU run hung after its last checkpoint.
+    Freed here, the reducer drops one reference of several and the group is destroyed by
+    ``destroy_process_group``, which releases the GIL. The model itself is finished with at this point.
+    """
+    ddp = getattr(model, '_orig_mod', model)                  # under TRAIN.COMPILE: the compiled DDP wrapper
+    if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        for name in ('logger', 'reducer'):                   # the logger holds the reducer too
+            ddp.__dict__.pop(name, None)
 
 
 def get_rank() -> int:

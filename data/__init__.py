@@ -2,4 +2,3 @@
 from .build import (ImageFolderDataset, build_mixup, build_train_loader, build_transform,  # noqa: F401
                     build_val_loader, check_class_lists, check_data_path, check_num_classes, stop_loader_workers,
                     patch_randaugment_posterize)
-from .cached_image_folder import DataError  # noqa: F401

@@ -28,8 +28,10 @@ from torchvision import transforms
 from yacs.config import CfgNode
 
 from config import ConfigError
+from errors import DataError
 from utils import seed_everything
-from .cached_image_folder import IMG_EXTENSIONS, CachedImageFolder, DataError, load_image
+
+from .cached_image_folder import IMG_EXTENSIONS, CachedImageFolder, load_image
 from .samplers import ExactEvalSampler, RepeatedAugSampler, ResumableSampler
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
 def patch_randaugment_posterize() -> bool:
     """Point timm's Posterize ops at ``_posterize`` (idempotent; returns whether anything changed).
-    Called explicitly by the entry point (``engine.run``), never on import."""
+    Called explicitly by the entry point (``runner.run``), never on import."""
     changed = False
     for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
         if auto_augment.NAME_TO_OP.get(name) is auto_augment.posterize:
@@ -287,7 +289,7 @@ def check_data_path(config: CfgNode, splits: Tuple[str, ...] = ('train', 'val'))
 def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: int = 1) -> SampleDataset:
     """The train or val split of DATA.DATA_PATH, wrapped in SampleDataset. In folder mode both splits use
     the training split's class list (checked equal to val's by ``check_data_path``). DATA.* is validated
-    once, by the caller, with ``check_data_path`` (``engine.setup_run`` does it before any work)."""
+    once, by the caller, with ``check_data_path`` (``runner.setup_run`` does it before any work)."""
     split = 'train' if is_train else 'val'
     path = config.DATA.DATA_PATH
     transform = build_transform(is_train, config)

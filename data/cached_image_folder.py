@@ -16,16 +16,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from errors import DataError
+
 from .zipreader import ZipReader, is_zip_path
 
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 # ImageFile.LOAD_TRUNCATED_IMAGES stays False: a truncated file is an error, never silently padded.
-
-
-class DataError(RuntimeError):
-    """A dataset problem (unreadable image, empty or malformed folder/map file), one line naming the file."""
 
 
 # Modes with more than 8 bits per channel, PIL's convert('RGB') of which clips to 255 (destroying the data).
@@ -60,9 +58,14 @@ def to_rgb(img: Image.Image, name: str = '<image>') -> Image.Image:
     return gray.convert('RGB')
 
 
-def load_image(source: Union[str, bytes], name: Optional[str] = None) -> Image.Image:
-    """Decode an image fully (file path, zip path or bytes) as RGB; DataError naming the file if it is
-    missing, unreadable or truncated."""
+DATASET_FIX = 'replace or remove the file, or set DATA.SKIP_BAD_IMAGES True to skip unreadable images'
+
+
+def load_image(source: Union[str, bytes], name: Optional[str] = None, fix: str = DATASET_FIX) -> Image.Image:
+    """Decode an image fully (file path, zip path or bytes) as 8-bit RGB (:func:`to_rgb`: high bit depths
+    are rescaled, not clipped): the one image reader of the training loader and ``visualize``. DataError
+    naming the file if it is missing, unreadable or truncated; ``fix`` ends that message (what the caller
+    can do about it)."""
     name = name or (source if isinstance(source, str) else '<bytes>')
     try:
         if isinstance(source, bytes):
@@ -78,8 +81,7 @@ def load_image(source: Union[str, bytes], name: Optional[str] = None) -> Image.I
         raise
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, KeyError, EOFError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"cannot read image {name}: {reason}; replace or remove the file, "
-                        f"or set DATA.SKIP_BAD_IMAGES True to skip unreadable images") from None
+        raise DataError(f"cannot read image {name}: {reason}; {fix}") from None
 
 
 def read_map_file(map_path: str, prefix: str) -> List[Tuple[str, int]]:

@@ -2,13 +2,17 @@
 official-checkpoint pickle allow-list, the FLatten ``pretrained_cfg``, and the input-size rule."""
 from __future__ import annotations
 
-from typing import Any, Callable
+import logging
+from typing import Any, Callable, Dict, List
 
 import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg
+from timm.models._features import FeatureGetterNet
 
-from state_dicts import OFFICIAL_CHECKPOINT_GLOBALS
+from state_dicts import OFFICIAL_CHECKPOINT_GLOBALS, unwrap_state_dict
+
+_logger = logging.getLogger(__name__)
 
 
 def square_size(img_size) -> int:
@@ -33,14 +37,67 @@ def flatten_pretrained_cfg(first_conv: str, url: str = '', **kwargs) -> dict:
                notes=('weights: the official release (origin_url); load a downloaded file with '
                       'pretrained_cfg_overlay=dict(file=PATH)',))
     cfg.update(kwargs)
+    if cfg['pool_size'] is None:        # every FLatten family downsamples by 32 before its head
+        cfg['pool_size'] = tuple(s // 32 for s in cfg['input_size'][-2:])
     return cfg
+
+
+class FeatureGetter(FeatureGetterNet):
+    """timm's getter feature wrapper (``features_only=True``) plus ``set_grad_checkpointing``, passed on to the
+    wrapped model (timm's wrapper has none)."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+
+def _names(items: List[str], limit: int = 8) -> str:
+    return ', '.join(items[:limit]) + (f' (+{len(items) - limit} more)' if len(items) > limit else '')
+
+
+def _reporting_filter(filter_fn: Callable, name: str, features: bool) -> Callable:
+    """``filter_fn`` that also logs, on one line, what the loaded weights lose and change on the way into the
+    model: tensors the filter drops, the classifier timm then drops (a feature backbone, or another class
+    count), tensors resized (position tables / encodings resampled to this model's size) and model tensors the
+    file does not provide (left at their initial values; a warning)."""
+    def filter_and_report(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+        out = filter_fn(state_dict, model)
+        source = unwrap_state_dict(state_dict)
+        kept = {id(v) for v in out.values()}                  # a renamed tensor is the same object
+        dropped = [k for k, v in source.items() if k not in out and id(v) not in kept]
+        cfg = getattr(model, 'pretrained_cfg', None) or {}
+        classifier = cfg.get('classifier')
+        head = []
+        if classifier and (features or getattr(model, 'num_classes', None) != cfg.get('num_classes')):
+            for c in (classifier,) if isinstance(classifier, str) else classifier:
+                head += [k for k in (f'{c}.weight', f'{c}.bias') if k in out]
+        buffers = {b.data_ptr() for b in model.buffers()}     # re-created from the model, not resized
+        resized = [f'{k} {tuple(source[k].shape)}->{tuple(v.shape)}' for k, v in out.items()
+                   if torch.is_tensor(v) and torch.is_tensor(source.get(k)) and v.shape != source[k].shape
+                   and v.data_ptr() not in buffers]
+        absent = [k for k in model.state_dict() if k not in out]
+        why = 'feature backbone' if features else 'another class count'
+        line = (f"{name}: weights from {cfg.get('file') or 'the pretrained source'}: "
+                f"dropped {_names(dropped + [f'{k} ({why})' for k in head]) or 'nothing'}; "
+                f"resized {_names(resized) or 'nothing'}")
+        if absent:
+            _logger.warning('%s; not in the file (left at their initial values): %s', line, _names(absent))
+        else:
+            _logger.info(line)
+        return out
+    return filter_and_report
 
 
 def build_backbone(cls: type, name: str, pretrained: bool, filter_fn: Callable, num_stages: int = 4,
                    **kwargs: Any) -> nn.Module:
-    """timm's ``build_model_with_cfg`` with the getter feature wrapper over ``num_stages`` stage maps; a
-    ``pretrained_cfg_overlay=dict(file=PATH)`` official file is read with weights_only and the allow-list above."""
+    """timm's ``build_model_with_cfg`` with the getter feature wrapper over ``num_stages`` stage maps (with
+    ``set_grad_checkpointing``); a ``pretrained_cfg_overlay=dict(file=PATH)`` official file is read with
+    weights_only and the allow-list above, and one log line says what was dropped and resized on the way."""
+    if pretrained:      # a missing / non-checkpoint file is one line, not timm's bare FileNotFoundError
+        from .checkpoint_fit import check_pretrained_file
+        check_pretrained_file(name, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    filter_fn = _reporting_filter(filter_fn, name, bool(kwargs.get('features_only')))
     with torch.serialization.safe_globals(OFFICIAL_CHECKPOINT_GLOBALS):
         return build_model_with_cfg(cls, name, pretrained, pretrained_filter_fn=filter_fn,
-                                    feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_stages))),
+                                    feature_cfg=dict(feature_cls=FeatureGetter, out_indices=tuple(range(num_stages))),
                                     **kwargs)

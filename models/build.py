@@ -24,7 +24,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn as nn
 
 from errors import ConfigError
@@ -316,58 +315,10 @@ def check_config_keys(config: Any) -> None:
 
 
 def validate_model_config(config: Any) -> None:
-    """Everything the model layer checks before any work: declared key checks, keys set for another
-    MODEL.TYPE, an unknown MODEL.TYPE (with the closest names), and the family adapter's own checks."""
+    """Everything the model layer checks before any work, in this order: declared key checks, an unknown
+    MODEL.TYPE (with the closest names), keys set for another MODEL.TYPE, the family adapter's own checks."""
     check_section_values(config)
-    spec = model_spec(config)
+    if config.MODEL.TYPE not in _ADAPTERS and config.MODEL.TYPE not in _timm_names():
+        raise _unknown_type(config.MODEL.TYPE)
     check_config_keys(config)
-    del spec
-
-
-# ----------------------------------------------------------------------------- pretrained weights
-def load_pretrained(model: nn.Module, checkpoint: Dict[str, Any], index_22k_to_1k: Optional[Sequence[int]] = None,
-                    prefer_ema: bool = False) -> List[str]:
-    """Fine-tuning load of ``checkpoint`` (any official wrapping) into ``model``, strictly: the model's family
-    ``checkpoint_filter_fn`` (defined next to the model class) adapts it (re-creatable buffers, resized
-    position tables / encodings); a head of another class count keeps the model's fresh head, or with
-    ``index_22k_to_1k`` (1000 indices) a 21841-class head is mapped to 1000 classes. Returns log notes;
-    raises ValueError naming the mismatching keys."""
-    import sys
-
-    from state_dicts import unwrap_state_dict
-
-    sd = unwrap_state_dict(checkpoint, prefer_ema=prefer_ema)
-    notes = []
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get('model_ema'), dict):
-        notes.append(f"took its {'model_ema' if prefer_ema else 'model'} weights (the file has both; "
-                     f"{'without' if prefer_ema else 'with'} --ema the other)")
-    family = sys.modules.get(type(model).__module__)
-    filter_fn = getattr(family, 'checkpoint_filter_fn', None)
-    if filter_fn is not None:
-        sd = filter_fn(sd, model)
-    target = model.state_dict()
-    head = getattr(model, 'pretrained_cfg', {}).get('classifier', 'head') or 'head'
-    for suffix in ('weight', 'bias'):
-        key = f'{head}.{suffix}'
-        if key in sd and key in target and sd[key].shape != target[key].shape:
-            v = sd[key]
-            if index_22k_to_1k is not None and v.shape[0] == 21841 and target[key].shape[0] == 1000:
-                idx = torch.as_tensor(list(index_22k_to_1k), dtype=torch.long)
-                if idx.numel() != 1000:
-                    raise ValueError(f'index_22k_to_1k has {idx.numel()} class indices; 1000 are needed')
-                sd[key] = v[idx]
-                notes.append(f'{key}: 21841 -> 1000 classes')
-            else:
-                sd[key] = target[key]
-                notes.append(f'{key}: class count differs, head re-initialised')
-    missing = [k for k in target if k not in sd]
-    unexpected = [k for k in sd if k not in target]
-    shapes = [f'{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}' for k, v in target.items()
-              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        parts = [f"{len(items)} {what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-                 for what, items in (('missing', missing), ('unexpected', unexpected), ('shape mismatches', shapes))
-                 if items]
-        raise ValueError('; '.join(parts))
-    model.load_state_dict(sd, strict=True)
-    return notes
+    model_spec(config)

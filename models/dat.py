@@ -46,14 +46,14 @@ from errors import ConfigError
 
 from .build import ConfigSection, ModelSpec, config_section, register_config_adapter
 from .focused_attention import AttentionTap
+from .checkpoint_fit import fit_state_dict
 from ._builder import build_backbone
 from .layers import (LinearHeadMixin, WindowAttention, pool_features, shifted_window_mask, window_partition,
                      window_reverse)
-from .neighborhood_attention import fvcore_handles as _na_fvcore_handles
 from .neighborhood_attention import neighborhood_attention, neighborhood_av, neighborhood_probs
 
 __all__ = ['DAT', 'DeformableAttention', 'NeighborhoodAttention', 'DatWindowAttention', 'checkpoint_filter_fn',
-           'fvcore_handles', 'LETTERS']
+           'LETTERS']
 
 
 # What each attention kind's tap receives:
@@ -62,11 +62,6 @@ __all__ = ['DAT', 'DeformableAttention', 'NeighborhoodAttention', 'DatWindowAtte
 ATTN_DEFORMABLE = 'deformable'
 ATTN_NEIGHBORHOOD = 'neighborhood'
 LETTERS = ('N', 'D', 'L', 'S')      # block letters implemented (of the official N, D, L, S, P, Q, E, X)
-
-
-def fvcore_handles() -> Dict[str, Any]:
-    """fvcore op handles the DAT models need (the fused neighbourhood attention, natten's counting rule)."""
-    return _na_fvcore_handles()
 
 
 class LayerNormProxy(nn.Module):
@@ -183,14 +178,16 @@ def reference_points(Hk: int, Wk: int, dtype: torch.dtype, device: Any) -> torch
     (n - 1), mapped to [-1, 1]; the last row/column lies outside [-1, 1] (the clamp pulls it back)."""
     ys = torch.linspace(0.5, Hk - 0.5, Hk, dtype=dtype, device=device) / (Hk - 1.0) * 2.0 - 1.0
     xs = torch.linspace(0.5, Wk - 0.5, Wk, dtype=dtype, device=device) / (Wk - 1.0) * 2.0 - 1.0
-    return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
+    # .to: a no-op in eager; under torch.jit.trace (the TorchScript-based ONNX exporter) the traced size
+    # makes (n - 1.0) a float64 tensor, and the grid must stay in ``dtype``
+    return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1).to(dtype)
 
 
 def query_grid(H: int, W: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
     """(H, W, 2) (y, x) query pixel centres in align-corners coordinates: index / (n - 1) * 2 - 1."""
     ys = torch.arange(H, dtype=dtype, device=device) / (H - 1.0) * 2.0 - 1.0
     xs = torch.arange(W, dtype=dtype, device=device) / (W - 1.0) * 2.0 - 1.0
-    return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
+    return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1).to(dtype)     # .to: see reference_points
 
 
 class DeformableAttention(nn.Module):
@@ -634,7 +631,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT,
             out[key] = value[idx]
         else:
             out[key] = value            # a head of another class count, or a real mismatch the caller names
-    return out
+    return fit_state_dict(out, model)   # the re-created buffers; a checkpoint of another model is refused
 
 
 # ----------------------------------------------------------------------------- registered variants

@@ -48,7 +48,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from einops.layers.torch import Rearrange
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
@@ -58,9 +57,12 @@ from state_dicts import unwrap_state_dict
 
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, merge_heads, split_heads
+from .checkpoint_fit import fit_state_dict
 from ._builder import build_backbone, flatten_pretrained_cfg, square_size
-from .layers import ClassifierMixin, TokenGroups, init_weights, run_blocks, tokens_to_nchw
+from .layers import (ClassifierMixin, TokenGroups, check_input_size, init_weights, run_blocks, tokens_to_nchw,
+                     tokens_to_nhwc)
 
+torch.fx.wrap('check_input_size')       # a torch.fx leaf here too (see check_input_size)
 PATCH_STRIDE = 4          # the 7x7 stride-4 convolutional stem
 NUM_STAGES = 4
 Grid = Tuple[int, int]
@@ -90,7 +92,9 @@ def to_windows(x: torch.Tensor, hw: Union[int, Grid], window: Grid) -> torch.Ten
     if ph or pw:
         x = F.pad(x.reshape(x.shape[0], H, W, -1), (0, 0, 0, pw, 0, ph)).flatten(1, 2)
         H, W = H + ph, W + pw
-    return rearrange(x, 'b (nh hs nw ws) c -> (b nh nw) (hs ws) c', hs=hs, ws=ws, nh=H // hs, nw=W // ws)
+    # reshape / permute written out (as einops' rearrange would run them): torch.fx traces these, not einops
+    x = x.reshape(-1, H // hs, hs, W // ws, ws, x.shape[-1]).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, hs * ws, x.shape[-1])
 
 
 def from_windows(x: torch.Tensor, hw: Union[int, Grid], window: Grid) -> torch.Tensor:
@@ -98,7 +102,8 @@ def from_windows(x: torch.Tensor, hw: Union[int, Grid], window: Grid) -> torch.T
     H, W = (hw, hw) if isinstance(hw, int) else hw
     hs, ws = window
     Hp, Wp = H + (-H) % hs, W + (-W) % ws
-    x = rearrange(x, '(b nh nw) (hs ws) c -> b (nh hs) (nw ws) c', hs=hs, ws=ws, nh=Hp // hs, nw=Wp // ws)
+    x = x.reshape(-1, Hp // hs, Wp // ws, hs, ws, x.shape[-1]).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(-1, Hp, Wp, x.shape[-1])
     return x[:, :H, :W].flatten(1, 2)
 
 
@@ -125,8 +130,8 @@ class StripeLePE:
     def lepe(self, v: torch.Tensor, window: Optional[Grid] = None) -> torch.Tensor:
         """Per-window 3x3 depth-wise conv of v (B', H_sp*W_sp, C) -> same shape."""
         hs, ws = window or self.window
-        maps = rearrange(v, 'b (hs ws) c -> b c hs ws', hs=hs, ws=ws)
-        return rearrange(self.get_v(maps), 'b c hs ws -> b (hs ws) c')
+        maps = v.reshape(-1, hs, ws, v.shape[-1]).permute(0, 3, 1, 2)
+        return self.get_v(maps).permute(0, 2, 3, 1).reshape(maps.shape[0], hs * ws, -1)
 
     def token_groups(self) -> TokenGroups:
         """Where each (window, token) of one image sits on the native R x R grid."""
@@ -265,7 +270,7 @@ class MergeBlock(nn.Module):
 
     def forward_grid(self, x: torch.Tensor, hw: Optional[Grid] = None) -> Tuple[torch.Tensor, Grid]:
         x = self.conv(tokens_to_nchw(x, hw or (self.resolution, self.resolution)))
-        return self.norm(rearrange(x, 'b c h w -> b (h w) c')), (x.shape[-2], x.shape[-1])
+        return self.norm(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])), (x.shape[-2], x.shape[-1])
 
 
 # ----------------------------------------------------------------------------- model
@@ -304,7 +309,7 @@ def stage_splits(img_size: int, attn_type: str, la_split: Sequence[int],
 
 
 class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
-    """FLatten-CSwin. forward: (B, 3, S, S) -> (B, num_classes); forward_features -> normed (B, N, C).
+    """FLatten-CSwin. forward: (B, 3, S, S) -> (B, num_classes); forward_features -> normed (B, S/32, S/32, C).
 
     Args:
         la_split: linear stripe width per stage (MODEL.LA.CSWIN_LA_SPLIT_SIZE).
@@ -375,28 +380,27 @@ class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
 
     def _run(self, x: torch.Tensor, stop: int):
         """Yield (stage index, tokens, grid) for stages 0..stop."""
-        if not self.dynamic_img_size and tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            raise ValueError(f'input size {tuple(x.shape[-2:])} does not match the model '
-                             f'({self.img_size}, {self.img_size}); set DATA.IMG_SIZE to the input size '
-                             f'(or build with dynamic_img_size=True)')
+        if not self.dynamic_img_size:
+            x = check_input_size(x, (self.img_size, self.img_size))
         conv, _, norm = self.stage1_conv_embed
         x = conv(x)
         hw = (x.shape[-2], x.shape[-1])
         x = norm(x.flatten(2).transpose(1, 2))
         for i in range(stop + 1):
-            native = hw == ((self.img_size // (PATCH_STRIDE * 2 ** i)),) * 2
+            # a fixed-size model sees only its native maps (checked above): no comparison on traced shapes
+            native = not self.dynamic_img_size or hw == ((self.img_size // (PATCH_STRIDE * 2 ** i)),) * 2
             if i > 0:
                 x, hw = getattr(self, f'merge{i}').forward_grid(x, hw)
-                native = hw == ((self.img_size // (PATCH_STRIDE * 2 ** i)),) * 2
+                native = not self.dynamic_img_size or hw == ((self.img_size // (PATCH_STRIDE * 2 ** i)),) * 2
             args = () if native else (hw,)
             x = run_blocks(getattr(self, f'stage{i + 1}'), x, self.use_checkpoint, *args)
             yield i, x, hw
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> normed last-stage tokens (B, N, C)."""
-        for _, x, _ in self._run(x, self.num_stages - 1):
+        """(B, 3, S, S) -> normed last-stage map (B, S/32, S/32, C) (``output_fmt`` 'NHWC')."""
+        for _, x, hw in self._run(x, self.num_stages - 1):
             pass
-        return self.norm(x)
+        return tokens_to_nhwc(self.norm(x), hw)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
@@ -414,7 +418,7 @@ class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
                 out.append(tokens_to_nchw(self.norm(x) if norm and i == NUM_STAGES - 1 else x, hw))
         if intermediates_only:
             return out
-        return (self.norm(x) if stop == last else x), out
+        return tokens_to_nhwc(self.norm(x) if stop == last else x, hw), out
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
@@ -435,22 +439,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: FLattenCSWinTransfor
     """An official (or our) checkpoint -> this model's state dict: unwraps the official wrappings
     (``model`` / ``state_dict`` / EMA, ``module.``) and resizes the focused-attention positional
     encodings (bicubic, ``timm.layers.resample_abs_pos_embed``) to the model's stripe windows (the old
-    window is taken to have the new one's aspect: a whole-map branch stays square)."""
-    sd = unwrap_state_dict(state_dict)
+    window is taken to have the new one's aspect: a whole-map branch stays square), and refuses a checkpoint
+    of another model (:func:`models.checkpoint_fit.fit_state_dict`)."""
     modules = dict(model.named_modules())
-    target = model.state_dict()
-    out = {}
-    for k, v in sd.items():
-        want = target.get(k)
-        if want is not None and k.endswith('positional_encoding') and v.shape != want.shape \
-                and v.shape[2] == want.shape[2]:
-            hs, ws = modules[k.rsplit('.', 1)[0]].window
-            scale = (v.shape[1] / (hs * ws)) ** 0.5
-            old = (round(hs * scale), round(ws * scale))
-            if old[0] * old[1] == v.shape[1]:
-                v = resample_abs_pos_embed(v, [hs, ws], list(old), num_prefix_tokens=0, antialias=False)
-        out[k] = v
-    return out
+    return fit_state_dict(unwrap_state_dict(state_dict), model,
+                          grid_of=lambda k: getattr(modules.get(k.rsplit('.', 1)[0]), 'window', None))
 
 
 # ----------------------------------------------------------------------------- registry

@@ -12,10 +12,10 @@ Both attention kinds take keys and values from a spatially reduced copy of the t
     :func:`interpolate_tokens` before its depth-wise conv (``dwc``), as the official code does.
 
 State-dict layout matches the official ``flatten_pvt_{tiny,small,medium,large}``: ``patch_embed{i}``,
-``pos_embed{i}``, ``block{i}.{j}``, an unused final ``norm`` (kept for checkpoint compatibility; the head
-reads the token mean of stage 4 directly, so ``has_unused_parameters = True``: DDP needs
-find_unused_parameters) and ``head``. Unlike the official builders, ours honour ``num_classes`` and
-``img_size`` (the position embeddings are sized for the image).
+``pos_embed{i}``, ``block{i}.{j}``, the official final ``norm``, which the official forward never applies (the
+head reads the token mean of stage 4 directly): kept as buffers (:class:`InertNorm`) so official
+checkpoints load strictly while every parameter gets a gradient; and ``head``. Unlike the official
+builders, ours honour ``num_classes`` and ``img_size`` (the position embeddings are sized for the image).
 
 ``dynamic_img_size=True``: position embeddings and focused-attention positional encodings are resampled
 bicubically to the current token grids.
@@ -41,8 +41,10 @@ from state_dicts import unwrap_state_dict
 
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, interpolate_tokens
+from .checkpoint_fit import fit_state_dict
 from ._builder import build_backbone, flatten_pretrained_cfg, square_size  # noqa: F401  (flatten_pvt_v2 imports them)
-from .layers import ClassifierMixin, PatchEmbed, TokenGroups, init_weights, run_blocks, tokens_to_nchw, whole_grid
+from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, init_weights, run_blocks, tokens_to_nchw,
+                     tokens_to_nhwc, whole_grid)
 
 SOFTMAX_SR_RATIOS = (8, 4, 2, 1)   # PVT's reductions, used by every softmax stage
 LINEAR_POOL = 7                    # PVTv2 'linear' mode pools keys/values to 7 x 7
@@ -173,7 +175,7 @@ class FocusedLinearSRAttention(SpatialReduction, FocusedLinearAttentionBase):
         hw = tuple(hw) if hw is not None else self.resolution
         self.kv_grid = self.kv_hw(hw)
         k, v = self.kv(self.reduce(x, hw)).reshape(B, -1, 2, C).unbind(2)   # (B, n, C) each
-        if v.shape[1] == N:                                        # attend includes the dwc branch
+        if self.kv_grid == hw:          # keys not reduced (static for a fixed size): attend includes the dwc branch
             out = self.attend(self.q(x), k, v, hw=hw)
         else:
             out = self.attend(self.q(x), k, v) + self.rank_restoration(interpolate_tokens(v, self.num_heads, N), hw)
@@ -293,10 +295,10 @@ class PyramidClassifier(ClassifierMixin, nn.Module):
             yield i, x, hw
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> last-stage tokens (B, N, C)."""
-        for _, x, _ in self._run(x, self.num_stages - 1):
+        """(B, 3, H, W) -> last-stage map (B, H/32, W/32, C) (``output_fmt`` 'NHWC')."""
+        for _, x, hw in self._run(x, self.num_stages - 1):
             pass
-        return self._final_norm(x)
+        return tokens_to_nhwc(self._final_norm(x), hw)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
@@ -315,7 +317,7 @@ class PyramidClassifier(ClassifierMixin, nn.Module):
                 out.append(tokens_to_nchw(self._intermediate_norm(x, i, norm), hw))
         if intermediates_only:
             return out
-        return (self._final_norm(x) if stop == last else x), out
+        return tokens_to_nhwc(self._final_norm(x) if stop == last else x, hw), out
 
     def _intermediate_norm(self, x: torch.Tensor, i: int, norm: bool) -> torch.Tensor:
         return x
@@ -337,13 +339,24 @@ class PyramidClassifier(ClassifierMixin, nn.Module):
         pass
 
 
+class InertNorm(nn.Module):
+    """The official PVT-v1's final LayerNorm, which its forward never applies: ``weight`` / ``bias`` are
+    buffers, not parameters, so official checkpoints (which carry ``norm.*``) load strictly and every
+    parameter of the model gets a gradient (no DDP ``find_unused_parameters``). Not callable; ``eps`` records
+    the official LayerNorm's."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer('weight', torch.ones(dim))
+        self.register_buffer('bias', torch.zeros(dim))
+
+
 class FLattenPVT(PyramidClassifier):
-    """FLatten-PVT. forward: (B, 3, H, W) -> (B, num_classes); forward_features -> (B, H/32 * W/32, C4).
+    """FLatten-PVT. forward: (B, 3, H, W) -> (B, num_classes); forward_features -> (B, H/32, W/32, C4).
 
     Stage i (1-based) sees an (img / 2^(i+1))^2 map; its blocks' attention kind is ``attn_type[i-1]``.
     """
-
-    has_unused_parameters = True      # the official final ``norm`` is in the state dict but never applied
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims: Sequence[int] = (64, 128, 320, 512), num_heads: Sequence[int] = (1, 2, 5, 8),
@@ -375,7 +388,7 @@ class FLattenPVT(PyramidClassifier):
                          drop_rate, attn_drop_rate, dpr[sum(depths[:i]) + j], focusing_factor=focusing_factor,
                          kernel_size=kernel_size)
                 for j in range(depths[i])]))
-        self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)   # official checkpoints carry it; never applied
+        self.norm = InertNorm(embed_dims[-1], eps=1e-6)      # official checkpoints carry it; never applied
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'block{i + 1}')
                              for i in range(NUM_STAGES)]
@@ -391,7 +404,8 @@ class FLattenPVT(PyramidClassifier):
     def _stage(self, i: int, x: torch.Tensor, hw: Optional[Grid]) -> Tuple[torch.Tensor, Grid]:
         x, hw = getattr(self, f'patch_embed{i + 1}').forward_grid(x)
         pos = getattr(self, f'pos_embed{i + 1}')
-        native = hw == self.resolutions[i]
+        # a fixed-size model sees only its native maps (checked on the input): no comparison on traced shapes
+        native = not self.dynamic_img_size or hw == self.resolutions[i]
         if not native:
             pos = resample_abs_pos_embed(pos, list(hw), list(self.resolutions[i]), num_prefix_tokens=0,
                                          antialias=False)
@@ -407,30 +421,12 @@ def _timm_mlp(dim: int, hidden: int, drop: float = 0.) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def resample_grid_tokens(v: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """(1, n, C) tokens of a square grid -> (1, n', C) of the square grid ``shape`` asks for (bicubic,
-    ``timm.layers.resample_abs_pos_embed``); unchanged when the shapes agree or are not square grids."""
-    if tuple(v.shape) == tuple(shape) or v.dim() != 3 or v.shape[2] != shape[2]:
-        return v
-    old, new = round(v.shape[1] ** 0.5), round(shape[1] ** 0.5)
-    if old * old != v.shape[1] or new * new != shape[1]:
-        return v
-    return resample_abs_pos_embed(v, [new, new], [old, old], num_prefix_tokens=0, antialias=False)
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """An official (or our) PVT / PVTv2 checkpoint -> this model's state dict: unwraps the official
     wrappings (``model`` / ``state_dict`` / EMA, ``module.``), resizes ``pos_embed{i}`` and the
-    focused-attention ``positional_encoding`` grids to the model's (bicubic)."""
-    sd = unwrap_state_dict(state_dict)
-    target = model.state_dict()
-    out = {}
-    for k, v in sd.items():
-        want = target.get(k)
-        if want is not None and k.rsplit('.', 1)[-1].startswith(('pos_embed', 'positional_encoding')):
-            v = resample_grid_tokens(v, want.shape)
-        out[k] = v
-    return out
+    focused-attention ``positional_encoding`` grids to the model's (bicubic, square grids), and refuses a
+    checkpoint of another model (:func:`models.checkpoint_fit.fit_state_dict`)."""
+    return fit_state_dict(unwrap_state_dict(state_dict), model)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -39,8 +39,10 @@ from .focused_attention import LA_SECTION
 from .flatten_pvt import (NUM_STAGES, PVTBlock, PyramidClassifier, build_backbone, check_pvt_layout,  # noqa: F401
                           check_stage_lists, checkpoint_filter_fn, init_weights, pvt_cfg, pyramid_section, pyramid_spec, PVT_LA_KEYS, run_blocks,
                           square_size, stage_sr_ratios, tokens_to_nchw)
+from .layers import check_input_size
 
 Grid = Tuple[int, int]
+torch.fx.wrap('check_input_size')       # a torch.fx leaf here too (see check_input_size)
 
 
 class DWConv(nn.Module):
@@ -93,9 +95,8 @@ class OverlapPatchEmbed(nn.Module):
         return self.forward_grid(x)[0]
 
     def forward_grid(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
-        if not self.dynamic_img_size and tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f'input size {tuple(x.shape[-2:])} does not match the model ({self.img_size}); '
-                             f'set DATA.IMG_SIZE to the input size (or build with dynamic_img_size=True)')
+        if not self.dynamic_img_size:
+            x = check_input_size(x, self.img_size)
         x = self.proj(x)
         hw = (x.shape[-2], x.shape[-1])
         return self.norm(x.flatten(2).transpose(1, 2)), hw
@@ -114,7 +115,7 @@ def init_pvt_v2(m: nn.Module) -> None:
 
 
 class FLattenPVTv2(PyramidClassifier):
-    """FLatten-PVTv2. forward: (B, 3, H, W) -> (B, num_classes); forward_features -> normed (B, N, C4)."""
+    """FLatten-PVTv2. forward: (B, 3, H, W) -> (B, num_classes); forward_features -> normed (B, H/32, W/32, C4)."""
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims: Sequence[int] = (64, 128, 320, 512), num_heads: Sequence[int] = (1, 2, 5, 8),
@@ -158,7 +159,8 @@ class FLattenPVTv2(PyramidClassifier):
 
     def _stage(self, i: int, x: torch.Tensor, hw: Optional[Grid]) -> Tuple[torch.Tensor, Grid]:
         x, hw = getattr(self, f'patch_embed{i + 1}').forward_grid(x)
-        args = () if hw == self.resolutions[i] else (hw,)
+        # a fixed-size model sees only its native maps (checked on the input): no comparison on traced shapes
+        args = () if not self.dynamic_img_size or hw == self.resolutions[i] else (hw,)
         x = run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint, *args)
         return getattr(self, f'norm{i + 1}')(x), hw
 

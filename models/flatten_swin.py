@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, resample_abs_pos_embed, resize_rel_pos_bias_table_simple, trunc_normal_
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -39,10 +39,11 @@ from state_dicts import unwrap_state_dict
 
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import LA_SECTION, FocusedLinearAttentionBase
+from .checkpoint_fit import fit_state_dict
 from ._builder import build_backbone, flatten_pretrained_cfg, square_size
 from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, WindowAttention, init_weights,
-                     relative_position_index, run_blocks, shifted_window_mask, tokens_to_nchw, window_partition,
-                     window_reverse)
+                     relative_position_index, run_blocks, shifted_window_mask, tokens_to_nchw, tokens_to_nhwc,
+                     window_partition, window_reverse)
 
 Grid = Tuple[int, int]
 
@@ -214,7 +215,7 @@ def check_swin_layout(img_size: int, patch_size: int, depths: Sequence[int], num
 
 
 class FLattenSwinTransformer(ClassifierMixin, nn.Module):
-    """FLatten-Swin. forward: (B, 3, H, W) -> (B, num_classes); forward_features -> (B, H/32 * W/32, C)."""
+    """FLatten-Swin. forward: (B, 3, H, W) -> (B, num_classes); forward_features -> (B, H/32, W/32, C)."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
@@ -276,7 +277,7 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
         x, hw = self.patch_embed.forward_grid(x)
         if self.absolute_pos_embed is not None:
             pos = self.absolute_pos_embed
-            if hw != self.patch_embed.grid_size:
+            if self.patch_embed.dynamic_img_size and hw != self.patch_embed.grid_size:
                 pos = resample_abs_pos_embed(pos, list(hw), list(self.patch_embed.grid_size), num_prefix_tokens=0,
                                              antialias=False)
             x = x + pos
@@ -286,7 +287,8 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
         """Yield (stage index, tokens before its downsample, their grid) up to stage ``stop``; the tokens
         passed on are downsampled."""
         x, hw = self._embed(x)
-        native = hw == self.patch_embed.grid_size
+        # a fixed-size model sees only its native maps (checked on the input): no comparison on traced shapes
+        native = not self.patch_embed.dynamic_img_size or hw == self.patch_embed.grid_size
         for i, layer in enumerate(self.layers[:stop + 1]):
             x = layer.forward_blocks(x, None if native else hw)
             yield i, x, hw
@@ -295,10 +297,10 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
                 hw = ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> normed last-stage tokens (B, N, C)."""
-        for _, x, _ in self._stages(x, len(self.layers) - 1):
+        """(B, 3, H, W) -> normed last-stage map (B, H/32, W/32, C) (``output_fmt`` 'NHWC')."""
+        for _, x, hw in self._stages(x, len(self.layers) - 1):
             pass
-        return self.norm(x)
+        return tokens_to_nhwc(self.norm(x), hw)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
@@ -316,7 +318,7 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
                 out.append(tokens_to_nchw(self.norm(x) if norm and i == last else x, hw))
         if intermediates_only:
             return out
-        return (self.norm(x) if stop == last else x), out
+        return tokens_to_nhwc(self.norm(x) if stop == last else x, hw), out
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
@@ -335,26 +337,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: FLattenSwinTransform
     EMA wrappings and ``module.`` prefixes, takes the re-creatable buffers (relative_position_index,
     attn_mask) from the model, resizes relative position bias tables (bicubic,
     ``timm.layers.resize_rel_pos_bias_table_simple``) and positional encodings / absolute position
-    embeddings (bicubic, ``timm.layers.resample_abs_pos_embed``) to the model's windows."""
-    sd = unwrap_state_dict(state_dict)
-    target = model.state_dict()
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(('relative_position_index', 'attn_mask')):
-            continue
-        want = target.get(k)
-        if want is not None and v.shape != want.shape:
-            if k.endswith('relative_position_bias_table') and v.shape[1] == want.shape[1]:
-                w = round(((want.shape[0]) ** 0.5 + 1) / 2)
-                v = resize_rel_pos_bias_table_simple(v, (w, w), tuple(want.shape))
-            elif k.endswith(('positional_encoding', 'absolute_pos_embed')) and v.shape[2] == want.shape[2]:
-                old, new = round(v.shape[1] ** 0.5), round(want.shape[1] ** 0.5)
-                v = resample_abs_pos_embed(v, [new, new], [old, old], num_prefix_tokens=0, antialias=False)
-        out[k] = v
-    for k, v in target.items():
-        if k.endswith(('relative_position_index', 'attn_mask')):
-            out[k] = v
-    return out
+    embeddings (bicubic, ``timm.layers.resample_abs_pos_embed``) to the model's windows, and refuses a
+    checkpoint of another model (:func:`models.checkpoint_fit.fit_state_dict`)."""
+    return fit_state_dict(unwrap_state_dict(state_dict), model)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -20,6 +20,9 @@ the tensors that define its attention; a forward hook on ``module.tap`` reads th
 The same function has three implementations (``set_attention_impl``): 'reference' (the plain formulas
 below), 'fast' (default: fused in-place kernel map, normaliser folded into K^T [V, 1], hand-written
 backward) and 'triton' (the product as Triton kernels on CUDA, opt-in; models/triton_linear_attention.py).
+While a tool traces, exports or counts operators (fvcore, ONNX, torch.export / torch.compile, fx,
+FlopCounterMode: :func:`models.impl_choice.operators_observed`) the reference formulas run whatever is
+selected: the fast paths' autograd Functions would hide their matmuls from those tools.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .impl_choice import ImplChoice
+from .impl_choice import ImplChoice, operators_observed
 
 EPS = 1e-6
 
@@ -45,11 +48,14 @@ class AttentionTap(nn.Module):
         return tensors if len(tensors) > 1 else tensors[0]
 
     def hooked(self) -> bool:
-        """True when a (module or global) forward hook would see this tap's tensors: softmax blocks then
-        compute explicit probabilities instead of the fused ``scaled_dot_product_attention``."""
+        """True when a (module or global) forward hook would see this tap's tensors, or while the model is
+        traced by ``torch.jit.trace`` or exported: softmax blocks then compute explicit probabilities
+        instead of the fused ``scaled_dot_product_attention`` (same maths). Traced, so that FLOP counters
+        (fvcore has no handle for the fused op) see its two matmuls; exported, because the ONNX exporter's
+        decomposition of the fused op mis-tracks the output's strides and fails on the head merge after it."""
         from torch.nn.modules import module as _m
         return bool(self._forward_hooks or self._forward_pre_hooks or _m._global_forward_hooks
-                    or _m._global_forward_pre_hooks)
+                    or _m._global_forward_pre_hooks or torch.jit.is_tracing() or torch.compiler.is_exporting())
 
 
 # The two attention kinds a module declares with its ``attn_kind`` class attribute (what its tap receives):
@@ -338,14 +344,16 @@ class FocusedLinearAttentionBase(nn.Module):
 
         Computed in at least float32 even under autocast (the focusing power p can overflow float16);
         float64 inputs stay float64. Returns v's dtype. Runs the implementation chosen with
-        :func:`set_attention_impl` (the reference formulas while torch.compile traces). A hooked ``tap``
+        :func:`set_attention_impl` (the reference formulas while a tool traces or counts operators:
+        :func:`~models.impl_choice.operators_observed`). A hooked ``tap``
         sees (phi_q, phi_k, v) as (B, n, C) tensors either way (the fast path then merges copies of its
         per-head buffers for it; results are unchanged).
         """
         impl = get_attention_impl()
-        # Under torch.compile the plain formulas are traced instead: inductor fuses them itself (faster than
-        # the eager fast path on CPU here), and the fast path's strided out= writes would break the graph.
-        if impl != 'reference' and not torch.compiler.is_compiling():
+        # While operators are observed (fvcore / jit.trace, fx, torch.compile / export, FlopCounterMode) the
+        # plain formulas run instead: the fast path's autograd Functions hide their matmuls from tracers and
+        # counters, and inductor fuses the plain formulas itself (faster than the eager fast path on CPU).
+        if impl != 'reference' and not operators_observed():
             core = None
             if impl == 'triton':
                 from .triton_linear_attention import triton_core_for

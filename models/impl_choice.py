@@ -8,18 +8,34 @@ import contextlib
 import os
 from typing import Callable, Iterator, Optional, Sequence
 
+import torch
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
 from errors import ConfigError
 
 
+def operators_observed(under_compile: bool = True) -> bool:
+    """True while a tool records or counts operators instead of only computing them: ``torch.jit.trace``
+    (fvcore, the TorchScript-based ONNX exporter), ``torch.fx`` symbolic tracing, torch.export (and the
+    ONNX exporter built on it), a dispatch mode (``torch.utils.flop_counter.FlopCounterMode``, fake
+    tensors), and torch.compile unless ``under_compile=False``. A fast path that hides its operators inside
+    an autograd Function then runs its plain-operator form (the same maths), so that such tools see, count
+    and export the true operators."""
+    if torch.compiler.is_compiling():
+        return under_compile or torch.compiler.is_exporting()
+    return torch.jit.is_tracing() or is_fx_symbolic_tracing() or is_in_torch_dispatch_mode()
+
+
 class ImplChoice:
-    """``what``: how errors name the choice; ``env``: the variable read once at import (default ``default``);
-    ``check(name)``: called before a name is taken, the environment's too (e.g. to verify an optional
-    package); it raises ConfigError."""
+    """``what``: how errors name the choice; ``env``: the variable read once at import (unset or empty:
+    ``default``; surrounding blanks ignored); ``check(name)``: called before a name is taken, the
+    environment's too (e.g. to verify an optional package); it raises ConfigError."""
 
     def __init__(self, what: str, choices: Sequence[str], env: str, default: str,
                  check: Optional[Callable[[str], None]] = None) -> None:
         self.what, self.choices, self.check = what, tuple(choices), check
-        name = os.environ.get(env, default)
+        name = os.environ.get(env, '').strip() or default
         if name not in self.choices:
             raise ConfigError(f'{env}={name!r} is unknown; use one of {", ".join(self.choices)}')
         if check is not None and name != default:

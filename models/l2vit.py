@@ -35,6 +35,7 @@ from state_dicts import unwrap_state_dict
 
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_LINEAR, AttentionTap
+from .checkpoint_fit import fit_state_dict
 from ._builder import build_backbone
 from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, pool_features, tokens_to_nchw, whole_grid,
                      window_partition, window_reverse)
@@ -78,7 +79,7 @@ class ConvStem(nn.Module):
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad a (B, C, H, W) map right/bottom to multiples of ``multiple``."""
     pad_h, pad_w = (-x.shape[-2]) % multiple, (-x.shape[-1]) % multiple
-    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+    return F.pad(x, (0, pad_w, 0, pad_h))       # unconditional (0 = a copy): no branch on traced shapes
 
 
 class StemEmbed(nn.Module):
@@ -187,12 +188,10 @@ class LWABlock(nn.Module):
         shortcut = self.cpe[0](x, size)
         y = self.norm1(shortcut).view(B, H, W, C)
         pad_h, pad_w = (-H) % w, (-W) % w
-        if pad_h or pad_w:
-            y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
+        y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))      # unconditional, as the crop: no branch on traced shapes
         Hp, Wp = H + pad_h, W + pad_w
         y = window_reverse(self.attn(window_partition(y, w)), w, Hp, Wp)
-        if pad_h or pad_w:
-            y = y[:, :H, :W, :]
+        y = y[:, :H, :W, :]
         x = shortcut + self.drop_path(y.reshape(B, N, C))
         x = self.cpe[1](x, size)
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -295,6 +294,8 @@ class L2ViT(LinearHeadMixin, nn.Module):
         dynamic_img_size: accepted for timm's one-call dense-prediction API and changes nothing: the model is
             size-agnostic (no position embedding; windows and odd maps are padded, linear attention is global).
     """
+
+    output_fmt: str = 'NHWC'        # what forward_features returns (timm reads it)
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (2, 2, 6, 2),
                  dims: Sequence[int] = (96, 192, 384, 768), num_heads: Sequence[int] = (3, 6, 12, 24),
@@ -427,14 +428,15 @@ class L2ViT(LinearHeadMixin, nn.Module):
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module, use_ema: bool = False) -> Dict[str, Any]:
     """Official L2ViT checkpoints as they are: a bare state_dict or the training file
     ({'model', 'model_ema'?, 'optimizer', 'args', ...}); ``module.`` prefixes are stripped. With ``use_ema``
-    the ``model_ema`` entry is used when present; which entry was used is logged."""
+    the ``model_ema`` entry is used when present; which entry was used is logged. A checkpoint of another
+    model is refused (:func:`models.checkpoint_fit.fit_state_dict`)."""
     entry = next((k for k in (('model_ema', 'model', 'state_dict') if use_ema else ('model', 'state_dict'))
                   if isinstance(state_dict.get(k), dict)), None)
     if entry is not None:
         _logger.info('L2ViT checkpoint: using its %r weights%s', entry,
                      ' (no model_ema entry)' if use_ema and entry != 'model_ema' else '')
         state_dict = {entry: state_dict[entry]}
-    return unwrap_state_dict(state_dict)
+    return fit_state_dict(unwrap_state_dict(state_dict), model)
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:

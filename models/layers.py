@@ -66,6 +66,11 @@ def tokens_to_nchw(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, C, hw[0], hw[1])
 
 
+def tokens_to_nhwc(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) row-major tokens -> (B, H, W, C) (a view)."""
+    return x.reshape(x.shape[0], hw[0], hw[1], x.shape[-1])
+
+
 _EXTRA_NO_DECAY = re.compile(r'(^|\.)(scale|positional_encoding|pos_embed\d+)$')
 
 
@@ -125,14 +130,16 @@ class LinearHeadMixin:
 
 
 class ClassifierMixin(LinearHeadMixin):
-    """The timm head contract shared by the FLatten families: ``forward_features`` gives (B, N, C) tokens,
-    the head pools them (``global_pool``; '' keeps the tokens: (B, N, num_classes) logits) and applies ``head``."""
+    """The timm head contract shared by the FLatten families: ``forward_features`` gives the last-stage map
+    (B, H, W, C) (``output_fmt`` 'NHWC', as timm's Swin), the head pools it (``global_pool``; '' keeps the
+    positions: (B, H, W, num_classes) logits) and applies ``head``."""
 
     head: nn.Module
+    output_fmt: str = 'NHWC'
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, N, C) tokens -> (B, num_classes) logits, or pooled (B, C) with ``pre_logits``."""
-        x = pool_features(x, self.global_pool, 'NLC')
+        """(B, H, W, C) map -> (B, num_classes) logits, or pooled (B, C) with ``pre_logits``."""
+        x = pool_features(x, self.global_pool, 'NHWC')
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,11 +167,23 @@ class PatchEmbed(TimmPatchEmbed):
         """(B, C_in, H, W) -> ((B, H/p * W/p, C), (H/p, W/p)). With ``dynamic_img_size`` any size is taken
         (the image is zero-padded on the bottom/right to a multiple of the patch); otherwise it must be
         ``img_size``."""
+        if not self.dynamic_img_size:
+            x = check_input_size(x, self.img_size)
         hw = (x.shape[-2], x.shape[-1])
-        if not self.dynamic_img_size and hw != self.img_size:
-            raise ValueError(f'input size {hw} does not match the model ({self.img_size}); '
-                             f'set DATA.IMG_SIZE to the input size (or build with dynamic_img_size=True)')
         return super().forward(x), self.dynamic_feat_size(hw)
+
+
+def check_input_size(x: torch.Tensor, img_size: Tuple[int, int]) -> torch.Tensor:
+    """``x`` (B, C, H, W) unchanged; a ValueError when (H, W) is not a fixed-size model's ``img_size``. A
+    torch.fx leaf (``torch.fx.wrap`` here and in each module that calls it): a traced model keeps the check
+    and runs it on the real input."""
+    if (x.shape[-2], x.shape[-1]) != (img_size[0], img_size[1]):
+        raise ValueError(f'input size {tuple(x.shape[-2:])} does not match the model ({tuple(img_size)}); '
+                         f'set DATA.IMG_SIZE to the input size (or build with dynamic_img_size=True)')
+    return x
+
+
+torch.fx.wrap('check_input_size')
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:

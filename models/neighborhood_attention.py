@@ -13,8 +13,10 @@ Two implementations:
     tile's queries all lie in one (T+k-1) x (T+k-1) key region (clamped into the map), so each tile is
     a small dense attention over its region with an additive mask that holds the bias inside each query's
     window and -inf outside it (one batched matmul / SDPA call for all tiles). It is wrapped in an
-    autograd Function (:class:`NeighborhoodAttention2D`) whose backward recomputes the tile attention,
-    and which FLOP counters see as one op priced by natten's rule (:func:`fvcore_handles`).
+    autograd Function (:class:`NeighborhoodAttention2D`) whose backward recomputes the tile attention.
+    While a tool traces or counts operators (fvcore / ``torch.jit.trace``, the ONNX exporters,
+    ``torch.export``, ``FlopCounterMode``) the gather path runs instead: the same attention in plain
+    operators whose products are exactly natten's FLOP count (:func:`natten_flops`).
 
 An installed ``natten`` that still has relative position bias (0.14 to 0.17) can serve the fast path instead:
 ``set_neighborhood_impl('natten')`` or ``DAT_NEIGHBORHOOD_IMPL=natten`` (an option, never a requirement;
@@ -25,18 +27,18 @@ from __future__ import annotations
 import inspect
 import math
 from functools import lru_cache
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from errors import ConfigError
 
-from .impl_choice import ImplChoice
+from .impl_choice import ImplChoice, operators_observed
 
 __all__ = ['window_starts', 'neighborhood_attention', 'neighborhood_attention_naive', 'neighborhood_probs',
            'neighborhood_av',
-           'NeighborhoodAttention2D', 'natten_flops', 'fvcore_handles', 'DEFAULT_TILE', 'NEIGHBORHOOD_IMPLS',
+           'NeighborhoodAttention2D', 'natten_flops', 'DEFAULT_TILE', 'NEIGHBORHOOD_IMPLS',
            'set_neighborhood_impl', 'get_neighborhood_impl', 'neighborhood_impl', 'natten_functions']
 
 DEFAULT_TILE = 8
@@ -89,9 +91,13 @@ def neighborhood_probs(q: torch.Tensor, k: torch.Tensor, rpb: torch.Tensor, kern
     B, h, H, W, d = q.shape
     _, _, flat = _window_index(H, W, kernel_size, q.device)
     keys = k.reshape(B, h, H * W, d)[:, :, flat]                                   # (B, h, HW, k*k, d)
-    logits = torch.einsum('bhnd,bhnkd->bhnk', q.reshape(B, h, H * W, d), keys)
-    logits = logits.reshape(B, h, H, W, -1) + _window_bias(rpb, H, W, kernel_size)
-    return logits.softmax(dim=-1)
+    # the bias enters the product as one more channel, logits = [q, 1] . [k_j, rpb_ij]: natten's own FLOP
+    # rule (QK + RPB: k^2 (d + 1) multiply-adds per query and head), so counters that see this product agree
+    bias = _window_bias(rpb, H, W, kernel_size).to(q.dtype).reshape(1, h, H * W, kernel_size ** 2, 1)
+    keys = torch.cat([keys, bias.expand(B, -1, -1, -1, -1)], dim=-1)               # (B, h, HW, k*k, d + 1)
+    q1 = torch.cat([q.reshape(B, h, H * W, 1, d), q.new_ones(B, h, H * W, 1, 1)], dim=-1)
+    logits = q1 @ keys.transpose(-2, -1)          # a matmul, not einsum: fvcore prices einsum to 4 digits
+    return logits.reshape(B, h, H, W, -1).softmax(dim=-1)
 
 
 def neighborhood_av(attn: torch.Tensor, v: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -99,7 +105,7 @@ def neighborhood_av(attn: torch.Tensor, v: torch.Tensor, kernel_size: int) -> to
     B, h, H, W, d = v.shape
     _, _, flat = _window_index(H, W, kernel_size, v.device)
     values = v.reshape(B, h, H * W, d)[:, :, flat]                                 # (B, h, HW, k*k, d)
-    out = torch.einsum('bhnk,bhnkd->bhnd', attn.reshape(B, h, H * W, -1), values)
+    out = attn.reshape(B, h, H * W, 1, -1) @ values
     return out.reshape(B, h, H, W, d)
 
 
@@ -186,7 +192,7 @@ def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: tor
 class NeighborhoodAttention2D(torch.autograd.Function):
     """softmax(q k^T + rpb) v over clamped windows as one op. Forward runs the tiled attention without
     keeping its intermediates; backward recomputes it with autograd (memory O(inputs), like a fused kernel).
-    Under tracing it shows up as ``prim::PythonOp.NeighborhoodAttention2D`` (see :func:`fvcore_handles`)."""
+    Tracers cannot see into it: :func:`neighborhood_attention` runs the plain form while they look."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int,
@@ -275,9 +281,14 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rp
     rpb (heads, 2k-1, 2k-1). Returns (B, heads, H, W, head_dim). ``tile``: query tile side (default
     :func:`auto_tile` per axis). ``dropout_p`` > 0 (attention dropout, used
     in training only by the caller) takes the un-fused autograd path, where SDPA draws the dropout mask.
-    With :func:`set_neighborhood_impl` ('natten') the installed natten computes it (``tile`` is ignored)."""
+    With :func:`set_neighborhood_impl` ('natten') the installed natten computes it (``tile`` is ignored).
+    While operators are traced or counted (not under torch.compile, which keeps the fused op: the plain
+    path's O(N k^2 d) gathers would not fit training batches) the plain gather path runs."""
     _check(q, k, v, rpb, kernel_size)
     window_starts(q.shape[2], kernel_size), window_starts(q.shape[3], kernel_size)   # size check
+    if operators_observed(under_compile=False):
+        attn = neighborhood_probs(q, k, rpb, kernel_size)
+        return neighborhood_av(F.dropout(attn, dropout_p) if dropout_p > 0 else attn, v, kernel_size)
     if _IMPL.name == 'natten':
         return _natten_attention(q, k, v, rpb, kernel_size, dropout_p)
     if dropout_p > 0:
@@ -290,16 +301,3 @@ def natten_flops(batch: int, heads: int, height: int, width: int, head_dim: int,
     """natten 0.14.6's count (its flops.py): QK + RPB = B*h*H*W*k^2*(d + 1), AV = B*h*H*W*k^2*d."""
     n = batch * heads * height * width * kernel_size * kernel_size
     return n * (head_dim + 1) + n * head_dim
-
-
-def _fvcore_na_handle(inputs: List[Any], outputs: List[Any]) -> int:
-    """Inputs of the traced op are (q, k, v, rpb) (scalar arguments are not graph inputs); k from rpb."""
-    from fvcore.nn.jit_handles import get_shape
-    B, h, H, W, d = get_shape(inputs[0])
-    kernel_size = (get_shape(inputs[3])[-1] + 1) // 2
-    return natten_flops(B, h, H, W, d, kernel_size)
-
-
-def fvcore_handles() -> Dict[str, Any]:
-    """{op name: handle} for ``fvcore.nn.FlopCountAnalysis.set_op_handle``: the fused op priced by natten's rule."""
-    return {'prim::PythonOp.NeighborhoodAttention2D': _fvcore_na_handle}

@@ -36,9 +36,12 @@ from timm.models.visformer import SpatialMlp
 from state_dicts import unwrap_state_dict
 
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
+from .checkpoint_fit import fit_state_dict
 from ._builder import build_backbone, square_size
-from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, pool_features, shifted_window_mask,
-                     window_partition, window_reverse)
+from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size, pool_features,
+                     shifted_window_mask, window_partition, window_reverse)
+
+torch.fx.wrap('check_input_size')       # a torch.fx leaf here too (see check_input_size)
 
 _logger = logging.getLogger(__name__)
 
@@ -311,9 +314,14 @@ class Visformer(LinearHeadMixin, nn.Module):
             return checkpoint_seq(stage, x)
         return stage(x)
 
+    def _check_input_size(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, 3, H, W) unchanged; without ``dynamic_img_size`` a ValueError naming the image size when
+        it is not the model's (checked on the image: the maps the patch embeddings see are smaller)."""
+        return x if self.dynamic_img_size else check_input_size(x, (self.img_size, self.img_size))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> normed map (B, 2C, H/32, W/32)."""
-        x = self.stem(x)
+        x = self.stem(self._check_input_size(x))
         for i in self.stage_ids:
             x = self._stage(i, x)
         return self.norm(x)
@@ -342,7 +350,7 @@ class Visformer(LinearHeadMixin, nn.Module):
         ids = self.stage_ids
         take, max_index = feature_take_indices(len(ids), indices)
         last = len(ids) - 1 if not (stop_early or intermediates_only) else max_index
-        x = self.stem(x)
+        x = self.stem(self._check_input_size(x))
         maps = []
         for j in range(last + 1):
             x = self._stage(ids[j], x)
@@ -372,7 +380,9 @@ class Visformer(LinearHeadMixin, nn.Module):
 # ---------------------------------------------------------------------- checkpoints
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
     """Official Visformer files ({'model': sd, 'args': Namespace, ...} or a bare sd, ``module.`` stripped) as
-    they are; timm's own visformer checkpoints (BatchNorm keys without the ``.bn.`` level) are renamed."""
+    they are; timm's own visformer checkpoints (BatchNorm keys without the ``.bn.`` level) are renamed. For
+    another input size the position embeddings (and v2 bias tables) are resampled and the shift masks
+    re-created; a checkpoint of another model is refused (:func:`models.checkpoint_fit.fit_state_dict`)."""
     targets = model.state_dict()
     unwrapped = {k.replace('.bn.', '.'): k for k in targets if '.bn.' in k}
     out, renamed = {}, 0
@@ -382,7 +392,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
         out[k] = v
     if renamed:
         _logger.info('Visformer checkpoint: %d BatchNorm tensors renamed from the timm layout (added .bn.)', renamed)
-    return out
+    return fit_state_dict(out, model)
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Shared test setup: small thread count (CI has 2 cores) and the repo root on sys.path."""
+"""Shared test setup: small thread count (CI has 2 cores), the repo root on sys.path and the shared digits
+folders. The end-to-end harness (in-process and subprocess runs of main.py) is ``harness.py`` beside this file."""
 import os
 import sys
 
@@ -16,3 +17,30 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)
+
+
+# ----------------------------------------------------------------------------- shared digits data
+@pytest.fixture(scope='session')
+def make_digits(tmp_path_factory):
+    """``make_digits(size=32, train=None, val=None, drop_val=0)``: the embedded digits (scikit-learn's real
+    8x8 scans as RGB PNGs, ImageNet folder layout) written once per session per argument set. Shared by
+    every test that asks for the same set: copy it before changing files."""
+    from harness import DigitsCache
+    return DigitsCache(tmp_path_factory.mktemp)
+
+
+@pytest.fixture(scope='session')
+def fork_server(tmp_path_factory):
+    """``harness.ForkServer``: ``python main.py`` processes forked from one interpreter that imported the
+    entry point once (for tests that signal or kill a training process; ~5 s of start-up saved per process)."""
+    from harness import ForkServer
+    server = ForkServer(str(tmp_path_factory.mktemp('fork_server')))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope='session')
+def digits(make_digits) -> str:
+    """The standard end-to-end set: 32 px, 300 train (30 per class) and 99 val images (an odd count, so two
+    ranks get unequal shards)."""
+    return make_digits(32, train=30, val=10, drop_val=1)

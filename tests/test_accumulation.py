@@ -1,4 +1,4 @@
-"""Trainer options of the L2ViT / Visformer recipes (issue 12 item 4): gradient accumulation, absolute vs
+"""Trainer options of the L2ViT / Visformer recipes: gradient accumulation, absolute vs
 batch-scaled learning rate, SyncBatchNorm conversion, DeiT's repeated-augmentation sampler and the
 ConvNeXt/L2ViT evaluation transform. CPU, tiny FLatten-Swin on the embedded digits data."""
 from __future__ import annotations
@@ -14,8 +14,8 @@ from PIL import Image
 
 import engine
 import main as entry
+import runner
 from config import get_config, load_config
-from data.digits import write_digits
 from data.samplers import RepeatedAugSampler
 from utils import DistInfo
 
@@ -29,17 +29,15 @@ CPU = DistInfo(device=torch.device('cpu'))
 
 
 @pytest.fixture(scope='module')
-def digits(tmp_path_factory) -> str:
-    """130 training images: 4 optimizer steps of 32 per epoch."""
-    root = str(tmp_path_factory.mktemp('digits'))
-    write_digits(root, size=32, max_train_per_class=13, max_val_per_class=2)
-    return root
+def digits(make_digits) -> str:
+    """The shared digits, 130 training images: 4 optimizer steps of 32 per epoch."""
+    return make_digits(32, train=13, val=2)
 
 
 def trainer(data: str, out: str, *opts: str) -> engine.Trainer:
     argv = ['--cfg', CFG, '--data-path', data, '--output', out, '--opts', *TINY, *opts]
-    config = engine.setup_run(get_config(entry.build_parser().parse_args(argv)), CPU)
-    return engine.build_trainer(config, CPU)
+    config = runner.setup_run(get_config(entry.build_parser().parse_args(argv)), CPU)
+    return runner.build_trainer(config, CPU)
 
 
 def state(t: engine.Trainer) -> dict:
@@ -115,13 +113,13 @@ def test_accumulation_preempted_mid_epoch_resumes_bit_identical(digits, tmp_path
 def test_lr_scaling_linear_and_absolute():
     config = load_config(CFG, ['DATA.BATCH_SIZE', '64', 'TRAIN.ACCUMULATION_STEPS', '4', 'TRAIN.BASE_LR', '5e-4',
                                'TRAIN.WARMUP_LR', '5e-7', 'TRAIN.MIN_LR', '5e-6'])
-    scaled = engine.scale_lr(config, 8)                            # 64 x 8 x 4 = 2048 = 4 x 512
+    scaled = runner.scale_lr(config, 8)                            # 64 x 8 x 4 = 2048 = 4 x 512
     assert (scaled.TRAIN.BASE_LR, scaled.TRAIN.WARMUP_LR, scaled.TRAIN.MIN_LR) == pytest.approx((2e-3, 2e-6, 2e-5))
     config = load_config(CFG, ['DATA.BATCH_SIZE', '128', 'TRAIN.ACCUMULATION_STEPS', '4', 'TRAIN.BASE_LR', '4e-3',
                                'TRAIN.LR_SCALING', 'none'])
-    assert engine.scale_lr(config, 8).TRAIN.BASE_LR == 4e-3        # L2ViT: lr 4e-3 at 8 x 128 x 4 = 4096
+    assert runner.scale_lr(config, 8).TRAIN.BASE_LR == 4e-3        # L2ViT: lr 4e-3 at 8 x 128 x 4 = 4096
     config = load_config(CFG, ['DATA.BATCH_SIZE', '64', 'TRAIN.LR_SCALE_BATCH', '1024'])
-    assert engine.scale_lr(config, 4).TRAIN.BASE_LR == pytest.approx(config.TRAIN.BASE_LR * 256 / 1024)
+    assert runner.scale_lr(config, 4).TRAIN.BASE_LR == pytest.approx(config.TRAIN.BASE_LR * 256 / 1024)
 
 
 # ----------------------------------------------------------------------------- SyncBatchNorm
@@ -130,15 +128,15 @@ def test_sync_batchnorm_conversion_under_ddp_only():
                                 torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)))
     weight = model[1].weight
     config = load_config(CFG, ['TRAIN.SYNC_BN', 'True'])
-    assert engine.convert_sync_batchnorm(model, config, CPU) is model                  # one process
+    assert runner.convert_sync_batchnorm(model, config, CPU) is model                  # one process
     ddp_gpu = DistInfo(device=torch.device('cuda', 0), rank=0, world_size=2)
-    converted = engine.convert_sync_batchnorm(model, config, ddp_gpu)
+    converted = runner.convert_sync_batchnorm(model, config, ddp_gpu)
     kinds = [type(m) for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert kinds == [torch.nn.SyncBatchNorm] * 2 and converted[1].weight is weight
     off = load_config(CFG, [])
-    assert engine.convert_sync_batchnorm(model, off, ddp_gpu) is model
-    with pytest.raises(engine.ConfigError, match='TRAIN.SYNC_BN'):
-        engine.convert_sync_batchnorm(model, config, DistInfo(device=torch.device('cpu'), world_size=2))
+    assert runner.convert_sync_batchnorm(model, off, ddp_gpu) is model
+    with pytest.raises(runner.ConfigError, match='TRAIN.SYNC_BN'):
+        runner.convert_sync_batchnorm(model, config, DistInfo(device=torch.device('cpu'), world_size=2))
 
 
 # ----------------------------------------------------------------------------- repeated augmentation
@@ -179,11 +177,10 @@ def test_repeated_aug_sampler_matches_deit():
     assert [i for i, _ in samplers[0]] != [i for i, _ in got[0]]
 
 
-def test_repeated_aug_sampler_in_the_loader(tmp_path):
+def test_repeated_aug_sampler_in_the_loader(make_digits):
     from data import build_train_loader
-    write_digits(str(tmp_path), size=32, max_train_per_class=26, max_val_per_class=1)
     config = load_config(CFG, [*TINY, 'AUG.REPEATED_AUG', 'True', 'DATA.BATCH_SIZE', '32', 'DATA.DATA_PATH',
-                               str(tmp_path)])
+                               make_digits(32, train=26, val=1)])
     _, loader, sampler = build_train_loader(config)
     assert isinstance(sampler, RepeatedAugSampler) and loader.sampler is sampler
     assert len(loader) == 256 // 32                            # 260 images -> DeiT keeps 256 per epoch

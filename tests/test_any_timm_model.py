@@ -37,7 +37,7 @@ TRAIN:
   EPOCHS: {epochs}
   WARMUP_EPOCHS: 0
   LR_SCALING: none
-  BASE_LR: 2.0e-3
+  BASE_LR: 4.0e-3
   MIN_LR: 1.0e-4
   KEEP_CHECKPOINTS: 1
 AUG:
@@ -60,7 +60,7 @@ BASELINES = {
 }
 
 
-def recipe(tmp_path, name: str, epochs: int = 3) -> str:
+def recipe(tmp_path, name: str, epochs: int = 4) -> str:
     path = os.path.join(str(tmp_path), f'{name}.yaml')
     with open(path, 'w') as f:
         f.write(RECIPE.format(name=name, epochs=epochs))

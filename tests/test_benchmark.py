@@ -210,22 +210,47 @@ def test_neighborhood_mode_times_fast_and_naive_paths(capsys):
             assert r[key] > 0
 
 
-def test_gpu_benchmark_script_arguments_check_without_a_gpu(tmp_path):
+def test_gpu_benchmark_script_arguments_check_without_a_gpu(tmp_path, monkeypatch, capsys):
     """tools/gpu_benchmarks.sh is run once, on a GPU, by a session with minutes to spare: its every step's
-    arguments are checked here (configs load, timm names exist, the official checkout holds each config)."""
+    arguments are checked here (configs load, timm names exist, the official checkout holds each config).
+    The script runs for real; its ``python tools/benchmark.py ARGS`` calls go through a ``python`` on PATH
+    that records ARGS (the pytest step runs for real), and each recorded command is then run here as
+    ``benchmark.main(ARGS)`` with the script's working directory: the same check, without five more
+    interpreter start-ups."""
     import subprocess
+    from models.focused_attention import attention_impl, get_attention_impl
     official = tmp_path / 'official'
     (official / 'cfgs').mkdir(parents=True)
     for name in ('flatten_swin_t', 'flatten_pvt_v2_b0', 'flatten_cswin_t'):
         (official / 'cfgs' / f'{name}.yaml').write_text('')
+    shim, calls = tmp_path / 'shim', tmp_path / 'benchmark_calls.jsonl'
+    shim.mkdir()
+    (shim / 'python').write_text(textwrap.dedent(f'''\
+        #!{sys.executable}
+        import json, os, sys
+        if len(sys.argv) > 1 and os.path.basename(sys.argv[1]) == 'benchmark.py':
+            with open({str(calls)!r}, 'a') as f:
+                f.write(json.dumps(sys.argv[2:]) + '\\n')
+            sys.exit(0)
+        os.execv({sys.executable!r}, [{sys.executable!r}] + sys.argv[1:])
+    '''))
+    (shim / 'python').chmod(0o755)
     proc = subprocess.run(['bash', os.path.join(ROOT, 'tools', 'gpu_benchmarks.sh'), str(tmp_path / 'out'),
-                           str(official)], env=dict(os.environ, GPU_BENCH_DRY_RUN='args'),
+                           str(official)], env=dict(os.environ, GPU_BENCH_DRY_RUN='args',
+                                                    PATH=f"{shim}{os.pathsep}{os.environ['PATH']}"),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = [line.split(':')[0][4:] for line in proc.stdout.splitlines() if line.startswith('=== ')]
     assert steps[:-1] == ['cuda_tests', 'vs_official', 'vs_timm', 'triton', 'sweep', 'neighborhood']
-    assert proc.stdout.count('nothing measured (--check)') == 5
     assert 'tests collected' in (tmp_path / 'out' / 'log.txt').read_text()
+    argvs = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(argvs) == 5 and all('--check' in a for a in argvs)
+    monkeypatch.chdir(ROOT)                                           # the script runs from the repository root
+    capsys.readouterr()
+    for argv in argvs:
+        with attention_impl(get_attention_impl()):                    # --attention-impl sets it process-wide
+            assert benchmark.main(argv)['checked'] >= 1, argv
+    assert capsys.readouterr().out.count('nothing measured (--check)') == 5
     assert len(list((tmp_path / 'out').iterdir())) <= 8              # what the device tool brings back
 
 

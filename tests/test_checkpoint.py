@@ -1,5 +1,6 @@
 """checkpoint.py: atomic save, safe load (CfgNode allowed, hostile pickles refused), strict loading,
-auto-resume discovery, pruning and pretrained adaptation (checked against an independent interpolation)."""
+auto-resume discovery, pruning, and the fine-tuning load of resume.py (checked against an independent
+interpolation)."""
 import builtins
 import errno
 import os
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 import checkpoint as C
 from config import default_config
 from models import build_model
+from resume import load_finetune_weights, load_weights
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -292,7 +294,7 @@ def test_load_pretrained_resizes_flatten_swin_64_to_96(tmp_path):
     assert src_sd[rpb].shape == (49, 4) and dst_before[rpb].shape == (121, 4)
     assert src_sd['layers.0.blocks.1.attn_mask'].shape != dst_before['layers.0.blocks.1.attn_mask'].shape
 
-    C.load_pretrained(dst, path, None)
+    load_finetune_weights(dst, path)
     out = dst.state_dict()
     n_pe = n_rpb = 0
     for k, v in out.items():
@@ -335,13 +337,13 @@ def test_load_pretrained_maps_22k_head_and_rejects_wrong_model(tmp_path):
     index_file = tmp_path / 'map22kto1k.txt'
     index_file.write_text('\n'.join(str(i) for i in idx.tolist()) + '\n')
     dst = build_model(_swin_config(64, 8, 1000))
-    C.load_pretrained(dst, path, None, index_22k_to_1k=str(index_file))
+    load_finetune_weights(dst, path, index_22k_to_1k=str(index_file))
     assert torch.equal(dst.head.weight, src.head.weight[idx]) and torch.equal(dst.head.bias, src.head.bias[idx])
     assert torch.equal(dst.layers[0].blocks[0].attn.qkv.weight, src.layers[0].blocks[0].attn.qkv.weight)
 
     wrong = build_model(_swin_config(64, 8, 1000, embed=32))
     with pytest.raises(C.CheckpointError, match=r'do not fit the model: .*shape mismatches: patch_embed'):
-        C.load_pretrained(wrong, path, None)
+        load_finetune_weights(wrong, path)
 
 
 def test_load_pretrained_resizes_flatten_pvt_pos_embeds(tmp_path):
@@ -360,7 +362,7 @@ def test_load_pretrained_resizes_flatten_pvt_pos_embeds(tmp_path):
     path = str(tmp_path / 'pvt.pth')
     C.save_checkpoint({'model': src_sd}, path)
     dst = pvt(96)
-    C.load_pretrained(dst, path, None)
+    load_finetune_weights(dst, path)
     out = dst.state_dict()
     grids = [k for k in out if k.startswith('pos_embed') or k.endswith('positional_encoding')]
     assert {k for k in grids if k.startswith('pos_embed')} == {f'pos_embed{i}' for i in range(1, 5)}
@@ -377,7 +379,6 @@ def test_ema_flag_picks_model_ema_for_pretrained_and_eval(tmp_path, caplog):
     it, 'model'. A file without EMA weights falls back to 'model'."""
     import logging
 
-    import engine
     from config import get_config
     from main import build_parser
 
@@ -397,15 +398,15 @@ def test_ema_flag_picks_model_ema_for_pretrained_and_eval(tmp_path, caplog):
     for prefer, want in ((True, averaged), (False, plain)):
         m = build_model(cfg)
         with caplog.at_level(logging.INFO):
-            C.load_pretrained(m, path, prefer_ema=prefer)
+            load_finetune_weights(m, path, prefer_ema=prefer)
         assert torch.equal(m.state_dict()[key], want[key])
         assert ('model_ema weights' if prefer else 'model weights') in caplog.text
         caplog.clear()
         m = build_model(cfg)
-        engine.load_weights(path, m, prefer_ema=prefer)
+        load_weights(path, m, prefer_ema=prefer)
         assert torch.equal(m.state_dict()[key], want[key])
     only = str(tmp_path / 'plain.pth')
     torch.save({'model': plain}, only)
     m = build_model(cfg)
-    engine.load_weights(only, m, prefer_ema=True)
+    load_weights(only, m, prefer_ema=True)
     assert torch.equal(m.state_dict()[key], plain[key])

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import traceback
@@ -25,9 +24,10 @@ from PIL import Image
 
 import engine
 import main as entry
+import runner
 from config import get_config, load_config
-from data.digits import write_digits
 from models import build_model
+from harness import count_images, free_port, read_records, run_main
 from utils import PREEMPTED_EXIT_CODE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,8 @@ def args(data: str, out: str, *flags: str, opts: tuple = ()) -> list:
 
 
 def run_engine(argv: list) -> engine.RunResult:
-    return engine.run(get_config(entry.build_parser().parse_args(argv)))
+    """main.main(argv) in this process (harness.run_main); the trainer's RunResult of the finished run."""
+    return run_main(argv).ok().result
 
 
 def run_dir(out: str, tag: str = 'default') -> str:
@@ -55,8 +56,12 @@ def run_dir(out: str, tag: str = 'default') -> str:
 
 def metrics(folder: str) -> list:
     """The per-epoch records of a run's metrics.jsonl, read without our reader."""
-    with open(os.path.join(folder, 'metrics.jsonl')) as f:
-        return [r for r in map(json.loads, f) if r['kind'] == 'epoch']
+    return read_records(folder, 'epoch')
+
+
+def acc_text(rec: dict, prefix: str = 'val') -> tuple:
+    """A record's (Acc@1, Acc@5) as the log prints them (3 decimals)."""
+    return f"{rec[prefix + '_acc1']:.3f}", f"{rec[prefix + '_acc5']:.3f}"
 
 
 def states_equal(a: dict, b: dict) -> bool:
@@ -69,17 +74,9 @@ def logged(path: str, pattern: str) -> list:
 
 
 @pytest.fixture(scope='session')
-def digits(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp('digits'))
-    counts = write_digits(root, size=32, max_train_per_class=30, max_val_per_class=10)
-    os.remove(sorted(glob.glob(os.path.join(root, 'val', '9', '*.png')))[-1])     # 100 -> 99 val images
-    assert counts['train'] == 300
-    return root
-
-
-@pytest.fixture(scope='session')
 def baseline(digits, tmp_path_factory):
-    """An uninterrupted 3-epoch run with EMA (the reference for resume tests)."""
+    """An uninterrupted 3-epoch run with EMA (the reference for resume tests) on the shared digits."""
+    assert count_images(digits) == {'train': 300, 'val': N_VAL}
     out = str(tmp_path_factory.mktemp('baseline'))
     result = run_engine(args(digits, out))
     return out, result
@@ -141,14 +138,13 @@ def test_eval_reproduces_logged_accuracy(baseline, digits, tmp_path):
     out, result = baseline
     ckpt = os.path.join(run_dir(out), 'ckpt_epoch_3.pth')
     ev = run_engine(args(digits, str(tmp_path), '--eval', '--resume', ckpt))
-    last = logged(os.path.join(run_dir(out), 'log_rank0.txt'), r' \* Acc@1 ([\d.]+) Acc@5 ([\d.]+)')[-2]
-    assert (f'{ev.eval.acc1:.3f}', f'{ev.eval.acc5:.3f}') == last
+    last = metrics(run_dir(out))[-1]                  # its figures equal the log lines (test_train_single_process)
+    assert (f'{ev.eval.acc1:.3f}', f'{ev.eval.acc5:.3f}') == acc_text(last)
     assert ev.eval.count == N_VAL
     ref1, ref5 = naive_eval(ev.model, os.path.join(digits, 'val'))
     assert ev.eval.acc1 == pytest.approx(ref1, abs=1e-9) and ev.eval.acc5 == pytest.approx(ref5, abs=1e-9)
     # the EMA weights evaluate as the EMA's logged accuracy
-    assert f'{ev.ema_eval.acc1:.3f}' == logged(os.path.join(run_dir(out), 'log_rank0.txt'),
-                                               r' \* Acc@1 ([\d.]+) Acc@5')[-1]
+    assert f'{ev.ema_eval.acc1:.3f}' == acc_text(last, 'ema')[0]
     # the evaluation's record, in the evaluation's own folder
     recs = [json.loads(x) for x in open(os.path.join(eval_files_dir(digits, tmp_path, ckpt), 'metrics.jsonl'))]
     assert [(r['kind'], r['checkpoint']) for r in recs] == [('eval', ckpt)]
@@ -167,7 +163,7 @@ def test_eval_resume_not_replaced_by_auto_resume(baseline, digits, tmp_path):
 
 def eval_files_dir(data: str, out, ckpt: str) -> str:
     """Where an --eval run with these arguments writes its config, log and metrics."""
-    return engine.files_dir(get_config(entry.build_parser().parse_args(args(data, str(out), '--eval', '--resume', ckpt))))
+    return runner.files_dir(get_config(entry.build_parser().parse_args(args(data, str(out), '--eval', '--resume', ckpt))))
 
 
 def _load(path: str, opts: tuple = ()) -> torch.nn.Module:
@@ -207,7 +203,7 @@ def test_preemption_mid_epoch_then_resume(baseline, digits, tmp_path, monkeypatc
     out, ref = baseline
     dst = _copy_until(out, str(tmp_path), 2)
     calls = {'n': 0}
-    real_build = engine.build_model
+    real_build = runner.build_model
 
     def build_with_sigterm(config):
         model = real_build(config)
@@ -220,7 +216,7 @@ def test_preemption_mid_epoch_then_resume(baseline, digits, tmp_path, monkeypatc
         model.register_forward_pre_hook(hook)
         return model
 
-    monkeypatch.setattr(engine, 'build_model', build_with_sigterm)
+    monkeypatch.setattr(runner, 'build_model', build_with_sigterm)
     before = signal.getsignal(signal.SIGTERM)
     code = entry.main(args(digits, dst))
     assert code == PREEMPTED_EXIT_CODE == 143
@@ -228,7 +224,7 @@ def test_preemption_mid_epoch_then_resume(baseline, digits, tmp_path, monkeypatc
     saved = torch.load(preempt, weights_only=True)
     assert (saved['epoch'], saved['step']) == (2, 4)
     assert signal.getsignal(signal.SIGTERM) == before                # handler restored
-    monkeypatch.setattr(engine, 'build_model', real_build)
+    monkeypatch.setattr(runner, 'build_model', real_build)
     result = run_engine(args(digits, dst))                          # auto-resumes mid-epoch
     assert states_equal(result.model.state_dict(), ref.model.state_dict())
     assert states_equal(result.ema_model.state_dict(), ref.ema_model.state_dict())
@@ -239,17 +235,11 @@ def test_preemption_mid_epoch_then_resume(baseline, digits, tmp_path, monkeypatc
 
 
 # ----------------------------------------------------------------------------- distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_ranks_train_and_exact_validation(digits, tmp_path):
     """2-process gloo training; its final 2-rank validation (shards of 50 and 49 images) equals the
     single-process evaluation of the saved weights and the hand-written reference."""
     out = str(tmp_path / 'ddp')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
            os.path.join(ROOT, 'main.py'), *args(digits, out, opts=('TRAIN.EPOCHS', '2', 'MODEL_EMA.ENABLE', 'False',
                                                                    'DATA.BATCH_SIZE', '16', 'DIST_TIMEOUT', '120'))]
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -257,11 +247,11 @@ def test_torchrun_two_ranks_train_and_exact_validation(digits, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = os.path.join(run_dir(out), 'log_rank0.txt')
     assert logged(log, r'rank 0/2 on cpu')
-    acc = logged(log, r' \* Acc@1 ([\d.]+) Acc@5 ([\d.]+)')[-1]
-    assert float(acc[0]) > 40.0
-    assert logged(log, rf'Accuracy of the network on the {N_VAL} test images')
+    assert logged(log, rf'Accuracy of the network on the {N_VAL} test images')      # both shards, all 99
     recs = metrics(run_dir(out))                                             # rank 0 alone writes it
-    assert [r['epoch'] for r in recs] == [1, 2] and f"{recs[-1]['val_acc1']:.3f}" == acc[0]
+    assert [r['epoch'] for r in recs] == [1, 2]
+    acc = acc_text(recs[-1])
+    assert float(acc[0]) > 40.0
     ckpt = os.path.join(run_dir(out), 'ckpt_epoch_2.pth')
     single = run_engine(args(digits, str(tmp_path / 'eval'), '--eval', '--resume', ckpt,
                              opts=('MODEL_EMA.ENABLE', 'False')))
@@ -272,18 +262,20 @@ def test_torchrun_two_ranks_train_and_exact_validation(digits, tmp_path):
 
 @pytest.mark.parametrize('compiled', [False, True])
 def test_ddp_reducer_released_before_the_group_is_destroyed(compiled):
-    """engine.run frees the DDP reducer (and the DDP logger that holds it) before destroy_process_group: under
+    """runner.run frees the DDP reducer (and the DDP logger that holds it) before destroy_process_group: under
     torch 2.11 a reducer outliving its group deadlocked gloo at exit (2-rank runs hung after their last
     checkpoint). After the release no attribute of the wrapper holds a reducer or logger any more."""
     import torch.distributed as dist
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{_free_port()}', rank=0, world_size=1)
+
+    from utils import release_ddp_reducer
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
         ddp(torch.randn(3, 4)).sum().backward()
         held = (dist.Reducer, dist.Logger)
         assert any(isinstance(v, held) for v in vars(ddp).values())        # what the release must remove
         wrapper = torch.compile(ddp) if compiled else ddp
-        engine.release_ddp_reducer(wrapper)
+        release_ddp_reducer(wrapper)
         assert not any(isinstance(v, held) for v in vars(ddp).values())
     finally:
         dist.destroy_process_group()
@@ -294,7 +286,7 @@ def test_ddp_reducer_released_before_the_group_is_destroyed(compiled):
 def test_torchrun_nccl(digits, tmp_path):
     n = min(2, torch.cuda.device_count())
     out = str(tmp_path / 'nccl')
-    cmd = ['torchrun', f'--nproc_per_node={n}', f'--master_port={_free_port()}', os.path.join(ROOT, 'main.py'),
+    cmd = ['torchrun', f'--nproc_per_node={n}', f'--master_port={free_port()}', os.path.join(ROOT, 'main.py'),
            *args(digits, out, '--device', 'cuda', opts=('TRAIN.EPOCHS', '2'))]
     # a short limit: on the GPU machine this runs inside a 10-minute call (the run itself takes ~30 s)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
@@ -350,7 +342,7 @@ def test_missing_data_path_fails_at_start(tmp_path, capsys):
 
 
 def test_nonfinite_steps_stop_the_run(digits, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(engine, 'build_criterion',
+    monkeypatch.setattr(runner, 'build_criterion',
                         lambda config, mixup: (lambda out, tgt: out.sum() * float('nan')))
     msg = _error_of(capsys, args(digits, str(tmp_path), opts=('TRAIN.MAX_NONFINITE_STEPS', '3')))
     assert 'non-finite' in msg and 'epoch 1 step 3' in msg
@@ -455,8 +447,8 @@ def test_best_model_is_saved_even_between_save_freq_epochs(digits, tmp_path):
     run = run_dir(out)
     best = os.path.join(run, 'max_acc.pth')
     assert os.path.isfile(best)
-    accs = [float(a) for a in logged(os.path.join(run, 'log_rank0.txt'), r' \* Acc@1 (\d+\.\d{3})')]
-    assert len(accs) == 3 and result.max_accuracy == pytest.approx(max(accs), abs=1e-3)
+    accs = [r['val_acc1'] for r in metrics(run)]
+    assert len(accs) == 3 and result.max_accuracy == pytest.approx(max(accs), abs=1e-9)
     best_epoch = max(range(3), key=lambda i: (accs[i], i)) + 1      # ties: the later epoch is saved
     assert torch.load(best, weights_only=True)['epoch'] == best_epoch
     # epoch 1 is always a new best: it must be written right then, before epoch 2 trains
@@ -474,7 +466,7 @@ def make_trainer(data: str, out: str, opts: tuple = ()) -> engine.Trainer:
     from utils import DistInfo
     config = get_config(entry.build_parser().parse_args(args(data, out, opts=opts)))
     info = DistInfo(device=torch.device('cpu'))
-    return engine.build_trainer(engine.setup_run(config, info), info)
+    return runner.build_trainer(runner.setup_run(config, info), info)
 
 
 SYNC_METHODS = ('item', 'tolist', '__bool__', '__float__', '__int__', '__index__', 'cpu', 'numpy')
@@ -584,25 +576,25 @@ def test_dead_peer_is_one_error_line(digits, tmp_path, capsys, monkeypatch):
     gloo = ('[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer '
             '[127.0.0.1]:15237. This is typically caused by a remote worker crashing.')
     monkeypatch.setenv('WORLD_SIZE', '2')
-    monkeypatch.setattr(engine, 'init_distributed', lambda *a, **k: engine.DistInfo(device=torch.device('cpu')))
+    monkeypatch.setattr(runner, 'init_distributed', lambda *a, **k: engine.DistInfo(device=torch.device('cpu')))
 
     def dies(t, loader_val=None):
         raise RuntimeError(gloo)
-    monkeypatch.setattr(engine, 'train', dies)
+    monkeypatch.setattr(runner, 'train', dies)
     msg = _error_of(capsys, args(digits, str(tmp_path)))
     assert 'distributed peer failed' in msg and 'Connection closed by peer' in msg and 'rerun' in msg
     assert 'Connection closed by peer' in open(os.path.join(run_dir(str(tmp_path)), 'log_rank0.txt')).read()
 
     def bug(t, loader_val=None):
         raise RuntimeError('shape mismatch in my new layer')
-    monkeypatch.setattr(engine, 'train', bug)
+    monkeypatch.setattr(runner, 'train', bug)
     with pytest.raises(RuntimeError, match='shape mismatch'):
         entry.main(args(digits, str(tmp_path / 'b')))
 
 
 def test_randaugment_posterize_patch_is_explicit():
     """Importing the data package leaves timm's op table alone; ``patch_randaugment_posterize`` (called
-    by engine.run) makes RandAugment 'inc1' at its top magnitude (0 bits of posterize, which Pillow >= 12
+    by runner.run) makes RandAugment 'inc1' at its top magnitude (0 bits of posterize, which Pillow >= 12
     rejects) give a black image, as older Pillow did."""
     code = ("import data, timm.data.auto_augment as aa;"
             "print(aa.NAME_TO_OP['PosterizeIncreasing'] is aa.posterize);"
@@ -641,7 +633,7 @@ def test_data_path_and_class_count_are_validated_once(digits, tmp_path, monkeypa
 def test_channels_last_model_and_images():
     from utils import DistInfo
     config = load_config(CFG, TINY + ['TRAIN.CHANNELS_LAST', 'True'])
-    model = engine.create_model(config, DistInfo(device=torch.device('cpu')))
+    model = runner.create_model(config, DistInfo(device=torch.device('cpu')))
     convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     images = engine.to_device(torch.randn(2, 3, 32, 32), torch.device('cpu'), channels_last=True)
@@ -651,32 +643,28 @@ def test_channels_last_model_and_images():
 
 
 @pytest.mark.slow
-def test_dead_peer_real_two_ranks(digits, tmp_path):
-    """Two gloo ranks started with torchrun's environment (no agent); rank 1 is killed -9 during
-    training: rank 0 ends within seconds with exit code 2 and exactly one ERROR line on stderr that
-    carries the backend's message."""
+def test_dead_peer_real_two_ranks(digits, tmp_path, fork_server):
+    """Two gloo ranks started with torchrun's environment (no agent; ``python main.py`` processes forked
+    by the harness); rank 1 is killed -9 during training: rank 0 ends within seconds with exit code 2 and
+    exactly one ERROR line on stderr that carries the backend's message."""
     import time
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
-    env.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()), WORLD_SIZE='2', OMP_NUM_THREADS='1')
-    cmd = [sys.executable, os.path.join(ROOT, 'main.py'), *args(digits, str(tmp_path), '--device', 'cpu', opts=(
-        'DATA.BATCH_SIZE', '8', 'PRINT_FREQ', '1', 'DIST_TIMEOUT', '60', 'MODEL_EMA.ENABLE', 'False'))]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
-                              stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
-                              stderr=subprocess.PIPE if r == 0 else subprocess.DEVNULL) for r in (1, 0)]
-    rank1, rank0 = procs
+    from harness import Watched
+    env = dict(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), WORLD_SIZE='2')
+    argv = args(digits, str(tmp_path), '--device', 'cpu', opts=(
+        'DATA.BATCH_SIZE', '8', 'PRINT_FREQ', '1', 'DIST_TIMEOUT', '60', 'MODEL_EMA.ENABLE', 'False'))
+    rank1 = Watched.forked(fork_server, argv, env=dict(env, RANK='1', LOCAL_RANK='1'))
+    rank0 = Watched.forked(fork_server, argv, env=dict(env, RANK='0', LOCAL_RANK='0'), separate_stderr=True)
     try:
-        for line in rank0.stdout:                          # wait until training is under way
-            if re.search(r'Train: \[1/3\]\[2/', line):
-                break
-        rank1.kill()
+        rank0.wait_for(lambda line: re.search(r'Train: \[1/3\]\[2/', line))     # training is under way
+        rank1.proc.kill()
         start = time.time()
-        _, err = rank0.communicate(timeout=50)
+        code = rank0.finish(timeout=50)
         assert time.time() - start < 50
-        assert rank0.returncode == 2, err[-3000:]
+        err = rank0.err
+        assert code == 2, err[-3000:]
         errors = [ln for ln in err.splitlines() if ln.startswith('ERROR: ')]
         assert len(errors) == 1 and 'distributed peer failed' in errors[0], err[-3000:]
         assert re.search(r'Connection (closed|reset) by peer|Timed out', errors[0]), errors[0]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        rank0.kill()
+        rank1.kill()

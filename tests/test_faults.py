@@ -1,8 +1,14 @@
-"""Fault injection against the real entry point (``python main.py`` in subprocesses, CPU, tiny
-FLatten-Swin at 32 px on a small digits split): preemption (SIGTERM) and hard kills (kill -9) at seeded
-random steps must resume to bit-identical final weights; truncated checkpoints, diverging training,
-unreadable images, bad configurations, hostile pickles, a dead/stalled distributed rank and a full or
-read-only disk must each end with a clear error or a clean recovery and never a broken checkpoint.
+"""Fault injection against the real entry point (CPU, tiny FLatten-Swin at 32 px on a small digits split):
+preemption (SIGTERM) and hard kills (kill -9) at seeded random steps must resume to bit-identical final
+weights; truncated checkpoints, diverging training, unreadable images, bad configurations, hostile pickles,
+a dead/stalled distributed rank and a full or read-only disk must each end with a clear error or a clean
+recovery and never a broken checkpoint.
+
+``python main.py`` runs as a separate process where the process is the point: the interrupted runs and
+the ranks are forked by the harness's fork server (real processes, signalled and killed, without ~5 s of
+interpreter start-up each), torchrun is started for real. Everything else calls ``main.main(argv)`` in
+this process (``harness.run_main``: exit code and console as a user sees them). In-process runs of the
+bit-identity checks use one intra-op thread, as the separate processes do (OMP_NUM_THREADS=1).
 
 Every subprocess has a timeout, so nothing here can hang CI. A one-line summary of what was injected is
 printed at the end of the session (output capture is bypassed for it) and recorded as the junit
@@ -12,17 +18,14 @@ from __future__ import annotations
 
 import collections
 import glob
-import json
+import logging
 import os
-import queue
 import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -30,12 +33,14 @@ import pytest
 import torch
 
 import checkpoint as C
+from harness import Run, Watched, free_port, main_cmd, run_folder, run_main, train_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_NAME = 'tiny_faults'
 EPOCHS, STEPS_PER_EPOCH = 3, 10          # 160 train images / batch 16
 PREEMPTED, ERROR = 143, 2
 RUN_TIMEOUT = 180
+ONE_THREAD = 1                           # in-process runs are compared bit for bit with OMP_NUM_THREADS=1 processes
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, 'main.py')), reason='engine not present')]
@@ -100,12 +105,11 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def digits(workdir) -> str:
-    """The digits dataset at 32 px, 16 train + 5 val images per class, written once per session."""
-    from data.digits import write_digits
-    path = str(workdir / 'digits')
-    counts = write_digits(path, size=32, max_train_per_class=16, max_val_per_class=5)
-    assert counts == {'train': 160, 'val': 50}
+def digits(make_digits) -> str:
+    """The shared digits at 32 px, 16 train + 5 val images per class."""
+    from harness import count_images
+    path = make_digits(32, train=16, val=5)
+    assert count_images(path) == {'train': 160, 'val': 50}
     return path
 
 
@@ -116,87 +120,22 @@ def cfg(workdir) -> str:
     return str(path)
 
 
-def _env(extra: Optional[dict] = None) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1',
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        env.pop(k, None)
-    env.update(extra or {})
-    return env
-
-
 def main_args(cfg: str, data: str, output: str, tag: str, *extra: str, opts: Tuple[str, ...] = ()) -> List[str]:
-    args = [sys.executable, os.path.join(ROOT, 'main.py'), '--cfg', cfg, '--data-path', data,
-            '--output', output, '--tag', tag, '--device', 'cpu', *extra]
-    return args + (['--opts', *opts] if opts else [])
+    """main.py's arguments (for ``run_main``; ``main_cmd`` makes them a ``python main.py`` command)."""
+    return train_args(cfg, data, output, *extra, tag=tag, opts=opts)
 
 
 def out_dir(output: str, tag: str) -> str:
-    return os.path.join(output, MODEL_NAME, tag)
+    return run_folder(output, MODEL_NAME, tag)
 
 
-def run(args: List[str], timeout: float = RUN_TIMEOUT, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
+def run(args: List[str]) -> Run:
+    """The entry point in this process, one intra-op thread (as the separate processes it is compared with)."""
+    return run_main(args, threads=ONE_THREAD)
 
 
+# the live progress line of a watched process (the only signal of which step it is in)
 _STEP = re.compile(r'Train: \[(\d+)/\d+\]\[(\d+)/\d+\]')
-
-
-class Watched:
-    """A subprocess whose merged output is read by a thread, so the test can react to log lines."""
-
-    def __init__(self, args: List[str], env: Optional[dict] = None) -> None:
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=_env(env), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.lines: List[str] = []
-        self._q: queue.Queue = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self._q.put(line)
-        self._q.put(None)
-
-    def wait_for(self, predicate, timeout: float = RUN_TIMEOUT) -> Optional[str]:
-        """The first new line satisfying ``predicate``; None if the process ended first."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                line = self._q.get(timeout=max(0.01, deadline - time.time()))
-            except queue.Empty:
-                break
-            if line is None:
-                return None
-            self.lines.append(line)
-            if predicate(line):
-                return line
-        self.kill()
-        raise AssertionError(f'timed out waiting for a log line; last output:\n{"".join(self.lines[-20:])}')
-
-    def finish(self, timeout: float = RUN_TIMEOUT) -> int:
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f'process did not exit within {timeout}s:\n{"".join(self.lines[-20:])}')
-        while True:                                  # drain what is left
-            try:
-                line = self._q.get(timeout=5)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.lines.append(line)
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    @property
-    def output(self) -> str:
-        return ''.join(self.lines)
 
 
 def global_step(line: str) -> Optional[int]:
@@ -230,18 +169,11 @@ def check_all_checkpoints_load(folder: str) -> None:
             raise
 
 
-def one_error_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith('ERROR: '), f'expected one ERROR line, got:\n{stderr}'
-    return lines[0]
-
-
 @pytest.fixture(scope='session')
 def baseline(cfg, digits, workdir) -> str:
     """The uninterrupted run: its final checkpoint is the reference for every resumed run."""
     output = str(workdir / 'runs')
-    r = run(main_args(cfg, digits, output, 'baseline'))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run(main_args(cfg, digits, output, 'baseline')).ok()
     final = os.path.join(out_dir(output, 'baseline'), f'ckpt_epoch_{EPOCHS}.pth')
     assert os.path.isfile(final)
     return final
@@ -257,12 +189,12 @@ def _trials() -> List[Tuple[str, int]]:
 
 
 @pytest.mark.parametrize('kind, at', _trials())
-def test_interrupt_and_resume_gives_identical_weights(cfg, digits, workdir, baseline, kind, at):
+def test_interrupt_and_resume_gives_identical_weights(cfg, digits, workdir, baseline, fork_server, kind, at):
     output, tag = str(workdir / 'runs'), f'{kind}-{at}'
     folder = out_dir(output, tag)
     # workers do not change the result: augmentation is a function of (seed, epoch, index)
     args = main_args(cfg, digits, output, tag, opts=('DATA.NUM_WORKERS', '2') if kind == 'sigterm-group' else ())
-    w = Watched(args)
+    w = Watched.forked(fork_server, args)                 # a real process: it is signalled or killed
     if kind == 'kill9-during-save':                       # kill -9 right as ckpt_epoch_<at> is being written
         w.wait_for(lambda ln: f'ckpt_epoch_{at}.pth saving' in ln)
     else:
@@ -274,7 +206,7 @@ def test_interrupt_and_resume_gives_identical_weights(cfg, digits, workdir, base
             w.proc.send_signal(signal.SIGTERM)
         rc = w.finish()
         assert rc == PREEMPTED, w.output[-3000:]
-        assert 'preempted: saved epoch' in w.output
+        assert re.search(r'preempted (at|after) .*: saved \S*preempt\.pth', w.output), w.output[-3000:]
         pre = C.load_checkpoint(os.path.join(folder, 'preempt.pth'))
         assert (pre['epoch'], pre['step']) >= divmod(at, STEPS_PER_EPOCH)
         SUMMARY['sigterm'] += 1
@@ -286,10 +218,9 @@ def test_interrupt_and_resume_gives_identical_weights(cfg, digits, workdir, base
     SUMMARY['faults'] += 1
     check_all_checkpoints_load(folder)
 
-    r = run(args)                                         # the same command again: auto-resume
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run(args).ok()                                    # the same command again: auto-resume
     if kind.startswith('sigterm'):
-        assert 'auto resuming from' in r.stdout and 'preempt.pth' in r.stdout
+        assert 'auto resuming from' in r.out and 'preempt.pth' in r.out
         assert not os.path.exists(os.path.join(folder, 'preempt.pth'))   # consumed by the next epoch end
     check_all_checkpoints_load(folder)
     assert not glob.glob(os.path.join(folder, '.*.tmp'))     # temp files of a killed save are cleaned up
@@ -308,10 +239,9 @@ def test_truncated_newest_checkpoint_is_set_aside(cfg, digits, workdir, baseline
     with open(os.path.join(folder, 'ckpt_epoch_2.pth'), 'wb') as f:
         f.write(data[: len(data) * 2 // 3])              # an interrupted copy
     SUMMARY['faults'] += 1
-    r = run(main_args(cfg, digits, output, tag))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert re.search(r'ckpt_epoch_2\.pth cannot be loaded .*kept aside as .*ckpt_epoch_2\.pth\.corrupt', r.stdout)
-    assert re.search(r'auto resuming from \S*ckpt_epoch_1\.pth', r.stdout)
+    r = run(main_args(cfg, digits, output, tag)).ok()
+    assert re.search(r'ckpt_epoch_2\.pth cannot be loaded .*kept aside as .*ckpt_epoch_2\.pth\.corrupt', r.out)
+    assert re.search(r'auto resuming from \S*ckpt_epoch_1\.pth', r.out)
     assert os.path.getsize(os.path.join(folder, 'ckpt_epoch_2.pth.corrupt')) == len(data) * 2 // 3
     check_all_checkpoints_load(folder)
     SUMMARY['resumed'] += 1
@@ -328,10 +258,9 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(cfg, digits, workdir):
         'TRAIN.LR_SCHEDULER.NAME', 'step', 'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '1',
         'TRAIN.LR_SCHEDULER.DECAY_RATE', '1e30', 'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.MAX_NONFINITE_STEPS', '3')))
     SUMMARY['faults'] += 1
-    assert r.returncode == ERROR, r.stdout[-3000:] + r.stderr[-3000:]
-    line = one_error_line(r.stderr)
+    line = r.error_line()
     assert re.search(r'3 consecutive steps .* epoch 2 step \d+', line) and 'TRAIN.MAX_NONFINITE_STEPS' in line
-    skipped = re.findall(r'epoch 2 step (\d+): non-finite loss .* update skipped \((\d) in a row\)', r.stdout)
+    skipped = re.findall(r'epoch 2 step (\d+): non-finite loss .* update skipped \((\d) in a row\)', r.out)
     assert [int(n) for _, n in skipped] == [1, 2, 3]
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, '*.pth'))) == \
         ['ckpt_epoch_1.pth', 'max_acc.pth']             # nothing written after the divergence
@@ -363,9 +292,7 @@ def test_bad_images_fail_with_the_file_name(cfg, bad_digits, workdir):
     output = str(workdir / 'runs')
     for tag, extra, split in (('badimg-train', (), 'train'), ('badimg-eval', ('--eval',), 'val')):
         SUMMARY['bad_inputs'] += 1
-        r = run(main_args(cfg, data, output, tag, *extra, opts=('TRAIN.EPOCHS', '1')))
-        assert r.returncode == ERROR, r.stdout[-3000:] + r.stderr[-3000:]
-        line = one_error_line(r.stderr)
+        line = run(main_args(cfg, data, output, tag, *extra, opts=('TRAIN.EPOCHS', '1'))).error_line()
         named = [p for p in bad if p in line]
         # training may draw no bad file before validation (drop_last), so only --eval pins the split
         assert len(named) == 1 and (split == 'train' or '/val/' in named[0]), line
@@ -378,41 +305,24 @@ def test_bad_images_are_skipped_counted_and_logged(cfg, bad_digits, workdir):
     data, bad = bad_digits
     output, tag = str(workdir / 'runs'), 'badimg-skip'
     SUMMARY['bad_inputs'] += 1
-    r = run(main_args(cfg, data, output, tag, opts=('TRAIN.EPOCHS', '1', 'DATA.SKIP_BAD_IMAGES', 'True')))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run(main_args(cfg, data, output, tag, opts=('TRAIN.EPOCHS', '1', 'DATA.SKIP_BAD_IMAGES', 'True'))).ok()
     for p in bad:
         split = 'training' if '/train/' in p else 'validation'
-        assert f'skipped unreadable {split} image {p}' in r.stdout
-    assert '2 unreadable validation images were skipped; accuracy is over the remaining 50 images' in r.stdout
-    assert 'on the 50 test images' in r.stdout                 # exactly the 50 good val images
+        assert f'skipped unreadable {split} image {p}' in r.out
+    assert '2 unreadable validation images were skipped; accuracy is over the remaining 50 images' in r.out
+    assert 'on the 50 test images' in r.out                    # exactly the 50 good val images
     # 162 train files, batch 16, drop_last: 10 steps; the skipped ones are counted when they were drawn
-    n_train_skipped = sum(f'skipped unreadable training image {p}' in r.stdout for p in bad)
+    n_train_skipped = sum(f'skipped unreadable training image {p}' in r.out for p in bad)
     if n_train_skipped:
-        assert f'{n_train_skipped} unreadable training images skipped' in r.stdout
+        assert f'{n_train_skipped} unreadable training images skipped' in r.out
     check_all_checkpoints_load(out_dir(output, tag))
     SUMMARY['bad_inputs_clean'] += 1
 
 
 # ----------------------------------------------------------------------------- bad configuration
-_DRIVER = r"""
-import contextlib, io, json, sys
-import main
-results = []
-for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            rc = main.main(argv)
-        except SystemExit as e:
-            rc = e.code
-    results.append({'rc': rc, 'stderr': err.getvalue()})
-print('RESULTS' + json.dumps(results))
-"""
-
-
 def test_bad_configurations_exit_2_with_one_line(cfg, digits, workdir):
-    """All cases in one interpreter (main.main(argv) each) to save start-up time; each case gets its own
-    output root, which must hold no checkpoint afterwards."""
+    """Each case is main.main(argv) in this process; each gets its own output root, which must hold no
+    checkpoint afterwards."""
     root = workdir / 'badcfg'
     root.mkdir()
     blocker = root / 'a_file'
@@ -442,15 +352,13 @@ def test_bad_configurations_exit_2_with_one_line(cfg, digits, workdir):
         argv = ['--cfg', c, '--data-path', d, '--output', output, '--device', 'cpu', *extra]
         argvs.append(argv + (['--opts', *opts] if opts else []))
     SUMMARY['bad_inputs'] += len(cases)
-    r = run([sys.executable, '-c', _DRIVER, json.dumps(argvs)], timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    results = json.loads(r.stdout.split('RESULTS', 1)[1])
     failures = []
-    for (name, *_, expect), res in zip(cases, results):
-        lines = [ln for ln in res['stderr'].strip().splitlines() if ln.strip()]
-        ok = (res['rc'] == ERROR and len(lines) == 1 and lines[0].startswith('ERROR: ') and expect in lines[0])
+    for (name, *_, expect), argv in zip(cases, argvs):
+        res = run_main(argv)
+        lines = [ln for ln in res.err.strip().splitlines() if ln.strip()]
+        ok = (res.code == ERROR and len(lines) == 1 and lines[0].startswith('ERROR: ') and expect in lines[0])
         if not ok:
-            failures.append(f"{name}: rc={res['rc']} stderr={res['stderr'][-500:]!r}")
+            failures.append(f"{name}: rc={res.code} stderr={res.err[-500:]!r}")
         else:
             SUMMARY['bad_inputs_clean'] += 1
     assert not failures, '\n'.join(failures)
@@ -469,9 +377,7 @@ def test_hostile_resume_file_is_refused(cfg, digits, workdir):
     output = str(workdir / 'runs')
     SUMMARY['bad_inputs'] += 2
     for tag, extra in (('evil-train', ()), ('evil-eval', ('--eval',))):
-        r = run(main_args(cfg, digits, output, tag, '--resume', evil, *extra))
-        assert r.returncode == ERROR, r.stdout[-3000:] + r.stderr[-3000:]
-        line = one_error_line(r.stderr)
+        line = run(main_args(cfg, digits, output, tag, '--resume', evil, *extra)).error_line()
         assert f'refusing to load {evil}' in line and 'system' in line, line
         assert not marker.exists()
         assert not glob.glob(os.path.join(out_dir(output, tag), '*.pth'))
@@ -479,22 +385,16 @@ def test_hostile_resume_file_is_refused(cfg, digits, workdir):
 
 
 # ----------------------------------------------------------------------------- distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize('fault', ['kill', 'stall'])
-def test_dead_or_stalled_rank_does_not_hang_the_other(cfg, digits, workdir, fault):
+def test_dead_or_stalled_rank_does_not_hang_the_other(cfg, digits, workdir, fork_server, fault):
     """Two gloo ranks, launched with the environment torchrun gives its workers (RANK, WORLD_SIZE,
     MASTER_*; without torchrun's agent, which would otherwise tear the survivor down itself). Rank 1 is
     killed (kill -9) or stalled (SIGSTOP); rank 0 must fail on its own within DIST_TIMEOUT (+ slack)."""
     timeout_s = 20
     output = str(workdir / 'runs')
-    port = _free_port()
+    port = free_port()
     args = main_args(cfg, digits, output, f'dist-{fault}', opts=('DIST_TIMEOUT', str(timeout_s)))
-    ranks = [Watched(args, env={'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port), 'WORLD_SIZE': '2',
+    ranks = [Watched.forked(fork_server, args, env={'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port), 'WORLD_SIZE': '2',
                                 'RANK': str(r), 'LOCAL_RANK': str(r)}) for r in (0, 1)]
     try:
         ranks[0].wait_for(lambda ln: (global_step(ln) or 0) >= 2, timeout=RUN_TIMEOUT)
@@ -542,9 +442,9 @@ def test_torchrun_worker_killed_ends_the_job(cfg, digits, workdir):
     the job end (non-zero) within the bound, and the output folder holds no broken checkpoint."""
     timeout_s = 20
     output = str(workdir / 'runs')
-    args = main_args(cfg, digits, output, 'torchrun', opts=('DIST_TIMEOUT', str(timeout_s)))
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                '--max-restarts', '0'] + args[1:]
+                '--max-restarts', '0', *main_cmd(main_args(cfg, digits, output, 'torchrun',
+                                                           opts=('DIST_TIMEOUT', str(timeout_s))))[1:]]
     job = Watched(launcher)
     try:
         job.wait_for(lambda ln: (global_step(ln) or 0) >= 2)
@@ -563,22 +463,8 @@ def test_torchrun_worker_killed_ends_the_job(cfg, digits, workdir):
 
 
 # ----------------------------------------------------------------------------- full / read-only disk
-_ENOSPC_WRAPPER = r"""
-import errno, os, runpy, sys
-_real = os.replace
-def _replace(src, dst, *a, **k):
-    if os.path.basename(str(dst)) == 'ckpt_epoch_2.pth':       # the disk fills up at the second save
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
-    return _real(src, dst, *a, **k)
-os.replace = _replace
-sys.argv = [os.path.join(os.environ['REPO'], 'main.py')] + sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name='__main__')
-"""
-
-
-def _assert_save_failure_is_clean(r, folder: str) -> None:
-    assert r.returncode == ERROR, r.stdout[-3000:] + r.stderr[-3000:]
-    line = one_error_line(r.stderr)
+def _assert_save_failure_is_clean(r: Run, folder: str) -> None:
+    line = r.error_line()
     assert re.search(r'could not write checkpoint \S*ckpt_epoch_2\.pth: .*(No space left|Permission denied|'
                      r'Read-only)', line), line
     assert 'writable --output' in line
@@ -588,16 +474,21 @@ def _assert_save_failure_is_clean(r, folder: str) -> None:
     check_all_checkpoints_load(folder)
 
 
-def test_disk_full_while_saving_simulated(cfg, digits, workdir):
-    """Simulation (works for any user): os.replace raises ENOSPC for the epoch-2 checkpoint, in the
-    real training process (a wrapper script patches it before running main.py)."""
+def test_disk_full_while_saving_simulated(cfg, digits, workdir, monkeypatch):
+    """Simulation (works for any user): os.replace raises ENOSPC for the epoch-2 checkpoint (the disk fills
+    up at the second save), patched for the duration of the run."""
+    import errno
     output, tag = str(workdir / 'runs'), 'enospc'
-    wrapper = workdir / 'enospc_main.py'
-    wrapper.write_text(_ENOSPC_WRAPPER)
-    args = main_args(cfg, digits, output, tag)
-    args[1] = str(wrapper)
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if os.path.basename(str(dst)) == 'ckpt_epoch_2.pth':
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(os, 'replace', replace)
     SUMMARY['faults'] += 1
-    r = run(args, env={'REPO': ROOT})
+    r = run(main_args(cfg, digits, output, tag))
+    monkeypatch.undo()
     _assert_save_failure_is_clean(r, out_dir(output, tag))
 
 
@@ -639,39 +530,52 @@ def _bind_read_only(folder: str) -> bool:
     return True
 
 
+class _OnLogLine(logging.Handler):
+    """Calls ``action`` (once, in the training thread, so the run waits for it) when a log line contains ``text``."""
+
+    def __init__(self, text: str, action) -> None:
+        super().__init__()
+        self.text, self.action, self.done = text, action, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.done and self.text in record.getMessage():
+            self.done = True
+            self.action()
+
+
 def test_read_only_output_while_saving(cfg, digits, workdir):
-    """The output folder turns read-only after the first checkpoint. Non-root: chmod 555 on the folder.
-    Root (chmod does not stop root): a read-only bind mount of the folder over itself (EROFS stops root
-    too; files already open, like the log, keep working); skipped when neither is possible."""
+    """The output folder turns read-only right after the first checkpoint is saved (the run waits while it
+    changes). Non-root: chmod 555 on the folder. Root (chmod does not stop root): a read-only bind mount of
+    the folder over itself (EROFS stops root too; files already open, like the log, keep working); skipped
+    when neither is possible."""
     output, tag = str(workdir / 'ro'), 'readonly'
     folder = out_dir(output, tag)
     root = os.geteuid() == 0
-    mounted = False
-    w = Watched(main_args(cfg, digits, output, tag))
-    try:
-        w.wait_for(lambda ln: 'ckpt_epoch_1.pth saved' in ln)
+    state = {'mounted': False}
+
+    def make_read_only():
         if root:
-            os.kill(w.proc.pid, signal.SIGSTOP)       # hold the run while the mount changes
-            mounted = _bind_read_only(folder)
-            os.kill(w.proc.pid, signal.SIGCONT)
-            if not mounted:
-                pytest.skip('running as root (chmod cannot make a folder read-only) and bind mounts fail here')
+            state['mounted'] = _bind_read_only(folder)
         else:
             os.chmod(folder, 0o555)
+    watcher = _OnLogLine('ckpt_epoch_1.pth saved', make_read_only)
+    logging.getLogger().addHandler(watcher)
+    try:
+        r = run(main_args(cfg, digits, output, tag))
+        assert watcher.done, r.console[-3000:]
+        if root and not state['mounted']:
+            pytest.skip('running as root (chmod cannot make a folder read-only) and bind mounts fail here')
         SUMMARY['faults'] += 1
-        rc = w.finish()
-        assert rc == ERROR, w.output[-3000:]
-        errors = [ln for ln in w.output.splitlines() if ln.startswith('ERROR: ')]
-        assert len(errors) == 1, w.output[-3000:]
+        line = r.error_line()
         # the first save after the switch: max_acc.pth of epoch 1 or ckpt_epoch_2.pth
         assert re.search(r'could not write checkpoint \S*(max_acc|ckpt_epoch_2)\.pth: (Permission denied|Read-only file '
-                         r'system); free space or choose a writable --output', errors[0]), errors[0]
+                         r'system); free space or choose a writable --output', line), line
         assert not glob.glob(os.path.join(folder, '.*.tmp'))
         assert C.load_checkpoint(os.path.join(folder, 'ckpt_epoch_1.pth'))['epoch'] == 1
         check_all_checkpoints_load(folder)
     finally:
-        w.kill()
-        if mounted:
+        logging.getLogger().removeHandler(watcher)
+        if state['mounted']:
             subprocess.run(['umount', folder], capture_output=True)
-        if not root:
+        if not root and os.path.isdir(folder):
             os.chmod(folder, 0o755)

@@ -20,7 +20,6 @@ import torch
 import main as entry
 from checkpoint import CheckpointError, extract_model_state, load_checkpoint, load_model_state
 from config import ConfigError, get_config, load_config
-from data.digits import write_digits
 from models import build_model
 from models.l2vit import LCM, LGABlock, LinearAttention, LWABlock, checkpoint_filter_fn
 from models.layers import relative_position_index
@@ -258,9 +257,8 @@ def test_config_errors_name_the_key():
         build_model(load_config(cfg, ['MODEL.L2VIT.DIMS', '[16, 32, 64, 128]', 'MODEL.L2VIT.NUM_HEADS', '[3, 3, 3, 3]']))
 
 
-def test_short_training_run_on_digits_through_main(tmp_path):
-    data = str(tmp_path / 'digits')
-    write_digits(data, size=32, max_train_per_class=8, max_val_per_class=3)
+def test_short_training_run_on_digits_through_main(make_digits, tmp_path):
+    data = make_digits(32, train=8, val=3)
     out = str(tmp_path / 'out')
     argv = ['--cfg', os.path.join(ROOT, 'cfgs', 'demo', 'l2vit_digits.yaml'), '--data-path', data, '--output', out,
             '--opts', 'DATA.IMG_SIZE', '32', 'MODEL.L2VIT.DIMS', '[8, 16, 16, 32]', 'MODEL.L2VIT.NUM_HEADS',

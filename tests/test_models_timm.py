@@ -1,4 +1,4 @@
-"""The FLatten families as a timm library (issue 10): registry and pretrained_cfg, create_model for every
+"""Our families as a timm library: registry and pretrained_cfg, create_model for every
 name, features_only / forward_intermediates / feature_info, dynamic_img_size (checked against models built
 natively at the other size), torch.hub, official-format checkpoints through pretrained_cfg_overlay, the
 checkpoint filters' 224 -> 384 resizing against an F.interpolate recomputation written here, SDPA against
@@ -27,30 +27,45 @@ from models.flatten_pvt_v2 import DepthwiseConvMlp
 from models.layers import WindowAttention, shifted_window_mask
 from models.flatten_swin import FocusedLinearWindowAttention
 
+from our_registry import module_of, our_names, tiny_names
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMM_SUITE = os.path.join(ROOT, 'tests', 'timm_suite', 'test_models.py')
 
-SWIN = ['flatten_swin_t', 'flatten_swin_s', 'flatten_swin_b', 'flatten_swin_b_384']
-PVT = ['flatten_pvt_t', 'flatten_pvt_s', 'flatten_pvt_m', 'flatten_pvt_b']
-PVT_V2 = ['flatten_pvt_v2_b0', 'flatten_pvt_v2_b1', 'flatten_pvt_v2_b2', 'flatten_pvt_v2_b3', 'flatten_pvt_v2_b4']
-CSWIN = ['flatten_cswin_t', 'flatten_cswin_s', 'flatten_cswin_b', 'flatten_cswin_b_384']
-EXPECTED = set(SWIN + PVT + PVT_V2 + CSWIN + ['flatten_pvt_v2_b5', 'flatten_pvt_v2_b2_li']
-               + [n + '_softmax' for n in SWIN + PVT + PVT_V2 + CSWIN])
+# every name `import models` registers (the registry, filtered to our modules, as timm's own tests select
+# theirs); the FLatten families are the names whose pretrained_cfg cites the FLatten paper
+OURS = our_names()
+FLATTEN = [n for n in OURS if timm.models.get_pretrained_cfg(n).paper_ids == 'arXiv:2308.00442']
+FAMILY_REPS = sorted(n for n in tiny_names() if n in FLATTEN)
 
-# tiny sizes (the architecture keywords override the variant's)
-_PYR = dict(embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4), depths=(1, 1, 1, 1))
+# tiny sizes per family module (the architecture keywords override the variant's); a module without an
+# entry is built at its own size, as timm's tests do
+_PYR = dict(img_size=64, embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4), depths=(1, 1, 1, 1))
+SMALL = {
+    'models.flatten_pvt': _PYR,
+    'models.flatten_pvt_v2': _PYR,
+    'models.flatten_cswin': dict(img_size=96, embed_dim=8, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4),
+                                 la_split=(24, 12, 6, 3)),
+    'models.dat': dict(img_size=64, patch_size=4, expansion=2, dim_stem=16, dims=(16, 32, 64, 128),
+                       depths=(2, 2, 2, 2), heads=(1, 2, 2, 4), groups=(1, 1, 2, 2),
+                       stage_spec=(('N', 'D'), ('L', 'S'), ('N', 'D'), ('D', 'D')), window_sizes=(7, 4, 7, 7),
+                       use_pes=(True,) * 4, strides=(8, 4, 2, 1), offset_range_factor=(-1,) * 4,
+                       use_dwc_mlps=(True,) * 4, use_lpus=(True,) * 4, use_conv_patches=True,
+                       nat_ksizes=(5, 7, 3, 3)),
+    'models.l2vit': dict(img_size=64, depths=(1, 1, 1, 1), dims=(16, 32, 32, 64), num_heads=(2, 2, 4, 4)),
+}
 
 
 def small_kwargs(name: str) -> dict:
-    if name.startswith('flatten_swin'):
+    if module_of(name) == 'models.flatten_swin':
         img = 96 if '_384' in name else 112        # 'S' windows 12 / 7 tile the stage maps
         return dict(img_size=img, patch_size=2, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
-    if name.startswith('flatten_cswin'):
-        return dict(img_size=96, embed_dim=8, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4), la_split=(24, 12, 6, 3))
-    return dict(img_size=64, **_PYR)
-
-
-FAMILY_REPS = ['flatten_swin_t', 'flatten_swin_t_softmax', 'flatten_pvt_t', 'flatten_pvt_v2_b0',
-               'flatten_pvt_v2_b2_li', 'flatten_cswin_t', 'flatten_cswin_t_softmax']
+    if module_of(name) == 'models.visformer':
+        v1 = name.startswith('official_')
+        return (dict(img_size=64, init_channels=8, embed_dim=32, depths=(1, 1, 1), num_heads=2) if v1 else
+                dict(img_size=64, init_channels=8, embed_dim=32, depths=(1, 1, 3, 2), num_heads=(1, 1, 2, 4),
+                     window_sizes=(16, 8, 2, 2)))
+    return dict(SMALL.get(module_of(name), {}))
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -63,34 +78,47 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 # ----------------------------------------------------------------------------- registry
 def test_registered_names_and_pretrained_cfgs():
-    names = set(timm.list_models('flatten_*'))
-    assert EXPECTED <= names
-    for name in EXPECTED:
-        fn = timm.models.model_entrypoint(name)
-        assert fn.__module__.startswith('models.flatten_'), name          # ours, not a timm model renamed
+    # every family registers its variants and (FLatten) their softmax baselines under names that cannot
+    # clash with timm's own (a clash would overwrite timm's entry; our entrypoints must be ours)
+    assert {module_of(n) for n in OURS} >= {'models.flatten_swin', 'models.flatten_pvt', 'models.flatten_pvt_v2',
+                                            'models.flatten_cswin', 'models.dat', 'models.l2vit', 'models.visformer'}
+    assert all(n + '_softmax' in OURS for n in FLATTEN if not n.endswith('_softmax') and not n.endswith(('_b5', '_li')))
+    for name in OURS:
         cfg = timm.models.get_pretrained_cfg(name)
         assert cfg is not None and cfg.url in ('', None) and cfg.hf_hub_id in ('', None), name   # never downloads
-        assert cfg.num_classes == 1000 and cfg.classifier == 'head' and cfg.first_conv and cfg.paper_ids
+        assert cfg.num_classes == 1000 and cfg.classifier and cfg.first_conv, name   # names: timm's suite checks
         assert cfg.input_size == (3, 384, 384) if '_384' in name else cfg.input_size == (3, 224, 224)
+        assert cfg.pool_size == (cfg.input_size[1] // 32, cfg.input_size[2] // 32), name   # every family: /32
+    for name in FLATTEN:
+        assert timm.models.get_pretrained_cfg(name).paper_ids == 'arXiv:2308.00442'
     # the official download addresses are kept as metadata
     assert 'cloud.tsinghua.edu.cn' in timm.models.get_pretrained_cfg('flatten_swin_t').origin_url
 
 
-@pytest.mark.parametrize('name', sorted(EXPECTED))
+@pytest.mark.parametrize('name', OURS)
 def test_create_model_every_name(name):
-    kw = dict(small_kwargs(name), depths=(1, 1, 1, 1))
+    kw = small_kwargs(name)
     model = timm.create_model(name, num_classes=5, drop_path_rate=0.1, **kw).eval()
     s = kw['img_size']
+    x = torch.randn(1, 3, s, s)
     with torch.no_grad():
-        out = model(torch.randn(1, 3, s, s))
+        out = model(x)
+        features = model.forward_features(x)
     assert out.shape == (1, 5) and torch.isfinite(out).all()
     assert model.pretrained_cfg['architecture'] == name
+    # forward_features is laid out as output_fmt says: channels on its axis, the last stage's map on the others
+    fmt, m = getattr(model, 'output_fmt', 'NCHW'), -(-s // model.feature_info[-1]['reduction'])
+    assert features.shape == ((1, model.num_features, m, m) if fmt == 'NCHW' else
+                              (1, m, m, model.num_features)), (fmt, features.shape)
     kinds = {m.attn_kind for m in model.modules() if hasattr(m, 'attn_kind')}
-    assert kinds == ({'softmax'} if name.endswith('_softmax') else
-                     {'linear', 'softmax'} if 'swin' in name or 'cswin' in name else {'linear'})
+    if name.endswith('_softmax'):
+        assert kinds == {'softmax'}
+    elif name in FLATTEN:
+        assert 'linear' in kinds
     model.reset_classifier(0)
     assert isinstance(model.get_classifier(), nn.Identity)
-    assert model.forward_head(torch.randn(1, 4, model.num_features)).shape == (1, model.num_features)
+    with torch.no_grad():
+        assert model.forward_head(features).shape == (1, model.num_features) == model(x).shape
 
 
 def test_bad_keyword_is_a_value_error_naming_it():
@@ -111,7 +139,8 @@ def test_features_only_and_intermediates(name):
         maps = feat(x)
     assert len(maps) == 4
     assert [m.shape[1] for m in maps] == feat.feature_info.channels()
-    assert feat.feature_info.reduction() == [4, 8, 16, 32] if 'swin' not in name else [2, 4, 8, 16]
+    swin = module_of(name) == 'models.flatten_swin'          # its tiny kwargs use 2-pixel patches
+    assert feat.feature_info.reduction() == ([2, 4, 8, 16] if swin else [4, 8, 16, 32])
     for m, r in zip(maps, feat.feature_info.reduction()):
         assert m.shape[-2:] == (s // r, s // r)
 
@@ -120,7 +149,7 @@ def test_features_only_and_intermediates(name):
         final, inter = model.forward_intermediates(x, norm=True)
         ff = model.forward_features(x)
         assert torch.equal(final, ff)
-        assert torch.equal(inter[-1].flatten(2).transpose(1, 2), ff)
+        assert model.output_fmt == 'NHWC' and torch.equal(inter[-1].permute(0, 2, 3, 1), ff)
         only = model.forward_intermediates(x, indices=[1], intermediates_only=True)
         assert len(only) == 1 and torch.equal(only[0], inter[1])
     taken = model.prune_intermediate_layers([0, 1])
@@ -174,7 +203,8 @@ def test_dynamic_size_equals_a_model_built_at_that_size(name, other):
 
 # ----------------------------------------------------------------------------- hub, checkpoints
 def test_torch_hub_local():
-    model = torch.hub.load(ROOT, 'flatten_pvt_v2_b0', source='local', num_classes=4, **small_kwargs('flatten_pvt'))
+    model = torch.hub.load(ROOT, 'flatten_pvt_v2_b0', source='local', num_classes=4,
+                           **small_kwargs('flatten_pvt_v2_b0'))
     assert type(model).__name__ == 'FLattenPVTv2' and model.num_classes == 4
 
 
@@ -378,15 +408,33 @@ def test_pvt_size_keys_and_unused_keys():
         load_config(path)                                  # every shipped YAML still validates
 
 
-def test_has_unused_parameters_is_declared_exactly():
-    for name in ('flatten_pvt_t', 'flatten_pvt_v2_b0', 'flatten_swin_t', 'flatten_cswin_t'):
-        model = timm.create_model(name, **dict(small_kwargs(name), depths=(1, 1, 1, 1)))
-        s = small_kwargs(name)['img_size']
-        model(torch.randn(1, 3, s, s)).sum().backward()
-        unused = {n for n, p in model.named_parameters() if p.grad is None}
-        assert bool(unused) == getattr(model, 'has_unused_parameters', False), name
-        if unused:
-            assert unused == {'norm.weight', 'norm.bias'}
+@pytest.mark.parametrize('name', sorted(tiny_names()))
+def test_every_parameter_gets_a_gradient(name):
+    """No registered model has a parameter outside the computation (DDP needs no find_unused_parameters);
+    PVT-v1's official, never-applied final norm stays in the state dict as buffers."""
+    kw = small_kwargs(name)
+    model = timm.create_model(name, **kw).train()
+    model(torch.randn(2, 3, kw['img_size'], kw['img_size'])).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    assert not getattr(model, 'has_unused_parameters', False)
+    if module_of(name) == 'models.flatten_pvt':
+        assert {'norm.weight', 'norm.bias'} <= set(model.state_dict())
+
+
+def test_vendored_timm_test_file_is_byte_identical():
+    """tests/timm_suite/test_models.py is timm's tests/test_models.py at huggingface/pytorch-image-models
+    aa4b5850c1543fa488abf260f18390eda46cf85d: its git blob hash, recomputed here."""
+    import hashlib
+    data = open(TIMM_SUITE, 'rb').read()
+    blob = hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
+    assert blob == '224a96fa2c7c52cfb0ce34e3be8f350c16f3427e'
+
+
+def test_every_family_has_a_tiny_variant_in_the_normal_timm_suite():
+    tiny = tiny_names()
+    for mod in {module_of(n) for n in OURS}:
+        assert any(module_of(n) == mod for n in tiny), mod
+    assert all(n + '_softmax' in tiny for n in tiny if n in FLATTEN and n + '_softmax' in OURS)
 
 
 def test_models_import_no_experiment_modules():

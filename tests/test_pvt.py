@@ -49,7 +49,10 @@ def cfg(name, *opts):
 
 
 def n_params(model):
-    return sum(p.numel() for p in model.parameters())
+    """The official count: every parameter, plus PVT-v1's final ``norm`` (in the official model a parameter
+    that its forward never uses; here buffers, so that every parameter gets a gradient)."""
+    inert = sum(b.numel() for n, b in model.named_buffers() if n.startswith('norm.'))
+    return sum(p.numel() for p in model.parameters()) + inert
 
 
 def hand_count(name, img=224, classes=1000, attn=None, la_sr='1111', ksize=5, linear=False):
@@ -284,9 +287,8 @@ def test_gradients_reach_every_parameter_with_and_without_checkpointing(family, 
         model.zero_grad()
         model(x).pow(2).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    unused = {'norm.weight', 'norm.bias'} if family == 'v1' else set()   # the official, never-applied norm
-    names = {n for n, _ in model.named_parameters()}
-    missing = {n for n in names - unused if n not in grads[0] or grads[0][n].abs().sum() == 0}
+    names = {n for n, _ in model.named_parameters()}    # v1's never-applied final norm: buffers, not here
+    missing = {n for n in names if n not in grads[0] or grads[0][n].abs().sum() == 0}
     assert not missing, sorted(missing)
     assert set(grads[1]) == set(grads[0])
     for n in grads[0]:
@@ -310,7 +312,9 @@ def test_use_checkpoint_config_and_weight_decay_lists():
                 if n.split('.')[-1] in ('scale', 'positional_encoding') or n.startswith('pos_embed')}
         assert m.extra_no_weight_decay() == want and any(n.endswith('attn.scale') for n in want)
     assert {f'pos_embed{i}' for i in range(1, 5)} <= v1.extra_no_weight_decay()
-    assert v1.has_unused_parameters and not getattr(model, 'has_unused_parameters', False)
+    # the official final norm: in the state dict (strict official loading), but buffers, not parameters
+    assert not getattr(v1, 'has_unused_parameters', False) and not getattr(model, 'has_unused_parameters', False)
+    assert {'norm.weight', 'norm.bias'} <= set(v1.state_dict()) and not names & {'norm.weight', 'norm.bias'}
 
 
 def test_taps_expose_every_attention():

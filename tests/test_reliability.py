@@ -1,7 +1,10 @@
-"""Reliability II (issue 15): each row of the issue's table, driven as a user would (``main.py`` /
-``main_ema.py`` in subprocesses, CPU, a tiny FLatten-Swin at 32 px on a small digits split built here;
-2-rank torchrun only for the rows about ranks). Every subprocess has a wall-clock limit far below
-DIST_TIMEOUT (600 s), so a hang is a failure, never a stuck CI job.
+"""Reliability of the entry points under inputs and failures that used to hang a run, crash it or mislead
+its user (each ``row`` test is one such failure mode), driven as a user would: ``main.main(argv)`` in this
+process (``harness.run_main``: exit code, console, run folder), and ``main.py`` / ``main_ema.py`` in
+subprocesses only where the process is the point (a process that must exit while its DataLoader workers
+live; 2-rank torchrun for the rows about ranks). CPU, a tiny FLatten-Swin at 32 px on the shared digits.
+Every subprocess has a wall-clock limit far below DIST_TIMEOUT (600 s), so a hang is a failure, never a
+stuck CI job.
 
 Failures are injected without touching the code under test: a small launcher (written by the fixture
 ``launcher``) patches ``torch.utils.data.default_collate`` (an unexpected error in a DataLoader worker,
@@ -10,26 +13,25 @@ re-raised in the main process while the workers live) or wraps
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from harness import Run, count_images, launch, run_folder, run_main
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_NAME = 'tiny_rel'
 ERROR = 2
 N_TRAIN, N_VAL = 40, 20                 # 4 train + 2 val images per digit class
-RUN_TIMEOUT = 120                       # one tiny single-process run takes ~10 s
+RUN_TIMEOUT = 120                       # one tiny single-process run takes ~10 s (start-up included)
 HANG_LIMIT = 60                         # far below DIST_TIMEOUT (600 s)
 
 pytestmark = pytest.mark.slow
@@ -97,61 +99,21 @@ runpy.run_path(entry, run_name='__main__')
 
 
 # ----------------------------------------------------------------------------- helpers and fixtures
-def _env(extra: Optional[dict] = None) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1',
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        env.pop(k, None)
-    env.update(extra or {})
-    return env
-
-
 def main_args(cfg: str, data: str, output: str, tag: str, *extra: str, opts: Tuple[str, ...] = (),
               entry: str = 'main.py') -> List[str]:
+    """``<repo>/ENTRY --cfg ... --device cpu EXTRA [--opts OPTS]`` (for a subprocess: ``run_python``)."""
     args = [os.path.join(ROOT, entry), '--cfg', cfg, '--data-path', data, '--output', output, '--tag', tag,
             '--device', 'cpu', *extra]
     return args + (['--opts', *opts] if opts else [])
 
 
-def descendants(pid: int) -> List[int]:
-    """All processes below ``pid`` (Linux /proc; empty elsewhere)."""
-    parent = {}
-    for entry in os.listdir('/proc') if os.path.isdir('/proc') else []:
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parent[int(entry)] = int(open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier]
-        found += kids
-        frontier = kids
-    return found
+def run_python(*args: str, timeout: float = RUN_TIMEOUT, **kw) -> Run:
+    """``python ARGS...`` in a subprocess (own session; the process tree is killed on timeout: a hang fails)."""
+    return launch([sys.executable, *args], timeout=timeout, **kw)
 
 
-def run(args: List[str], timeout: float = RUN_TIMEOUT, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    """Run to completion; on timeout the whole process group (with any DataLoader workers) is killed and
-    the test fails with the last output."""
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for pid in [*descendants(proc.pid), proc.pid]:     # torchrun starts its ranks in their own sessions
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f'no exit within {timeout} s (hang):\n{out[-2000:]}\n{err[-2000:]}')
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
-
-
-def run_main(*args: str, **kw) -> subprocess.CompletedProcess:
-    return run([sys.executable, *args], **kw)
-
-
-def torchrun(*args: str, **kw) -> subprocess.CompletedProcess:
-    return run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args], **kw)
+def torchrun(*args: str, **kw) -> Run:
+    return run_python('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args, **kw)
 
 
 def one_error_line(stderr: str) -> str:
@@ -161,7 +123,7 @@ def one_error_line(stderr: str) -> str:
 
 
 def run_dir(output: str, tag: str) -> str:
-    return os.path.join(output, MODEL_NAME, tag)
+    return run_folder(output, MODEL_NAME, tag)
 
 
 @pytest.fixture(scope='module')
@@ -170,10 +132,10 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def digits(workdir) -> str:
-    from data.digits import write_digits
-    path = str(workdir / 'digits')
-    assert write_digits(path, size=32, max_train_per_class=4, max_val_per_class=2) == {'train': N_TRAIN, 'val': N_VAL}
+def digits(make_digits) -> str:
+    """The shared digits, 4 train + 2 val images per class (read only: tests that change files copy it)."""
+    path = make_digits(32, train=4, val=2)
+    assert count_images(path) == {'train': N_TRAIN, 'val': N_VAL}
     return path
 
 
@@ -196,33 +158,19 @@ def copy_digits(digits: str, dst: str) -> str:
     return dst
 
 
-# One interpreter runs several argvs through main.main (start-up is most of a failing run's time); per
-# case: exit code, stdout, stderr, and whether the output folder exists afterwards.
-_DRIVER = r"""
-import contextlib, io, json, logging, os, sys
-import main
-results = []
-for argv, folder in json.loads(sys.argv[1]):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+def run_cases(cases: List[Tuple[List[str], str]]) -> List[dict]:
+    """``cases``: (argv for main.main, the run folder to check), each run in this process; per case: exit
+    code (or 'crash: ...' for an unexpected exception, so one bad case does not hide the others), stdout,
+    stderr, and whether the run folder exists afterwards."""
+    results = []
+    for argv, folder in cases:
         try:
-            rc = main.main(argv)
-        except SystemExit as e:
-            rc = e.code
-        except Exception as e:            # a crash is a result too (the driver goes on)
-            rc = 'crash: ' + repr(e)[:300]
-    for h in list(logging.getLogger().handlers):
-        logging.getLogger().removeHandler(h)
-    results.append({'rc': rc, 'stdout': out.getvalue(), 'stderr': err.getvalue(), 'folder': os.path.exists(folder)})
-print('RESULTS' + json.dumps(results))
-"""
-
-
-def run_cases(cases: List[Tuple[List[str], str]], timeout: float = 240) -> List[dict]:
-    """``cases``: (argv for main.main, the run folder to check); returns one result dict per case."""
-    r = run([sys.executable, '-c', _DRIVER, json.dumps(cases)], timeout=timeout)
-    assert r.returncode == 0 and 'RESULTS' in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    return json.loads(r.stdout.split('RESULTS', 1)[1])
+            r = run_main(argv)
+            rc, out, err = r.code, r.out, r.err
+        except Exception as e:                          # a crash is a result too
+            rc, out, err = 'crash: ' + repr(e)[:300], '', ''
+        results.append({'rc': rc, 'stdout': out, 'stderr': err, 'folder': os.path.exists(folder)})
+    return results
 
 
 # ----------------------------------------------------------------------------- row 1: no hang
@@ -232,10 +180,10 @@ def test_row1_unexpected_error_with_live_workers_exits_promptly(cfg, digits, wor
     within seconds, instead of waiting forever for workers that ignore SIGTERM."""
     output = str(workdir / 'runs')
     start = time.time()
-    r = run_main(launcher, *main_args(cfg, digits, output, 'row1', opts=('DATA.NUM_WORKERS', '2')),
-                 timeout=HANG_LIMIT, env={'REL_INJECT': 'fail'})
-    assert r.returncode not in (0, 143), r.stdout[-2000:] + r.stderr[-2000:]
-    assert 'injected failure in a DataLoader worker' in r.stderr
+    r = run_python(launcher, *main_args(cfg, digits, output, 'row1', opts=('DATA.NUM_WORKERS', '2')),
+                   timeout=HANG_LIMIT, env={'REL_INJECT': 'fail'})
+    assert r.code not in (0, 143), r.console[-4000:]
+    assert 'injected failure in a DataLoader worker' in r.err
     assert time.time() - start < HANG_LIMIT
 
 
@@ -247,8 +195,8 @@ def test_row1_unexpected_error_on_one_rank_ends_the_torchrun_job(cfg, digits, wo
     r = torchrun(launcher, *main_args(cfg, digits, output, 'row1-ddp', opts=('DATA.NUM_WORKERS', '1')),
                  timeout=HANG_LIMIT + 30, env={'REL_INJECT': 'fail', 'REL_FAIL_RANK': '1'})
     elapsed = time.time() - start
-    assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert 'injected failure in a DataLoader worker' in r.stdout + r.stderr
+    assert r.code != 0, r.console[-4000:]
+    assert 'injected failure in a DataLoader worker' in r.console
     assert elapsed < HANG_LIMIT + 30, elapsed
 
 
@@ -299,7 +247,7 @@ def ema_2rank(digits, workdir, launcher):
 def test_row11_model_with_unused_parameters_trains_under_ddp(ema_2rank):
     """PVT-v1 declares its unused parameters; DDP is set up for them without --find-unused-params."""
     r, folder, _ = ema_2rank
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r.ok()
     assert os.path.isfile(os.path.join(folder, 'ckpt_epoch_1.pth'))
 
 
@@ -308,7 +256,7 @@ def test_row2_one_ema_on_all_ranks(ema_2rank):
     EMA weights of rank 0 and rank 1 are bit-identical (sha1 of the state), and the EMA saved in the last
     checkpoint is that EMA."""
     r, folder, record = ema_2rank
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r.ok()
     sums = [open(os.path.join(record, f'ema_rank{k}.txt')).read().split() for k in (0, 1)]
     assert len(sums[0]) == len(sums[1]) == 1                  # one EMA per rank
     assert sums[0] == sums[1], 'the ranks hold different EMA weights'
@@ -326,8 +274,8 @@ def test_row13_console_is_quiet_on_two_ranks(ema_2rank):
     """Each distinct warning is printed once per run (by rank 0), the model appears on the console as a
     parameter/FLOPs summary, and its full repr only in the log file."""
     r, folder, _ = ema_2rank
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    console = r.stdout + r.stderr
+    r.ok()
+    console = r.console
     warnings = [re.sub(r'^(\[rank\d\]:)?\[[^]]*\] \([^)]*\): ', '', ln) for ln in console.splitlines()
                 if 'Warning' in ln or 'WARNING' in ln]
     repeated = {w for w in warnings if warnings.count(w) > 1}
@@ -343,8 +291,8 @@ def test_row13_console_is_quiet_on_two_ranks(ema_2rank):
 @pytest.fixture(scope='module')
 def upfront(cfg, digits, workdir) -> dict:
     """Bad inputs that must each end with exit 2, one ERROR line naming the problem and the fix, and no
-    run folder (the check ran before datasets, model or output folder). All cases run in one
-    interpreter; returns {case: (texts the line must contain, result)}."""
+    run folder (the check ran before datasets, model or output folder). Each case runs in this process
+    (``run_cases``); returns {case: (texts the line must contain, result)}."""
     root = workdir / 'upfront'
     root.mkdir()
     renamed = copy_digits(digits, str(root / 'renamed'))           # row 3: val/9 renamed to val/nine
@@ -442,7 +390,7 @@ def test_row4_class_count_advice_is_not_circular(cfg, upfront):
 # ----------------------------------------------------------------------------- rows 5, 8, 10: data that ran wrong
 @pytest.fixture(scope='module')
 def data_runs(cfg, digits, workdir) -> dict:
-    """Three runs in one interpreter, each on its own copy of the digits:
+    """Four runs in this process (``run_cases``), each on its own copy of the digits:
     'mixed' (row 5): train 1 epoch at IMG_SIZE 32 with 40, 24 and 48 px images added to train and val;
     'loops' (row 8): --eval with val/3/again -> . , val/5/up -> .. and a text file in val/6;
     'deep' (row 10): --eval on a val split saved as 16-bit PNGs (8-bit values x 257);
@@ -512,7 +460,8 @@ def test_row8_symlink_loop_is_followed_once(data_runs):
 def test_row10_16bit_and_float_images_are_scaled_not_clipped(data_runs, workdir):
     """16-bit PNGs and float TIFFs load with the right 8-bit scaling (compared with numpy), and a run on
     a folder of 16-bit images warns once; a float image outside [0, 1] is refused naming the file."""
-    from data.cached_image_folder import DataError, load_image
+    from data.cached_image_folder import load_image
+    from errors import DataError
     ramp16 = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)       # 0 .. 65520
     ramp_f = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     p16, pf, pbad = (str(workdir / n) for n in ('ramp16.png', 'rampf.tif', 'bad_float.tif'))
@@ -532,11 +481,10 @@ def test_row10_16bit_and_float_images_are_scaled_not_clipped(data_runs, workdir)
 
 # ----------------------------------------------------------------------------- rows 9 and 12 on a finished run
 @pytest.fixture(scope='module')
-def finished_run(cfg, digits, workdir) -> Tuple[subprocess.CompletedProcess, str]:
-    """A finished 1-epoch training run (tag 'finished')."""
+def finished_run(cfg, digits, workdir) -> Tuple[Run, str]:
+    """A finished 1-epoch training run (tag 'finished'), in this process."""
     output = str(workdir / 'runs')
-    r = run_main(*main_args(cfg, digits, output, 'finished'))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_main(main_args(cfg, digits, output, 'finished')[1:]).ok()
     return r, run_dir(output, 'finished')
 
 
@@ -585,7 +533,7 @@ def test_end_of_run_summary_is_printed_and_written(finished_run):
     """The summary (best Acc@1 and its epoch, checkpoints) on the console and in summary.json, checked
     against the accuracy lines of the log and the files in the folder."""
     r, folder = finished_run
-    assert 'run summary' in r.stdout
+    assert 'run summary' in r.out
     accs = [float(a) for a in re.findall(r' \* Acc@1 ([\d.]+)', open(os.path.join(folder, 'log_rank0.txt')).read())]
     summary = json.load(open(os.path.join(folder, 'summary.json')))
     assert summary['best']['acc1'] == pytest.approx(max(accs), abs=1e-3) and summary['best']['epoch'] == 1

@@ -19,7 +19,6 @@ import torch
 import main as entry
 from checkpoint import extract_model_state, load_checkpoint, load_model_state
 from config import ConfigError, get_config, load_config
-from data.digits import write_digits
 from models import build_model
 from models.visformer import Visformer, VisformerBlock, checkpoint_filter_fn
 import peer_reference as ref
@@ -174,9 +173,8 @@ def test_config_keys_reach_the_model_and_errors_name_them():
         build_model(load_config(cfg, opts[:4] + ['DATA.IMG_SIZE', '100']))
 
 
-def test_short_training_run_on_digits_through_main(tmp_path):
-    data = str(tmp_path / 'digits')
-    write_digits(data, size=32, max_train_per_class=8, max_val_per_class=3)
+def test_short_training_run_on_digits_through_main(make_digits, tmp_path):
+    data = make_digits(32, train=8, val=3)
     out = str(tmp_path / 'out')
     argv = ['--cfg', os.path.join(ROOT, 'cfgs', 'demo', 'visformer_digits.yaml'), '--data-path', data,
             '--output', out, '--opts', 'DATA.IMG_SIZE', '32', 'MODEL.VISFORMER.EMBED_DIM', '32',

@@ -36,6 +36,7 @@ import datetime
 import io
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -578,7 +579,7 @@ def run_data(args) -> List[Dict[str, Any]]:
     """Images/s of the training input pipeline alone (decode + augment + collate, N workers)."""
     sys.path.insert(0, ROOT)
     from data.build import build_train_loader, patch_randaugment_posterize
-    patch_randaugment_posterize()          # as engine.run does: RandAugment 'inc1' under Pillow >= 12
+    patch_randaugment_posterize()          # as runner.run does: RandAugment 'inc1' under Pillow >= 12
     rows = []
     for cfg_path in args.cfgs:
         for workers in args.workers:
@@ -647,6 +648,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help='only check the arguments: every config loads, --reference holds each; measure nothing')
     p.add_argument('--neighborhood', action='store_true',
                    help="DAT++ neighbourhood attention: fused fast path vs the gather path (dat_tiny's shapes)")
+    p.add_argument('--dense', action='store_true',
+                   help='backbone forward / forward+backward time and peak memory at dense-prediction sizes '
+                        '(features_only, dynamic_img_size; --batch, --rounds, --dense-models, --dense-sizes)')
+    p.add_argument('--dense-models', nargs='+', default=DENSE_MODELS,
+                   help=f'timm names for --dense (timm_swin_t = timm\'s swin_tiny_patch4_window7_224); '
+                        f'default: {" ".join(DENSE_MODELS)}')
+    p.add_argument('--dense-sizes', nargs='+', default=DENSE_SIZES, help='HxW sizes for --dense')
     args = p.parse_args(argv)
     if args.smoke:
         args.cfgs = args.cfgs or [os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml')]
@@ -699,6 +707,145 @@ def run_neighborhood(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- dense-prediction backbones
+DENSE_MODELS = ['flatten_swin_t', 'flatten_swin_t_softmax', 'timm_swin_t', 'flatten_pvt_v2_b2',
+                'flatten_pvt_v2_b2_softmax', 'flatten_cswin_t', 'dat_tiny', 'L2ViT_Tiny']
+DENSE_SIZES = ['512x512', '512x1024', '800x1333']
+DENSE_ALIASES = {'timm_swin_t': 'swin_tiny_patch4_window7_224'}      # timm's own Swin-T, for reference
+DENSE_PAD = {'timm_swin_t': 4}     # timm's Swin asks for sides divisible by its patch: zero-pad the image to it
+
+
+def _rss_mb() -> float:
+    """Current resident set of this process (MiB; 0 where /proc is missing)."""
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith('VmRSS:'))
+    except (OSError, StopIteration):
+        return 0.
+
+
+def _rss_follows_tensors() -> bool:
+    """glibc only: serve every allocation above 128 KiB with mmap, returned to the system on free (a fixed
+    threshold, where glibc would otherwise raise it up to 32 MiB and keep freed blocks resident), so that the
+    resident set follows the live tensors and a peak-RSS window measures what one call needs."""
+    import ctypes
+    try:
+        return bool(ctypes.CDLL('libc.so.6').mallopt(-3, 128 * 1024))          # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def _dense_measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> Dict[str, Any]:
+    """Median wall and process-CPU ms of ``fn`` and its peak memory above what was held before it (CUDA:
+    allocated bytes; CPU: the process's resident set, VmHWM - VmRSS). On a shared CPU the CPU time (one
+    thread) is the steadier measure: waiting for a core counts in wall time only."""
+    _sync(device)
+    reset_peak_memory(device)                            # the window holds the --warmup calls too
+    before = torch.cuda.memory_allocated(device) / 2 ** 20 if device.type == 'cuda' else _rss_mb()
+    res = time_calls(fn, device, warmup, repeats)
+    return {'ms': 1e3 * res['wall_s'], 'ms_all': [1e3 * t for t in res['wall_all_s']],
+            'cpu_ms': 1e3 * res['cpu_s'], 'peak_mb': peak_memory_mb(device) - before}
+
+
+def fit_exponent(pixels: Sequence[float], values: Sequence[float]) -> Optional[float]:
+    """Least-squares slope k of log(value) = a + k log(pixels): cost ~ pixels^k (1 = linear, 2 = quadratic)."""
+    if len(pixels) < 2 or min(values) <= 0:
+        return None
+    lx = [math.log(p) for p in pixels]
+    ly = [math.log(v) for v in values]
+    mx, my = statistics.mean(lx), statistics.mean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def run_dense(args: argparse.Namespace) -> Dict[str, Any]:
+    """Backbone cost at dense-prediction sizes: ``timm.create_model(name, features_only=True,
+    dynamic_img_size=True, drop_path_rate=0)`` (random weights, every block runs), batch ``--batch``; forward
+    under no_grad (eval) and forward + backward of the sum of every map's mean (train mode). Peak memory is
+    above what the process held before the call (CUDA: allocated; CPU: resident set, allocations above 128
+    KiB mmap-served so that freed memory leaves it, see ``_rss_follows_tensors``). Each of
+    ``--rounds`` rounds builds and measures every model in turn at every size (alternating, for a shared
+    machine); the table gives the median over rounds, the peak memory the largest."""
+    import timm
+    import models  # noqa: F401  (registers our families)
+    device = torch.device(args.device)
+    sizes = []
+    for text in args.dense_sizes:
+        try:
+            h, w = (int(v) for v in text.lower().split('x'))
+        except ValueError:
+            raise SystemExit(f'--dense-sizes {text}: give HxW, e.g. 512x1024') from None
+        sizes.append((h, w))
+    for name in args.dense_models:
+        if not timm.is_model(DENSE_ALIASES.get(name, name)):
+            raise SystemExit(f'--dense-models {name}: timm has no such model (see timm.list_models())')
+    if device.type == 'cpu' and not _rss_follows_tensors():
+        print('(peak memory: glibc mallopt unavailable; CPU peaks may miss memory the allocator kept)')
+    runs: Dict[Tuple[str, Tuple[int, int]], Dict[str, List[Dict[str, Any]]]] = {}
+    for _ in range(args.rounds):
+        for name in args.dense_models:
+            torch.manual_seed(0)
+            model = timm.create_model(DENSE_ALIASES.get(name, name), features_only=True, dynamic_img_size=True,
+                                      drop_path_rate=0.).to(device)
+            for h, w in sizes:
+                x = torch.randn(args.batch, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+                pad = DENSE_PAD.get(name, 1)
+                x = nn.functional.pad(x, (0, (-w) % pad, 0, (-h) % pad))
+
+                def forward() -> None:
+                    with torch.no_grad():
+                        model(x)
+
+                def forward_backward() -> None:
+                    model.zero_grad(set_to_none=True)
+                    sum(m.float().mean() for m in model(x)).backward()
+
+                entry = runs.setdefault((name, (h, w)), {'fwd': [], 'fwd_bwd': []})
+                model.eval()
+                entry['fwd'].append(_dense_measure(forward, device, args.warmup, args.repeats))
+                model.train()
+                model.zero_grad(set_to_none=True)        # the window then holds the gradients it allocates
+                entry['fwd_bwd'].append(_dense_measure(forward_backward, device, args.warmup, args.repeats))
+                print(f"{name} {h}x{w}: forward {entry['fwd'][-1]['ms']:.0f} ms, forward+backward "
+                      f"{entry['fwd_bwd'][-1]['ms']:.0f} ms", flush=True)
+            del model
+    rows = []
+    for (name, (h, w)), entry in runs.items():
+        row: Dict[str, Any] = {'model': name, 'timm_name': DENSE_ALIASES.get(name, name), 'size': f'{h}x{w}',
+                               'pixels': h * w, 'batch': args.batch}
+        for kind, results in entry.items():
+            row[f'{kind}_ms'] = statistics.median(r['ms'] for r in results)
+            row[f'{kind}_ms_rounds'] = [r['ms'] for r in results]
+            row[f'{kind}_cpu_ms'] = statistics.median(r['cpu_ms'] for r in results)
+            row[f'{kind}_peak_mb'] = max(r['peak_mb'] for r in results)
+        rows.append(row)
+    fits = []
+    for name in args.dense_models:
+        mine = [r for r in rows if r['model'] == name]
+        px = [r['pixels'] for r in mine]
+        fits.append({'model': name, **{f'{k}_exponent': fit_exponent(px, [r[k] for r in mine])
+                                       for k in ('fwd_ms', 'fwd_bwd_ms', 'fwd_cpu_ms', 'fwd_bwd_cpu_ms',
+                                                 'fwd_peak_mb', 'fwd_bwd_peak_mb')}})
+    return {'rows': rows, 'exponents': fits}
+
+
+def print_dense(result: Dict[str, Any]) -> None:
+    fmt = lambda v, f='{:.0f}': 'n/a' if v is None else f.format(v)   # noqa: E731
+    print('| backbone | size | forward ms | forward CPU ms | forward+backward ms | forward+backward CPU ms | '
+          'forward peak MiB | forward+backward peak MiB |')
+    print('|---|---|---:|---:|---:|---:|---:|---:|')
+    for r in result['rows']:
+        print(f"| {r['model']} | {r['size']} | {fmt(r['fwd_ms'])} | {fmt(r['fwd_cpu_ms'])} | "
+              f"{fmt(r['fwd_bwd_ms'])} | {fmt(r['fwd_bwd_cpu_ms'])} | {fmt(r['fwd_peak_mb'])} | "
+              f"{fmt(r['fwd_bwd_peak_mb'])} |")
+    print('\nGrowth exponents k (cost ~ pixels^k, least squares over the sizes):\n')
+    print('| backbone | wall fwd | wall fwd+bwd | CPU fwd | CPU fwd+bwd | memory fwd | memory fwd+bwd |')
+    print('|---|---:|---:|---:|---:|---:|---:|')
+    for f in result['exponents']:
+        print(f"| {f['model']} | " + ' | '.join(fmt(f[k], '{:.2f}') for k in (
+            'fwd_ms_exponent', 'fwd_bwd_ms_exponent', 'fwd_cpu_ms_exponent', 'fwd_bwd_cpu_ms_exponent',
+            'fwd_peak_mb_exponent', 'fwd_bwd_peak_mb_exponent')) + ' |')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -719,6 +866,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return result
     if args.neighborhood:
         result['neighborhood'] = run_neighborhood(args)
+    elif args.dense:
+        result['dense'] = run_dense(args)
+        print_dense(result['dense'])
     elif args.data:
         result['data'] = run_data(args)
         print_data(result['data'])
@@ -740,4 +890,6 @@ if __name__ == '__main__':
     if len(sys.argv) > 1 and sys.argv[1] == WORKER_FLAG:
         official_worker(sys.argv[2:])
     else:
-        main()
+        sys.path.insert(0, ROOT)
+        import errors
+        sys.exit(errors.cli(lambda: main() and 0))     # main returns the results; a UserError is one line, exit 2

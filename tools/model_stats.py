@@ -6,8 +6,9 @@
 
 Parameters are counted in millions (trainable and frozen alike). FLOPs are measured with fvcore's
 FlopCountAnalysis on one image of DATA.IMG_SIZE (batch 1) in eval mode; fvcore counts one fused
-multiply-add as one flop and skips element-wise ops (activations, norms, softmax), the convention of the
-numbers published for FLatten and Swin. Runs on CPU.
+multiply-add as one flop and skips element-wise ops (activations, softmax), the convention of the numbers
+published for FLatten and Swin. The count is plain fvcore plus the one handle it lacks for torch's fused
+attention (``models.flops.FVCORE_HANDLES``): what any fvcore user gets. Runs on CPU.
 """
 from __future__ import annotations
 
@@ -26,8 +27,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from config import load_config  # noqa: E402
-from models import build_model  # noqa: E402
+import errors  # noqa: E402
 
 logger = logging.getLogger('model_stats')
 
@@ -38,32 +38,25 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
-    """fvcore flops (multiply-adds) of one forward pass on a (1, in_chans, img_size, img_size) input."""
+    """fvcore flops (multiply-adds) of one forward pass on a (1, in_chans, img_size, img_size) input: plain
+    ``FlopCountAnalysis`` with the one handle it lacks, fused attention as its two matmuls
+    (``models.flops.FVCORE_HANDLES``); the models' fast paths run plain operators while traced."""
     with warnings.catch_warnings():          # fvcore's import uses the deprecated torch.jit.script
         warnings.filterwarnings('ignore', category=FutureWarning)
         from fvcore.nn import FlopCountAnalysis
+    from models.flops import FVCORE_HANDLES
 
     x = torch.zeros(1, in_chans, img_size, img_size)
-    analysis = FlopCountAnalysis(model.eval(), x)
+    analysis = FlopCountAnalysis(model.eval(), x).set_op_handle(**FVCORE_HANDLES)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings('none')
-    family = sys.modules.get(type(model).__module__)        # custom ops priced by their family (DAT++: natten's rule)
-    if family is not None and hasattr(family, 'fvcore_handles'):
-        analysis.set_op_handle(**family.fvcore_handles())
-    # fvcore prices explicit matmuls, not the fused SDPA kernel: hook every attention tap so that softmax
-    # blocks take their explicit-probabilities path (same maths) while counting
-    # (and the focused linear attention its plain-formula implementation, whose ops fvcore can see)
-    from models.focused_attention import AttentionTap, attention_impl
-    handles = [m.register_forward_hook(lambda *a: None) for m in model.modules() if isinstance(m, AttentionTap)]
-    try:
-        with torch.no_grad(), attention_impl('reference'):
-            return int(analysis.total())
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad():
+        return int(analysis.total())
 
 
 def model_row(cfg_path: str, opts: Sequence[str] = (), flops: bool = True) -> List[str]:
     """[config, MODEL.TYPE, params (M), GFLOPs] for one YAML file."""
+    from config import load_config      # here, not at import: errors of the model library come from main
+    from models import build_model
     config = load_config(cfg_path, list(opts))
     model = build_model(config)
     params = f'{count_params(model) / 1e6:.3f}'
@@ -89,6 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for noisy in ('fvcore', 'fvcore.nn.jit_analysis'):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
+    import models  # noqa: F401  (before the loop: a bad implementation choice is one error, not one per config)
     configs = args.configs or sorted(glob.glob(os.path.join(ROOT, 'cfgs', '*.yaml')))
     rows, failures = [], 0
     for path in configs:
@@ -105,4 +99,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(errors.cli(main))

@@ -11,6 +11,7 @@ Acc@1 is drawn too (dashed), for runs that have it.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -22,14 +23,21 @@ if ROOT not in sys.path:
 from logger import METRICS_FILE, read_metrics  # noqa: E402
 
 PANELS = (('train_loss', 'train loss'), ('val_acc1', 'val Acc@1 (%)'), ('lr', 'learning rate'))
+log = logging.getLogger('plot_runs')
 
 
 def epoch_records(path: str) -> List[Dict]:
-    """The run's per-epoch records, one per epoch (the last one written wins), sorted by epoch."""
+    """The run's per-epoch records, one per epoch (the last one written wins), sorted by epoch. A line that
+    is valid JSON but not an object (not a record) is skipped with a warning."""
     by_epoch: Dict[int, Dict] = {}
+    others = []
     for rec in read_metrics(path):
-        if rec.get('kind') == 'epoch' and isinstance(rec.get('epoch'), int):
+        if not isinstance(rec, dict):
+            others.append(rec)
+        elif rec.get('kind') == 'epoch' and isinstance(rec.get('epoch'), int):
             by_epoch[rec['epoch']] = rec
+    if others:
+        log.warning('%s: skipped %d line(s) that are not JSON objects (first: %.60r)', path, len(others), others[0])
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -96,6 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--ema', action='store_true', help="also draw the EMA's val Acc@1 (dashed)")
     p.add_argument('--title', help='figure title')
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format='warning: %(message)s')
     plot_runs(args.runs, args.output, args.labels, args.ema, args.title)
     print(f'wrote {args.output}')
     return 0

@@ -1,9 +1,10 @@
 """Attention visualisation without model edits: capture (hooks on each attention module's ``tap``),
 layout (tokens back to image positions), render (PNG overlays and grids); ``python -m visualize``."""
 from .capture import (AttentionMaps, AttentionSite, Capture, SelectionError, attention_maps, attention_sites,
-                      capture, dwc_matrix, linear_attention_matrix, query_lattice, select_site)
+                      capture, dwc_matrix, linear_attention_matrix, list_sites, query_lattice, select_site)
 from .layout import LayoutError, TokenLayout, token_layout
+from .photo import InputError, load_photo, to_input
 
-__all__ = ['AttentionMaps', 'AttentionSite', 'Capture', 'LayoutError', 'SelectionError', 'TokenLayout',
-           'attention_maps', 'attention_sites', 'capture', 'dwc_matrix', 'linear_attention_matrix',
-           'query_lattice', 'select_site', 'token_layout']
+__all__ = ['AttentionMaps', 'AttentionSite', 'Capture', 'InputError', 'LayoutError', 'SelectionError', 'TokenLayout',
+           'attention_maps', 'attention_sites', 'capture', 'dwc_matrix', 'linear_attention_matrix', 'list_sites',
+           'load_photo', 'query_lattice', 'select_site', 'to_input', 'token_layout']

@@ -1,6 +1,12 @@
 """``python -m visualize --cfg CFG --image IMG [--checkpoint CKPT] [--stage S --block B] ...`` (see cli.py)."""
 import sys
 
-from .cli import main
+import errors
 
-sys.exit(main())
+
+def _main() -> int:
+    from .cli import main      # imports the model library: a configuration error there is reported too
+    return main()
+
+
+sys.exit(errors.cli(_main))

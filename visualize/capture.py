@@ -17,21 +17,23 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from models.focused_attention import AttentionTap, equivalent_attention
+from errors import UserError
 from .layout import TokenLayout, token_layout
 
 logger = logging.getLogger(__name__)
 
 Reduce = Union[int, str]           # an index, or 'mean'
+MAP_KINDS = ('linear', 'softmax')  # the attn_kind values whose tap gives a query x key matrix
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError, ValueError):
     """A block/module selection that does not exist; the message lists the valid ones."""
 
 
 @dataclass
 class AttentionSite:
-    """An attention module that owns a tap. ``stage``/``block`` count from 0 in model order."""
+    """An attention module that owns a tap. ``stage`` counts the stages that hold attention from 0 in model
+    order; ``block`` is the block's index inside its stage, as in the module path."""
     name: str                      # module path of the attention module, e.g. 'layers.1.blocks.0.attn'
     block_name: str                # its block, e.g. 'layers.1.blocks.0'
     stage: int
@@ -51,29 +53,69 @@ def _split_block(name: str) -> Tuple[str, str, int]:
     return '.'.join(parts[:i + 1]), '.'.join(parts[:i]), int(parts[i])
 
 
+def _stage_modules(model: nn.Module) -> List[str]:
+    """The stage module paths the model declares in timm's ``feature_info`` (longest first)."""
+    info = getattr(model, 'feature_info', None)
+    names = [f.get('module') for f in info if isinstance(f, dict)] if isinstance(info, (list, tuple)) else []
+    return sorted({n for n in names if isinstance(n, str) and n}, key=len, reverse=True)
+
+
+def _locate(name: str, stages: Sequence[str]) -> Tuple[str, str, int]:
+    """(block path, stage path, block index) of attention module ``name``. Under a stage of the model's
+    ``feature_info``, the block is the first indexed module below the stage (the attention module itself when
+    the stage indexes its attention modules directly, ``<stage>.attns.<i>``); elsewhere the last indexed
+    module above the attention module (:func:`_split_block`)."""
+    for stage in stages:
+        if name.startswith(stage + '.'):
+            rest = name[len(stage) + 1:].split('.')
+            for i, part in enumerate(rest):
+                if part.isdigit():
+                    return '.'.join([stage] + rest[:i + 1]), stage, int(part)
+            return name, stage, 0
+    return _split_block(name)
+
+
 def attention_sites(model: nn.Module) -> List[AttentionSite]:
     """Every attention module of ``model`` (a module with an AttentionTap child), in model order."""
+    from models.focused_attention import AttentionTap   # here: `import visualize` leaves the model library unloaded
     modules = dict(model.named_modules())
+    stage_modules = _stage_modules(model)
     sites, stages = [], {}
     for name, mod in modules.items():
         if not isinstance(mod, AttentionTap) or '.' not in name:
             continue
         attn_name = name.rsplit('.', 1)[0]
-        block_name, stage_name, block = _split_block(attn_name)
+        block_name, stage_name, block = _locate(attn_name, stage_modules)
         stage = stages.setdefault(stage_name, len(stages))
         sites.append(AttentionSite(attn_name, block_name, stage, block, modules[attn_name], modules[block_name]))
     return sites
+
+
+def selection(site: AttentionSite, sites: Sequence[AttentionSite]) -> str:
+    """The options that select ``site``: ``--stage S --block B``, or ``--module PATH`` when its block holds
+    several attention modules."""
+    shared = sum(s.stage == site.stage and s.block == site.block for s in sites)
+    return f'--stage {site.stage} --block {site.block}' if shared == 1 else f'--module {site.name}'
+
+
+def list_sites(sites: Sequence[AttentionSite]) -> str:
+    """One line per attention module: the options that select it, its path, class and attention kind."""
+    return '\n'.join(f'{selection(s, sites)}: {s.name} ({type(s.module).__name__}, '
+                     f"{getattr(s.module, 'attn_kind', None) or 'unknown'} attention)" for s in sites)
 
 
 def describe_sites(sites: Sequence[AttentionSite]) -> str:
     """'stage 0: blocks 0-1 (layers.0.blocks.*); stage 1: ...' for error messages."""
     out = []
     for s in sorted({x.stage for x in sites}):
-        blocks = [x for x in sites if x.stage == s]
-        lo, hi = min(b.block for b in blocks), max(b.block for b in blocks)
-        prefix = blocks[0].block_name.rsplit('.', 1)[0]
-        out.append(f'stage {s}: blocks {lo}-{hi} ({prefix}.*)' if lo != hi else
-                   f'stage {s}: block {lo} ({prefix}.{lo})')
+        blocks = sorted({x.block for x in sites if x.stage == s})
+        first = next(x for x in sites if x.stage == s)
+        if len(blocks) == 1:
+            out.append(f'stage {s}: block {blocks[0]} ({first.block_name})')
+            continue
+        listed = (f'{blocks[0]}-{blocks[-1]}' if blocks == list(range(blocks[0], blocks[-1] + 1))
+                  else ', '.join(map(str, blocks)))
+        out.append(f"stage {s}: blocks {listed} ({first.block_name.rsplit('.', 1)[0]}.*)")
     return '; '.join(out)
 
 
@@ -81,7 +123,8 @@ def select_site(sites: Sequence[AttentionSite], stage: Optional[int] = None, blo
                 module: Optional[str] = None) -> AttentionSite:
     """The site at (stage, block), or at module path ``module`` (attention module, its block or its tap)."""
     if not sites:
-        raise SelectionError('the model has no attention module with a tap')
+        raise SelectionError('the model has no attention module with a tap (an AttentionTap child through which '
+                             'a hook reads the attention), so there is no attention to draw')
     if module:
         path = module[:-len('.tap')] if module.endswith('.tap') else module
         hits = [s for s in sites if path in (s.name, s.block_name)]
@@ -92,7 +135,8 @@ def select_site(sites: Sequence[AttentionSite], stage: Optional[int] = None, blo
         block = 0 if block is None else block
         hits = [s for s in sites if s.stage == stage and s.block == block]
         if not hits:
-            raise SelectionError(f'no block at --stage {stage} --block {block}; valid: {describe_sites(sites)}')
+            raise SelectionError(f'no block at --stage {stage} --block {block}; valid: {describe_sites(sites)} '
+                                 f'(--list prints each with its module path)')
     if len(hits) > 1:
         raise SelectionError(f"block {hits[0].block_name} has {len(hits)} attention modules; choose one with "
                              f"--module ({', '.join(s.name for s in hits)})")
@@ -111,6 +155,10 @@ class Capture:
 def capture(model: nn.Module, site: AttentionSite, images: torch.Tensor) -> Capture:
     """Run ``model(images)`` with a forward hook on ``site.module.tap``; the hook only copies its inputs
     (to CPU) and returns nothing, so the forward pass is unchanged."""
+    declared = getattr(site.module, 'attn_kind', None)
+    if declared not in MAP_KINDS + (None,):
+        raise SelectionError(f"{site.name} is {declared!r} attention (no query x key matrix over the token grid); "
+                             f"attention maps are drawn for {' and '.join(map(repr, MAP_KINDS))} attention")
     seen: List[Tuple[torch.Tensor, ...]] = []
 
     def hook(_mod: nn.Module, inputs: Tuple[torch.Tensor, ...], _out) -> None:
@@ -165,6 +213,7 @@ def linear_attention_matrix(phi_q: torch.Tensor, phi_k: torch.Tensor, num_heads:
                             dwc: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """(B', heads, N, n) rows summing to 1: equivalent attention of phi_q (B', N, C), phi_k (B', n, C),
     with the dwc's (N, N) matrix (:func:`dwc_matrix`) folded in as |A + D| row-normalised."""
+    from models.focused_attention import equivalent_attention
     attn = equivalent_attention(phi_q.to(dtype), phi_k.to(dtype), num_heads)
     if dwc is not None:
         attn = (attn + dwc.to(dtype)).abs()
@@ -210,7 +259,7 @@ def attention_maps(site: AttentionSite, cap: Capture, image_hw: Tuple[int, int],
     heads = site.module.num_heads
     if head != 'mean' and not 0 <= int(head) < heads:
         raise SelectionError(f'head {head} does not exist; valid: 0-{heads - 1} or mean')
-    fold_dwc = fold_dwc and isinstance(getattr(site.module, 'dwc', None), nn.Module)   # L2ViT's has no dwc
+    fold_dwc = fold_dwc and isinstance(getattr(site.module, 'dwc', None), nn.Module)   # not every linear module has one
     dwc = dwc_matrix(dwc_kernel(site.module, dwc_channel).double(), layout.window) if fold_dwc else None
     d = phi_q.shape[-1] // heads
     chosen = range(heads) if head == 'mean' else [int(head)]

@@ -1,19 +1,23 @@
-"""DAT++ deformable attention drawn as in the DAT README figure: for a chosen query, the key positions the
-block sampled (reference points + learned offsets), over the photo, each point sized (and coloured) by the
-attention weight the query gives it; the reference grid and the query are marked too. A neighbourhood
-('N') block is drawn the same way: its k x k window of keys (shifted inward at the borders), sized by weight.
+"""Key-position drawings, for attention modules whose tap gives no query x key matrix over the token grid;
+chosen by the module's declared kind (``attn_kind``), whatever model it sits in:
 
-The deformable module's tap (``models.dat.DeformableAttention``, ``attn_kind == 'deformable'``) is called as
-``tap(pos (B, g, Hk, Wk, 2), reference (B, g, Hk, Wk, 2), probs (B*heads, H*W, Hk*Wk))`` with (y, x)
-positions in align-corners coordinates of the block's H x W map; a forward hook reads them. The
-neighbourhood module's tap (``attn_kind == 'neighborhood'``) is called as ``tap(probs (B, heads, H, W, k*k))``.
+* ``'deformable'``: for a chosen query, the key positions the module sampled (reference points + learned
+  offsets) over the photo, each point sized (and coloured) by the attention weight the query gives it; the
+  reference grid and the query are marked too.
+* ``'neighborhood'``: the query's k x k window of keys (shifted inward at the borders), each key sized by
+  its weight.
 
-    python -m visualize --cfg cfgs/dat_tiny.yaml --checkpoint dat_pp_tiny_in1k_224.pth --image photo.jpg \
-        --stage 2 --block 1 --queries 7,7 --output vis/
+Tap contracts (a forward hook reads them): a deformable module calls ``tap(pos (B, g, Hk, Wk, 2),
+reference (B, g, Hk, Wk, 2), probs (B*heads, H*W, Hk*Wk))`` with (y, x) positions in align-corners
+coordinates of the block's H x W map; a neighbourhood module calls ``tap(probs (B, heads, H, W, k*k))`` and
+has a ``kernel_size`` attribute.
+
+    python -m visualize --cfg CFG --checkpoint W.pth --image photo.jpg --stage 2 --block 1 --queries 7,7 --output vis/
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -23,7 +27,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .capture import SelectionError
+from .capture import AttentionSite, SelectionError, attention_sites, query_lattice, select_site
+from .photo import centre_square, load_photo, to_input
 
 ATTN_KIND = 'deformable'
 NEIGHBORHOOD_KIND = 'neighborhood'
@@ -34,7 +39,7 @@ def is_deformable(module: nn.Module) -> bool:
 
 
 def is_drawn(module: nn.Module) -> bool:
-    """Blocks drawn as keys over the photo: deformable ('D') and neighbourhood ('N')."""
+    """Modules drawn as keys over the photo: deformable and neighbourhood attention."""
     return getattr(module, 'attn_kind', None) in (ATTN_KIND, NEIGHBORHOOD_KIND)
 
 
@@ -79,7 +84,7 @@ def window_points(probs: torch.Tensor, query: Tuple[int, int], kernel_size: int,
 
 def capture_deformable(model: nn.Module, module: nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Run ``model(images)`` with a hook on ``module.tap``; returns pos, reference (B, g, Hk, Wk, 2), probs
-    (B, heads, H*W, Hk*Wk) on CPU and the block's map size ``hw``."""
+    (B, heads, H*W, Hk*Wk) on CPU."""
     pos, reference, probs = _tap_inputs(model, module, images, 'deformable')
     B = pos.shape[0]
     probs = probs.reshape(B, -1, *probs.shape[-2:])
@@ -147,35 +152,73 @@ def draw(image: Image.Image, points: np.ndarray, weights: np.ndarray, reference:
 
 
 def _photo(image: Union[str, Image.Image]) -> Image.Image:
-    """A PIL image: a path, or 'china' / 'flower' for scikit-learn's packaged photos; centre-cropped square."""
+    """A square RGB photo: a path (read by :func:`visualize.photo.load_photo`), 'china' / 'flower' for
+    scikit-learn's packaged photos, or a PIL image; centre-cropped square."""
     if isinstance(image, str):
-        if image in ('china', 'flower'):
-            from sklearn.datasets import load_sample_image
-            image = Image.fromarray(load_sample_image(f'{image}.jpg'))
-        else:
-            with Image.open(image) as f:
-                image = f.convert('RGB')
-    w, h = image.size
-    s = min(w, h)
-    return image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        if image not in ('china', 'flower'):
+            return load_photo(image)
+        from sklearn.datasets import load_sample_image
+        image = Image.fromarray(load_sample_image(f'{image}.jpg'))
+    return centre_square(image.convert('RGB'))
 
 
-def deformable_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """(name, module) of every block this module draws: deformable and neighbourhood attention."""
-    return [(name, m) for name, m in model.named_modules() if is_drawn(m)]
+def select_drawn(model: nn.Module, stage: Optional[int] = None, block: Optional[int] = None,
+                 module: str = '') -> AttentionSite:
+    """The deformable or neighbourhood attention module at ``--stage/--block`` (or module path ``module``),
+    numbered as :func:`visualize.capture.attention_sites` numbers every attention module."""
+    site = select_site(attention_sites(model), stage, block, module or None)
+    if not is_drawn(site.module):
+        raise SelectionError(f"{site.name} is {getattr(site.module, 'attn_kind', None)!r} attention; key positions "
+                             f"are drawn for {ATTN_KIND!r} and {NEIGHBORHOOD_KIND!r} attention")
+    return site
 
 
-def select_module(model: nn.Module, stage: Optional[int] = None, block: Optional[int] = None,
-                  module: str = '') -> Tuple[str, nn.Module]:
-    """The deformable or neighbourhood module named ``module``, or at ``stages.{stage}.attns.{block}``."""
-    found = dict(deformable_modules(model))
-    name = module[:-len('.tap')] if module.endswith('.tap') else module
-    if not name:
-        name = f'stages.{stage or 0}.attns.{block or 0}'
-    if name not in found:
-        raise SelectionError(f"no deformable or neighbourhood attention at '{name}'; valid: "
-                             f"{', '.join(found) or 'none'}")
-    return name, found[name]
+@dataclass
+class KeyCapture:
+    """What a drawn module's tap saw for a batch: its kind, the block's (H, W) query grid, the tap's tensors
+    (``probs``; deformable also ``pos``, ``reference``) and the module."""
+    kind: str
+    grid: Tuple[int, int]
+    data: Dict[str, torch.Tensor]
+    module: nn.Module
+
+    @property
+    def heads(self) -> int:
+        return self.data['probs'].shape[1]
+
+    def points(self, query: Tuple[int, int], head: Union[int, str] = 'mean', image: int = 0
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+        """Key positions (n, 2) (y, x) in [-1, 1], their weights (sum 1), the reference points and a caption."""
+        if head != 'mean' and not 0 <= int(head) < self.heads:
+            raise SelectionError(f'head {head} does not exist; valid: 0-{self.heads - 1} or mean')
+        if self.kind == NEIGHBORHOOD_KIND:
+            k = self.module.kernel_size
+            points, weights = window_points(self.data['probs'], query, k, image, head)
+            return points, weights, points[:0], f'{k}x{k} neighbourhood keys'
+        points, weights, reference = query_points(self.data, query, self.grid, image, head)
+        return points, weights, reference, f'{len(points)} sampled keys'
+
+
+def capture_keys(model: nn.Module, module: nn.Module, images: torch.Tensor) -> KeyCapture:
+    """One ``model(images)`` with a hook on ``module.tap`` (a deformable or neighbourhood module)."""
+    if module.attn_kind == NEIGHBORHOOD_KIND:
+        probs = capture_neighborhood(model, module, images)
+        return KeyCapture(NEIGHBORHOOD_KIND, tuple(probs.shape[2:4]), dict(probs=probs), module)
+    cap = capture_deformable(model, module, images)
+    return KeyCapture(ATTN_KIND, _block_hw(cap['probs'], tuple(images.shape[-2:])), cap, module)
+
+
+def draw_query(photo: Image.Image, keys: KeyCapture, query: Tuple[int, int], path: str, name: str,
+               head: Union[int, str] = 'mean', out_size: int = 448) -> Dict[str, Any]:
+    """Draw the keys of grid cell ``query`` over ``photo`` into ``path``; returns the points (pixel x, y),
+    their weights, the query and the grid."""
+    hw = keys.grid
+    points, weights, reference, what = keys.points(query, head)
+    px, ref_px = to_pixels(points, hw, out_size), to_pixels(reference, hw, out_size)
+    qxy = ((query[1] + 0.5) * out_size / hw[1], (query[0] + 0.5) * out_size / hw[0])
+    draw(photo, px, weights.numpy(), ref_px, qxy, path,
+         title=f'{name}: query {tuple(query)} of {hw[0]}x{hw[1]}, {what} (size = attention weight)', size=out_size)
+    return dict(name=name, query=tuple(query), points=torch.from_numpy(px), weights=weights, grid=hw)
 
 
 def render_deformable(model: nn.Module, path: str, image: Union[str, Image.Image] = 'china',
@@ -183,55 +226,31 @@ def render_deformable(model: nn.Module, path: str, image: Union[str, Image.Image
                       query: Union[Tuple[int, int], Tuple[float, float]] = (0.5, 0.5), size: int = 224,
                       head: Union[int, str] = 'mean', out_size: int = 448, device: Any = 'cpu') -> Dict[str, Any]:
     """Draw one query of one deformable (or neighbourhood) block of ``model`` on ``image`` into ``path``.
-    ``query``: a (row, col)
-    cell of the block's grid (ints) or fractions of the image height/width (floats). ``size``: model input.
-    Returns the points (pixel x, y), their weights and the block name."""
-    from torchvision.transforms.functional import normalize, pil_to_tensor
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
+    ``query``: a (row, col) cell of the block's grid (ints) or fractions of the image height/width (floats).
+    ``size``: model input. Returns the points (pixel x, y), their weights, the query, the grid and the block name."""
     photo = _photo(image)
-    name, attn = select_module(model, stage, block, module)
-    x = pil_to_tensor(photo.resize((size, size), Image.BICUBIC)).float() / 255.0
-    x = normalize(x, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).unsqueeze(0).to(device)
-    neighborhood = attn.attn_kind == NEIGHBORHOOD_KIND
-    if neighborhood:
-        probs = capture_neighborhood(model.eval(), attn, x)
-        hw = tuple(probs.shape[2:4])
-    else:
-        cap = capture_deformable(model.eval(), attn, x)
-        hw = _block_hw(cap['probs'], (size, size))
+    site = select_drawn(model, stage, block, module)
+    keys = capture_keys(model.eval(), site.module, to_input(photo, size).to(device))
+    hw = keys.grid
     if all(isinstance(v, float) for v in query):
         query = (min(int(query[0] * hw[0]), hw[0] - 1), min(int(query[1] * hw[1]), hw[1] - 1))
-    if neighborhood:
-        points, weights = window_points(probs, query, attn.kernel_size, head=head)
-        reference, what = points[:0], f'{attn.kernel_size}x{attn.kernel_size} neighbourhood keys'
-    else:
-        points, weights, reference = query_points(cap, query, hw, head=head)
-        what = f'{len(points)} sampled keys'
-    px, ref_px = to_pixels(points, hw, out_size), to_pixels(reference, hw, out_size)
-    qxy = ((query[1] + 0.5) * out_size / hw[1], (query[0] + 0.5) * out_size / hw[0])
-    draw(photo, px, weights.numpy(), ref_px, qxy, path,
-         title=f'{name}: query {query} of {hw[0]}x{hw[1]}, {what} (size = attention weight)', size=out_size)
-    return dict(name=name, query=query, points=torch.from_numpy(px), weights=weights, grid=hw)
+    return draw_query(photo, keys, query, path, site.name, head, out_size)
 
 
-def cli_render(args: Any, model: nn.Module, config: Any, image: Image.Image, device: Any,
-               queries: Sequence[Tuple[int, int]]) -> Optional[List[str]]:
-    """``python -m visualize`` hook: if the selected block is deformable or neighbourhood attention, draw its
-    keys for each query (default: the centre cell) into ``--output`` and return the written paths; else None."""
-    found = dict(deformable_modules(model))
-    name = args.module[:-len('.tap')] if args.module.endswith('.tap') else args.module
-    name = name or f'stages.{args.stage}.attns.{args.block}'
-    if name not in found:
-        return None
-    os.makedirs(args.output, exist_ok=True)
+def render_keys(targets: Sequence[Tuple[nn.Module, int, AttentionSite]], photo: Image.Image, output: str,
+                queries: Sequence[Tuple[int, int]] = (), query_stride: Optional[int] = None,
+                head: Union[int, str] = 'mean', out_size: int = 448, device: Any = 'cpu') -> List[str]:
+    """``python -m visualize`` on drawn blocks: for each (model, input size, site) target, one PNG per query
+    (``--queries``, else the ``--query-stride`` lattice, else the centre cell) into ``output``, named
+    ``<site>_<kind>_r<row>_c<col>.png`` (prefixed ``compare_`` for the second target)."""
+    os.makedirs(output, exist_ok=True)
     written = []
-    head = int(args.head) if str(args.head).isdigit() else 'mean'
-    for q in (queries or [(0.5, 0.5)]):
-        info = render_deformable(model, os.path.join(args.output, 'tmp.png'), image, module=name, query=q,
-                                 size=config.DATA.IMG_SIZE, head=head, out_size=max(args.size, 224),
-                                 device=device)
-        path = os.path.join(args.output, f'{name}_{found[name].attn_kind}_r{info["query"][0]}_c{info["query"][1]}.png')
-        os.replace(os.path.join(args.output, 'tmp.png'), path)
-        written.append(path)
+    for k, (model, size, site) in enumerate(targets):
+        keys = capture_keys(model, site.module, to_input(photo, size).to(device))
+        H, W = keys.grid
+        chosen = (list(queries) or (query_lattice(keys.grid, query_stride) if query_stride else [(H // 2, W // 2)]))
+        for r, c in chosen:
+            path = os.path.join(output, f"{'compare_' if k else ''}{site.name}_{keys.kind}_r{r}_c{c}.png")
+            draw_query(photo, keys, (r, c), path, site.name, head, out_size)
+            written.append(path)
     return written

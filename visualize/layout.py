@@ -1,11 +1,12 @@
 """Where each attention token sits in the image, read off the model: no family knowledge here.
 
-An attention tap sees tokens grouped as (B', N, ...) with B' = batch * groups (Swin windows, CSwin
-stripes) in the block's own order. A block that implements the token-layout protocol,
+An attention tap sees tokens grouped as (B', N, ...) with B' = batch * groups (windows, stripes) in the
+block's own order. A block that implements the token-layout protocol,
 ``block.token_groups(attn_module) -> models.layers.TokenGroups`` (grid, (groups, N) flat positions,
-window shape, keys_reduced), says where every (group, token) sits on its (H, W) grid; the FLatten families
-(Swin, PVT/PVTv2, CSwin) all do. For other blocks, one group per image with as many keys as queries is
-taken as the whole image in row-major order. Spatially reduced keys raise :class:`LayoutError`.
+window shape, keys_reduced), says where every (group, token) sits on its (H, W) grid. For other blocks,
+one group per image with as many keys as queries is taken as the whole image in row-major order.
+Spatially reduced keys, and a block that cannot place its tokens (its ``token_groups`` raises ValueError,
+e.g. windows that pad the map), raise :class:`LayoutError`.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from errors import UserError
 
-class LayoutError(ValueError):
+
+class LayoutError(UserError, ValueError):
     """The block's token grouping cannot be mapped back to image positions."""
 
 
@@ -41,10 +44,13 @@ def token_layout(block: nn.Module, name: str, groups: int, n_query: int, n_key: 
     """The layout of block ``name`` whose tap (on attention module ``attn``) saw (groups, n_query) queries
     and n_key keys for ``batch`` images of size ``image_hw``. Raises LayoutError when it cannot be placed."""
     if hasattr(block, 'token_groups'):
-        desc = block.token_groups(attn)
+        try:
+            desc = block.token_groups(attn)
+        except ValueError as e:           # the model's own one-line reason (it knows its padding rules)
+            raise LayoutError(f'{name}: {e}') from None
         if desc.keys_reduced or n_key != n_query:
             raise LayoutError(f'{name}: keys are spatially reduced ({n_query} queries, {n_key} keys); maps need '
-                              f'one key per token (e.g. PVT with sr ratio 1)')
+                              f'one key per token (a spatial-reduction ratio of 1)')
         layout = TokenLayout(tuple(desc.grid), desc.positions, tuple(desc.window))
     elif groups == batch and n_query == n_key:
         h_img, w_img = image_hw

@@ -28,7 +28,7 @@ def overlay(image: Image.Image, amap: torch.Tensor, query: Tuple[int, int], size
     out = Image.fromarray((base * (1 - alpha) + heat * alpha).round().clip(0, 255).astype(np.uint8))
     r, c = query
     ch, cw = size / H, size / W
-    box = (c * cw, r * ch, (c + 1) * cw - 1, (r + 1) * ch - 1)
+    box = (c * cw, r * ch, max(c * cw, (c + 1) * cw - 1), max(r * ch, (r + 1) * ch - 1))   # cells < 1 px: a dot
     draw = ImageDraw.Draw(out)
     draw.rectangle(box, outline=QUERY_COLOUR, width=max(1, size // 128))
     cx, cy, arm = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, max(cw, ch) * 0.75 + 2

@@ -1,0 +1,130 @@
+"""Export a model to ONNX (torch.onnx's dynamo exporter) or to a torch.export program (.pt2).
+
+    python tools/export.py flatten_swin_t --format onnx --check                 # random weights
+    python tools/export.py --cfg cfgs/flatten_swin_t.yaml --checkpoint flatten_swin_t.pth --format onnx \\
+        --output flatten_swin_t.onnx --check
+    python tools/export.py dat_tiny --format pt2 --check
+
+The model is a registered timm name (``timm.list_models()`` after ``import models``) or a config (``--cfg``);
+``--checkpoint`` loads weights as ``main.py --eval --resume`` does (strict, safe loading, any official
+wrapping). The input is one (batch, 3, size, size) image batch, size = the model's own by default.
+``--check`` runs the exported file (ONNX Runtime on CPU, or the loaded .pt2 program) on a random batch and
+prints its largest deviation from the eager model, relative to the largest eager logit; it exits 1 above
+``--tolerance``. Bad input is one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from typing import Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import errors  # noqa: E402
+from errors import UserError  # noqa: E402
+
+logger = logging.getLogger('export')
+FORMATS = ('onnx', 'pt2')
+
+
+def build(name: Optional[str], cfg: Optional[str], checkpoint: Optional[str],
+          img_size: Optional[int]) -> Tuple[nn.Module, int]:
+    """(eval model, input size) from a registered name or a config file, weights from ``checkpoint``."""
+    import timm
+    import models  # noqa: F401  (registration)
+    if (name is None) == (cfg is None):
+        raise UserError('give a model name or --cfg (one of the two), e.g. tools/export.py flatten_swin_t')
+    if cfg is not None:
+        if not os.path.isfile(cfg):
+            raise UserError(f'--cfg {cfg}: no such file')
+        from config import load_config
+        config = load_config(cfg, [] if img_size is None else ['DATA.IMG_SIZE', str(img_size)])
+        model, size = models.build_model(config), config.DATA.IMG_SIZE
+    else:
+        if not timm.is_model(name):
+            close = timm.list_models(f'*{name}*')[:8]
+            raise UserError(f"unknown model {name!r}; " + (f"did you mean one of {', '.join(close)}?" if close
+                                                          else "see timm.list_models() after `import models`"))
+        model = timm.create_model(name, **({} if img_size is None else {'img_size': img_size}))
+        size = img_size or model.pretrained_cfg['input_size'][-1]
+    if checkpoint is not None:
+        if not os.path.isfile(checkpoint):
+            raise UserError(f'--checkpoint {checkpoint}: no such file')
+        from resume import load_weights
+        load_weights(checkpoint, model)
+    return model.eval(), size
+
+
+def export(model: nn.Module, x: torch.Tensor, fmt: str, path: str) -> None:
+    """Write ``model`` traced on ``x`` to ``path``: ONNX (dynamo exporter, optimised) or a .pt2 program."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings('ignore')
+        if fmt == 'onnx':
+            torch.onnx.export(model, (x,), path, dynamo=True, input_names=['image'], output_names=['logits'],
+                              verbose=False)
+        else:
+            torch.export.save(torch.export.export(model, (x,)), path)
+
+
+def run_exported(path: str, fmt: str, x: torch.Tensor) -> torch.Tensor:
+    """The exported file's output on ``x``: ONNX Runtime (CPU) or the reloaded torch.export program."""
+    if fmt == 'pt2':
+        with torch.no_grad():
+            return torch.export.load(path).module()(x)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError('--check of an ONNX file needs ONNX Runtime: pip install onnxruntime') from None
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|."""
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('model', nargs='?', help='registered timm name, e.g. flatten_swin_t (or use --cfg)')
+    parser.add_argument('--cfg', help='a config file (cfgs/*.yaml) instead of a model name')
+    parser.add_argument('--checkpoint', help='weights to load (as main.py --eval --resume loads them)')
+    parser.add_argument('--format', default='onnx', choices=FORMATS, help='onnx (default) or pt2 (torch.export)')
+    parser.add_argument('--output', help='file to write (default: <model>.onnx / <model>.pt2 here)')
+    parser.add_argument('--img-size', type=int, help="input size (default: the model's own)")
+    parser.add_argument('--batch', type=int, default=1, help='batch size of the example input (default 1)')
+    parser.add_argument('--check', action='store_true', help='compare the exported file with eager on CPU')
+    parser.add_argument('--tolerance', type=float, default=1e-4, help='--check fails above this (default 1e-4)')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    if args.batch < 1 or (args.img_size is not None and args.img_size < 1):
+        raise UserError('--batch and --img-size must be positive')
+    model, size = build(args.model, args.cfg, args.checkpoint, args.img_size)
+    stem = args.model or os.path.splitext(os.path.basename(args.cfg))[0]
+    path = args.output or f'{stem}.{args.format}'
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f'--output {path}: folder {folder} does not exist')
+    x = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    export(model, x, args.format, path)
+    print(f'wrote {path} ({args.format}, input {tuple(x.shape)})')
+    if args.check:
+        with torch.no_grad():
+            ref = model(x)
+        err = relative_error(run_exported(path, args.format, x), ref)
+        runner = 'ONNX Runtime (CPU)' if args.format == 'onnx' else 'torch.export program'
+        print(f'{runner} vs eager: max relative error {err:.2e} (tolerance {args.tolerance:g})')
+        return 0 if err <= args.tolerance else 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(errors.cli(main))
