@@ -188,7 +188,7 @@ def load_finetune_weights(model: nn.Module, path: str, index_22k_to_1k: Optional
     try:
         if filter_fn is not None:
             sd = filter_fn(sd, model)
-    except ValueError as e:               # the family's own "this file is not for this model"
+    except (ValueError, CheckpointError) as e:     # the family's own "this file is not for this model"
         raise CheckpointError(f"pretrained weights {path} do not fit the model: {e}; does --cfg match the "
                               f"checkpoint's model?") from None
     target = model.state_dict()

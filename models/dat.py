@@ -595,8 +595,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT,
         of another size are resized bicubically (the official fine-tuning intent);
       * ``relative_position_index`` / ``attn_mask`` buffers of another size are replaced by the model's;
       * a ``cls_head`` of another class count is mapped with ``lookup_22k`` (row indices, e.g. 22k -> 1k);
-        without it the head is passed on unchanged (``models.build.load_pretrained`` then keeps the model's
-        fresh head, or maps 21841 -> 1000 classes with its index file).
+        without it the head is passed on unchanged (the experiment layer's fine-tuning load then keeps the
+        model's fresh head, or maps 21841 -> 1000 classes with its index file).
     """
     for wrapper in ('model', 'state_dict', 'model_ema'):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
