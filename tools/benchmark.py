@@ -807,7 +807,7 @@ def run_dense(args: argparse.Namespace) -> Dict[str, Any]:
                 entry['fwd_bwd'].append(_dense_measure(forward_backward, device, args.warmup, args.repeats))
                 print(f"{name} {h}x{w}: forward {entry['fwd'][-1]['ms']:.0f} ms, forward+backward "
                       f"{entry['fwd_bwd'][-1]['ms']:.0f} ms", flush=True)
-            del model
+            model = None                                 # free it before the next model is built
     rows = []
     for (name, (h, w)), entry in runs.items():
         row: Dict[str, Any] = {'model': name, 'timm_name': DENSE_ALIASES.get(name, name), 'size': f'{h}x{w}',
