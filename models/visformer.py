@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from timm.models.visformer import SpatialMlp
@@ -36,7 +36,7 @@ from timm.models.visformer import SpatialMlp
 from state_dicts import unwrap_state_dict
 
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
-from .checkpoint_fit import fit_state_dict
+from .checkpoint_fit import fit_state_dict, resample_position_table
 from ._builder import build_backbone, square_size
 from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size, pool_features,
                      shifted_window_mask, window_partition, window_reverse)
@@ -172,15 +172,6 @@ class VisformerBlock(nn.Module):
         return f'resolution={self.resolution}, window={self.window}, shift={self.shift}'
 
 
-def resample_pos_embed(pos: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """(1, C, h, w) position embedding -> (1, C, *size): bicubic, no antialiasing
-    (``timm.layers.resample_abs_pos_embed``, as the FLatten families resample theirs)."""
-    _, C, h, w = pos.shape
-    tokens = resample_abs_pos_embed(pos.flatten(2).transpose(1, 2), [size[0], size[1]], [h, w],
-                                    num_prefix_tokens=0, antialias=False)
-    return tokens.transpose(1, 2).reshape(1, C, size[0], size[1])
-
-
 def _shift(window: Optional[int], index: int) -> int:
     """Shift of a v2 block: half a window when its index COUNTED OVER THE WHOLE NETWORK is odd (official rule;
     e.g. the first block of a stage is shifted when the earlier stages hold an odd number of blocks)."""
@@ -307,7 +298,7 @@ class Visformer(LinearHeadMixin, nn.Module):
         x = getattr(self, f'patch_embed{i}')(x)
         pos = getattr(self, f'pos_embed{i}')
         if x.shape[-2] != pos.shape[-2] or x.shape[-1] != pos.shape[-1]:     # only with dynamic_img_size
-            pos = resample_pos_embed(pos, (x.shape[-2], x.shape[-1]))
+            pos = resample_position_table(pos, (1, pos.shape[1], x.shape[-2], x.shape[-1]))
         x = self.pos_drop(x + pos)
         stage = getattr(self, f'stage{i}')
         if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():

@@ -37,7 +37,7 @@ TRAIN:
   EPOCHS: {epochs}
   WARMUP_EPOCHS: 0
   LR_SCALING: none
-  BASE_LR: 4.0e-3
+  BASE_LR: 2.0e-3
   MIN_LR: 1.0e-4
   KEEP_CHECKPOINTS: 1
 AUG:
@@ -54,7 +54,7 @@ SAVE_FREQ: 100
 
 SWIN_KWARGS = ['MODEL.KWARGS', '{embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 4, 8], window_size: 4}']
 BASELINES = {
-    'resnet18': [],
+    'resnet18': ['TRAIN.BASE_LR', '4e-3'],          # a BatchNorm convnet from scratch: twice the recipe's lr
     'convnext_atto': [],
     'swin_tiny_patch4_window7_224': SWIN_KWARGS,
 }
