@@ -48,7 +48,7 @@ from .build import ConfigSection, ModelSpec, config_section, register_config_ada
 from .focused_attention import AttentionTap
 from .checkpoint_fit import fit_state_dict
 from ._builder import build_backbone
-from .layers import (LinearHeadMixin, WindowAttention, pool_features, shifted_window_mask, window_partition,
+from .layers import (LinearHeadMixin, WindowAttention, shifted_window_mask, window_partition,
                      window_reverse)
 from .neighborhood_attention import neighborhood_attention, neighborhood_av, neighborhood_probs
 
@@ -527,14 +527,8 @@ class DAT(LinearHeadMixin, nn.Module):
         return self.cls_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, H, W) -> (B, num_classes) logits (pooled (B, C) with ``pre_logits``); unpooled
-        (``global_pool=''``) the head acts as a 1x1 conv: (B, num_classes, H, W)."""
-        x = pool_features(x, self.global_pool, 'NCHW')
-        if pre_logits:
-            return x
-        if x.dim() == 4:
-            return self.cls_head(x.movedim(1, -1)).movedim(-1, 1)
-        return self.cls_head(x)     # no dropout before the head (officially none)
+        """(B, C, H, W) features -> logits (see ``LinearHeadMixin.nchw_head``; no dropout before the head)."""
+        return self.nchw_head(x, pre_logits)     # no dropout before the head (officially none)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

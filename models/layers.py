@@ -128,6 +128,16 @@ class LinearHeadMixin:
         self.num_classes = num_classes
         setattr(self, self.head_name, nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity())
 
+    def nchw_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """forward_head of a family whose features are (B, C, H, W): pooled -> (B, num_classes) logits (pooled
+        (B, C) with ``pre_logits``); unpooled (``global_pool=''``) the head acts as a 1x1 conv:
+        (B, num_classes, H, W)."""
+        x = pool_features(x, self.global_pool, 'NCHW')
+        if pre_logits:
+            return x
+        head = getattr(self, self.head_name)
+        return head(x.movedim(1, -1)).movedim(-1, 1) if x.dim() == 4 else head(x)
+
 
 class ClassifierMixin(LinearHeadMixin):
     """The timm head contract shared by the FLatten families: ``forward_features`` gives the last-stage map

@@ -38,7 +38,7 @@ from state_dicts import unwrap_state_dict
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .checkpoint_fit import fit_state_dict, resample_position_table
 from ._builder import build_backbone, square_size
-from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size, pool_features,
+from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size,
                      shifted_window_mask, window_partition, window_reverse)
 
 torch.fx.wrap('check_input_size')       # a torch.fx leaf here too (see check_input_size)
@@ -318,14 +318,8 @@ class Visformer(LinearHeadMixin, nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, H, W) -> (B, num_classes) logits (pooled (B, C) with ``pre_logits``); unpooled
-        (``global_pool=''``) the head acts as a 1x1 conv: (B, num_classes, H, W)."""
-        x = pool_features(x, self.global_pool, 'NCHW')
-        if pre_logits:
-            return x
-        if x.dim() == 4:
-            return self.head(x.movedim(1, -1)).movedim(-1, 1)
-        return self.head(x)
+        """(B, C, H, W) features -> logits (see ``LinearHeadMixin.nchw_head``; no dropout before the head)."""
+        return self.nchw_head(x, pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
