@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, register_notrace_function, register_notrace_module, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -123,6 +123,7 @@ class LayerScale(nn.Module):
 
 
 # ----------------------------------------------------------------------------- 'N'
+@register_notrace_module    # one fx node (timm's tracer): the graph runs the eager fast path, bitwise as eager
 class NeighborhoodAttention(nn.Module):
     """Neighbourhood attention (natten 0.14.6 semantics, dilation 1) on an NCHW map -> same shape.
 
@@ -190,6 +191,7 @@ def query_grid(H: int, W: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
     return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1).to(dtype)     # .to: see reference_points
 
 
+@register_notrace_module    # one fx node (timm's tracer): sampling positions and key grid depend on the map size
 class DeformableAttention(nn.Module):
     """Deformable multi-head attention (DAttentionBaseline) on an NCHW map -> same shape.
 
@@ -301,6 +303,22 @@ class DeformableAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------- 'L' / 'S'
+@register_notrace_function  # an fx leaf (timm's tracer and torch.fx): the check runs on the real map
+def check_window_map(x: torch.Tensor, window: int, fmap_size: Optional[Tuple[int, int]]) -> torch.Tensor:
+    """``x`` (B, C, H, W) unchanged; a ValueError when the windows do not tile the map, or when a shifted
+    block (``fmap_size``: the map its mask is built for) gets another map size."""
+    H, W = x.shape[-2:]
+    if H % window or W % window:
+        raise ValueError(f'window_sizes={window} must divide the {H}x{W} map of a window block')
+    if fmap_size is not None and (H, W) != tuple(fmap_size):
+        raise ValueError(f"an 'S' block's mask is built for a {fmap_size} map (from img_size) but got "
+                         f"{H}x{W}; set img_size to the input size")
+    return x
+
+
+torch.fx.wrap('check_window_map')
+
+
 class DatWindowAttention(WindowAttention):
     """'L' (window) / 'S' (shifted window, shift ceil(w/2)) attention on an NCHW map, built on the shared
     :class:`WindowAttention`. The map must tile into windows; 'S' keeps the official ``attn_mask`` buffer,
@@ -322,11 +340,7 @@ class DatWindowAttention(WindowAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         B, C, H, W = x.shape
         w = self.window
-        if H % w or W % w:
-            raise ValueError(f'window_sizes={w} must divide the {H}x{W} map of a window block')
-        if self.shift and (H, W) != tuple(self.fmap_size):
-            raise ValueError(f"an 'S' block's mask is built for a {self.fmap_size} map (from img_size) but got "
-                             f"{H}x{W}; set img_size to the input size")
+        x = check_window_map(x, w, self.fmap_size if self.shift else None)
         y = x.permute(0, 2, 3, 1)
         if self.shift:
             y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops.layers.torch import Rearrange
-from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_module, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -145,6 +145,7 @@ def _get_v(dim: int) -> nn.Conv2d:
     return nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
 
+@register_notrace_module   # one fx node, as its focused-linear sibling: per-stripe reshapes add ~150 nodes a block
 class LePEAttention(StripeLePE, nn.Module):
     """Softmax attention inside stripes plus LePE. q, k, v (B, H*W, C) -> (B, H*W, C)."""
 

@@ -22,15 +22,20 @@ below), 'fast' (default: fused in-place kernel map, normaliser folded into K^T [
 backward) and 'triton' (the product as Triton kernels on CUDA, opt-in; models/triton_linear_attention.py).
 While a tool traces, exports or counts operators (fvcore, ONNX, torch.export / torch.compile, fx,
 FlopCounterMode: :func:`models.impl_choice.operators_observed`) the reference formulas run whatever is
-selected: the fast paths' autograd Functions would hide their matmuls from those tools.
+selected: the fast paths' autograd Functions would hide their matmuls from those tools. timm's fx tracer
+(feature extraction with ``feature_cls='fx'``, timm's fx tests) keeps every focused-linear attention module
+as one leaf (``register_notrace_module``), so the traced model runs the selected implementation itself.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, ContextManager, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .impl_choice import ImplChoice, operators_observed
 
@@ -306,6 +311,12 @@ class FocusedLinearAttentionBase(nn.Module):
 
     attn_kind = ATTN_LINEAR
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        # A leaf for timm's fx tracer: the graph calls the module, which then runs the implementation that
+        # eager mode runs (bitwise the same outputs), instead of tracing its reference formulas.
+        super().__init_subclass__(**kwargs)
+        register_notrace_module(cls)
+
     def __init__(self, dim: int, num_heads: int, num_kv_tokens: int, focusing_factor: float = 3,
                  kernel_size: int = 5) -> None:
         super().__init__()
@@ -364,7 +375,10 @@ class FocusedLinearAttentionBase(nn.Module):
                                                  self.tap if self.tap.hooked() else None)
         dtype = v.dtype
         compute = torch.promote_types(dtype, torch.float32)
-        with torch.autocast(device_type=v.device.type, enabled=False):
+        # a plain fx trace (not timm's) sees a Proxy for the device: the graph records no autocast region
+        no_autocast = (contextlib.nullcontext() if is_fx_symbolic_tracing()
+                       else torch.autocast(device_type=v.device.type, enabled=False))
+        with no_autocast:
             qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
             qc, kc = self.feature_map(qc, kc)
             qc, kc, vc = self.tap(qc, kc, vc)

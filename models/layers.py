@@ -136,7 +136,7 @@ class LinearHeadMixin:
         if pre_logits:
             return x
         head = getattr(self, self.head_name)
-        return head(x.movedim(1, -1)).movedim(-1, 1) if x.dim() == 4 else head(x)
+        return head(x) if self.global_pool else head(x.movedim(1, -1)).movedim(-1, 1)   # pooled: (B, C)
 
 
 class ClassifierMixin(LinearHeadMixin):

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from timm.models.visformer import SpatialMlp
@@ -59,6 +59,18 @@ class BatchNorm(nn.Module):
         return self.bn(x)
 
 
+@register_notrace_function      # an fx leaf (timm's tracer and torch.fx): resampling depends on the map size
+def position_table_for(pos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The (1, C, h, w) position table ``pos`` for the map ``x`` (B, C, H, W): itself, or resampled bicubically
+    to (H, W) when the map is another size (``dynamic_img_size``)."""
+    if x.shape[-2:] == pos.shape[-2:]:
+        return pos
+    return resample_position_table(pos, (1, pos.shape[1], x.shape[-2], x.shape[-1]))
+
+
+torch.fx.wrap('position_table_for')
+
+
 class PatchEmbed(nn.Module):
     """Conv (kernel = stride = patch, bias) then BatchNorm: (B, C_in, H, W) -> (B, C, H/p, W/p). With
     ``dynamic_img_size`` any map is taken, zero-padded on the bottom/right to a multiple of the patch."""
@@ -73,13 +85,9 @@ class PatchEmbed(nn.Module):
         self.norm = BatchNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic_img_size:
+        if self.dynamic_img_size:          # else the model checked the image size (maps then fit exactly)
             p = self.patch_size
             x = F.pad(x, (0, (-x.shape[-1]) % p, 0, (-x.shape[-2]) % p))
-        elif x.shape[-2] != self.img_size or x.shape[-1] != self.img_size:
-            raise ValueError(f'input map {tuple(x.shape[-2:])} does not match the model '
-                             f'({self.img_size}x{self.img_size}); Visformer has fixed-size position embeddings: '
-                             f'give images of the configured img_size (DATA.IMG_SIZE)')
         return self.norm(self.proj(x))
 
 
@@ -100,9 +108,10 @@ class VisformerBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, resolution: Tuple[int, int], window: Optional[int] = None,
                  shift: int = 0, mlp_ratio: float = 4., qk_scale_exponent: float = -0.25,
                  attn_disabled: bool = False, spatial_conv: bool = False, group: int = 8, drop: float = 0.,
-                 attn_drop: float = 0., drop_path: float = 0.) -> None:
+                 attn_drop: float = 0., drop_path: float = 0., dynamic_size: bool = False) -> None:
         super().__init__()
         self.resolution = resolution
+        self.dynamic_size = dynamic_size          # other map sizes possible (the model's dynamic_img_size)
         rel_pos_bias = window is not None
         shifted = bool(shift)
         if window is None or min(resolution) <= window:      # one window covers the map: no shift
@@ -143,7 +152,7 @@ class VisformerBlock(nn.Module):
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         y = x.permute(0, 2, 3, 1)                                                 # (B, H, W, C)
-        if H == self.resolution[0] and W == self.resolution[1]:
+        if not self.dynamic_size or (H == self.resolution[0] and W == self.resolution[1]):
             y = self._windows(y, self.shift, self.attn_mask)
         elif self.global_attn:                                 # v1 at another size: the whole current map
             y = self.attn(y.reshape(B, H * W, C)).view(B, H, W, C)
@@ -247,7 +256,7 @@ class Visformer(LinearHeadMixin, nn.Module):
                 VisformerBlock(widths[j], heads[j], (res[j], res[j]), window,
                                _shift(window, sum(depths[:j]) + b), mlp_ratio, qk_scale_exponent,
                                not attn[j], sconv[j], group, drop_rate, attn_drop_rate,
-                               dpr[sum(depths[:j]) + b])
+                               dpr[sum(depths[:j]) + b], dynamic_size=dynamic_img_size)
                 for b in range(depths[j])]))
             in_chs, size = widths[j], res[j]
         self.norm = BatchNorm(self.num_features)
@@ -297,8 +306,8 @@ class Visformer(LinearHeadMixin, nn.Module):
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         x = getattr(self, f'patch_embed{i}')(x)
         pos = getattr(self, f'pos_embed{i}')
-        if x.shape[-2] != pos.shape[-2] or x.shape[-1] != pos.shape[-1]:     # only with dynamic_img_size
-            pos = resample_position_table(pos, (1, pos.shape[1], x.shape[-2], x.shape[-1]))
+        if self.dynamic_img_size:
+            pos = position_table_for(pos, x)
         x = self.pos_drop(x + pos)
         stage = getattr(self, f'stage{i}')
         if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():

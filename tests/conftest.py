@@ -9,9 +9,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# Under pytest-xdist (``-n N``) the cores are shared among N workers: each worker, and every process it
+# starts, computes on cores/N threads instead of oversubscribing the machine.
+_WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1') or 1)
+_THREADS = max(1, min(2, os.cpu_count() or 1) // _WORKERS)
+if _WORKERS > 1:
+    os.environ['OMP_NUM_THREADS'] = str(_THREADS)
+
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture

@@ -17,9 +17,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import models  # noqa: F401  (registers the families in timm)
 from checkpoint import save_checkpoint
@@ -203,6 +204,34 @@ def test_faster_rcnn_train_step_and_eval_every_family(name):
     total.backward()
     body = model.backbone.body
     assert all(p.grad is not None for p in body.parameters())
+    model.eval()
+    with torch.no_grad():
+        check_detections(model(images), sizes)
+
+
+@pytest.mark.parametrize('name', ['flatten_pvt_v2_b0', 'official_visformer_tiny'])   # 4 maps; 3 maps
+def test_retinanet_over_p3_to_p7_train_step_and_eval(name):
+    """RetinaNet's layout: the FPN over our maps plus torchvision's P6/P7 block (computed from the FPN's last
+    level), one anchor size per level; train step reaches the backbone, eval returns boxes inside the images."""
+    torch.manual_seed(0)
+    backbone = FeaturePyramidBackbone(features(name), out_channels=16, extra_blocks=LastLevelP6P7(16, 16))
+    assert backbone.featmap_names[-1] == str(len(backbone.body.feature_info.channels()) - 1)
+    levels = len(backbone.featmap_names) + 2                                    # + p6, p7
+    anchors = AnchorGenerator(tuple((s,) for s in (16, 32, 64, 128, 256, 512)[:levels]),
+                              ((0.5, 1.0, 2.0),) * levels)
+    model = RetinaNet(backbone, num_classes=3, min_size=96, max_size=160, anchor_generator=anchors,
+                      score_thresh=0., detections_per_img=20, topk_candidates=50)
+    sizes = [(120, 170), (150, 110)]
+    images, targets = scenes(torch.Generator().manual_seed(1), sizes)
+    with torch.no_grad():
+        assert len(backbone(torch.zeros(1, 3, 96, 128))) == levels              # what the head is given
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) == {'classification', 'bbox_regression'}
+    total = sum(losses.values())
+    assert torch.isfinite(total) and total > 0
+    total.backward()
+    assert all(p.grad is not None for p in backbone.body.parameters())
     model.eval()
     with torch.no_grad():
         check_detections(model(images), sizes)

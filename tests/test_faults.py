@@ -390,7 +390,7 @@ def test_dead_or_stalled_rank_does_not_hang_the_other(cfg, digits, workdir, fork
     """Two gloo ranks, launched with the environment torchrun gives its workers (RANK, WORLD_SIZE,
     MASTER_*; without torchrun's agent, which would otherwise tear the survivor down itself). Rank 1 is
     killed (kill -9) or stalled (SIGSTOP); rank 0 must fail on its own within DIST_TIMEOUT (+ slack)."""
-    timeout_s = 20
+    timeout_s = 10                      # the stall case waits this long; steps of this tiny model take < 1 s
     output = str(workdir / 'runs')
     port = free_port()
     args = main_args(cfg, digits, output, f'dist-{fault}', opts=('DIST_TIMEOUT', str(timeout_s)))
@@ -440,7 +440,7 @@ def _cmdline(pid: int) -> bytes:
 def test_torchrun_worker_killed_ends_the_job(cfg, digits, workdir):
     """The same through torchrun itself: one worker is killed -9; torchrun, the surviving worker and
     the job end (non-zero) within the bound, and the output folder holds no broken checkpoint."""
-    timeout_s = 20
+    timeout_s = 10                      # the stall case waits this long; steps of this tiny model take < 1 s
     output = str(workdir / 'runs')
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                 '--max-restarts', '0', *main_cmd(main_args(cfg, digits, output, 'torchrun',

@@ -110,8 +110,44 @@ def test_plot_runs_cli(tmp_path):
                            str(tmp_path / 'c.png')], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert os.path.getsize(tmp_path / 'c.png') > 1000
-    # a folder without metrics: SystemExit with a message (Python prints it on stderr and exits 1); checked
-    # in this process, the script's start-up having been checked above
-    with pytest.raises(SystemExit) as e:
-        plot_runs.main([str(tmp_path / 'nope')])
-    assert isinstance(e.value.code, str) and 'metrics.jsonl' in e.value.code
+    # a folder without metrics: one line on stderr, exit 2, through the script's own entry
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'plot_runs.py'), str(tmp_path / 'nope')],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert proc.stderr.strip().splitlines() == [f"ERROR: no metrics.jsonl in {tmp_path / 'nope'}: give the "
+                                                'output folder of a training run']
+
+
+@pytest.mark.parametrize('case', ['labels', 'empty', 'unreadable', 'binary', 'output_dir', 'extension'])
+def test_plot_runs_errors_are_one_line_exit_2(tmp_path, case, capsys):
+    """Every problem a user can cause is ``ERROR: <one line>`` and exit 2 (``errors.cli`` around ``main``,
+    as the script runs), never a traceback or exit 1; a broken config.yaml only costs the label."""
+    import errors
+    a = _run(tmp_path / 'a', 'm', 'one', [_epoch(1)])
+    (tmp_path / 'a' / 'config.yaml').write_text('MODEL: [unclosed\n')      # label falls back to the folder
+    assert plot_runs.run_label(a) == f'{tmp_path.name}/a'
+    argv, words = [a, '-o', str(tmp_path / 'c.png')], ()
+    if case == 'labels':
+        argv += ['--labels', 'x', 'y']
+        words = ('2 --labels for 1 runs',)
+    elif case == 'empty':
+        (tmp_path / 'e').mkdir()
+        (tmp_path / 'e' / METRICS_FILE).write_text(json.dumps({'kind': 'eval', 'val_acc1': 1.0}) + '\n')
+        argv[0], words = str(tmp_path / 'e'), ('has no epoch records yet',)
+    elif case == 'unreadable':
+        (tmp_path / 'u').mkdir()
+        (tmp_path / 'u' / METRICS_FILE).mkdir()                             # a folder where the file should be
+        argv[0], words = str(tmp_path / 'u'), ('cannot read its metrics.jsonl',)
+    elif case == 'binary':
+        (tmp_path / 'b').mkdir()
+        (tmp_path / 'b' / METRICS_FILE).write_bytes(b'\xff\xfe\x00garbage\n')
+        argv[0], words = str(tmp_path / 'b'), ('cannot read its metrics.jsonl',)
+    elif case == 'output_dir':
+        (tmp_path / 'file').write_text('x')
+        argv[2], words = str(tmp_path / 'file' / 'c.png'), ('cannot write the figure', 'writable .png')
+    else:
+        argv[2], words = str(tmp_path / 'c.notanimage'), ('cannot write the figure',)
+    code = errors.cli(lambda: plot_runs.main(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith('ERROR: '), err
+    assert all(w in err[0] for w in words), err

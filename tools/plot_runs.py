@@ -20,6 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import errors  # noqa: E402
+from errors import ConfigError, DataError  # noqa: E402
 from logger import METRICS_FILE, read_metrics  # noqa: E402
 
 PANELS = (('train_loss', 'train loss'), ('val_acc1', 'val Acc@1 (%)'), ('lr', 'learning rate'))
@@ -31,7 +33,11 @@ def epoch_records(path: str) -> List[Dict]:
     is valid JSON but not an object (not a record) is skipped with a warning."""
     by_epoch: Dict[int, Dict] = {}
     others = []
-    for rec in read_metrics(path):
+    try:
+        records = read_metrics(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f'{path}: cannot read its {METRICS_FILE} ({errors.one_line(e)})') from None
+    for rec in records:
         if not isinstance(rec, dict):
             others.append(rec)
         elif rec.get('kind') == 'epoch' and isinstance(rec.get('epoch'), int):
@@ -47,11 +53,15 @@ def run_label(path: str) -> str:
     cfg = os.path.join(folder, 'config.yaml')
     if os.path.isfile(cfg):
         import yaml
-        with open(cfg) as f:
-            data = yaml.safe_load(f) or {}
-        name, tag = (data.get('MODEL') or {}).get('NAME'), data.get('TAG')
-        if name and tag:
-            return f'{name}/{tag}'
+        try:
+            with open(cfg) as f:
+                data = yaml.safe_load(f)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = None                           # an unreadable config only costs the nicer label
+        if isinstance(data, dict) and isinstance(data.get('MODEL'), dict):
+            name, tag = data['MODEL'].get('NAME'), data.get('TAG')
+            if name and tag:
+                return f'{name}/{tag}'
     parts = os.path.normpath(os.path.abspath(folder)).split(os.sep)
     return '/'.join(parts[-2:])
 
@@ -64,14 +74,14 @@ def plot_runs(paths: Sequence[str], output: str, labels: Optional[Sequence[str]]
     import matplotlib.pyplot as plt
 
     if labels is not None and len(labels) != len(paths):
-        raise SystemExit(f'error: {len(labels)} --labels for {len(paths)} runs')
+        raise ConfigError(f'{len(labels)} --labels for {len(paths)} runs: give one label per run, or none')
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8))
     for i, path in enumerate(paths):
         if not os.path.exists(path if path.endswith('.jsonl') else os.path.join(path, METRICS_FILE)):
-            raise SystemExit(f'error: no {METRICS_FILE} in {path}: give the output folder of a training run')
+            raise DataError(f'no {METRICS_FILE} in {path}: give the output folder of a training run')
         records = epoch_records(path)
         if not records:
-            raise SystemExit(f'error: {path} has no epoch records yet')
+            raise DataError(f'{path} has no epoch records yet: plot it once the run has finished an epoch')
         label = labels[i] if labels is not None else run_label(path)
         epochs = [r['epoch'] for r in records]
         colour = f'C{i % 10}'
@@ -91,8 +101,13 @@ def plot_runs(paths: Sequence[str], output: str, labels: Optional[Sequence[str]]
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=120)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        fig.savefig(output, dpi=120)
+    except (OSError, ValueError) as e:            # unwritable folder, unknown image extension
+        plt.close(fig)
+        raise ConfigError(f'-o {output}: cannot write the figure ({errors.one_line(e)}); '
+                          'give a writable .png path') from None
     return fig
 
 
@@ -111,4 +126,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(errors.cli(main))      # a bad folder, file or -o is one line and exit 2

@@ -60,30 +60,21 @@ def pytest_make_collect_report(collector):
 
 
 # What does not pass yet, per test: an expected failure, strict (a fix makes the test fail until its entry
-# is changed here), never a skip. ``FLATTEN_LINEAR``: the FLatten names with focused linear attention (their
-# ``_softmax`` baselines pass). Why:
+# is changed here), never a skip. Why:
 # - torchscript (and fx + torchscript): the families use Python TorchScript does not compile (generators
-#   over stages, getattr on f-string names, postponed annotations, data-dependent checks);
-# - fx: DAT++ and Visformer branch on traced shapes (input-size checks, padding, position-table
-#   resampling); the focused linear attention enters ``torch.autocast(device_type=v.device.type)`` with a
-#   traced device, and once past that its traced plain formulas differ in rounding from the eager fast path
-#   (the test demands bitwise-equal outputs).
+#   over stages, getattr on f-string names, postponed annotations, data-dependent checks).
+# (fx passes for every family: shape checks are fx leaves, attention modules with fast paths are timm
+# notrace modules.)
 _NOT_SCRIPTABLE = ('dat', 'flatten_cswin', 'flatten_pvt', 'flatten_pvt_v2', 'flatten_swin', 'l2vit', 'visformer')
-_NOT_TRACEABLE = ('dat', 'visformer', 'FLATTEN_LINEAR')
 NOT_YET = {
     'test_model_forward_torchscript': (_NOT_SCRIPTABLE, 'not scriptable yet'),
     'test_model_forward_fx_torchscript': (_NOT_SCRIPTABLE, 'not scriptable yet'),
-    'test_model_forward_fx': (_NOT_TRACEABLE, 'not fx-traceable yet'),
-    'test_model_backward_fx': (_NOT_TRACEABLE, 'not fx-traceable yet'),
 }
 
 
 def _kinds(arch: str) -> set:
-    """The NOT_YET keys that name ``arch``: its family module, and FLATTEN_LINEAR for a focused-linear name."""
-    kinds = {module_of(arch).split('.')[-1]}
-    if timm.models.get_pretrained_cfg(arch).paper_ids == 'arXiv:2308.00442' and not arch.endswith('_softmax'):
-        kinds.add('FLATTEN_LINEAR')
-    return kinds
+    """The NOT_YET keys that name ``arch``: its family module."""
+    return {module_of(arch).split('.')[-1]}
 
 
 @pytest.hookimpl(tryfirst=True)      # before -m applies the marker added here
