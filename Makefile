@@ -10,9 +10,11 @@ install:
 install-dense:
 	$(PY) -m pip install -q -r requirements-dense.txt
 
-# The test command of the README and of .ci/run.
+# The test command of the README and of .ci/run: two pytest-xdist workers (the cores of CI), one torch
+# thread each (tests/conftest.py); TEST_WORKERS=0 runs in this one process.
+TEST_WORKERS ?= 2
 test: install install-dense
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist worksteal
 
 # The main job on the embedded real dataset: write digits folders, train, evaluate, re-evaluate the checkpoint.
 demo: install

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
@@ -57,3 +58,25 @@ class ImplChoice:
             yield
         finally:
             self.name = previous
+
+
+# ----------------------------------------------------------------------------- op micro-benchmarks
+Inputs = Tuple[torch.Tensor, ...]
+
+
+@dataclass
+class OpBenchmark:
+    """The micro-benchmark of one function with several implementations, declared beside it and run by
+    ``tools/benchmark.py --op NAME``: ``cases(batch, device)`` gives (label, inputs) pairs at the shapes a
+    model uses; ``impls()`` gives name -> function(*inputs) for the implementations usable here, and notes
+    on the ones that are not (e.g. an optional package missing)."""
+    what: str
+    cases: Callable[[int, torch.device], List[Tuple[Dict[str, Any], Inputs]]]
+    impls: Callable[[], Tuple[Dict[str, Callable[..., torch.Tensor]], List[str]]]
+
+
+OP_BENCHMARKS: Dict[str, OpBenchmark] = {}
+
+
+def register_op_benchmark(name: str, benchmark: OpBenchmark) -> None:
+    OP_BENCHMARKS[name] = benchmark

@@ -27,14 +27,14 @@ from __future__ import annotations
 import inspect
 import math
 from functools import lru_cache
-from typing import Any, Callable, ContextManager, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from errors import ConfigError
 
-from .impl_choice import ImplChoice, operators_observed
+from .impl_choice import ImplChoice, OpBenchmark, operators_observed, register_op_benchmark
 
 __all__ = ['window_starts', 'neighborhood_attention', 'neighborhood_attention_naive', 'neighborhood_probs',
            'neighborhood_av',
@@ -301,3 +301,39 @@ def natten_flops(batch: int, heads: int, height: int, width: int, head_dim: int,
     """natten 0.14.6's count (its flops.py): QK + RPB = B*h*H*W*k^2*(d + 1), AV = B*h*H*W*k^2*d."""
     n = batch * heads * height * width * kernel_size * kernel_size
     return n * (head_dim + 1) + n * head_dim
+
+
+# ----------------------------------------------------------------------------- micro-benchmark
+BENCH_KERNEL = 7
+
+
+def _benchmark_cases(batch: int, device: torch.device) -> List[Tuple[Dict[str, Any], Tuple[torch.Tensor, ...]]]:
+    """dat_tiny's 'N' blocks: k 7, head_dim 32, maps 56 / 28 / 14 with 2 / 4 / 8 heads."""
+    cases = []
+    for size, heads in ((56, 2), (28, 4), (14, 8)):
+        q, k, v = (torch.randn(batch, heads, size, size, 32, device=device) for _ in range(3))
+        rpb = torch.randn(heads, 2 * BENCH_KERNEL - 1, 2 * BENCH_KERNEL - 1, device=device)
+        cases.append(({'map': size, 'heads': heads}, (q, k, v, rpb)))
+    return cases
+
+
+def _benchmark_impls() -> Tuple[Dict[str, Callable[..., torch.Tensor]], List[str]]:
+    """The fused tiled path, the gather path, and natten where one with relative position bias is installed."""
+    impls: Dict[str, Callable[..., torch.Tensor]] = {
+        'fast': lambda q, k, v, rpb: neighborhood_attention(q, k, v, rpb, BENCH_KERNEL),
+        'naive': lambda q, k, v, rpb: neighborhood_attention_naive(q, k, v, rpb, BENCH_KERNEL)}
+    try:
+        natten_functions()
+    except ConfigError as e:                         # natten missing, or without relative position bias
+        return impls, [f'no natten column: {e}']
+
+    def natten_path(q, k, v, rpb):
+        with neighborhood_impl('natten'):
+            return neighborhood_attention(q, k, v, rpb, BENCH_KERNEL)
+    impls['natten'] = natten_path
+    return impls, []
+
+
+register_op_benchmark('neighborhood_attention', OpBenchmark(
+    "DAT++'s neighbourhood attention (k 7): fused tiled path vs the gather path (vs natten)",
+    _benchmark_cases, _benchmark_impls))

@@ -201,13 +201,42 @@ def test_data_mode_times_the_input_pipeline(tmp_path):
     assert row['workers'] == 0 and row['images'] == 6 and row['img_s'] > 0 and row['img_size'] == 64
 
 
-def test_neighborhood_mode_times_fast_and_naive_paths(capsys):
-    result = benchmark.main(['--neighborhood', '--batch', '1', '--warmup', '0', '--repeats', '1', '--device', 'cpu'])
-    rows = result['neighborhood']
+def test_op_mode_times_the_implementations_a_module_declares(capsys):
+    result = benchmark.main(['--op', 'neighborhood_attention', '--batch', '1', '--warmup', '0', '--repeats', '1',
+                             '--device', 'cpu'])['op']
+    rows = result['rows']
     assert [(r['map'], r['heads']) for r in rows] == [(56, 2), (28, 4), (14, 8)]
+    assert result['impls'][:2] == ['fast', 'naive']
     for r in rows:
         for key in ('fast_fwd_s', 'naive_fwd_s', 'fast_fwd_bwd_s', 'naive_fwd_bwd_s'):
             assert r[key] > 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(['--op', 'list'])
+    assert e.value.code == 0 and 'neighborhood_attention: ' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(['--op', 'nope'])
+    assert e.value.code == 2 and 'no such op benchmark; use one of' in capsys.readouterr().err
+
+
+def test_an_op_benchmark_declared_in_one_module_is_run_by_the_tool(capsys):
+    """A new kernel's benchmark needs no edit of the tool: register it and --op finds it."""
+    from models.impl_choice import OP_BENCHMARKS, OpBenchmark, register_op_benchmark
+    calls = []
+
+    def double(x):
+        calls.append(x.shape)
+        return x * 2
+    register_op_benchmark('test_double', OpBenchmark(
+        'x * 2', lambda batch, device: [({'n': 3}, (torch.ones(batch, 3, device=device),))],
+        lambda: ({'mul': double}, ['one note'])))
+    try:
+        result = benchmark.main(['--op', 'test_double', '--batch', '2', '--warmup', '0', '--repeats', '1'])['op']
+    finally:
+        OP_BENCHMARKS.pop('test_double')
+    assert result['impls'] == ['mul'] and result['rows'][0]['n'] == 3 and result['rows'][0]['mul_fwd_bwd_s'] > 0
+    assert calls and all(s == (2, 3) for s in calls)
+    assert '(one note)' in capsys.readouterr().out
 
 
 def test_gpu_benchmark_script_arguments_check_without_a_gpu(tmp_path, monkeypatch, capsys):
@@ -241,7 +270,7 @@ def test_gpu_benchmark_script_arguments_check_without_a_gpu(tmp_path, monkeypatc
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = [line.split(':')[0][4:] for line in proc.stdout.splitlines() if line.startswith('=== ')]
-    assert steps[:-1] == ['cuda_tests', 'vs_official', 'vs_timm', 'triton', 'sweep', 'neighborhood']
+    assert steps[:-1] == ['cuda_tests', 'vs_official', 'vs_timm', 'triton', 'sweep', 'op_neighborhood']
     assert 'tests collected' in (tmp_path / 'out' / 'log.txt').read_text()
     argvs = [json.loads(line) for line in calls.read_text().splitlines()]
     assert len(argvs) == 5 and all('--check' in a for a in argvs)

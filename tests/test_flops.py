@@ -37,8 +37,8 @@ OFFICIAL_GFLOPS = {
     'visformer_small_v2': 4.274, 'visformer_medium_v2': 8.462,
 }
 NORMAL = ('flatten_pvt_v2_b0',)
-SLOW = ('flatten_pvt_t', 'flatten_swin_t', 'flatten_cswin_t', 'dat_tiny', 'l2vit_tiny', 'visformer_tiny',
-        'visformer_tiny_v2')
+SLOW = ('flatten_pvt_t', 'flatten_swin_t', 'flatten_cswin_t', 'dat_tiny', 'dat_small', 'dat_base', 'dat_base_384',
+        'l2vit_tiny', 'visformer_tiny', 'visformer_tiny_v2')
 
 
 def _marked(name: str):

@@ -132,7 +132,7 @@ def measure_inference(model: nn.Module, x: torch.Tensor, dtype: str, warmup: int
     model.eval()
 
     def step():
-        # no_grad rather than inference_mode: models that cache tensors (DAT's neighbourhood attention) must
+        # no_grad rather than inference_mode: models that cache tensors (e.g. index plans of a fast path) must
         # stay usable for the training measure that follows
         with torch.no_grad(), _autocast(device, dtype):
             model(x)
@@ -257,7 +257,7 @@ def build(config) -> nn.Module:
 
 def count_flops(model: nn.Module, img_size: int) -> Optional[float]:
     """fvcore multiply-adds of one image, counted as ``tools/model_stats.py`` counts them (the one counting
-    rule: family op handles such as DAT++'s neighbourhood attention, explicit attention formulas), or None
+    rule: the op handles model modules declare, explicit attention formulas), or None
     without fvcore or when tracing fails."""
     try:
         import fvcore  # noqa: F401
@@ -646,8 +646,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--smoke', action='store_true', help='CI-sized run: tiny model, one repeat, no targets')
     p.add_argument('--check', action='store_true',
                    help='only check the arguments: every config loads, --reference holds each; measure nothing')
-    p.add_argument('--neighborhood', action='store_true',
-                   help="DAT++ neighbourhood attention: fused fast path vs the gather path (dat_tiny's shapes)")
+    p.add_argument('--op', metavar='NAME',
+                   help='time the implementations of one function against each other (declared by the model '
+                        'modules; --op list names them)')
     p.add_argument('--dense', action='store_true',
                    help='backbone forward / forward+backward time and peak memory at dense-prediction sizes '
                         '(features_only, dynamic_img_size; --batch, --rounds, --dense-models, --dense-sizes)')
@@ -656,6 +657,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         f'default: {" ".join(DENSE_MODELS)}')
     p.add_argument('--dense-sizes', nargs='+', default=DENSE_SIZES, help='HxW sizes for --dense')
     args = p.parse_args(argv)
+    if args.op:
+        sys.path.insert(0, ROOT)
+        import models  # noqa: F401  (the model modules declare their op benchmarks)
+        from models.impl_choice import OP_BENCHMARKS
+        if args.op == 'list':
+            print('\n'.join(f'{name}: {b.what}' for name, b in sorted(OP_BENCHMARKS.items())))
+            raise SystemExit(0)
+        if args.op not in OP_BENCHMARKS:
+            p.error(f"--op {args.op}: no such op benchmark; use one of {', '.join(sorted(OP_BENCHMARKS))} "
+                    f"(--op list)")
     if args.smoke:
         args.cfgs = args.cfgs or [os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml')]
         args.batch, args.warmup, args.repeats, args.rounds = min(args.batch, 2), 0, 1, min(args.rounds, 2)
@@ -668,43 +679,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------- DAT++ neighbourhood attention
-def run_neighborhood(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """Neighbourhood attention (models/neighborhood_attention.py) at dat_tiny's 'N' shapes (k 7, head_dim 32,
-    maps 56/28/14 with 2/4/8 heads), batch ``--batch``: the fused tiled path vs the gather ('naive') path,
-    forward and forward+backward, median seconds per call."""
-    from models.neighborhood_attention import (natten_functions, neighborhood_attention,
-                                               neighborhood_attention_naive, neighborhood_impl)
+# ----------------------------------------------------------------------------- op micro-benchmarks
+def run_op(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--op NAME``: the implementations of one function that a model module declared
+    (``models.impl_choice.register_op_benchmark``), forward and forward+backward at its cases' shapes,
+    median seconds per call."""
+    from models.impl_choice import OP_BENCHMARKS
+    bench = OP_BENCHMARKS[args.op]
     device = torch.device(args.device)
-    impls: List[Tuple[str, Callable[..., torch.Tensor]]] = [('fast', neighborhood_attention),
-                                                           ('naive', neighborhood_attention_naive)]
-    try:
-        natten_functions()
-
-        def natten_path(*a: Any) -> torch.Tensor:
-            with neighborhood_impl('natten'):
-                return neighborhood_attention(*a)
-        impls.append(('natten', natten_path))            # only where a natten with bias is installed
-    except ValueError as e:                              # ConfigError: natten missing or without bias
-        print(f'(no natten column: {e})')
+    impls, notes = bench.impls()
+    for note in notes:
+        print(f'({note})')
     rows = []
-    for size, heads in ((56, 2), (28, 4), (14, 8)):
-        q, k, v = (torch.randn(args.batch, heads, size, size, 32, device=device) for _ in range(3))
-        rpb = torch.randn(heads, 13, 13, device=device)
-        row: Dict[str, Any] = {'map': size, 'heads': heads}
-        for name, fn in impls:
+    for label, inputs in bench.cases(args.batch, device):
+        row: Dict[str, Any] = dict(label)
+        for name, fn in impls.items():
             with torch.no_grad():
-                row[f'{name}_fwd_s'] = time_calls(lambda: fn(q, k, v, rpb, 7), device, args.warmup,
-                                                  args.repeats)['wall_s']
-            leaves = [t.detach().requires_grad_(True) for t in (q, k, v, rpb)]
-            row[f'{name}_fwd_bwd_s'] = time_calls(lambda: fn(*leaves, 7).sum().backward(), device, args.warmup,
+                row[f'{name}_fwd_s'] = time_calls(lambda: fn(*inputs), device, args.warmup, args.repeats)['wall_s']
+            leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+            row[f'{name}_fwd_bwd_s'] = time_calls(lambda: fn(*leaves).sum().backward(), device, args.warmup,
                                                   args.repeats)['wall_s']
         rows.append(row)
-        names = [n for n, _ in impls]
-        print(f"map {size}x{size}, {heads} heads, batch {args.batch}: fwd "
-              + ' / '.join(f"{n} {row[f'{n}_fwd_s'] * 1e3:.1f}" for n in names) + ' ms; fwd+bwd '
-              + ' / '.join(f"{n} {row[f'{n}_fwd_bwd_s'] * 1e3:.1f}" for n in names) + ' ms')
-    return rows
+        print(', '.join(f'{k} {v}' for k, v in label.items()) + f', batch {args.batch}: fwd '
+              + ' / '.join(f"{n} {row[f'{n}_fwd_s'] * 1e3:.1f}" for n in impls) + ' ms; fwd+bwd '
+              + ' / '.join(f"{n} {row[f'{n}_fwd_bwd_s'] * 1e3:.1f}" for n in impls) + ' ms')
+    return {'op': args.op, 'what': bench.what, 'impls': list(impls), 'rows': rows}
 
 
 # ----------------------------------------------------------------------------- dense-prediction backbones
@@ -864,8 +863,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.check:
         result['checked'] = check_args(args)
         return result
-    if args.neighborhood:
-        result['neighborhood'] = run_neighborhood(args)
+    if args.op:
+        result['op'] = run_op(args)
     elif args.dense:
         result['dense'] = run_dense(args)
         print_dense(result['dense'])
