@@ -69,12 +69,12 @@ def recipe(tmp_path, name: str, epochs: int = 4) -> str:
 
 def train(cfg: str, data: str, out: str, *opts: str):
     return run_main(['--cfg', cfg, '--data-path', data, '--output', out, '--device', 'cpu',
-                     '--opts', *opts], threads=2).ok()
+                     '--opts', *opts]).ok()
 
 
 def eval_resume(cfg: str, data: str, out: str, checkpoint: str, *opts: str):
     return run_main(['--cfg', cfg, '--data-path', data, '--output', out, '--tag', 'eval', '--device', 'cpu',
-                     '--eval', '--resume', checkpoint, '--opts', *opts], threads=2).ok()
+                     '--eval', '--resume', checkpoint, '--opts', *opts]).ok()
 
 
 @pytest.mark.slow

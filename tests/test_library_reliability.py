@@ -79,13 +79,14 @@ def test_global_pool_is_timms_on_every_family(name):
     with torch.no_grad():
         features = model.forward_features(x)
         torch.testing.assert_close(model(x).double(), reference_head(features, model.get_classifier(), 'max', fmt),
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=1e-4, atol=1e-5)
         for pool in ('avg', 'avgmax', ''):
             model.reset_classifier(3, pool)
             randomize_(model.get_classifier(), seed=2)
+            # float32 sums of large random features: 1e-4 relative (a wrong pooling is off by O(1))
             torch.testing.assert_close(model.forward_head(features).double(),
                                        reference_head(features, model.get_classifier(), pool, fmt),
-                                       rtol=1e-5, atol=1e-5)
+                                       rtol=1e-4, atol=1e-5)
         # unpooled without a classifier: forward returns forward_features' layout (timm's contract)
         model.reset_classifier(0, '')
         assert torch.equal(model(x), features)
