@@ -19,8 +19,9 @@ reset before each measure where Linux allows). FLOPs are fvcore counts at batch 
 FLOP, the convention of the published numbers); achieved TFLOP/s counts 2 FLOPs per multiply-add and a
 training step as 3x the forward, and is compared with the device's dense peak where it is known.
 
-``--reference DIR`` imports the official FLatten code from a user's checkout of LeapLabTHU/FLatten-Transformer
-in a subprocess (never copied here), loads OUR random weights into it (strict), and alternates rounds:
+``--reference DIR`` imports the official code from a user's checkout of an official repository in the
+Swin-Transformer codebase layout (``config.py`` with ``_C``, ``models.build_model``, ``cfgs/<same name>.yaml``;
+e.g. LeapLabTHU/FLatten-Transformer) in a subprocess (never copied here), loads OUR random weights into it (strict), and alternates rounds:
 ours, official, ours, ... Each round is one full measure (warm-up + repeats) on each side; the table gives
 the median over rounds and the ratio ours/official (images/s; > 1 means ours is faster).
 
@@ -370,8 +371,8 @@ def official_cfg_name(ref_dir: str, cfg_path: str) -> str:
     """The official config of the same name as ours; a one-line error when the checkout lacks it."""
     cfg_name = os.path.basename(cfg_path)
     if not os.path.isfile(os.path.join(ref_dir, 'cfgs', cfg_name)):
-        raise SystemExit(f'--reference {ref_dir}: no cfgs/{cfg_name} there; pass the root of a checkout of '
-                         f'LeapLabTHU/FLatten-Transformer and a config it ships')
+        raise SystemExit(f'--reference {ref_dir}: no cfgs/{cfg_name} there; pass the root of the official '
+                         f'checkout (e.g. LeapLabTHU/FLatten-Transformer) and a config it ships')
     return cfg_name
 
 
@@ -630,7 +631,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     p.add_argument('--no-flops', dest='flops', action='store_false', help='skip the fvcore FLOP count')
-    p.add_argument('--reference', metavar='DIR', help='checkout of LeapLabTHU/FLatten-Transformer to compare')
+    p.add_argument('--reference', metavar='DIR', help='official checkout in the Swin-Transformer codebase layout to compare with '
+                                                        '(e.g. LeapLabTHU/FLatten-Transformer)')
     p.add_argument('--rounds', type=int, default=5, help='alternating rounds with --reference or --alternate')
     p.add_argument('--alternate', action='store_true',
                    help='measure all --cfgs in turn in each of --rounds rounds (comparisons on a noisy machine)')
@@ -673,7 +675,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.img_size = args.img_size or ([64, 128] if args.sweep_resolution else None)
     args.cfgs = args.cfgs or [os.path.join(ROOT, 'cfgs', 'flatten_swin_t.yaml')]
     if args.reference and not os.path.isdir(args.reference):
-        p.error(f'--reference {args.reference}: not a directory; pass a checkout of LeapLabTHU/FLatten-Transformer')
+        p.error(f'--reference {args.reference}: not a directory; pass the official checkout '
+                f'(e.g. LeapLabTHU/FLatten-Transformer)')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         p.error(f'--device {args.device}: CUDA is not available here; use --device cpu')
     return args
