@@ -173,26 +173,26 @@ def run_cases(cases: List[Tuple[List[str], str]]) -> List[dict]:
     return results
 
 
-# ----------------------------------------------------------------------------- row 1: no hang
-def test_row1_unexpected_error_with_live_workers_exits_promptly(cfg, digits, workdir, launcher):
+# ----------------------------------------------------------------------------- no hang
+def test_unexpected_error_with_live_workers_exits_promptly(cfg, digits, workdir, launcher):
     """An unexpected exception in a DataLoader worker (re-raised in the main process, whose traceback keeps
     the loader's iterator and its 2 workers alive): the process ends (non-zero, with the exception shown)
     within seconds, instead of waiting forever for workers that ignore SIGTERM."""
     output = str(workdir / 'runs')
     start = time.time()
-    r = run_python(launcher, *main_args(cfg, digits, output, 'row1', opts=('DATA.NUM_WORKERS', '2')),
+    r = run_python(launcher, *main_args(cfg, digits, output, 'live-workers', opts=('DATA.NUM_WORKERS', '2')),
                    timeout=HANG_LIMIT, env={'REL_INJECT': 'fail'})
     assert r.code not in (0, 143), r.console[-4000:]
     assert 'injected failure in a DataLoader worker' in r.err
     assert time.time() - start < HANG_LIMIT
 
 
-def test_row1_unexpected_error_on_one_rank_ends_the_torchrun_job(cfg, digits, workdir, launcher):
+def test_unexpected_error_on_one_rank_ends_the_torchrun_job(cfg, digits, workdir, launcher):
     """The same on rank 1 of a 2-rank torchrun job (DIST_TIMEOUT left at its 600 s default): torchrun and
     both ranks end well within HANG_LIMIT, the job reports the failure."""
     output = str(workdir / 'runs')
     start = time.time()
-    r = torchrun(launcher, *main_args(cfg, digits, output, 'row1-ddp', opts=('DATA.NUM_WORKERS', '1')),
+    r = torchrun(launcher, *main_args(cfg, digits, output, 'rank-error', opts=('DATA.NUM_WORKERS', '1')),
                  timeout=HANG_LIMIT + 30, env={'REL_INJECT': 'fail', 'REL_FAIL_RANK': '1'})
     elapsed = time.time() - start
     assert r.code != 0, r.console[-4000:]
@@ -244,14 +244,14 @@ def ema_2rank(digits, workdir, launcher):
     return r, run_dir(output, tag), str(record)
 
 
-def test_row11_model_with_unused_parameters_trains_under_ddp(ema_2rank):
+def test_model_with_unused_parameters_trains_under_ddp(ema_2rank):
     """PVT-v1 declares its unused parameters; DDP is set up for them without --find-unused-params."""
     r, folder, _ = ema_2rank
     r.ok()
     assert os.path.isfile(os.path.join(folder, 'ckpt_epoch_1.pth'))
 
 
-def test_row2_one_ema_on_all_ranks(ema_2rank):
+def test_one_ema_on_all_ranks(ema_2rank):
     """After the run (2 steps per rank, EMA decay 0.5, so the EMA's starting point still weighs 1/4) the
     EMA weights of rank 0 and rank 1 are bit-identical (sha1 of the state), and the EMA saved in the last
     checkpoint is that EMA."""
@@ -270,7 +270,7 @@ def test_row2_one_ema_on_all_ranks(ema_2rank):
     assert h.hexdigest() == sums[1][-1]
 
 
-def test_row13_console_is_quiet_on_two_ranks(ema_2rank):
+def test_console_is_quiet_on_two_ranks(ema_2rank):
     """Each distinct warning is printed once per run (by rank 0), the model appears on the console as a
     parameter/FLOPs summary, and its full repr only in the log file."""
     r, folder, _ = ema_2rank
@@ -295,14 +295,14 @@ def upfront(cfg, digits, workdir) -> dict:
     (``run_cases``); returns {case: (texts the line must contain, result)}."""
     root = workdir / 'upfront'
     root.mkdir()
-    renamed = copy_digits(digits, str(root / 'renamed'))           # row 3: val/9 renamed to val/nine
+    renamed = copy_digits(digits, str(root / 'renamed'))           # val/9 renamed to val/nine
     os.rename(os.path.join(renamed, 'val', '9'), os.path.join(renamed, 'val', 'nine'))
-    missing = copy_digits(digits, str(root / 'missing'))           # row 3: val lacks class 7
+    missing = copy_digits(digits, str(root / 'missing'))           # val lacks class 7
     shutil.rmtree(os.path.join(missing, 'val', '7'))
-    bad_yaml = root / 'bad.yaml'                                   # row 12: a syntax error on one line
+    bad_yaml = root / 'bad.yaml'                                   # a syntax error on one line
     bad_yaml.write_text(TINY_YAML.replace('  BATCH_SIZE: 8', '  BATCH_SIZE: 8: 16'))
     line_no = TINY_YAML.split('\n').index('  BATCH_SIZE: 8') + 1
-    no_base = root / 'child.yaml'                                  # row 12: BASE file missing
+    no_base = root / 'child.yaml'                                  # BASE file missing
     no_base.write_text("BASE: ['parent_missing.yaml']\nDATA:\n  BATCH_SIZE: 8\n")
     cases = [  # name, cfg, data, extra, opts, texts the error line must contain
         ('class-renamed', cfg, renamed, [], [], ["'9'", "'nine'", 'train', 'val']),
@@ -340,29 +340,29 @@ def check_upfront(upfront: dict, *names: str) -> List[str]:
     return lines
 
 
-def test_row3_train_and_val_class_lists_are_compared(upfront):
+def test_train_and_val_class_lists_are_compared(upfront):
     """A renamed or missing val class folder: an error naming the differing classes, no silent shift."""
     check_upfront(upfront, 'class-renamed', 'class-missing')
 
 
-def test_row7_mixup_with_an_odd_batch_is_a_config_error(upfront):
+def test_mixup_with_an_odd_batch_is_a_config_error(upfront):
     """Batch 1 (crashed inside Mixup) and batch 7 (silently dropped an image per step) with Mixup/CutMix."""
     check_upfront(upfront, 'mixup-batch-1', 'mixup-odd')
 
 
-def test_row6_swin_keys_with_a_pvt_type_are_an_error(upfront):
+def test_swin_keys_with_a_pvt_type_are_an_error(upfront):
     """MODEL.SWIN.DEPTHS set with a PVT MODEL.TYPE (was silently ignored): named in the error."""
     check_upfront(upfront, 'swin-key-on-pvt')
 
 
-def test_row12_yaml_base_and_resume_errors(upfront):
+def test_yaml_base_and_resume_errors(upfront):
     """The YAML line number is kept; a missing BASE names the BASE entry and its YAML, not --cfg; a
     missing --resume file is reported before any dataset, model or output folder is made."""
     line = check_upfront(upfront, 'yaml-syntax', 'base-missing', 'resume-missing')[1]
     assert '--cfg' not in line, line
 
 
-def test_row4_class_count_advice_is_not_circular(cfg, upfront):
+def test_class_count_advice_is_not_circular(cfg, upfront):
     """Train has 10 classes, val 9 (case 'class-missing', MODEL.NUM_CLASSES 10): following the error's
     advice on MODEL.NUM_CLASSES must never lead back to a value the run already rejected (it was 'use 9'
     for val, then 'use 10' for train). With consistent splits the advice is the real class count."""
@@ -380,7 +380,7 @@ def test_row4_class_count_advice_is_not_circular(cfg, upfront):
             return
         assert advice[0] not in tried, f'circular advice after trying {tried}: {line}'
         tried.append(advice[0])
-        output = os.path.join(os.path.dirname(data), 'row4')
+        output = os.path.join(os.path.dirname(data), 'class-count')
         argv = ['--cfg', cfg, '--data-path', data, '--output', output, '--device', 'cpu',
                 '--opts', 'MODEL.NUM_CLASSES', tried[-1]]
         res = run_cases([(argv, output)])[0]
@@ -391,10 +391,10 @@ def test_row4_class_count_advice_is_not_circular(cfg, upfront):
 @pytest.fixture(scope='module')
 def data_runs(cfg, digits, workdir) -> dict:
     """Four runs in this process (``run_cases``), each on its own copy of the digits:
-    'mixed' (row 5): train 1 epoch at IMG_SIZE 32 with 40, 24 and 48 px images added to train and val;
-    'loops' (row 8): --eval with val/3/again -> . , val/5/up -> .. and a text file in val/6;
-    'deep' (row 10): --eval on a val split saved as 16-bit PNGs (8-bit values x 257);
-    'short' (row 7): Mixup, batch 10, SKIP_BAD_IMAGES, 10 train images of which 9 are unreadable."""
+    'mixed': train 1 epoch at IMG_SIZE 32 with 40, 24 and 48 px images added to train and val;
+    'loops': --eval with val/3/again -> . , val/5/up -> .. and a text file in val/6;
+    'deep': --eval on a val split saved as 16-bit PNGs (8-bit values x 257);
+    'short': Mixup, batch 10, SKIP_BAD_IMAGES, 10 train images of which 9 are unreadable."""
     mixed = copy_digits(digits, str(workdir / 'mixed'))
     rng = np.random.RandomState(0)
     for split in ('train', 'val'):
@@ -427,7 +427,7 @@ def data_runs(cfg, digits, workdir) -> dict:
     return {n: (cases[n][0], res) for n, res in zip(cases, run_cases(argvs))}
 
 
-def test_row5_small_image_path_resizes_mixed_sizes(data_runs):
+def test_small_image_path_resizes_mixed_sizes(data_runs):
     """IMG_SIZE 32 (the small-image path) on folders that also hold 40, 24 and 48 px images: the run
     trains and validates all 23 val images."""
     _, res = data_runs['mixed']
@@ -435,7 +435,7 @@ def test_row5_small_image_path_resizes_mixed_sizes(data_runs):
     assert re.search(r'on the 23 test images', res['stdout']), res['stdout'][-2000:]
 
 
-def test_row7_batch_shortened_by_skipped_images_with_mixup(data_runs):
+def test_batch_shortened_by_skipped_images_with_mixup(data_runs):
     """The one batch of the epoch keeps 1 of its 10 images (9 unreadable, skipped): with Mixup on, the run
     neither crashes nor trains on an empty batch, and the shortening is logged."""
     _, res = data_runs['short']
@@ -443,7 +443,7 @@ def test_row7_batch_shortened_by_skipped_images_with_mixup(data_runs):
     assert 'batch shortened to 1 of 10 images (9 unreadable skipped)' in res['stdout']
 
 
-def test_row8_symlink_loop_is_followed_once(data_runs):
+def test_symlink_loop_is_followed_once(data_runs):
     """val/3 holds a link to itself and val/5 a link to its parent: every image is listed once, and
     the scan says what it skipped (and shows its progress)."""
     data, res = data_runs['loops']
@@ -457,7 +457,7 @@ def test_row8_symlink_loop_is_followed_once(data_runs):
     assert re.search(rf'scanning {re.escape(val_dir)}: 5/10 classes', out)   # scan progress
 
 
-def test_row10_16bit_and_float_images_are_scaled_not_clipped(data_runs, workdir):
+def test_16bit_and_float_images_are_scaled_not_clipped(data_runs, workdir):
     """16-bit PNGs and float TIFFs load with the right 8-bit scaling (compared with numpy), and a run on
     a folder of 16-bit images warns once; a float image outside [0, 1] is refused naming the file."""
     from data.cached_image_folder import load_image
@@ -508,7 +508,7 @@ def after_run(finished_run, cfg, digits, workdir) -> dict:
     return {n: (*folders[n], res) for n, res in zip(cases, results)}
 
 
-def test_row9_eval_leaves_the_training_run_files_alone(after_run):
+def test_eval_leaves_the_training_run_files_alone(after_run):
     """--eval --resume <run>/ckpt with the run's own --output/--tag: the run's config.yaml, log, metrics and
     checkpoints are byte-identical afterwards; the evaluation's files are in the eval/ sub-folder."""
     folder, before, res = after_run['eval']
@@ -519,7 +519,7 @@ def test_row9_eval_leaves_the_training_run_files_alone(after_run):
     assert 'Accuracy of the network' in open(os.path.join(folder, 'eval', 'log_rank0.txt')).read()
 
 
-def test_row12_auto_resume_into_another_models_run_says_so(after_run):
+def test_auto_resume_into_another_models_run_says_so(after_run):
     """Auto-resume finds a checkpoint of another model size in the output folder: the error says that the
     folder holds another run and how to start this one (own --output/--tag or TRAIN.AUTO_RESUME False)."""
     folder, before, res = after_run['changed']
