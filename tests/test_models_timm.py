@@ -449,3 +449,27 @@ def test_models_import_no_experiment_modules():
             else:
                 continue
             assert not set(names) & banned, f'{os.path.basename(path)} imports {names}'
+
+
+# ----------------------------------------------------------------------------- plain torch.fx
+PLAIN_FX = {   # the tiny variant of every family, shrunk (64 px, one block a stage where the family allows)
+    'flatten_swin_t': dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4),
+    'flatten_pvt_t': dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1)),
+    'flatten_pvt_v2_b0': dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1)),
+    'flatten_cswin_t': dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), la_split=(16, 8, 4, 2),
+                            softmax_split=(1, 2, 2, 2)),
+}
+
+
+@pytest.mark.parametrize('name', list(PLAIN_FX))
+def test_plain_fx_symbolic_trace_of_focused_linear_models(name):
+    """``torch.fx.symbolic_trace`` without timm's leaf list traces through the focused linear attention (its
+    reference formulas, no autocast region on a traced device): the GraphModule matches eager (the fast path)
+    to float rounding, and the focused kernel's operators are in the graph."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=64, num_classes=5, **PLAIN_FX[name]).eval()
+    graph_module = torch.fx.symbolic_trace(model)
+    assert any(n.op == 'call_function' and 'softplus' in str(n.target) for n in graph_module.graph.nodes)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(graph_module(x), model(x), rtol=1e-4, atol=1e-5)
