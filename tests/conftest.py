@@ -37,6 +37,18 @@ def make_digits(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def startup_server(tmp_path_factory):
+    """``harness.ForkServer`` that imported torch and timm only: ``startup_server.run(['-m', 'visualize',
+    ...], env)`` is a fresh ``python -m visualize ...`` as far as this repository is concerned (its imports,
+    the environment read at import, the entry point's error handling), without the 5 s of third-party
+    imports per process."""
+    from harness import THIRD_PARTY, ForkServer
+    server = ForkServer(str(tmp_path_factory.mktemp('startup_server')), preload=THIRD_PARTY)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope='session')
 def fork_server(tmp_path_factory):
     """``harness.ForkServer``: ``python main.py`` processes forked from one interpreter that imported the
     entry point once (for tests that signal or kill a training process; ~5 s of start-up saved per process)."""

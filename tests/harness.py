@@ -10,8 +10,10 @@ the run leaves behind (its folder, metrics.jsonl, summary.json, checkpoints, log
 * ``Watched`` is a process whose output is read line by line while it runs (to signal it at a step).
 * ``ForkServer`` forks ``python main.py ARGV`` processes from one interpreter that imported the entry point
   once: real processes (own session, signals, kill -9, exit codes) without the start-up; for the tests that
-  interrupt or kill training processes. Checks about start-up itself (imports, environment read at
-  import, a process exiting with live DataLoader workers) and torchrun use real ``launch``/``Watched``.
+  interrupt or kill training processes. Built with ``preload=THIRD_PARTY`` (torch and timm only) it runs
+  any ``python COMMAND`` whose point is this repository's start-up (imports, environment read at import,
+  an entry point's one-line errors): the ``startup_server`` fixture. A process exiting with live
+  DataLoader workers and torchrun use real ``launch``/``Watched``.
 
 The fixtures built on these (the shared digits folders) are in ``conftest.py``.
 """
@@ -397,18 +399,17 @@ def count_images(root: str) -> Dict[str, int]:
 
 # ----------------------------------------------------------------------------- forked entry-point processes
 _FORK_SERVER = r'''
-import atexit, os, runpy, signal, sys, threading, time
+import atexit, importlib, os, runpy, signal, sys, threading, time
 sys.path.insert(0, os.environ['HARNESS_ROOT'])
-import main, config, data, checkpoint, errors, logger, engine            # what main.main imports, once
-try:
-    import runner  # noqa: F401
-except ImportError:
-    pass
+for _name in os.environ['HARNESS_PRELOAD'].split(','):       # imported once, before any fork
+    importlib.import_module(_name)
+ROOT_PATH = list(sys.path)
 
 
-def child(argv, env, out, err):
-    """Become ``python main.py ARGV`` with ENV, stdout to OUT and stderr to ERR (or OUT): own session, fresh
-    stdio objects, main.py run as __main__."""
+def child(argv, env, out, err, command=None, cwd=None):
+    """Become ``python main.py ARGV`` (or ``python COMMAND...``: a script path or ``-m module`` and its
+    arguments) with ENV (its PYTHONPATH put on sys.path) in CWD, stdout to OUT and stderr to ERR (or OUT):
+    own session, fresh stdio objects, the script or module run as __main__."""
     os.setsid()
     for target, path in ((1, out), (2, err or out)):
         fd = os.open(path, os.O_WRONLY)
@@ -416,12 +417,22 @@ def child(argv, env, out, err):
         os.close(fd)
     os.environ.clear()
     os.environ.update(env)
+    if cwd:
+        os.chdir(cwd)
+    sys.path[:] = [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p] + ROOT_PATH
     sys.stdout = open(1, 'w', buffering=1, closefd=False)
     sys.stderr = open(2, 'w', buffering=1, closefd=False)
-    sys.argv = [os.path.join(os.environ['HARNESS_ROOT'], 'main.py'), *argv]
+    command = command or [os.path.join(os.environ['HARNESS_ROOT'], 'main.py'), *argv]
+    module = command[1] if command[0] == '-m' else None
+    sys.argv = [module, *command[2:]] if module else list(command)
     code = 0
     try:
-        runpy.run_path(sys.argv[0], run_name='__main__')
+        if module:
+            sys.path.insert(0, os.getcwd())                                       # as python -m does
+            runpy.run_module(module, run_name='__main__', alter_sys=True)
+        else:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))   # as python does for a script
+            runpy.run_path(sys.argv[0], run_name='__main__')
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, int) and e.code is not None:
@@ -463,7 +474,7 @@ while True:
         req = json.loads(line)
         pid = os.fork()
         if pid == 0:
-            child(req['argv'], req['env'], req['out'], req['err'])
+            child(req['argv'], req['env'], req['out'], req['err'], req.get('command'), req.get('cwd'))
         os.write(1, f'PID {pid}\n'.encode())
 '''
 
@@ -498,18 +509,26 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
-class ForkServer:
-    """One interpreter that imports the entry point's modules once and forks a ``python main.py ARGV`` process
-    per run (~5 s of start-up each saved). The children are real processes, each in its own session: they are
-    signalled, killed (-9), stopped and their process groups signalled exactly like a ``python main.py``
-    started by Popen; main.py itself runs as ``__main__`` in each (argv, environment and exit code its own).
-    For checks about start-up itself (imports, environment read at import) use ``launch``."""
+MAIN_MODULES = ('main', 'config', 'data', 'checkpoint', 'errors', 'logger', 'engine', 'runner')
+THIRD_PARTY = ('torch', 'timm')
 
-    def __init__(self, workdir: str) -> None:
+
+class ForkServer:
+    """One interpreter that imports ``preload`` once and forks a ``python main.py ARGV`` process per run (~5 s
+    of start-up each saved). The children are real processes, each in its own session: they are signalled,
+    killed (-9), stopped and their process groups signalled exactly like a ``python main.py`` started by
+    Popen; main.py itself runs as ``__main__`` in each (argv, environment and exit code its own).
+
+    ``preload``: by default what main.main imports. With ``THIRD_PARTY`` (torch and timm only) the children
+    import this repository themselves, so they check start-up (the environment read when ``models`` is
+    imported, an entry point's own error handling): ``run(command)`` runs any ``python COMMAND...`` that way.
+    Checks about the interpreter itself (a process exiting with live workers, torchrun) use ``launch``."""
+
+    def __init__(self, workdir: str, preload: Sequence[str] = MAIN_MODULES) -> None:
         self.workdir = workdir
         self.proc = subprocess.Popen([sys.executable, '-c', _FORK_SERVER], cwd=ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=subprocess_env({'HARNESS_ROOT': ROOT}),
-                                     start_new_session=True)
+                                     stdout=subprocess.PIPE, start_new_session=True,
+                                     env=subprocess_env({'HARNESS_ROOT': ROOT, 'HARNESS_PRELOAD': ','.join(preload)}))
         self.exits: Dict[int, int] = {}
         self.changed = threading.Condition()
         self._pids: queue.Queue = queue.Queue()
@@ -531,7 +550,31 @@ class ForkServer:
                     self.changed.notify_all()
         self._pids.put('ended')                     # the server is gone (its traceback is on stderr)
 
-    def spawn(self, argv: Sequence[str], env: Optional[dict] = None, separate_stderr: bool = False
+    def run(self, command: Sequence[str], env: Optional[dict] = None, cwd: str = ROOT,
+            timeout: float = RUN_TIMEOUT) -> Run:
+        """``python COMMAND...`` (a script path or ``-m module``, then its arguments) forked with
+        ``subprocess_env(env)`` in ``cwd``, to its end: exit code, stdout, stderr."""
+        proc, out, err = self.spawn((), env, separate_stderr=True, command=command, cwd=cwd)
+        texts: Dict[str, str] = {}
+
+        def drain(key: str, path: str) -> None:
+            with open(path) as f:
+                texts[key] = f.read()
+        readers = [threading.Thread(target=drain, args=kv, daemon=True) for kv in (('out', out), ('err', err))]
+        for t in readers:
+            t.start()
+        try:
+            code = proc.wait(timeout)
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        for t in readers:
+            t.join(10)
+        return Run(code, texts.get('out', ''), texts.get('err', ''))
+
+    def spawn(self, argv: Sequence[str], env: Optional[dict] = None, separate_stderr: bool = False,
+              command: Optional[Sequence[str]] = None, cwd: Optional[str] = None
               ) -> Tuple[ForkedProcess, str, Optional[str]]:
         """Fork ``python main.py ARGV`` with ``subprocess_env(env)``; returns it and the FIFOs its stdout and
         stderr go to (one FIFO, both merged, unless ``separate_stderr``). Open them for reading: the child
@@ -545,7 +588,8 @@ class ForkServer:
                     os.mkfifo(fifo)
             full_env = subprocess_env(env)
             full_env['HARNESS_ROOT'] = ROOT
-            request = {'argv': list(argv), 'env': full_env, 'out': out, 'err': err}
+            request = {'argv': list(argv), 'env': full_env, 'out': out, 'err': err,
+                       'command': None if command is None else list(command), 'cwd': cwd}
             self.proc.stdin.write((json.dumps(request) + '\n').encode())
             self.proc.stdin.flush()
             pid = self._pids.get(timeout=RUN_TIMEOUT)

@@ -6,8 +6,6 @@ that the whole file takes tens of seconds: the block types and code paths are th
 sizes of the unshrunk tiny variants: ``python tools/export.py <name> --check`` (README).
 """
 import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -156,9 +154,9 @@ def test_export_tool_bad_input_is_one_line(args, message, capsys):
     assert len(lines) == 1 and message in lines[0], lines
 
 
-def test_export_tool_command_line():
-    """The script itself: exit status 2 and one line on stderr for a bad name."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'export.py'), 'no_such_model'],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 2 and result.stderr.strip().count('\n') == 0, result.stderr
-    assert "unknown model 'no_such_model'" in result.stderr
+def test_export_tool_command_line(startup_server):
+    """The script itself (a fresh start past torch and timm): exit status 2 and one line on stderr for a bad
+    name."""
+    result = startup_server.run([os.path.join(ROOT, 'tools', 'export.py'), 'no_such_model'], cwd=ROOT)
+    assert result.code == 2 and result.err.strip().count('\n') == 0, result.err
+    assert "unknown model 'no_such_model'" in result.err

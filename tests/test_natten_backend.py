@@ -201,22 +201,20 @@ def test_implementation_choice_reads_and_checks_its_environment_variable(monkeyp
     ({'DAT_NEIGHBORHOOD_IMPL': 'natten'}, 'natten 0.21.7 has no relative position bias'),
     ({'FLATTEN_ATTENTION_IMPL': 'bogus'}, "FLATTEN_ATTENTION_IMPL='bogus' is unknown; use one of reference, fast"),
 ])
-def test_bad_implementation_choice_is_one_error_line_from_main(tmp_path, env, expect):
+def test_bad_implementation_choice_is_one_error_line_from_main(tmp_path, env, expect, startup_server):
     """main.py with an unusable implementation chosen by environment variable: exit 2, one ERROR line, no
-    output folder. A stand-in natten 0.21 (no bias) shadows any installed natten."""
+    output folder. A stand-in natten 0.21 (no bias) shadows any installed natten. A fresh start of main.py
+    (forked past the torch and timm imports)."""
     import os
-    import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     fake = tmp_path / 'site' / 'natten'
     fake.mkdir(parents=True)
     (fake / '__init__.py').write_text("__version__ = '0.21.7'\n")
     (fake / 'functional.py').write_text('def na2d(query, key, value, kernel_size, dilation=1):\n    pass\n')
-    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / 'site'), root]), **env)
     out = tmp_path / 'out'
-    res = subprocess.run([sys.executable, os.path.join(root, 'main.py'), '--cfg',
-                          os.path.join(root, 'cfgs', 'demo', 'dat_digits.yaml'), '--data-path', str(tmp_path),
-                          '--output', str(out), '--device', 'cpu'],
-                         cwd=root, env=full_env, capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith('ERROR: '), res.stderr[-2000:]
+    res = startup_server.run([os.path.join(root, 'main.py'), '--cfg', os.path.join(root, 'cfgs', 'demo', 'dat_digits.yaml'),
+                              '--data-path', str(tmp_path), '--output', str(out), '--device', 'cpu'],
+                             dict(env, PYTHONPATH=os.pathsep.join([str(tmp_path / 'site'), root])), cwd=root)
+    lines = [ln for ln in res.err.splitlines() if ln.strip()]
+    assert res.code == 2 and len(lines) == 1 and lines[0].startswith('ERROR: '), res.err[-2000:]
     assert expect in lines[0] and not out.exists()

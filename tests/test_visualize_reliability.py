@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -145,13 +143,13 @@ def test_overlay_smaller_than_the_token_grid(photo, tmp_path):
         assert im.size == (4, 4)
 
 
-def test_exit_status_and_one_line_from_the_command_line(tmp_path):
-    """``python -m visualize`` itself: exit status 2 and one stderr line for a bad --cmap."""
-    proc = subprocess.run([sys.executable, '-m', 'visualize', '--cfg', SWIN, '--image', 'x.png', '--cmap', 'nope',
-                           '--output', str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS='1'))
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and "'nope'" in lines[0], proc.stderr[-2000:]
+def test_exit_status_and_one_line_from_the_command_line(tmp_path, startup_server):
+    """``python -m visualize`` itself (a fresh start past torch and timm): exit status 2 and one stderr line
+    for a bad --cmap."""
+    proc = startup_server.run(['-m', 'visualize', '--cfg', SWIN, '--image', 'x.png', '--cmap', 'nope',
+                               '--output', str(tmp_path)], cwd=ROOT)
+    lines = [ln for ln in proc.err.splitlines() if ln.strip()]
+    assert proc.code == 2 and len(lines) == 1 and "'nope'" in lines[0], proc.err[-2000:]
 
 
 # ----------------------------------------------------------------------------- drawn blocks
