@@ -46,7 +46,8 @@ if [ -z "${GPU_BENCH_DRY_RUN:-}" ]; then
 fi
 
 # correctness on the GPU first: every test marked gpu (Triton kernels compiled for real, nccl, float16)
-step cuda_tests python -m pytest -q -m gpu "${collect[@]}" tests/
+gpu_files=$(grep -l 'mark\.gpu' tests/*.py)                     # the files that hold gpu-marked tests
+step cuda_tests python -m pytest -q -m gpu "${collect[@]}" $gpu_files
 
 bench=(python tools/benchmark.py "${device[@]}" --dtype bfloat16 --batch 128 --warmup 3 --repeats 10)
 if [ -n "$official" ]; then
