@@ -424,10 +424,13 @@ def child(argv, env, out, err, command=None, cwd=None):
     sys.stderr = open(2, 'w', buffering=1, closefd=False)
     command = command or [os.path.join(os.environ['HARNESS_ROOT'], 'main.py'), *argv]
     module = command[1] if command[0] == '-m' else None
-    sys.argv = [module, *command[2:]] if module else list(command)
+    sys.argv = [module, *command[2:]] if module else ['-c', *command[2:]] if command[0] == '-c' else list(command)
     code = 0
     try:
-        if module:
+        if command[0] == '-c':
+            sys.path.insert(0, '')                                                # as python -c does
+            exec(compile(command[1], '<string>', 'exec'), {'__name__': '__main__'})
+        elif module:
             sys.path.insert(0, os.getcwd())                                       # as python -m does
             runpy.run_module(module, run_name='__main__', alter_sys=True)
         else:
@@ -552,7 +555,7 @@ class ForkServer:
 
     def run(self, command: Sequence[str], env: Optional[dict] = None, cwd: str = ROOT,
             timeout: float = RUN_TIMEOUT) -> Run:
-        """``python COMMAND...`` (a script path or ``-m module``, then its arguments) forked with
+        """``python COMMAND...`` (a script path, ``-m module`` or ``-c code``, then its arguments) forked with
         ``subprocess_env(env)`` in ``cwd``, to its end: exit code, stdout, stderr."""
         proc, out, err = self.spawn((), env, separate_stderr=True, command=command, cwd=cwd)
         texts: Dict[str, str] = {}

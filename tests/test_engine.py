@@ -592,7 +592,7 @@ def test_dead_peer_is_one_error_line(digits, tmp_path, capsys, monkeypatch):
         entry.main(args(digits, str(tmp_path / 'b')))
 
 
-def test_randaugment_posterize_patch_is_explicit():
+def test_randaugment_posterize_patch_is_explicit(startup_server):
     """Importing the data package leaves timm's op table alone; ``patch_randaugment_posterize`` (called
     by runner.run) makes RandAugment 'inc1' at its top magnitude (0 bits of posterize, which Pillow >= 12
     rejects) give a black image, as older Pillow did."""
@@ -603,9 +603,9 @@ def test_randaugment_posterize_patch_is_explicit():
             "op = aa.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10);"
             "img = Image.new('RGB', (8, 8), (200, 120, 40)); out = op(img);"
             "print(int(np.asarray(out).max()), out.size)")
-    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split('\n')[:3] == ['True', 'True False', '0 (8, 8)']
+    proc = startup_server.run(['-c', code], cwd=ROOT)          # a fresh import of data (timm already loaded)
+    assert proc.code == 0, proc.err[-2000:]
+    assert proc.out.split('\n')[:3] == ['True', 'True False', '0 (8, 8)']
 
 
 def test_default_model_type_is_registered_and_dead_keys_are_gone():
