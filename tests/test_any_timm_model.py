@@ -54,7 +54,7 @@ SAVE_FREQ: 100
 
 SWIN_KWARGS = ['MODEL.KWARGS', '{embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 4, 8], window_size: 4}']
 BASELINES = {
-    'resnet18': ['TRAIN.BASE_LR', '4e-3'],          # a BatchNorm convnet from scratch: twice the recipe's lr
+    'resnet18': ['TRAIN.BASE_LR', '4e-3', 'TRAIN.EPOCHS', '4'],   # BatchNorm from scratch: 2x lr, 4 epochs
     'convnext_atto': [],
     'swin_tiny_patch4_window7_224': SWIN_KWARGS,
 }
@@ -81,7 +81,7 @@ def eval_resume(cfg: str, data: str, out: str, checkpoint: str, *opts: str):
 @pytest.mark.parametrize('model_type', sorted(BASELINES))
 def test_stock_timm_model_trains_and_reevaluates(model_type, digits, tmp_path):
     opts = ['MODEL.TYPE', model_type, *BASELINES[model_type]]
-    cfg = recipe(tmp_path, 'baseline')
+    cfg = recipe(tmp_path, 'baseline', epochs=2)
     run = train(cfg, digits, str(tmp_path / 'out'), *opts)
     assert type(run.result.model).__module__.startswith('timm.models.'), type(run.result.model)
     best = run.summary['best']['acc1']
