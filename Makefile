@@ -11,10 +11,11 @@ install-dense:
 	$(PY) -m pip install -q -r requirements-dense.txt
 
 # The test command of the README and of .ci/run: two pytest-xdist workers (the cores of CI), one torch
-# thread each (tests/conftest.py); TEST_WORKERS=0 runs in this one process.
+# thread each (tests/conftest.py), the multi-rank tests all on one worker (harness.MULTI_RANK);
+# TEST_WORKERS=0 runs in this one process.
 TEST_WORKERS ?= 2
 test: install install-dense
-	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadgroup
 
 # The main job on the embedded real dataset: write digits folders, train, evaluate, re-evaluate the checkpoint.
 demo: install

@@ -34,11 +34,15 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CFG = os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml')
 RUN_TIMEOUT = 180                        # any single tiny subprocess run; a hang fails, never blocks CI
+# Tests that run several training processes at once (torchrun, ranks): one pytest-xdist worker runs them all
+# (``make test`` uses --dist loadgroup), so two multi-rank jobs never share the two cores.
+MULTI_RANK = pytest.mark.xdist_group('multi_rank')
 
 
 # ----------------------------------------------------------------------------- what a run leaves behind

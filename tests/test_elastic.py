@@ -18,9 +18,9 @@ from typing import Dict, List
 import pytest
 import torch
 
-from harness import ROOT, checkpoint_names, kill_tree, launch, main_cmd, run_folder, subprocess_env
+from harness import MULTI_RANK, ROOT, checkpoint_names, kill_tree, launch, main_cmd, run_folder, subprocess_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, MULTI_RANK]
 
 CFG = os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml')
 NAME = 'flatten_swin_digits'

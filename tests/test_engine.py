@@ -27,7 +27,7 @@ import main as entry
 import runner
 from config import get_config, load_config
 from models import build_model
-from harness import count_images, free_port, read_records, run_main
+from harness import MULTI_RANK, count_images, free_port, read_records, run_main
 from utils import PREEMPTED_EXIT_CODE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,6 +235,7 @@ def test_preemption_mid_epoch_then_resume(baseline, digits, tmp_path, monkeypatc
 
 
 # ----------------------------------------------------------------------------- distributed
+@MULTI_RANK
 def test_torchrun_two_ranks_train_and_exact_validation(digits, tmp_path):
     """2-process gloo training; its final 2-rank validation (shards of 50 and 49 images) equals the
     single-process evaluation of the saved weights and the hand-written reference."""
@@ -642,6 +643,7 @@ def test_channels_last_model_and_images():
     assert torch.allclose(model(images), model(images.contiguous()), atol=1e-5)
 
 
+@MULTI_RANK
 @pytest.mark.slow
 def test_dead_peer_real_two_ranks(digits, tmp_path, fork_server):
     """Two gloo ranks started with torchrun's environment (no agent; ``python main.py`` processes forked

@@ -33,7 +33,7 @@ import pytest
 import torch
 
 import checkpoint as C
-from harness import Run, Watched, free_port, main_cmd, run_folder, run_main, train_args
+from harness import MULTI_RANK, Run, Watched, free_port, main_cmd, run_folder, run_main, train_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_NAME = 'tiny_faults'
@@ -385,6 +385,7 @@ def test_hostile_resume_file_is_refused(cfg, digits, workdir):
 
 
 # ----------------------------------------------------------------------------- distributed
+@MULTI_RANK
 @pytest.mark.parametrize('fault', ['kill', 'stall'])
 def test_dead_or_stalled_rank_does_not_hang_the_other(cfg, digits, workdir, fork_server, fault):
     """Two gloo ranks, launched with the environment torchrun gives its workers (RANK, WORLD_SIZE,
@@ -436,6 +437,7 @@ def _cmdline(pid: int) -> bytes:
         return b''
 
 
+@MULTI_RANK
 @pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='needs /proc to find the torchrun workers')
 def test_torchrun_worker_killed_ends_the_job(cfg, digits, workdir):
     """The same through torchrun itself: one worker is killed -9; torchrun, the surviving worker and

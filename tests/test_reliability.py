@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import Run, count_images, launch, run_folder, run_main
+from harness import MULTI_RANK, Run, count_images, launch, run_folder, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_NAME = 'tiny_rel'
@@ -187,6 +187,7 @@ def test_unexpected_error_with_live_workers_exits_promptly(cfg, digits, workdir,
     assert time.time() - start < HANG_LIMIT
 
 
+@MULTI_RANK
 def test_unexpected_error_on_one_rank_ends_the_torchrun_job(cfg, digits, workdir, launcher):
     """The same on rank 1 of a 2-rank torchrun job (DIST_TIMEOUT left at its 600 s default): torchrun and
     both ranks end well within HANG_LIMIT, the job reports the failure."""
@@ -244,6 +245,7 @@ def ema_2rank(digits, workdir, launcher):
     return r, run_dir(output, tag), str(record)
 
 
+@MULTI_RANK
 def test_model_with_unused_parameters_trains_under_ddp(ema_2rank):
     """PVT-v1 declares its unused parameters; DDP is set up for them without --find-unused-params."""
     r, folder, _ = ema_2rank
@@ -251,6 +253,7 @@ def test_model_with_unused_parameters_trains_under_ddp(ema_2rank):
     assert os.path.isfile(os.path.join(folder, 'ckpt_epoch_1.pth'))
 
 
+@MULTI_RANK
 def test_one_ema_on_all_ranks(ema_2rank):
     """After the run (2 steps per rank, EMA decay 0.5, so the EMA's starting point still weighs 1/4) the
     EMA weights of rank 0 and rank 1 are bit-identical (sha1 of the state), and the EMA saved in the last
@@ -270,6 +273,7 @@ def test_one_ema_on_all_ranks(ema_2rank):
     assert h.hexdigest() == sums[1][-1]
 
 
+@MULTI_RANK
 def test_console_is_quiet_on_two_ranks(ema_2rank):
     """Each distinct warning is printed once per run (by rank 0), the model appears on the console as a
     parameter/FLOPs summary, and its full repr only in the log file."""
