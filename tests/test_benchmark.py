@@ -61,7 +61,8 @@ def test_timm_spec_passes_keyword_arguments():
 def test_bad_reference_dir_is_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(['--reference', str(tmp_path / 'missing')])
-    assert 'not a directory; pass the official checkout (e.g. LeapLabTHU/FLatten-Transformer)' in capsys.readouterr().err
+    assert ('not a directory; pass the official checkout (e.g. LeapLabTHU/FLatten-Transformer)'
+            in capsys.readouterr().err)
 
 
 TINY = '''

@@ -212,7 +212,8 @@ def test_bad_implementation_choice_is_one_error_line_from_main(tmp_path, env, ex
     (fake / '__init__.py').write_text("__version__ = '0.21.7'\n")
     (fake / 'functional.py').write_text('def na2d(query, key, value, kernel_size, dilation=1):\n    pass\n')
     out = tmp_path / 'out'
-    res = startup_server.run([os.path.join(root, 'main.py'), '--cfg', os.path.join(root, 'cfgs', 'demo', 'dat_digits.yaml'),
+    cfg = os.path.join(root, 'cfgs', 'demo', 'dat_digits.yaml')
+    res = startup_server.run([os.path.join(root, 'main.py'), '--cfg', cfg,
                               '--data-path', str(tmp_path), '--output', str(out), '--device', 'cpu'],
                              dict(env, PYTHONPATH=os.pathsep.join([str(tmp_path / 'site'), root])), cwd=root)
     lines = [ln for ln in res.err.splitlines() if ln.strip()]

@@ -21,9 +21,10 @@ training step as 3x the forward, and is compared with the device's dense peak wh
 
 ``--reference DIR`` imports the official code from a user's checkout of an official repository in the
 Swin-Transformer codebase layout (``config.py`` with ``_C``, ``models.build_model``, ``cfgs/<same name>.yaml``;
-e.g. LeapLabTHU/FLatten-Transformer) in a subprocess (never copied here), loads OUR random weights into it (strict), and alternates rounds:
-ours, official, ours, ... Each round is one full measure (warm-up + repeats) on each side; the table gives
-the median over rounds and the ratio ours/official (images/s; > 1 means ours is faster).
+e.g. LeapLabTHU/FLatten-Transformer) in a subprocess (never copied here), loads OUR random weights into it
+(strict), and alternates rounds: ours, official, ours, ... Each round is one full measure (warm-up +
+repeats) on each side; the table gives the median over rounds and the ratio ours/official (images/s;
+> 1 means ours is faster).
 
 Numbers depend on the machine and its load: the JSON records device, torch version, thread count, load
 average, date and git commit. Speed targets live in BENCHMARKS.md, never in tests.
@@ -631,8 +632,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     p.add_argument('--no-flops', dest='flops', action='store_false', help='skip the fvcore FLOP count')
-    p.add_argument('--reference', metavar='DIR', help='official checkout in the Swin-Transformer codebase layout to compare with '
-                                                        '(e.g. LeapLabTHU/FLatten-Transformer)')
+    p.add_argument('--reference', metavar='DIR',
+                   help='official checkout in the Swin-Transformer codebase layout to compare with '
+                        '(e.g. LeapLabTHU/FLatten-Transformer)')
     p.add_argument('--rounds', type=int, default=5, help='alternating rounds with --reference or --alternate')
     p.add_argument('--alternate', action='store_true',
                    help='measure all --cfgs in turn in each of --rounds rounds (comparisons on a noisy machine)')

@@ -65,7 +65,7 @@ step triton "${bench[@]}" --cfgs cfgs/flatten_swin_t.yaml --attention-impl trito
 step sweep python tools/benchmark.py "${device[@]}" --dtype bfloat16 --batch 32 --warmup 3 --repeats 10 \
     --sweep-resolution --cfgs cfgs/flatten_pvt_v2_b0.yaml 'timm:pvt_v2_b0,sr_ratios=(1,1,1,1)' \
     --json "$out/sweep.json"
-step op_neighborhood python tools/benchmark.py "${device[@]}" --op neighborhood_attention --batch 32 --warmup 3 --repeats 10 \
-    --json "$out/neighborhood.json"
+step op_neighborhood python tools/benchmark.py "${device[@]}" --op neighborhood_attention --batch 32 --warmup 3 \
+    --repeats 10 --json "$out/neighborhood.json"
 echo "=== done, $failed step(s) failed; results in $out" | tee -a "$log"
 exit "$failed"
