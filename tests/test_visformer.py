@@ -127,6 +127,7 @@ def test_shift_follows_the_network_wide_block_index():
 
 
 def test_gradients_reach_every_parameter_and_features():
+    torch.manual_seed(0)            # drop path may drop a branch for both samples: no gradient there
     model = timm.create_model('swin_visformer_tiny_v2', drop_path_rate=0.1, **SMALL_V2).train()
     assert any(b.shift for b in model.stage2)
     model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
