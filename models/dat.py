@@ -27,7 +27,6 @@ from ``img_size`` (the *table* resolution: dat_base_384 keeps 224 tables and run
 DropPath serves both residuals of a block; the effective init is PyTorch's default (the official
 ``reset_parameters`` never matches a module).
 """
-from __future__ import annotations
 
 import inspect
 import math
@@ -45,7 +44,7 @@ from timm.models._features import feature_take_indices
 from errors import ConfigError
 
 from .build import ConfigSection, ModelSpec, config_section, register_config_adapter
-from .focused_attention import AttentionTap
+from .focused_attention import AttentionTap, AttentionTap3
 from .checkpoint_fit import fit_state_dict
 from ._builder import build_backbone
 from .layers import (LinearHeadMixin, WindowAttention, shifted_window_mask, window_partition,
@@ -158,7 +157,7 @@ class NeighborhoodAttention(nn.Module):
         if H0 < k or W0 < k:
             x = F.pad(x, (0, 0, 0, max(0, k - W0), 0, max(0, k - H0)))
         H, W = x.shape[1:3]
-        q, key, v = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
+        q, key, v = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5).unbind(0)
         q = q * self.scale
         if self.tap.hooked() and not torch.jit.is_tracing():   # probabilities are read: explicit path
             attn = self.attn_drop(self.tap(neighborhood_probs(q, key, self.rpb.to(q.dtype), k)))
@@ -174,21 +173,21 @@ class NeighborhoodAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------- 'D'
-def reference_points(Hk: int, Wk: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+def reference_points(Hk: int, Wk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(Hk, Wk, 2) (y, x) key reference points, the official grid: cell centres (i + 0.5) divided by
     (n - 1), mapped to [-1, 1]; the last row/column lies outside [-1, 1] (the clamp pulls it back)."""
     ys = torch.linspace(0.5, Hk - 0.5, Hk, dtype=dtype, device=device) / (Hk - 1.0) * 2.0 - 1.0
     xs = torch.linspace(0.5, Wk - 0.5, Wk, dtype=dtype, device=device) / (Wk - 1.0) * 2.0 - 1.0
     # .to: a no-op in eager; under torch.jit.trace (the TorchScript-based ONNX exporter) the traced size
     # makes (n - 1.0) a float64 tensor, and the grid must stay in ``dtype``
-    return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1).to(dtype)
+    return torch.stack(torch.meshgrid([ys, xs], indexing='ij'), dim=-1).to(dtype)
 
 
-def query_grid(H: int, W: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+def query_grid(H: int, W: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(H, W, 2) (y, x) query pixel centres in align-corners coordinates: index / (n - 1) * 2 - 1."""
     ys = torch.arange(H, dtype=dtype, device=device) / (H - 1.0) * 2.0 - 1.0
     xs = torch.arange(W, dtype=dtype, device=device) / (W - 1.0) * 2.0 - 1.0
-    return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1).to(dtype)     # .to: see reference_points
+    return torch.stack(torch.meshgrid([ys, xs], indexing='ij'), dim=-1).to(dtype)     # .to: see reference_points
 
 
 @register_notrace_module    # one fx node (timm's tracer): sampling positions and key grid depend on the map size
@@ -240,7 +239,7 @@ class DeformableAttention(nn.Module):
             trunc_normal_(self.rpe_table, std=.01)
         else:
             self.rpe_table = None
-        self.tap = AttentionTap()
+        self.tap = AttentionTap3()
 
     def sample_positions(self, q: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sampling positions and reference points, each (B*g, Hk, Wk, 2) (y, x) in [-1, 1] coordinates;
@@ -283,11 +282,12 @@ class DeformableAttention(nn.Module):
         k = self.proj_k(sampled).reshape(B * heads, d, n)
         v = self.proj_v(sampled).reshape(B * heads, d, n)
         attn = torch.einsum('b c m, b c n -> b m n', q, k) * self.scale              # (B*heads, HW, n)
-        if self.rpe_table is not None:
+        rpe_table = self.rpe_table        # a local: TorchScript refines an Optional local, not an attribute
+        if rpe_table is not None:
             displacement = (query_grid(H, W, x.dtype, x.device).reshape(1, H * W, 1, 2)
                             - pos.reshape(B * g, 1, n, 2)) * 0.5                      # (Bg, HW, n, 2) in [-1, 1]
-            table = self.rpe_table.to(x.dtype)[None].expand(B, -1, -1, -1)
-            table = table.reshape(B * g, self.group_heads, *self.rpe_table.shape[-2:])
+            table = rpe_table.to(x.dtype)[None].expand(B, -1, -1, -1)
+            table = table.reshape(B * g, self.group_heads, rpe_table.shape[-2], rpe_table.shape[-1])
             bias = F.grid_sample(table, displacement.flip(-1), mode='bilinear', align_corners=True)
             attn = attn + bias.reshape(B * heads, H * W, n)
         attn = attn.softmax(dim=2)
@@ -310,7 +310,7 @@ def check_window_map(x: torch.Tensor, window: int, fmap_size: Optional[Tuple[int
     H, W = x.shape[-2:]
     if H % window or W % window:
         raise ValueError(f'window_sizes={window} must divide the {H}x{W} map of a window block')
-    if fmap_size is not None and (H, W) != tuple(fmap_size):
+    if fmap_size is not None and (H != fmap_size[0] or W != fmap_size[1]):
         raise ValueError(f"an 'S' block's mask is built for a {fmap_size} map (from img_size) but got "
                          f"{H}x{W}; set img_size to the input size")
     return x
@@ -344,7 +344,8 @@ class DatWindowAttention(WindowAttention):
         y = x.permute(0, 2, 3, 1)
         if self.shift:
             y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        y = window_reverse(super().forward(window_partition(y, w), mask=self.attn_mask), w, H, W)
+        windows = self.attend_windows(window_partition(y, w), self.attn_mask)
+        y = window_reverse(windows, w, H, W)
         if self.shift:
             y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
         return y.permute(0, 3, 1, 2)
@@ -398,11 +399,39 @@ class DatStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
+        if torch.jit.is_scripting():
+            return self.scripted_blocks(x)
         for d in range(self.depth):
-            if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
+            if self.grad_checkpointing and x.requires_grad:
                 x = cp.checkpoint(self.block, x, d, use_reentrant=False)
             else:
                 x = self.block(x, d)
+        return x
+
+    # TorchScript indexes a ModuleList only by a literal: ``scripted_blocks`` zips the per-block lists and scans
+    # the per-residual ones (two entries a block) with ``_layer_norm`` / ``_layer_scale``
+    def scripted_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks as TorchScript compiles them: the same maths as :meth:`block`."""
+        for d, (lpu, attn, mlp, drop_path) in enumerate(zip(self.local_perception_units, self.attns, self.mlps,
+                                                              self.drop_path)):
+            if self.use_lpu:
+                x = x + lpu(x)
+            x = x + drop_path(self._layer_scale(attn(self._layer_norm(x, 2 * d)), 2 * d))
+            x = x + drop_path(self._layer_scale(mlp(self._layer_norm(x, 2 * d + 1)), 2 * d + 1))
+        return x
+
+    def _layer_norm(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """``layer_norms[i](x)``."""
+        for j, norm in enumerate(self.layer_norms):
+            if j == i:
+                return norm(x)
+        return x
+
+    def _layer_scale(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """``layer_scales[i](x)``."""
+        for j, scale in enumerate(self.layer_scales):
+            if j == i:
+                return scale(x)
         return x
 
 
@@ -534,15 +563,16 @@ class DAT(LinearHeadMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, dims[-1], H/32, W/32), after ``cls_norm``."""
         x = self.patch_proj(x)
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i < len(self.down_projs):
-                x = self.down_projs[i](x)
-        return self.cls_norm(x)
+        for stage, down_proj in zip(self.stages, self.down_projs):     # zip: TorchScript indexes no ModuleList
+            x = down_proj(stage(x))                                     # by a variable
+        return self.cls_norm(self.stages[-1](x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, C, H, W) features -> logits (see ``LinearHeadMixin.nchw_head``; no dropout before the head)."""
         return self.nchw_head(x, pre_logits)     # no dropout before the head (officially none)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cls_head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

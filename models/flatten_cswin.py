@@ -41,7 +41,6 @@ Differences from the official code (weights stay compatible):
   * The builder honours DATA.IMG_SIZE (positional encodings are sized by the stripes it implies) and
     MODEL.NUM_CLASSES, and a size that does not tile is a ConfigError naming the key to change.
 """
-from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -79,17 +78,17 @@ def stripe_shape(resolution: int, branch: int, split: int) -> Grid:
 def runtime_window(hw: Grid, branch: int, split: int) -> Grid:
     """The window of a branch on an (H, W) map (any size): whole map, or full-height / full-width stripes."""
     if branch == -1:
-        return tuple(hw)
+        return hw[0], hw[1]
     return (hw[0], split) if branch == 0 else (split, hw[1])
 
 
-def to_windows(x: torch.Tensor, hw: Union[int, Grid], window: Grid) -> torch.Tensor:
+def to_windows(x: torch.Tensor, hw: Grid, window: Grid) -> torch.Tensor:
     """(B, H*W, C) row-major tokens -> (B * nW, H_sp * W_sp, C), windows row-major within each image
     (the map is zero-padded on the bottom/right to window multiples, only at dynamic sizes)."""
-    H, W = (hw, hw) if isinstance(hw, int) else hw
+    H, W = hw
     hs, ws = window
     ph, pw = (-H) % hs, (-W) % ws
-    if ph or pw:
+    if ph > 0 or pw > 0:
         x = F.pad(x.reshape(x.shape[0], H, W, -1), (0, 0, 0, pw, 0, ph)).flatten(1, 2)
         H, W = H + ph, W + pw
     # reshape / permute written out (as einops' rearrange would run them): torch.fx traces these, not einops
@@ -97,9 +96,9 @@ def to_windows(x: torch.Tensor, hw: Union[int, Grid], window: Grid) -> torch.Ten
     return x.reshape(-1, hs * ws, x.shape[-1])
 
 
-def from_windows(x: torch.Tensor, hw: Union[int, Grid], window: Grid) -> torch.Tensor:
+def from_windows(x: torch.Tensor, hw: Grid, window: Grid) -> torch.Tensor:
     """Inverse of :func:`to_windows`: (B * nW, H_sp * W_sp, C) -> (B, H*W, C) (padding cropped)."""
-    H, W = (hw, hw) if isinstance(hw, int) else hw
+    H, W = hw
     hs, ws = window
     Hp, Wp = H + (-H) % hs, W + (-W) % ws
     x = x.reshape(-1, Hp // hs, Wp // ws, hs, ws, x.shape[-1]).permute(0, 1, 3, 2, 4, 5)
@@ -108,13 +107,9 @@ def from_windows(x: torch.Tensor, hw: Union[int, Grid], window: Grid) -> torch.T
 
 
 class StripeLePE:
-    """Mixin for both branch kinds: the stripe geometry and the LePE conv ``get_v``."""
-
-    resolution: int
-    branch: int
-    split: int
-    window: Grid
-    get_v: nn.Conv2d
+    """Mixin for both branch kinds: the stripe geometry (``resolution``, ``branch``, ``split``, ``window``)
+    and the LePE conv ``get_v``. (No class annotations: TorchScript takes attribute types from the first
+    annotated class of the MRO only, which would hide FocusedLinearAttentionBase's ``focusing_factor: float``.)"""
 
     def init_stripes(self, resolution: int, branch: int, split: int, get_v: nn.Conv2d) -> None:
         self.resolution, self.branch, self.split = resolution, branch, split
@@ -123,13 +118,13 @@ class StripeLePE:
 
     def geometry(self, hw: Optional[Grid]) -> Tuple[Grid, Grid]:
         """(map grid, window) for this forward: the native ones, or those of an (H, W) map."""
-        if hw is None or tuple(hw) == (self.resolution, self.resolution):
+        if hw is None or (hw[0] == self.resolution and hw[1] == self.resolution):
             return (self.resolution, self.resolution), self.window
-        return tuple(hw), runtime_window(hw, self.branch, self.split)
+        return (hw[0], hw[1]), runtime_window(hw, self.branch, self.split)
 
     def lepe(self, v: torch.Tensor, window: Optional[Grid] = None) -> torch.Tensor:
         """Per-window 3x3 depth-wise conv of v (B', H_sp*W_sp, C) -> same shape."""
-        hs, ws = window or self.window
+        hs, ws = self.window if window is None else window
         maps = v.reshape(-1, hs, ws, v.shape[-1]).permute(0, 3, 1, 2)
         return self.get_v(maps).permute(0, 2, 3, 1).reshape(maps.shape[0], hs * ws, -1)
 
@@ -137,7 +132,7 @@ class StripeLePE:
         """Where each (window, token) of one image sits on the native R x R grid."""
         R = self.resolution
         index = torch.arange(R * R).view(1, R * R, 1)
-        positions = to_windows(index, R, self.window).squeeze(-1)
+        positions = to_windows(index, (R, R), self.window).squeeze(-1)
         return TokenGroups((R, R), positions, self.window)
 
 
@@ -162,9 +157,9 @@ class LePEAttention(StripeLePE, nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
         grid, window = self.geometry(hw)
-        q, k, v = (to_windows(t, grid, window) for t in (q, k, v))
+        q, k, v = to_windows(q, grid, window), to_windows(k, grid, window), to_windows(v, grid, window)
         lepe = self.lepe(v, window)
-        q, k, vh = (split_heads(t, self.num_heads) for t in (q, k, v))
+        q, k, vh = split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
         if not self.tap.hooked():
             out = F.scaled_dot_product_attention(q, k, vh, scale=self.scale,
                                                  dropout_p=self.attn_drop.p if self.training else 0.)
@@ -193,13 +188,14 @@ class FocusedLinearStripeAttention(StripeLePE, FocusedLinearAttentionBase):
     def kv_positional_encoding(self, n: int) -> torch.Tensor:
         if self.kv_grid == self.window:
             return self.positional_encoding
-        return resample_abs_pos_embed(self.positional_encoding, list(self.kv_grid), list(self.window),
+        return resample_abs_pos_embed(self.positional_encoding, [self.kv_grid[0], self.kv_grid[1]],
+                                      [self.window[0], self.window[1]],
                                       num_prefix_tokens=0, antialias=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
         grid, window = self.geometry(hw)
         self.kv_grid = window
-        q, k, v = (to_windows(t, grid, window) for t in (q, k, v))
+        q, k, v = to_windows(q, grid, window), to_windows(k, grid, window), to_windows(v, grid, window)
         out = self.attend(q, k, v, hw=window) + self.lepe(v, window)          # attend includes the dwc branch
         return from_windows(out, grid, window)
 
@@ -240,12 +236,17 @@ class CSWinBlock(nn.Module):
     def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
         B, L, C = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(B, L, 3, C).unbind(2)
-        if len(self.attns) == 1:
-            y = self.attns[0](q, k, v, hw)
-        else:
-            h = C // 2
-            y = torch.cat([self.attns[0](q[..., :h], k[..., :h], v[..., :h], hw),
-                           self.attns[1](q[..., h:], k[..., h:], v[..., h:], hw)], dim=-1)
+        # a loop over the branches: TorchScript compiles both arms of an if, so no attns[1] in one-branch blocks
+        n = len(self.attns)
+        h = C // n
+        ys: List[torch.Tensor] = []
+        for i, attn in enumerate(self.attns):
+            if n == 1:
+                ys.append(attn(q, k, v, hw))
+            else:
+                lo, hi = i * h, (i + 1) * h
+                ys.append(attn(q[..., lo:hi], k[..., lo:hi], v[..., lo:hi], hw))
+        y = ys[0] if n == 1 else torch.cat(ys, dim=-1)
         x = x + self.drop_path(self.proj_drop(self.proj(y)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -270,7 +271,7 @@ class MergeBlock(nn.Module):
         return self.forward_grid(x, hw)[0]
 
     def forward_grid(self, x: torch.Tensor, hw: Optional[Grid] = None) -> Tuple[torch.Tensor, Grid]:
-        x = self.conv(tokens_to_nchw(x, hw or (self.resolution, self.resolution)))
+        x = self.conv(tokens_to_nchw(x, (self.resolution, self.resolution) if hw is None else hw))
         return self.norm(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])), (x.shape[-2], x.shape[-1])
 
 
@@ -379,14 +380,17 @@ class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
                                                                    (r'^stage(\d+)\.(\d+)', None),
                                                                    (r'^norm', (99999,))])
 
-    def _run(self, x: torch.Tensor, stop: int):
-        """Yield (stage index, tokens, grid) for stages 0..stop."""
+    def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
+        """(B, 3, S, S) -> stage-1 tokens (B, S/4 * S/4, C) and their grid."""
         if not self.dynamic_img_size:
             x = check_input_size(x, (self.img_size, self.img_size))
-        conv, _, norm = self.stage1_conv_embed
-        x = conv(x)
+        x = self.stage1_conv_embed[0](x)
         hw = (x.shape[-2], x.shape[-1])
-        x = norm(x.flatten(2).transpose(1, 2))
+        return self.stage1_conv_embed[2](x.flatten(2).transpose(1, 2)), hw
+
+    def _run(self, x: torch.Tensor, stop: int):
+        """Yield (stage index, tokens, grid) for stages 0..stop."""
+        x, hw = self._stem(x)
         for i in range(stop + 1):
             # a fixed-size model sees only its native maps (checked above): no comparison on traced shapes
             native = not self.dynamic_img_size or hw == ((self.img_size // (PATCH_STRIDE * 2 ** i)),) * 2
@@ -397,10 +401,35 @@ class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
             x = run_blocks(getattr(self, f'stage{i + 1}'), x, self.use_checkpoint, *args)
             yield i, x, hw
 
+    def _run_scripted(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
+        """All (kept) stages as TorchScript compiles them: no generator, getattr by name or checkpointing;
+        ``hasattr`` (resolved at compile time) skips stages removed by ``prune_intermediate_layers``.
+        Blocks get the grid only at dynamic sizes (at native sizes both forms compute the same)."""
+        x, hw = self._stem(x)
+        dynamic = self.dynamic_img_size
+        for blk in self.stage1:
+            x = blk(x, hw if dynamic else None)
+        if hasattr(self, 'merge1'):
+            x, hw = self.merge1.forward_grid(x, hw)
+            for blk in self.stage2:
+                x = blk(x, hw if dynamic else None)
+        if hasattr(self, 'merge2'):
+            x, hw = self.merge2.forward_grid(x, hw)
+            for blk in self.stage3:
+                x = blk(x, hw if dynamic else None)
+        if hasattr(self, 'merge3'):
+            x, hw = self.merge3.forward_grid(x, hw)
+            for blk in self.stage4:
+                x = blk(x, hw if dynamic else None)
+        return x, hw
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> normed last-stage map (B, S/32, S/32, C) (``output_fmt`` 'NHWC')."""
-        for _, x, hw in self._run(x, self.num_stages - 1):
-            pass
+        if torch.jit.is_scripting():
+            x, hw = self._run_scripted(x)
+        else:
+            for _, x, hw in self._run(x, self.num_stages - 1):
+                pass
         return tokens_to_nhwc(self.norm(x), hw)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,

@@ -26,10 +26,9 @@ our optional extra exclusions.
 
 The attention modules, the block and the layout checks here are shared with :mod:`models.flatten_pvt_v2`.
 """
-from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Final, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -68,30 +67,35 @@ class SpatialReduction:
     """Mixin for PVT attention: keys and values come from a reduced copy of the tokens (see
     :func:`reduction_modules`)."""
 
+    # TorchScript constants: only the branches for the modules this instance has are compiled
+    linear: Final[bool]
+    reduces: Final[bool]          # linear or sr_ratio > 1
+    linear_pool: Final[int] = LINEAR_POOL
     sr_ratio: int
-    linear: bool
     resolution: Grid
 
     def _set_reduction(self, sr_ratio: int, linear: bool, modules: Dict[str, nn.Module]) -> None:
-        self.sr_ratio, self.linear = sr_ratio, linear
+        self.sr_ratio, self.linear, self.reduces = sr_ratio, linear, linear or sr_ratio > 1
         for name, module in modules.items():
             setattr(self, name, module)
 
     def reduce(self, x: torch.Tensor, hw: Grid) -> torch.Tensor:
         """(B, H*W, C) tokens -> (B, n, C) tokens that keys and values are projected from."""
-        if not self.linear and self.sr_ratio == 1:
+        if not self.reduces:
             return x
         B, _, C = x.shape
-        maps = x.transpose(1, 2).reshape(B, C, *hw)
+        maps = x.transpose(1, 2).reshape(B, C, hw[0], hw[1])
         if self.linear:
             maps = self.pool(maps)
         y = self.norm(self.sr(maps).flatten(2).transpose(1, 2))
-        return self.act(y) if self.linear else y
+        if self.linear:
+            y = self.act(y)
+        return y
 
     def kv_hw(self, hw: Grid) -> Grid:
         """The (h, w) grid of the reduced keys for an (H, W) map."""
         if self.linear:
-            return LINEAR_POOL, LINEAR_POOL
+            return self.linear_pool, self.linear_pool
         return hw[0] // self.sr_ratio, hw[1] // self.sr_ratio
 
 
@@ -126,8 +130,8 @@ class SRAttention(SpatialReduction, nn.Module):
         B, N, C = x.shape
         h = self.num_heads
         q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)                         # (B, h, N, d)
-        kv = self.kv(self.reduce(x, hw or self.resolution))
-        k, v = kv.reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)
+        kv = self.kv(self.reduce(x, hw if hw is not None else self.resolution))
+        k, v = kv.reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
         if not self.tap.hooked():
             x = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, scale=self.scale, dropout_p=self.attn_drop.p if self.training else 0.)
@@ -172,7 +176,7 @@ class FocusedLinearSRAttention(SpatialReduction, FocusedLinearAttentionBase):
 
     def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
         B, N, C = x.shape
-        hw = tuple(hw) if hw is not None else self.resolution
+        hw = hw if hw is not None else self.resolution
         self.kv_grid = self.kv_hw(hw)
         k, v = self.kv(self.reduce(x, hw)).reshape(B, -1, 2, C).unbind(2)   # (B, n, C) each
         if self.kv_grid == hw:          # keys not reduced (static for a fixed size): attend includes the dwc branch
@@ -192,6 +196,8 @@ class PVTBlock(nn.Module):
     grid: ``takes_grid = True``). ``nested_init`` (PVTv2): the init the official PVTv2 applies inside every
     sub-module's constructor, replayed at the same points so that seeded weights match the official ones.
     """
+
+    mlp_takes_grid: Final[bool]     # a TorchScript constant: only the matching mlp call is compiled
 
     def __init__(self, dim: int, resolution: Grid, num_heads: int, attn_type: str, sr_ratio: int,
                  mlp: Callable[[int, int], nn.Module], mlp_ratio: float = 4., qkv_bias: bool = True,
@@ -214,6 +220,7 @@ class PVTBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = mlp(dim, int(dim * mlp_ratio))
+        self.mlp_takes_grid = bool(getattr(self.mlp, 'takes_grid', False))
         if nested_init is not None:
             self.mlp.apply(nested_init)
             self.apply(nested_init)
@@ -221,7 +228,7 @@ class PVTBlock(nn.Module):
     def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), hw))
         y = self.norm2(x)
-        y = self.mlp(y, hw) if getattr(self.mlp, 'takes_grid', False) else self.mlp(y)
+        y = self.mlp(y, hw) if self.mlp_takes_grid else self.mlp(y)
         return x + self.drop_path(y)
 
     def token_groups(self, attn: nn.Module) -> TokenGroups:
@@ -266,7 +273,8 @@ class PyramidClassifier(ClassifierMixin, nn.Module):
 
     num_stages: int = NUM_STAGES
     use_checkpoint: bool
-    feature_info: List[Dict[str, Any]]
+    dynamic_img_size: bool
+    resolutions: List[Grid]
 
     def _stage(self, i: int, x: torch.Tensor, hw: Optional[Grid]) -> Tuple[torch.Tensor, Grid]:
         """Stage i (0-based) on the previous stage's (B, C, H, W) map (or the image) -> tokens, grid."""
@@ -294,10 +302,23 @@ class PyramidClassifier(ClassifierMixin, nn.Module):
             x, hw = self._stage(i, x, hw)
             yield i, x, hw
 
+    def _scripted_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
+        """All stages on the image -> last-stage tokens, grid: the stage loop for TorchScript, which finds
+        modules by literal names only (the official per-stage attribute names are kept)."""
+        raise NotImplementedError
+
+    def _block_grid(self, hw: Grid, i: int) -> Optional[Grid]:
+        """The grid stage i's blocks are given: None at the stage's native map (a fixed-size model sees only
+        those, checked on the input: no comparison on traced shapes), else ``hw``."""
+        return None if not self.dynamic_img_size or hw == self.resolutions[i] else hw
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> last-stage map (B, H/32, W/32, C) (``output_fmt`` 'NHWC')."""
-        for _, x, hw in self._run(x, self.num_stages - 1):
-            pass
+        if torch.jit.is_scripting():
+            x, hw = self._scripted_stages(x)
+        else:
+            for _, x, hw in self._run(x, self.num_stages - 1):
+                pass
         return tokens_to_nhwc(self._final_norm(x), hw)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
@@ -403,17 +424,39 @@ class FLattenPVT(PyramidClassifier):
 
     def _stage(self, i: int, x: torch.Tensor, hw: Optional[Grid]) -> Tuple[torch.Tensor, Grid]:
         x, hw = getattr(self, f'patch_embed{i + 1}').forward_grid(x)
-        pos = getattr(self, f'pos_embed{i + 1}')
-        # a fixed-size model sees only its native maps (checked on the input): no comparison on traced shapes
-        native = not self.dynamic_img_size or hw == self.resolutions[i]
-        if not native:
-            pos = resample_abs_pos_embed(pos, list(hw), list(self.resolutions[i]), num_prefix_tokens=0,
-                                         antialias=False)
-        x = getattr(self, f'pos_drop{i + 1}')(x + pos)
-        if native:
-            return run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint), hw
-        return run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint, hw), hw
+        grid = self._block_grid(hw, i)
+        x = getattr(self, f'pos_drop{i + 1}')(x + self._position(getattr(self, f'pos_embed{i + 1}'), grid, i))
+        return run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint, grid), hw
 
+    def _position(self, pos: torch.Tensor, grid: Optional[Grid], i: int) -> torch.Tensor:
+        """Stage i's position embedding, resampled to ``grid`` unless None (the native map)."""
+        if grid is None:
+            return pos
+        return resample_abs_pos_embed(pos, list(grid), list(self.resolutions[i]), num_prefix_tokens=0,
+                                      antialias=False)
+
+    def _scripted_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
+        x, hw = self.patch_embed1.forward_grid(x)
+        grid = self._block_grid(hw, 0)
+        x = self.pos_drop1(x + self._position(self.pos_embed1, grid, 0))
+        for blk in self.block1:
+            x = blk(x, grid)
+        x, hw = self.patch_embed2.forward_grid(tokens_to_nchw(x, hw))
+        grid = self._block_grid(hw, 1)
+        x = self.pos_drop2(x + self._position(self.pos_embed2, grid, 1))
+        for blk in self.block2:
+            x = blk(x, grid)
+        x, hw = self.patch_embed3.forward_grid(tokens_to_nchw(x, hw))
+        grid = self._block_grid(hw, 2)
+        x = self.pos_drop3(x + self._position(self.pos_embed3, grid, 2))
+        for blk in self.block3:
+            x = blk(x, grid)
+        x, hw = self.patch_embed4.forward_grid(tokens_to_nchw(x, hw))
+        grid = self._block_grid(hw, 3)
+        x = self.pos_drop4(x + self._position(self.pos_embed4, grid, 3))
+        for blk in self.block4:
+            x = blk(x, grid)
+        return x, hw
 
 
 def _timm_mlp(dim: int, hidden: int, drop: float = 0.) -> nn.Module:

@@ -23,7 +23,6 @@ Weight decay: ``no_weight_decay()`` is the official rule (names of non-existent 
 cls_token: nothing is exempt beyond 1-D parameters and biases); ``extra_no_weight_decay()`` names our
 optional extra exclusions (focused-attention scales and positional encodings).
 """
-from __future__ import annotations
 
 import math
 from functools import partial
@@ -54,7 +53,7 @@ class DWConv(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
-        return self.dwconv(tokens_to_nchw(x, hw or self.resolution)).flatten(2).transpose(1, 2)
+        return self.dwconv(tokens_to_nchw(x, hw if hw is not None else self.resolution)).flatten(2).transpose(1, 2)
 
 
 class DepthwiseConvMlp(nn.Module):
@@ -159,10 +158,27 @@ class FLattenPVTv2(PyramidClassifier):
 
     def _stage(self, i: int, x: torch.Tensor, hw: Optional[Grid]) -> Tuple[torch.Tensor, Grid]:
         x, hw = getattr(self, f'patch_embed{i + 1}').forward_grid(x)
-        # a fixed-size model sees only its native maps (checked on the input): no comparison on traced shapes
-        args = () if not self.dynamic_img_size or hw == self.resolutions[i] else (hw,)
-        x = run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint, *args)
+        x = run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint, self._block_grid(hw, i))
         return getattr(self, f'norm{i + 1}')(x), hw
+
+    def _scripted_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
+        x, hw = self.patch_embed1.forward_grid(x)
+        grid = self._block_grid(hw, 0)
+        for blk in self.block1:
+            x = blk(x, grid)
+        x, hw = self.patch_embed2.forward_grid(tokens_to_nchw(self.norm1(x), hw))
+        grid = self._block_grid(hw, 1)
+        for blk in self.block2:
+            x = blk(x, grid)
+        x, hw = self.patch_embed3.forward_grid(tokens_to_nchw(self.norm2(x), hw))
+        grid = self._block_grid(hw, 2)
+        for blk in self.block3:
+            x = blk(x, grid)
+        x, hw = self.patch_embed4.forward_grid(tokens_to_nchw(self.norm3(x), hw))
+        grid = self._block_grid(hw, 3)
+        for blk in self.block4:
+            x = blk(x, grid)
+        return self.norm4(x), hw
 
 
 # ----------------------------------------------------------------------------- registry

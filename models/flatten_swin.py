@@ -24,9 +24,8 @@ Weight decay: ``no_weight_decay()`` / ``no_weight_decay_keywords()`` give the of
 our optional extra exclusions (full names of the focused-attention scales and positional encodings;
 used by the optimizer only with TRAIN.OPTIMIZER.EXTRA_NO_WEIGHT_DECAY).
 """
-from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Final, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -71,7 +70,7 @@ class FocusedLinearWindowAttention(FocusedLinearAttentionBase):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 hw: Optional[Grid] = None) -> torch.Tensor:
         B_, N, C = x.shape
-        self.kv_grid = tuple(hw) if hw is not None else (self.window, self.window)
+        self.kv_grid = hw if hw is not None else (self.window, self.window)
         q, k, v = self.qkv(x).reshape(B_, N, 3, C).unbind(2)
         x = self.attend(q, k, v, hw=self.kv_grid)                      # includes the dwc branch
         return self.proj_drop(self.proj(x))
@@ -79,6 +78,8 @@ class FocusedLinearWindowAttention(FocusedLinearAttentionBase):
 
 class SwinBlock(nn.Module):
     """Pre-norm block on (B, H*W, C) tokens: (shifted) window attention then MLP."""
+
+    global_linear: Final[bool]      # a TorchScript constant: the branch calling attn with ``hw`` compiles only when set
 
     def __init__(self, dim: int, resolution: Grid, num_heads: int, window: int, shift: int,
                  attn_type: str, mlp_ratio: float = 4., qkv_bias: bool = True, qk_scale: Optional[float] = None,
@@ -115,7 +116,7 @@ class SwinBlock(nn.Module):
             w = self.window
             pad_h, pad_w = (-H) % w, (-W) % w
             y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
-            mask = None
+            mask: Optional[torch.Tensor] = None
             if self.shift:
                 mask = shifted_window_mask((H + pad_h, W + pad_w), w, self.shift).to(y)
             y = self._windows(y, mask)[:, :H, :W].contiguous()
@@ -179,6 +180,10 @@ class SwinStage(nn.Module):
         self.downsample = PatchMerging(resolution, dim) if downsample else None
 
     def forward_blocks(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
+        if torch.jit.is_scripting():            # TorchScript: no activation checkpointing (run_blocks)
+            for blk in self.blocks:
+                x = blk(x, hw)
+            return x
         if hw is None:
             return run_blocks(self.blocks, x, self.use_checkpoint)
         return run_blocks(self.blocks, x, self.use_checkpoint, hw)
@@ -283,23 +288,28 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
             x = x + pos
         return self.pos_drop(x), hw
 
-    def _stages(self, x: torch.Tensor, stop: int):
-        """Yield (stage index, tokens before its downsample, their grid) up to stage ``stop``; the tokens
-        passed on are downsampled."""
+    def _stages(self, x: torch.Tensor, stop: int, take: List[int]
+                ) -> Tuple[torch.Tensor, Grid, List[Tuple[int, torch.Tensor, Grid]]]:
+        """Run the stages up to ``stop``: the tokens of stage ``stop`` (before a downsample), their grid, and
+        (index, tokens, grid) of every stage index in ``take``, in stage order. The tokens passed on to the
+        next stage are downsampled."""
         x, hw = self._embed(x)
         # a fixed-size model sees only its native maps (checked on the input): no comparison on traced shapes
         native = not self.patch_embed.dynamic_img_size or hw == self.patch_embed.grid_size
-        for i, layer in enumerate(self.layers[:stop + 1]):
-            x = layer.forward_blocks(x, None if native else hw)
-            yield i, x, hw
-            if layer.downsample is not None and i < stop:
-                x = layer.downsample(x, None if native else hw)
-                hw = ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
+        taken: List[Tuple[int, torch.Tensor, Grid]] = []
+        for i, layer in enumerate(self.layers):
+            if i <= stop:                       # not a break / slice: TorchScript unrolls the ModuleList
+                x = layer.forward_blocks(x, None if native else hw)
+                if i in take:
+                    taken.append((i, x, hw))
+                if layer.downsample is not None and i < stop:
+                    x = layer.downsample(x, None if native else hw)
+                    hw = ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
+        return x, hw, taken
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> normed last-stage map (B, H/32, W/32, C) (``output_fmt`` 'NHWC')."""
-        for _, x, hw in self._stages(x, len(self.layers) - 1):
-            pass
+        x, hw, _ = self._stages(x, len(self.layers) - 1, [])
         return tokens_to_nhwc(self.norm(x), hw)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
@@ -312,10 +322,8 @@ class FLattenSwinTransformer(ClassifierMixin, nn.Module):
         last = len(self.layers) - 1
         take, max_index = feature_take_indices(len(self.layers), indices)
         stop = max_index if (stop_early or intermediates_only) else last
-        out = []
-        for i, x, hw in self._stages(x, stop):
-            if i in take:
-                out.append(tokens_to_nchw(self.norm(x) if norm and i == last else x, hw))
+        x, hw, taken = self._stages(x, stop, take)
+        out = [tokens_to_nchw(self.norm(t) if norm and i == last else t, g) for i, t, g in taken]
         if intermediates_only:
             return out
         return tokens_to_nhwc(self.norm(x) if stop == last else x, hw), out

@@ -26,9 +26,9 @@ selected: the fast paths' autograd Functions would hide their matmuls from those
 (feature extraction with ``feature_cls='fx'``, timm's fx tests) keeps every focused-linear attention module
 as one leaf (``register_notrace_module``), so the traced model runs the selected implementation itself.
 """
-from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable, ContextManager, Optional, Tuple
 
 import torch
@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.nn.modules import module as _module
 
 from .impl_choice import ImplChoice, operators_observed
 
@@ -43,24 +44,35 @@ EPS = 1e-6
 
 
 class AttentionTap(nn.Module):
-    """Identity on its arguments: a hook point that exposes an attention block's internals.
+    """Identity on its argument: a hook point that exposes an attention block's internals.
 
-    Focused linear blocks call it as ``tap(phi_q, phi_k, v)``; softmax blocks as ``tap(attn_probs)``.
-    It holds no state, so state_dicts are unchanged.
+    Softmax blocks call it as ``tap(attn_probs)``; :class:`AttentionTap3` takes three tensors (focused
+    linear blocks: ``tap(phi_q, phi_k, v)``). It holds no state, so state_dicts are unchanged. (One class
+    per arity: TorchScript compiles fixed signatures, no ``*args``.)
     """
 
-    def forward(self, *tensors: torch.Tensor):
-        return tensors if len(tensors) > 1 else tensors[0]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def hooked(self) -> bool:
         """True when a (module or global) forward hook would see this tap's tensors, or while the model is
         traced by ``torch.jit.trace`` or exported: softmax blocks then compute explicit probabilities
         instead of the fused ``scaled_dot_product_attention`` (same maths). Traced, so that FLOP counters
         (fvcore has no handle for the fused op) see its two matmuls; exported, because the ONNX exporter's
-        decomposition of the fused op mis-tracks the output's strides and fails on the head merge after it."""
-        from torch.nn.modules import module as _m
-        return bool(self._forward_hooks or self._forward_pre_hooks or _m._global_forward_hooks
-                    or _m._global_forward_pre_hooks or torch.jit.is_tracing() or torch.compiler.is_exporting())
+        decomposition of the fused op mis-tracks the output's strides and fails on the head merge after it.
+        Always False in a TorchScript-compiled model (its hooks are not read)."""
+        if torch.jit.is_scripting():
+            return False
+        return bool(self._forward_hooks or self._forward_pre_hooks or _module._global_forward_hooks
+                    or _module._global_forward_pre_hooks or torch.jit.is_tracing() or torch.compiler.is_exporting())
+
+
+class AttentionTap3(AttentionTap):
+    """An :class:`AttentionTap` on three tensors, returned unchanged."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor  # type: ignore[override]
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return a, b, c
 
 
 # The two attention kinds a module declares with its ``attn_kind`` class attribute (what its tap receives):
@@ -68,12 +80,13 @@ ATTN_LINEAR = 'linear'      # tap(phi_q (B', N, C), phi_k (B', n, C), v (B', n, 
 ATTN_SOFTMAX = 'softmax'    # tap(probs (B', heads, N, n))
 
 
-def focused_kernel(x: torch.Tensor, scale: torch.Tensor, focusing_factor: float) -> torch.Tensor:
-    """phi(x) for x (..., C): ReLU kernel, learned per-channel scale, focusing power with norm restoring."""
-    x = (F.relu(x) + EPS) / F.softplus(scale)
-    norm = x.norm(dim=-1, keepdim=True)
+def focused_kernel(x: torch.Tensor, scale: torch.Tensor, focusing_factor: float, eps: float = EPS) -> torch.Tensor:
+    """phi(x) for x (..., C): ReLU kernel, learned per-channel scale, focusing power with norm restoring.
+    (``eps`` is an argument so that TorchScript, which reads no Python globals, sees the constant.)"""
+    x = (F.relu(x) + eps) / F.softplus(scale)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     x = x ** focusing_factor
-    return x / x.norm(dim=-1, keepdim=True) * norm
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True) * norm
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -88,7 +101,8 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, N, h * d)
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                     eps: float = EPS) -> torch.Tensor:
     """Normalised linear attention in O(N d^2).
 
     q: (B, N, C) feature-mapped queries; k, v: (B, n, C) feature-mapped keys and values.
@@ -96,8 +110,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_head
     K^T V of moderate size for long sequences.
     """
     n = k.shape[1]
-    q, k, v = (split_heads(t, num_heads) for t in (q, k, v))
-    z = 1.0 / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + EPS)       # (B, h, N, 1)
+    q, k, v = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
+    z = 1.0 / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + eps)       # (B, h, N, 1)
     kv = (k.transpose(-2, -1) * n ** -0.5) @ (v * n ** -0.5)                  # (B, h, d, d)
     return merge_heads((q @ kv) * z)
 
@@ -298,6 +312,11 @@ def fast_focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return out.to(dtype)
 
 
+def _triton_core(q: torch.Tensor, head_dim: int) -> Optional[Callable]:
+    from .triton_linear_attention import triton_core_for      # imports Triton: only when selected
+    return triton_core_for(q, head_dim)
+
+
 class FocusedLinearAttentionBase(nn.Module):
     """Owns the focused-linear parameters and maths; subclasses own the projections and token layout.
 
@@ -310,12 +329,17 @@ class FocusedLinearAttentionBase(nn.Module):
     """
 
     attn_kind = ATTN_LINEAR
+    focusing_factor: float      # TorchScript: a float attribute even when built with an int (p = 3)
 
     def __init_subclass__(cls, **kwargs) -> None:
         # A leaf for timm's fx tracer: the graph calls the module, which then runs the implementation that
         # eager mode runs (bitwise the same outputs), instead of tracing its reference formulas.
         super().__init_subclass__(**kwargs)
         register_notrace_module(cls)
+        # TorchScript types attributes from the annotations of ONE class (the first in the MRO that has any):
+        # give each subclass those of all its bases (mixins too), e.g. ``focusing_factor: float``.
+        cls.__annotations__ = {name: ann for base in reversed(cls.__mro__) if not issubclass(nn.Module, base)
+                               for name, ann in inspect.get_annotations(base).items()}
 
     def __init__(self, dim: int, num_heads: int, num_kv_tokens: int, focusing_factor: float = 3,
                  kernel_size: int = 5) -> None:
@@ -330,7 +354,7 @@ class FocusedLinearAttentionBase(nn.Module):
                              padding=kernel_size // 2)
         self.scale = nn.Parameter(torch.zeros(1, 1, dim))
         self.positional_encoding = nn.Parameter(torch.zeros(1, num_kv_tokens, dim))
-        self.tap = AttentionTap()
+        self.tap = AttentionTap3()
 
     def dwc_last(self) -> None:
         """Move ``dwc`` behind the modules a subclass added, so that ``state_dict()`` and ``parameters()``
@@ -360,30 +384,36 @@ class FocusedLinearAttentionBase(nn.Module):
         sees (phi_q, phi_k, v) as (B, n, C) tensors either way (the fast path then merges copies of its
         per-head buffers for it; results are unchanged).
         """
-        impl = get_attention_impl()
-        # While operators are observed (fvcore / jit.trace, fx, torch.compile / export, FlopCounterMode) the
-        # plain formulas run instead: the fast path's autograd Functions hide their matmuls from tracers and
-        # counters, and inductor fuses the plain formulas itself (faster than the eager fast path on CPU).
-        if impl != 'reference' and not operators_observed():
-            core = None
-            if impl == 'triton':
-                from .triton_linear_attention import triton_core_for
-                core = triton_core_for(q, self.dim // self.num_heads)
-            return fast_focused_linear_attention(q, k, v, self.scale, self.kv_positional_encoding(k.shape[1]),
-                                                 self.focusing_factor, self.num_heads,
-                                                 None if hw is None else self.dwc, hw, core,
-                                                 self.tap if self.tap.hooked() else None)
+        if torch.jit.is_scripting():        # TorchScript compiles the reference formulas only
+            out = self.reference_attention(q, k, v)
+        else:
+            impl = get_attention_impl()
+            # While operators are observed (fvcore / jit.trace, fx, torch.compile / export, FlopCounterMode)
+            # the plain formulas run instead: the fast path's autograd Functions hide their matmuls from
+            # tracers and counters, and inductor fuses the plain formulas itself (faster than the eager fast
+            # path on CPU).
+            if impl != 'reference' and not operators_observed():
+                core = _triton_core(q, self.dim // self.num_heads) if impl == 'triton' else None
+                return fast_focused_linear_attention(q, k, v, self.scale, self.kv_positional_encoding(k.shape[1]),
+                                                     self.focusing_factor, self.num_heads,
+                                                     None if hw is None else self.dwc, hw, core,
+                                                     self.tap if self.tap.hooked() else None)
+            # a plain fx trace (not timm's) sees a Proxy for the device: the graph records no autocast region
+            no_autocast = (contextlib.nullcontext() if is_fx_symbolic_tracing()
+                           else torch.autocast(device_type=v.device.type, enabled=False))
+            with no_autocast:
+                out = self.reference_attention(q, k, v)
+        return out if hw is None else out + self.rank_restoration(v, hw)
+
+    def reference_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The plain formulas of :meth:`attend` without the dwc branch, in at least float32; returns v's
+        dtype. (The caller turns autocast off around it.)"""
         dtype = v.dtype
         compute = torch.promote_types(dtype, torch.float32)
-        # a plain fx trace (not timm's) sees a Proxy for the device: the graph records no autocast region
-        no_autocast = (contextlib.nullcontext() if is_fx_symbolic_tracing()
-                       else torch.autocast(device_type=v.device.type, enabled=False))
-        with no_autocast:
-            qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-            qc, kc = self.feature_map(qc, kc)
-            qc, kc, vc = self.tap(qc, kc, vc)
-            out = linear_attention(qc, kc, vc, self.num_heads).to(dtype)
-        return out if hw is None else out + self.rank_restoration(v, hw)
+        qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+        qc, kc = self.feature_map(qc, kc)
+        qc, kc, vc = self.tap(qc, kc, vc)
+        return linear_attention(qc, kc, vc, self.num_heads).to(dtype)
 
     def rank_restoration(self, v: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """The dwc branch: v (B, H*W, C) as per-head images (B*heads, head_dim, H, W) -> (B, H*W, C)."""

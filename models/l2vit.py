@@ -18,10 +18,9 @@ State-dict keys, order, shapes and dtypes are those of the official ``L2ViT_*`` 
 Registered in timm under the official function names (``L2ViT_Tiny``, ``L2ViT_Small``, ``L2ViT_Base``,
 ``L2ViT_Base_384``; timm has none of them), which are also the ``MODEL.TYPE`` values.
 """
-from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Final, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -34,7 +33,7 @@ from timm.models import generate_default_cfgs, register_model
 from state_dicts import unwrap_state_dict
 
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
-from .focused_attention import ATTN_LINEAR, AttentionTap
+from .focused_attention import ATTN_LINEAR, AttentionTap3
 from .checkpoint_fit import fit_state_dict
 from ._builder import build_backbone
 from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, pool_features, tokens_to_nchw, whole_grid,
@@ -83,14 +82,16 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 class StemEmbed(nn.Module):
-    """Stage-0 embedding: conv stem, then LayerNorm on the tokens. (B, 3, H, W) -> ((B, N, C), (H/4, W/4))."""
+    """Stage-0 embedding: conv stem, then LayerNorm on the tokens. (B, 3, H, W) -> ((B, N, C), (H/4, W/4)).
+    ``size`` is not read (the map size comes from the image): it gives every downsample layer the signature
+    of :class:`MergeEmbed`, so that one loop calls them all (TorchScript)."""
 
     def __init__(self, in_chans: int, dim: int) -> None:
         super().__init__()
         self.proj = ConvStem(in_chans, dim)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size]:
+    def forward(self, x: torch.Tensor, size: Size) -> Tuple[torch.Tensor, Size]:
         x = self.proj(_pad_to_multiple(x, 4))
         size = (x.shape[2], x.shape[3])
         return self.norm(_map_to_tokens(x)), size
@@ -119,7 +120,7 @@ class LinearAttention(nn.Module):
     per-row factor (the per-head temperature, and the clamp where q_i . sum k < 100)."""
 
     attn_kind = ATTN_LINEAR
-    clamp_min = 100.0
+    clamp_min: Final[float] = 100.0         # Final: a constant that TorchScript can read
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_drop: float = 0.) -> None:
         super().__init__()
@@ -131,14 +132,16 @@ class LinearAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.tap = AttentionTap()
+        self.tap = AttentionTap3()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, C).unbind(2)
         q, k, v = self.tap(F.relu(q), F.relu(k), v)
         h = self.num_heads
-        q, k, v = (t.reshape(B, N, h, C // h).transpose(1, 2) for t in (q, k, v))    # (B, h, N, d)
+        q = q.reshape(B, N, h, C // h).transpose(1, 2)                               # (B, h, N, d)
+        k = k.reshape(B, N, h, C // h).transpose(1, 2)
+        v = v.reshape(B, N, h, C // h).transpose(1, 2)
         denom = (q @ k.sum(dim=-2).unsqueeze(-1)).clamp(min=self.clamp_min)        # (B, h, N, 1)
         kv = (k.transpose(-2, -1) @ v) * self.temperature                         # (B, h, d, d)
         x = ((q @ kv) / denom).transpose(1, 2).reshape(B, N, C)
@@ -254,8 +257,12 @@ class L2ViTStage(nn.Sequential):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:  # type: ignore[override]
+        if torch.jit.is_scripting():        # no checkpointing there (TorchScript cannot compile it)
+            for blk in self:
+                x = blk(x, size)
+            return x
         for blk in self:
-            if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
+            if self.grad_checkpointing and x.requires_grad:
                 x = cp.checkpoint(blk, x, size, use_reentrant=False)
             else:
                 x = blk(x, size)
@@ -366,15 +373,12 @@ class L2ViT(LinearHeadMixin, nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
-    def _stage(self, i: int, x: torch.Tensor, size: Size) -> Tuple[torch.Tensor, Size]:
-        x, size = self.downsample_layers[i](x, size) if i > 0 else self.downsample_layers[0](x)
-        return self.stages[i](x, size), size
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> normed tokens as a map (B, H/32, W/32, C) (channels last)."""
         size: Size = (x.shape[2], x.shape[3])
-        for i in range(len(self.stages)):
-            x, size = self._stage(i, x, size)
+        for down, stage in zip(self.downsample_layers, self.stages):  # TorchScript: no ModuleList[i] by variable
+            x, size = down(x, size)
+            x = stage(x, size)
         return self.norm(x).reshape(x.shape[0], size[0], size[1], -1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -398,8 +402,9 @@ class L2ViT(LinearHeadMixin, nn.Module):
         last = n - 1 if not (stop_early or intermediates_only) else max_index
         size: Size = (x.shape[2], x.shape[3])
         maps = []
-        for i in range(last + 1):
-            x, size = self._stage(i, x, size)
+        for i, (down, stage) in enumerate(zip(self.downsample_layers[:last + 1], self.stages[:last + 1])):
+            x, size = down(x, size)
+            x = stage(x, size)
             if i in take:
                 y = self.norm(x) if norm and i == n - 1 else x
                 y = y.reshape(x.shape[0], size[0], size[1], -1)

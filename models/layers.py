@@ -1,7 +1,6 @@
 """Small pieces shared by the families: weight init, the (checkpointed) block loop, patch embedding, and the
 one window attention (partition/reverse, relative position bias index, shifted-window mask) that every
 family with windows (Swin, DAT++ 'L'/'S', L2ViT, Visformer v2) uses."""
-from __future__ import annotations
 
 import re
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import torch.utils.checkpoint as cp
 from timm.layers import PatchEmbed as TimmPatchEmbed
 from timm.layers import trunc_normal_
 
-from .focused_attention import ATTN_LINEAR, ATTN_SOFTMAX, AttentionTap  # noqa: F401
+from .focused_attention import ATTN_LINEAR, ATTN_SOFTMAX, AttentionTap, AttentionTap3  # noqa: F401
 
 
 def init_weights(m: nn.Module) -> None:
@@ -135,8 +134,12 @@ class LinearHeadMixin:
         x = pool_features(x, self.global_pool, 'NCHW')
         if pre_logits:
             return x
-        head = getattr(self, self.head_name)
-        return head(x) if self.global_pool else head(x.movedim(1, -1)).movedim(-1, 1)   # pooled: (B, C)
+        return self.head_logits(x) if self.global_pool else self.head_logits(x.movedim(1, -1)).movedim(-1, 1)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear head on (..., C) features. Named, not looked up by ``head_name`` (TorchScript finds modules
+        by literal names only): a family whose head has another name overrides this."""
+        return self.head(x)
 
 
 class ClassifierMixin(LinearHeadMixin):
@@ -144,7 +147,6 @@ class ClassifierMixin(LinearHeadMixin):
     (B, H, W, C) (``output_fmt`` 'NHWC', as timm's Swin), the head pools it (``global_pool``; '' keeps the
     positions: (B, H, W, num_classes) logits) and applies ``head``."""
 
-    head: nn.Module
     output_fmt: str = 'NHWC'
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -180,16 +182,17 @@ class PatchEmbed(TimmPatchEmbed):
         if not self.dynamic_img_size:
             x = check_input_size(x, self.img_size)
         hw = (x.shape[-2], x.shape[-1])
-        return super().forward(x), self.dynamic_feat_size(hw)
+        return self.forward(x), self.dynamic_feat_size(hw)     # timm's forward (TorchScript has no super())
 
 
 def check_input_size(x: torch.Tensor, img_size: Tuple[int, int]) -> torch.Tensor:
     """``x`` (B, C, H, W) unchanged; a ValueError when (H, W) is not a fixed-size model's ``img_size``. A
     torch.fx leaf (``torch.fx.wrap`` here and in each module that calls it): a traced model keeps the check
     and runs it on the real input."""
-    if (x.shape[-2], x.shape[-1]) != (img_size[0], img_size[1]):
-        raise ValueError(f'input size {tuple(x.shape[-2:])} does not match the model ({tuple(img_size)}); '
-                         f'set DATA.IMG_SIZE to the input size (or build with dynamic_img_size=True)')
+    if x.shape[-2] != img_size[0] or x.shape[-1] != img_size[1]:
+        raise ValueError(f'input size ({x.shape[-2]}, {x.shape[-1]}) does not match the model '
+                         f'({img_size[0]}, {img_size[1]}); set DATA.IMG_SIZE to the input size '
+                         f'(or build with dynamic_img_size=True)')
     return x
 
 
@@ -218,12 +221,13 @@ def relative_position_index(window: int) -> torch.Tensor:
 
 
 def shifted_window_mask(resolution: Tuple[int, int], window: int, shift: int) -> torch.Tensor:
-    """(nW, w*w, w*w) additive mask: 0 within a region of the rolled map, -100 across regions."""
+    """(nW, w*w, w*w) additive mask: 0 within a region of the rolled map, -100 across regions. The rolled map
+    has 3 bands per axis (the last ``window`` rows split at ``shift`` from the end); region = 3 * row band +
+    column band."""
     H, W = resolution
-    regions = torch.zeros(1, H, W, 1)
-    bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    for i, (h, w) in enumerate((h, w) for h in bands for w in bands):
-        regions[:, h, w, :] = i
+    rows = (torch.arange(H) >= H - window).long() + (torch.arange(H) >= H - shift).long()     # band 0, 1, 2
+    cols = (torch.arange(W) >= W - window).long() + (torch.arange(W) >= W - shift).long()
+    regions = (rows.view(H, 1) * 3 + cols.view(1, W)).float().view(1, H, W, 1)
     ids = window_partition(regions, window).squeeze(-1)                      # (nW, w*w)
     diff = ids.unsqueeze(1) - ids.unsqueeze(2)
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
@@ -275,7 +279,7 @@ class WindowAttention(nn.Module):
     def attn_bias(self, mask: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
         """The additive logits bias: relative position bias (1, h, N, N) plus ``mask`` (nW, N, N) repeated
         over the ``batch`` windows -> (batch, h, N, N); None when there is neither."""
-        bias = None
+        bias: Optional[torch.Tensor] = None
         if self.relative_position_bias_table is not None:
             N = self.relative_position_index.shape[0]
             bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
@@ -287,8 +291,12 @@ class WindowAttention(nn.Module):
         return bias
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.attend_windows(x, mask)
+
+    def attend_windows(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`forward`, callable by subclasses that change its signature (TorchScript has no ``super()``)."""
         B_, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         if not self.tap.hooked():     # nothing reads the probabilities: fused attention
             bias = self.attn_bias(mask, B_)
             if bias is not None:

@@ -22,7 +22,6 @@ An installed ``natten`` that still has relative position bias (0.14 to 0.17) can
 ``set_neighborhood_impl('natten')`` or ``DAT_NEIGHBORHOOD_IMPL=natten`` (an option, never a requirement;
 default 'torch'). natten 0.20+ dropped the bias that DAT++'s 'N' blocks use, so it is refused with an error.
 """
-from __future__ import annotations
 
 import inspect
 import math
@@ -44,7 +43,7 @@ __all__ = ['window_starts', 'neighborhood_attention', 'neighborhood_attention_na
 DEFAULT_TILE = 8
 
 
-def window_starts(length: int, kernel_size: int, device: Any = None) -> torch.Tensor:
+def window_starts(length: int, kernel_size: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """(length,) int64: the first key index s(i) = clamp(i - k//2, 0, length - k) of each query."""
     if length < kernel_size:
         raise ValueError(f'neighbourhood attention needs a map side >= kernel_size={kernel_size}, got {length} '
@@ -65,8 +64,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- naive (gather) path
-def _window_index(H: int, W: int, kernel_size: int, device: Any) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                          torch.Tensor]:
+def _window_index(H: int, W: int, kernel_size: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
     """key rows (H, k), key cols (W, k) of every query's window, and the flat key index (H*W, k*k)."""
     ar = torch.arange(kernel_size, device=device)
     rows = window_starts(H, kernel_size, device)[:, None] + ar
@@ -93,9 +92,9 @@ def neighborhood_probs(q: torch.Tensor, k: torch.Tensor, rpb: torch.Tensor, kern
     keys = k.reshape(B, h, H * W, d)[:, :, flat]                                   # (B, h, HW, k*k, d)
     # the bias enters the product as one more channel, logits = [q, 1] . [k_j, rpb_ij]: natten's own FLOP
     # rule (QK + RPB: k^2 (d + 1) multiply-adds per query and head), so counters that see this product agree
-    bias = _window_bias(rpb, H, W, kernel_size).to(q.dtype).reshape(1, h, H * W, kernel_size ** 2, 1)
+    bias = _window_bias(rpb, H, W, kernel_size).to(q.dtype).reshape(1, h, H * W, kernel_size * kernel_size, 1)
     keys = torch.cat([keys, bias.expand(B, -1, -1, -1, -1)], dim=-1)               # (B, h, HW, k*k, d + 1)
-    q1 = torch.cat([q.reshape(B, h, H * W, 1, d), q.new_ones(B, h, H * W, 1, 1)], dim=-1)
+    q1 = torch.cat([q.reshape(B, h, H * W, 1, d), q.new_ones([B, h, H * W, 1, 1])], dim=-1)
     logits = q1 @ keys.transpose(-2, -1)          # a matmul, not einsum: fvcore prices einsum to 4 digits
     return logits.reshape(B, h, H, W, -1).softmax(dim=-1)
 
@@ -275,6 +274,13 @@ def _natten_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: to
     return av(F.dropout(attn, dropout_p) if dropout_p > 0 else attn, v, kernel_size)
 
 
+def _gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, kernel_size: int,
+                      dropout_p: float) -> torch.Tensor:
+    """The plain-operator form of :func:`neighborhood_attention` (the gather path, with attention dropout)."""
+    attn = neighborhood_probs(q, k, rpb, kernel_size)
+    return neighborhood_av(F.dropout(attn, dropout_p) if dropout_p > 0 else attn, v, kernel_size)
+
+
 def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor,
                            kernel_size: int, tile: Optional[int] = None, dropout_p: float = 0.) -> torch.Tensor:
     """Fast neighbourhood attention. q (pre-scaled), k, v: (B, heads, H, W, head_dim) with H, W >= kernel_size;
@@ -283,12 +289,14 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rp
     in training only by the caller) takes the un-fused autograd path, where SDPA draws the dropout mask.
     With :func:`set_neighborhood_impl` ('natten') the installed natten computes it (``tile`` is ignored).
     While operators are traced or counted (not under torch.compile, which keeps the fused op: the plain
-    path's O(N k^2 d) gathers would not fit training batches) the plain gather path runs."""
+    path's O(N k^2 d) gathers would not fit training batches) the plain gather path runs, and so does
+    TorchScript (which compiles neither the autograd Function nor natten)."""
+    if torch.jit.is_scripting():
+        return _gather_attention(q, k, v, rpb, kernel_size, dropout_p)
     _check(q, k, v, rpb, kernel_size)
     window_starts(q.shape[2], kernel_size), window_starts(q.shape[3], kernel_size)   # size check
     if operators_observed(under_compile=False):
-        attn = neighborhood_probs(q, k, rpb, kernel_size)
-        return neighborhood_av(F.dropout(attn, dropout_p) if dropout_p > 0 else attn, v, kernel_size)
+        return _gather_attention(q, k, v, rpb, kernel_size, dropout_p)
     if _IMPL.name == 'natten':
         return _natten_attention(q, k, v, rpb, kernel_size, dropout_p)
     if dropout_p > 0:

@@ -19,7 +19,6 @@ Registered names in timm: ``official_visformer_tiny`` / ``official_visformer_sma
 ``swin_visformer_tiny_v2`` / ``swin_visformer_small_v2`` / ``swin_visformer_medium_v2``. ``MODEL.TYPE`` uses
 the official names for all five; ``checkpoint_filter_fn`` also accepts timm's visformer checkpoints.
 """
-from __future__ import annotations
 
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -28,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, register_notrace_function, trunc_normal_
+from timm.layers import DropPath, register_notrace_function, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from timm.models.visformer import SpatialMlp
@@ -36,9 +35,9 @@ from timm.models.visformer import SpatialMlp
 from state_dicts import unwrap_state_dict
 
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
-from .checkpoint_fit import fit_state_dict, resample_position_table
+from .checkpoint_fit import fit_state_dict
 from ._builder import build_backbone, square_size
-from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size,
+from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size, pool_features,
                      shifted_window_mask, window_partition, window_reverse)
 
 torch.fx.wrap('check_input_size')       # a torch.fx leaf here too (see check_input_size)
@@ -62,10 +61,15 @@ class BatchNorm(nn.Module):
 @register_notrace_function      # an fx leaf (timm's tracer and torch.fx): resampling depends on the map size
 def position_table_for(pos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The (1, C, h, w) position table ``pos`` for the map ``x`` (B, C, H, W): itself, or resampled bicubically
-    to (H, W) when the map is another size (``dynamic_img_size``)."""
-    if x.shape[-2:] == pos.shape[-2:]:
+    to (H, W) when the map is another size (``dynamic_img_size``); as ``checkpoint_fit.resample_position_table``,
+    written out here because TorchScript compiles it (also inside fx graphs, where it is a leaf)."""
+    H, W = x.shape[-2], x.shape[-1]
+    if pos.shape[-2] == H and pos.shape[-1] == W:
         return pos
-    return resample_position_table(pos, (1, pos.shape[1], x.shape[-2], x.shape[-1]))
+    tokens = pos.flatten(2).transpose(1, 2)                                            # (1, h*w, C)
+    out = resample_abs_pos_embed(tokens, [H, W], [pos.shape[-2], pos.shape[-1]], num_prefix_tokens=0,
+                                 antialias=False)
+    return out.transpose(1, 2).reshape(1, pos.shape[1], H, W)
 
 
 torch.fx.wrap('position_table_for')
@@ -283,6 +287,8 @@ class Visformer(LinearHeadMixin, nn.Module):
                 nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ timm interface
+    __jit_unused_properties__ = ['stage_ids']      # Python only (TorchScript compiles the other properties)
+
     @property
     def stage_ids(self) -> List[int]:
         return list(range(self.first, self.first + len(self.feature_info)))
@@ -303,16 +309,32 @@ class Visformer(LinearHeadMixin, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = getattr(self, f'patch_embed{i}')(x)
-        pos = getattr(self, f'pos_embed{i}')
+    def _add_position(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """A stage's patch-embedded map plus its position table (resampled to other sizes), then dropout."""
         if self.dynamic_img_size:
             pos = position_table_for(pos, x)
-        x = self.pos_drop(x + pos)
+        return self.pos_drop(x + pos)
+
+    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        x = self._add_position(getattr(self, f'patch_embed{i}')(x), getattr(self, f'pos_embed{i}'))
         stage = getattr(self, f'stage{i}')
-        if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
+        if self.grad_checkpointing and x.requires_grad:
             return checkpoint_seq(stage, x)
         return stage(x)
+
+    def _scripted_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """The stages as ``_stage`` runs them, spelled out for TorchScript (no attribute by a computed name, no
+        checkpointing); ``hasattr`` is resolved when compiling, which skips stages absent (v1's stage 0) or
+        pruned."""
+        if hasattr(self, 'stage0'):
+            x = self.stage0(self._add_position(self.patch_embed0(x), self.pos_embed0))
+        if hasattr(self, 'stage1'):
+            x = self.stage1(self._add_position(self.patch_embed1(x), self.pos_embed1))
+        if hasattr(self, 'stage2'):
+            x = self.stage2(self._add_position(self.patch_embed2(x), self.pos_embed2))
+        if hasattr(self, 'stage3'):
+            x = self.stage3(self._add_position(self.patch_embed3(x), self.pos_embed3))
+        return x
 
     def _check_input_size(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, 3, H, W) unchanged; without ``dynamic_img_size`` a ValueError naming the image size when
@@ -322,8 +344,11 @@ class Visformer(LinearHeadMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> normed map (B, 2C, H/32, W/32)."""
         x = self.stem(self._check_input_size(x))
-        for i in self.stage_ids:
-            x = self._stage(i, x)
+        if torch.jit.is_scripting():
+            x = self._scripted_stages(x)
+        else:
+            for i in self.stage_ids:
+                x = self._stage(i, x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -209,7 +209,7 @@ def test_missing_or_non_checkpoint_pretrained_file_is_one_line(tmp_path):
 # ----------------------------------------------------------------------------- Visformer input size
 def test_visformer_size_error_names_the_image_size_and_its_advice_works():
     model = tiny('official_visformer_tiny', num_classes=3).eval()
-    with pytest.raises(ValueError, match=r'input size \(97, 131\) does not match the model \(\(64, 64\)\).*'
+    with pytest.raises(ValueError, match=r'input size \(97, 131\) does not match the model \(64, 64\).*'
                                          r'dynamic_img_size=True'):
         model(torch.randn(1, 3, 97, 131))
     with pytest.raises(ValueError, match='dynamic_img_size=True'):

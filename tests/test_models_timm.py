@@ -7,6 +7,7 @@ construction order), config size keys, unused parameters, and the models/ import
 from __future__ import annotations
 
 import argparse
+import io
 
 import ast
 import glob
@@ -473,3 +474,32 @@ def test_plain_fx_symbolic_trace_of_focused_linear_models(name):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(graph_module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- TorchScript
+@pytest.mark.parametrize('name', sorted(tiny_names()))
+def test_torchscript_matches_eager_and_saves(name):
+    """``torch.jit.script`` compiles the tiny variant of every family (dynamic_img_size on): saved and
+    loaded back, it equals the eager model (the fast paths there, their reference formulas in the script)
+    at the native size and at another one (DAT++: native); a fixed-size script still names the fix for a
+    wrong size."""
+    kw = small_kwargs(name)
+    s = kw.get('img_size', 224)
+    torch.manual_seed(0)
+    model = randomize_(timm.create_model(name, num_classes=5, dynamic_img_size=True, **kw)).eval()
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(model), buffer)
+    buffer.seek(0)
+    scripted = torch.jit.load(buffer)
+    g = torch.Generator().manual_seed(1)
+    # DAT++'s shifted-window ('S') blocks keep the official mask made for the native map: native size only
+    sizes = ((s, s),) if module_of(name) == 'models.dat' else ((s, s), (s + 32, s))
+    with torch.no_grad():
+        for hw in sizes:
+            x = torch.randn(2, 3, *hw, generator=g)
+            torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-5)
+    if module_of(name) in ('models.dat', 'models.l2vit'):
+        return                           # size-agnostic families: any size is the model's size
+    fixed = torch.jit.script(timm.create_model(name, num_classes=5, **kw).eval())
+    with pytest.raises(Exception, match='dynamic_img_size'):
+        fixed(torch.randn(1, 3, s + 32, s))

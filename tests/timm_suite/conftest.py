@@ -22,7 +22,7 @@ filters and only narrows what they return to our names:
 from __future__ import annotations
 
 import os
-from typing import Set
+from typing import Dict, Set, Tuple
 
 import pytest
 import timm
@@ -59,17 +59,11 @@ def pytest_make_collect_report(collector):
         timm.list_models, timm_registry.list_models = original
 
 
-# What does not pass yet, per test: an expected failure, strict (a fix makes the test fail until its entry
-# is changed here), never a skip. Why:
-# - torchscript (and fx + torchscript): the families use Python TorchScript does not compile (generators
-#   over stages, getattr on f-string names, postponed annotations, data-dependent checks).
-# (fx passes for every family: shape checks are fx leaves, attention modules with fast paths are timm
-# notrace modules.)
-_NOT_SCRIPTABLE = ('dat', 'flatten_cswin', 'flatten_pvt', 'flatten_pvt_v2', 'flatten_swin', 'l2vit', 'visformer')
-NOT_YET = {
-    'test_model_forward_torchscript': (_NOT_SCRIPTABLE, 'not scriptable yet'),
-    'test_model_forward_fx_torchscript': (_NOT_SCRIPTABLE, 'not scriptable yet'),
-}
+# What does not pass yet, per test: {test name: (family modules, why)}, each an expected failure, strict (a fix
+# makes the test fail until its entry is removed here), never a skip. Empty: every test of the file passes for
+# every family (TorchScript included since the families script; fx since their fast-path attention modules are
+# timm notrace modules and shape checks fx leaves).
+NOT_YET: Dict[str, Tuple[Tuple[str, ...], str]] = {}
 
 
 def _kinds(arch: str) -> set:
