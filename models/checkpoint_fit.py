@@ -11,7 +11,6 @@ built for another input size, and refuse a checkpoint of another model.
 Also the one check of a ``pretrained_cfg`` file before timm reads it (a missing or non-checkpoint file is one
 line, not an empty ``FileNotFoundError`` or an unpickling ``KeyError``).
 """
-from __future__ import annotations
 
 import math
 import os
@@ -32,6 +31,14 @@ MIN_SHARED = 0.5        # the fraction of the model's tensor names a checkpoint 
 Grid = Tuple[int, int]
 
 
+def resample_position_map(v: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """A (1, C, h, w) position map resampled bicubically to (1, C, H, W) (as timm resamples position
+    embeddings; TorchScript compiles it: Visformer resamples its tables at run time)."""
+    tokens = v.flatten(2).transpose(1, 2)                                        # (1, h*w, C)
+    out = resample_abs_pos_embed(tokens, [H, W], [v.shape[2], v.shape[3]], num_prefix_tokens=0, antialias=False)
+    return out.transpose(1, 2).reshape(1, v.shape[1], H, W)
+
+
 def resample_position_table(v: torch.Tensor, shape: Sequence[int], grid: Optional[Grid] = None
                             ) -> Optional[torch.Tensor]:
     """A checkpoint's absolute position table resampled to the model's ``shape`` (bicubic):
@@ -47,10 +54,7 @@ def resample_position_table(v: torch.Tensor, shape: Sequence[int], grid: Optiona
     if v.dim() == 4:
         if v.shape[1] != shape[1]:
             return None
-        tokens = v.flatten(2).transpose(1, 2)                                    # (1, h*w, C)
-        out = resample_abs_pos_embed(tokens, list(shape[2:]), list(v.shape[2:]), num_prefix_tokens=0,
-                                     antialias=False)
-        return out.transpose(1, 2).reshape(shape)
+        return resample_position_map(v, shape[2], shape[3])
     if v.dim() != 3 or v.shape[2] != shape[2]:
         return None
     if grid is None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, register_notrace_function, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from timm.models.visformer import SpatialMlp
@@ -35,9 +35,9 @@ from timm.models.visformer import SpatialMlp
 from state_dicts import unwrap_state_dict
 
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
-from .checkpoint_fit import fit_state_dict
+from .checkpoint_fit import fit_state_dict, resample_position_map
 from ._builder import build_backbone, square_size
-from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size, pool_features,
+from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size,
                      shifted_window_mask, window_partition, window_reverse)
 
 torch.fx.wrap('check_input_size')       # a torch.fx leaf here too (see check_input_size)
@@ -61,15 +61,11 @@ class BatchNorm(nn.Module):
 @register_notrace_function      # an fx leaf (timm's tracer and torch.fx): resampling depends on the map size
 def position_table_for(pos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The (1, C, h, w) position table ``pos`` for the map ``x`` (B, C, H, W): itself, or resampled bicubically
-    to (H, W) when the map is another size (``dynamic_img_size``); as ``checkpoint_fit.resample_position_table``,
-    written out here because TorchScript compiles it (also inside fx graphs, where it is a leaf)."""
+    to (H, W) when the map is another size (``dynamic_img_size``)."""
     H, W = x.shape[-2], x.shape[-1]
     if pos.shape[-2] == H and pos.shape[-1] == W:
         return pos
-    tokens = pos.flatten(2).transpose(1, 2)                                            # (1, h*w, C)
-    out = resample_abs_pos_embed(tokens, [H, W], [pos.shape[-2], pos.shape[-1]], num_prefix_tokens=0,
-                                 antialias=False)
-    return out.transpose(1, 2).reshape(1, pos.shape[1], H, W)
+    return resample_position_map(pos, H, W)
 
 
 torch.fx.wrap('position_table_for')
