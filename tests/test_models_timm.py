@@ -477,9 +477,10 @@ def test_plain_fx_symbolic_trace_of_focused_linear_models(name):
 
 
 # ----------------------------------------------------------------------------- TorchScript
-@pytest.mark.parametrize('name', sorted(tiny_names()))
+@pytest.mark.parametrize('name', sorted(n for n in tiny_names() if not n.endswith('_softmax')))
 def test_torchscript_matches_eager_and_saves(name):
-    """``torch.jit.script`` compiles the tiny variant of every family (dynamic_img_size on): saved and
+    """``torch.jit.script`` compiles the tiny variant of every family (dynamic_img_size on; the softmax
+    twins, whose attention is the shared SDPA code, are scripted by timm's own tests): saved and
     loaded back, it equals the eager model (the fast paths there, their reference formulas in the script)
     at the native size and at another one (DAT++: native); a fixed-size script still names the fix for a
     wrong size."""
