@@ -139,6 +139,35 @@ def test_export_tool_writes_and_checks(tmp_path):
             assert tool.relative_error(tool.run_exported(path, fmt, x), model(x)) < 1e-4
 
 
+class _Cancelling(torch.nn.Module):
+    """Badly conditioned on purpose: each logit is (1e5 + a) - 1e5 for a of order 1, and float32 resolves
+    1e5 + a only to 1/128."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.stack([x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], dim=-1)
+        return (a + 1e5) - 1e5
+
+
+def test_export_check_verdicts():
+    """--check passes within the tolerance of eager; above it only when the file is as close to the float64
+    result as eager float32 itself is (here: an 'export' computed in float64, more exact than eager); an
+    output off by 1% of the largest logit fails."""
+    x = image(64)
+    model = tiny('official_visformer_tiny')
+    with torch.no_grad():
+        ref = model(x)
+    ok, report = tool.check_exported(model, x, ref.clone(), 1e-4)
+    assert ok and 'vs eager: max relative error 0.00e+00' in report
+    ok, report = tool.check_exported(model, x, ref + 0.01 * ref.abs().max(), 1e-4)
+    assert not ok and report.endswith('FAILED')
+    bad = _Cancelling()
+    exact = bad.double()(x.double()).float()                      # what a more exact runtime would give
+    with torch.no_grad():
+        assert tool.relative_error(bad(x), exact) > 1e-4          # eager float32 cannot reproduce it
+    ok, report = tool.check_exported(bad, x, exact, 1e-4)
+    assert ok and 'as close to float64 as eager float32 is' in report
+
+
 @pytest.mark.parametrize('args,message', [
     (['no_such_model'], "unknown model 'no_such_model'"),
     ([], 'give a model name or --cfg'),
