@@ -236,17 +236,13 @@ class CSWinBlock(nn.Module):
     def forward(self, x: torch.Tensor, hw: Optional[Grid] = None) -> torch.Tensor:
         B, L, C = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(B, L, 3, C).unbind(2)
-        # a loop over the branches: TorchScript compiles both arms of an if, so no attns[1] in one-branch blocks
-        n = len(self.attns)
-        h = C // n
+        # a loop over the branches (each on its share of the channels; one branch: all of them, a full view):
+        # TorchScript compiles both arms of an if, so no attns[1] written out for one-branch blocks
+        h = C // len(self.attns)
         ys: List[torch.Tensor] = []
         for i, attn in enumerate(self.attns):
-            if n == 1:
-                ys.append(attn(q, k, v, hw))
-            else:
-                lo, hi = i * h, (i + 1) * h
-                ys.append(attn(q[..., lo:hi], k[..., lo:hi], v[..., lo:hi], hw))
-        y = ys[0] if n == 1 else torch.cat(ys, dim=-1)
+            ys.append(attn(q[..., i * h:(i + 1) * h], k[..., i * h:(i + 1) * h], v[..., i * h:(i + 1) * h], hw))
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
         x = x + self.drop_path(self.proj_drop(self.proj(y)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
