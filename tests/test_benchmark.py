@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'tools'))
+from errors import ConfigError
+from tools import benchmark
+from tools.bench import configs, official, timing
 
-import benchmark  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_smoke_measures_both_modes_and_writes_json(tmp_path, capsys):
@@ -48,21 +49,21 @@ def test_smoke_resolution_sweep(capsys):
 def test_timm_spec_passes_keyword_arguments():
     """timm:NAME,key=value builds the timm model with those arguments: PVTv2-b0 without key reduction is
     global attention (no spatial-reduction conv anywhere), the counterpart the sweep needs."""
-    assert benchmark.parse_timm_spec('pvt_v2_b0,sr_ratios=(1, 1, 1, 1),drop_rate=0.1') == \
+    assert configs.parse_timm_spec('pvt_v2_b0,sr_ratios=(1, 1, 1, 1),drop_rate=0.1') == \
         ('pvt_v2_b0', {'sr_ratios': (1, 1, 1, 1), 'drop_rate': 0.1})
-    reduced = benchmark.build(benchmark.load_cfg('timm:pvt_v2_b0', 64))
-    glob = benchmark.build(benchmark.load_cfg('timm:pvt_v2_b0,sr_ratios=(1,1,1,1)', 64))
+    reduced = configs.build(configs.load_cfg('timm:pvt_v2_b0', 64))
+    glob = configs.build(configs.load_cfg('timm:pvt_v2_b0,sr_ratios=(1,1,1,1)', 64))
     assert sum(name.endswith('attn.sr') for name, _ in reduced.named_modules()) == 6      # stages 1-3, 2 blocks
     assert not any(name.endswith('attn.sr') for name, _ in glob.named_modules())
-    with pytest.raises(SystemExit, match="'sr_ratios' is not key=<python literal>"):
-        benchmark.parse_timm_spec('pvt_v2_b0,sr_ratios')
+    with pytest.raises(ConfigError, match="'sr_ratios' is not key=<python literal>"):
+        configs.parse_timm_spec('pvt_v2_b0,sr_ratios')
 
 
 def test_bad_reference_dir_is_one_line_error(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        benchmark.parse_args(['--reference', str(tmp_path / 'missing')])
-    assert ('not a directory; pass the official checkout (e.g. LeapLabTHU/FLatten-Transformer)'
-            in capsys.readouterr().err)
+    assert benchmark.run(['--reference', str(tmp_path / 'missing')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('ERROR: ')
+    assert 'not a directory; pass the official checkout (e.g. LeapLabTHU/FLatten-Transformer)' in err
 
 
 TINY = '''
@@ -107,14 +108,14 @@ OPTS = {'device': 'cpu', 'batch': 2, 'img_size': 16, 'dtype': 'float32', 'channe
 
 def test_reference_subprocess_alternates_rounds_with_same_weights(tmp_path):
     ref = _fake_checkout(tmp_path / 'official')
-    official = benchmark.OfficialProcess(str(ref), str(tmp_path / 'x' / 'tiny.yaml'), _ours(), OPTS)
+    proc = official.OfficialProcess(str(ref), str(tmp_path / 'x' / 'tiny.yaml'), _ours(), OPTS)
     try:
         for _ in range(2):                                            # two rounds on the official side
-            res = official.measure(['infer', 'train'])
+            res = proc.measure(['infer', 'train'])
             assert res['infer']['img_s'] > 0 and res['train']['img_s'] > 0 and res['train']['peak_mb'] > 0
     finally:
-        official.close()
-    assert official.proc.returncode == 0
+        proc.close()
+    assert proc.proc.returncode == 0
 
 
 def test_reference_worker_keeps_carried_packages_on_its_path(tmp_path, monkeypatch):
@@ -126,23 +127,23 @@ def test_reference_worker_keeps_carried_packages_on_its_path(tmp_path, monkeypat
     monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(site), ROOT]))
     dropped = f"import os\nassert {ROOT!r} not in os.environ['PYTHONPATH'].split(os.pathsep)\n"
     ref = _fake_checkout(tmp_path / 'official', header='import carried_wheel\n' + dropped)
-    official = benchmark.OfficialProcess(str(ref), str(tmp_path / 'x' / 'tiny.yaml'), _ours(), OPTS)
+    proc = official.OfficialProcess(str(ref), str(tmp_path / 'x' / 'tiny.yaml'), _ours(), OPTS)
     try:
-        assert official.measure(['infer'])['infer']['img_s'] > 0
+        assert proc.measure(['infer'])['infer']['img_s'] > 0
     finally:
-        official.close()
+        proc.close()
 
 
 def test_reference_without_that_config_fails_clearly(tmp_path):
     ref = _fake_checkout(tmp_path / 'official')
-    with pytest.raises(SystemExit, match='no cfgs/other.yaml there'):
-        benchmark.OfficialProcess(str(ref), 'other.yaml', _ours(), OPTS)
+    with pytest.raises(ConfigError, match='no cfgs/other.yaml there'):
+        official.OfficialProcess(str(ref), 'other.yaml', _ours(), OPTS)
 
 
 def test_measure_train_updates_parameters():
     model = _ours()
     before = [p.detach().clone() for p in model.parameters()]
-    res = benchmark.measure(model, dict(OPTS, repeats=2), ['train'])
+    res = timing.measure(model, dict(OPTS, repeats=2), ['train'])
     assert res['train']['img_s'] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert isinstance(model, nn.Module)
@@ -175,7 +176,7 @@ def test_each_side_trains_with_its_own_adamw(tmp_path, monkeypatch, capsys, same
             pass
 
     monkeypatch.setattr(torch.optim, 'AdamW', spy_adamw)
-    monkeypatch.setattr(benchmark, 'OfficialProcess', FakeOfficial)
+    monkeypatch.setattr(official, 'OfficialProcess', FakeOfficial)
     result = benchmark.main(['--smoke', '--modes', 'train', '--no-flops', '--reference', str(tmp_path)]
                             + (['--same-optimizer'] if same else []))
     assert built and all(built)                                   # every step of ours: fused
@@ -212,12 +213,10 @@ def test_op_mode_times_the_implementations_a_module_declares(capsys):
         for key in ('fast_fwd_s', 'naive_fwd_s', 'fast_fwd_bwd_s', 'naive_fwd_bwd_s'):
             assert r[key] > 0
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        benchmark.main(['--op', 'list'])
-    assert e.value.code == 0 and 'neighborhood_attention: ' in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        benchmark.main(['--op', 'nope'])
-    assert e.value.code == 2 and 'no such op benchmark; use one of' in capsys.readouterr().err
+    assert benchmark.run(['--op', 'list']) == 0 and 'neighborhood_attention: ' in capsys.readouterr().out
+    assert benchmark.run(['--op', 'nope']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'no such op benchmark; use one of' in err
 
 
 def test_an_op_benchmark_declared_in_one_module_is_run_by_the_tool(capsys):
@@ -286,12 +285,12 @@ def test_gpu_benchmark_script_arguments_check_without_a_gpu(tmp_path, monkeypatc
 
 def test_check_names_what_is_wrong(tmp_path, capsys):
     (tmp_path / 'cfgs').mkdir()
-    with pytest.raises(SystemExit, match='no cfgs/flatten_swin_t.yaml there'):
+    with pytest.raises(ConfigError, match='no cfgs/flatten_swin_t.yaml there'):
         benchmark.main(['--check', '--cfgs', os.path.join(ROOT, 'cfgs', 'flatten_swin_t.yaml'),
                         '--reference', str(tmp_path)])
-    with pytest.raises(SystemExit, match='timm:swin_tinyy: timm has no such model'):
+    with pytest.raises(ConfigError, match='timm:swin_tinyy: timm has no such model'):
         benchmark.main(['--check', '--cfgs', 'timm:swin_tinyy'])
-    with pytest.raises(SystemExit, match="nope.yaml: config file not found"):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         benchmark.main(['--check', '--cfgs', str(tmp_path / 'nope.yaml')])
     assert benchmark.main(['--check', '--cfgs', os.path.join(ROOT, 'cfgs', 'dat_tiny.yaml'),
                            'timm:swin_tiny_patch4_window7_224'])['checked'] == 2
@@ -310,10 +309,36 @@ def test_alternate_takes_turns_between_models(monkeypatch, alternate):
         assert torch.equal(first_weights.setdefault(name, w), w)      # rebuilt from the same seed
         return _placeholder_result(modes)
 
-    monkeypatch.setattr(benchmark, 'measure', fake_measure)
+    monkeypatch.setattr(timing, 'measure', fake_measure)
     result = benchmark.main(['--smoke', '--no-flops', '--modes', 'infer', '--rounds', '2', '--cfgs',
                              'timm:resnet18', 'timm:mobilenetv3_small_050', '--img-size', '64']
                             + (['--alternate'] if alternate else []))
     a, b = 'ResNet', 'MobileNetV3'
     assert order == ([a, b, a, b] if alternate else [a, b])
     assert [len(r['ours']['img_s_rounds']) for r in result['models']] == [2 if alternate else 1] * 2
+
+
+# ----------------------------------------------------------------------------- the command line (issue #32)
+BENCH = os.path.join(ROOT, 'tools', 'benchmark.py')
+
+
+def test_timm_class_count_sets_the_training_targets(startup_server):
+    """``timm:NAME,num_classes=10``: the training step's random targets come from the model's 10 classes (they
+    came from 1000: a traceback in the cross-entropy). Run as a file, as the README writes it."""
+    result = startup_server.run([BENCH, '--smoke', '--no-flops', '--modes', 'train', '--img-size', '32',
+                                 '--cfgs', 'timm:resnet18,num_classes=10'], cwd=ROOT)
+    assert result.code == 0, result.err[-2000:]
+    assert '| timm:resnet18,num_classes=10 | train | 32 | 2 |' in result.out
+
+
+@pytest.mark.parametrize('check', [True, False])
+def test_unknown_timm_keyword_is_one_line(startup_server, check):
+    """An unknown keyword in ``timm:NAME,key=value``: one line naming the entry and the keyword, exit 2, both
+    when measuring and under ``--check`` (which called it fine). Run as a package module."""
+    result = startup_server.run(['-m', 'tools.benchmark', '--no-flops', '--smoke', '--img-size', '32',
+                                 '--cfgs', 'timm:resnet18,no_such_kwarg=1'] + (['--check'] if check else []),
+                                cwd=ROOT)
+    assert result.code == 2, result.err[-2000:]
+    err = result.err.strip()
+    assert '\n' not in err and err.startswith('ERROR: --cfgs timm:resnet18,no_such_kwarg=1: '), err
+    assert "unexpected keyword argument 'no_such_kwarg'" in err

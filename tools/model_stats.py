@@ -7,8 +7,9 @@
 Parameters are counted in millions (trainable and frozen alike). FLOPs are measured with fvcore's
 FlopCountAnalysis on one image of DATA.IMG_SIZE (batch 1) in eval mode; fvcore counts one fused
 multiply-add as one flop and skips element-wise ops (activations, softmax), the convention of the numbers
-published for FLatten and Swin. The count is plain fvcore plus the one handle it lacks for torch's fused
-attention (``models.flops.FVCORE_HANDLES``): what any fvcore user gets. Runs on CPU.
+published for FLatten and Swin. The count is ``report.count_flops`` (the one a run's summary prints): plain
+fvcore plus the one handle it lacks for torch's fused attention (``models.flops.FVCORE_HANDLES``), what any
+fvcore user gets. Runs on CPU; ``python -m tools.model_stats`` works too.
 """
 from __future__ import annotations
 
@@ -17,17 +18,17 @@ import glob
 import logging
 import os
 import sys
-import warnings
 from typing import List, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+if __name__ == '__main__' and not __package__:   # run as a file: tools/_root.py puts the repository root on the path
+    import _root  # noqa: F401
 
-import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import errors  # noqa: E402
+from report import count_flops  # noqa: E402  (the project's one FLOP counter)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 logger = logging.getLogger('model_stats')
 
@@ -35,22 +36,6 @@ logger = logging.getLogger('model_stats')
 def count_params(model: nn.Module) -> int:
     """Number of parameter elements."""
     return sum(p.numel() for p in model.parameters())
-
-
-def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
-    """fvcore flops (multiply-adds) of one forward pass on a (1, in_chans, img_size, img_size) input: plain
-    ``FlopCountAnalysis`` with the one handle it lacks, fused attention as its two matmuls
-    (``models.flops.FVCORE_HANDLES``); the models' fast paths run plain operators while traced."""
-    with warnings.catch_warnings():          # fvcore's import uses the deprecated torch.jit.script
-        warnings.filterwarnings('ignore', category=FutureWarning)
-        from fvcore.nn import FlopCountAnalysis
-    from models.flops import FVCORE_HANDLES
-
-    x = torch.zeros(1, in_chans, img_size, img_size)
-    analysis = FlopCountAnalysis(model.eval(), x).set_op_handle(**FVCORE_HANDLES)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings('none')
-    with torch.no_grad():
-        return int(analysis.total())
 
 
 def model_row(cfg_path: str, opts: Sequence[str] = (), flops: bool = True) -> List[str]:
