@@ -13,9 +13,9 @@ from PIL import Image
 
 from logger import METRICS_FILE, MetricsWriter, read_metrics
 
+from tools import plot_runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'tools'))
-import plot_runs  # noqa: E402
 
 
 def _epoch(e: int, **kw) -> dict:

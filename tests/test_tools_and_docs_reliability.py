@@ -7,14 +7,12 @@ import logging
 import math
 import os
 import re
-import sys
 from collections import Counter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'tools'))
+from data.samplers import RepeatedAugSampler
+from tools import plot_runs
 
-import plot_runs  # noqa: E402
-from data.samplers import RepeatedAugSampler  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def deit_ra_order(n: int, perm: list, repeats: int, rank: int, world: int) -> list:

@@ -14,25 +14,21 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+if __name__ == '__main__' and not __package__:   # run as a file: tools/_root.py puts the repository root on the path
+    import _root  # noqa: F401
 
 import torch  # noqa: E402
 
+import errors  # noqa: E402
+from tools.bench.timing import time_calls  # noqa: E402
+
 
 def _time(fn: Callable[[], object], iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    """Median ms of ``iters`` calls after one warm-up call."""
+    return 1e3 * time_calls(fn, torch.device('cpu'), 1, iters)['wall_s']
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -46,6 +42,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import onnxruntime as ort
     import timm
     import models  # noqa: F401
+    if not timm.is_model(args.model):
+        raise errors.ConfigError(f'{args.model}: timm has no such model (see timm.list_models())')
     torch.set_num_threads(args.threads)
     model = timm.create_model(args.model).eval()
     size = model.pretrained_cfg['input_size'][-1]
@@ -84,4 +82,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(errors.cli(main))

@@ -24,9 +24,8 @@ import sys
 import warnings
 from typing import Optional, Sequence, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+if __name__ == '__main__' and not __package__:   # run as a file: tools/_root.py puts the repository root on the path
+    import _root  # noqa: F401
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402

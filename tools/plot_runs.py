@@ -16,9 +16,8 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+if __name__ == '__main__' and not __package__:   # run as a file: tools/_root.py puts the repository root on the path
+    import _root  # noqa: F401
 
 import errors  # noqa: E402
 from errors import ConfigError, DataError  # noqa: E402
