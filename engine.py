@@ -2,7 +2,7 @@
 
 A :class:`Trainer` (built by ``runner.build_trainer``) holds everything a training run holds; ``train(t)`` runs
 the epochs (``train_one_epoch`` -> ``forward_backward`` / ``optimizer_step`` per step, ``validate`` per epoch,
-checkpoints through ``resume.save``); ``validate`` and ``throughput`` measure a model. Run setup and the
+checkpoints through :func:`save`); ``validate`` and ``throughput`` measure a model. Run setup and the
 modes are ``runner.py``; which weights a run starts from is ``resume.py``.
 
 The training step does no host synchronisation: the loss, the gradient norm, the non-finite flag and the
@@ -36,10 +36,9 @@ from yacs.config import CfgNode
 
 import checkpoint as ckpt_io
 import report
-from errors import TrainingError
+from errors import Preempted, TrainingError
 from logger import MetricsWriter
 from optimizer import supports_found_inf
-from resume import save
 from utils import (DistInfo, PreemptionHandler, all_reduce_max, all_reduce_sum, barrier, derive_seed, get_rank,
                    grad_norm, seed_everything)
 
@@ -47,10 +46,6 @@ logger = logging.getLogger(__name__)
 
 PREEMPT_CHECKPOINT = 'preempt.pth'
 VALIDATION_LOG_SECONDS = 30.0            # validation progress at least this often (rank 0 logs it)
-
-
-class Preempted(Exception):
-    """Raised after a SIGTERM/SIGINT once the resumable checkpoint is written (exit code 143)."""
 
 
 @dataclass
@@ -130,6 +125,31 @@ class Trainer:
     @property
     def total_epochs(self) -> int:
         return self.config.TRAIN.EPOCHS + self.config.TRAIN.COOLDOWN_EPOCHS
+
+
+# ----------------------------------------------------------------------------- what a checkpoint holds
+def checkpoint_state(t: Trainer, epoch: int, step: int = 0) -> Dict[str, Any]:
+    """The resumable checkpoint dict of ``t`` at (epoch, step) (see the checkpoint API contract;
+    ``resume.resume_training`` reads it back)."""
+    return {
+        'model': t.model_without_ddp.state_dict(),
+        'optimizer': t.optimizer.state_dict(),
+        'lr_scheduler': t.lr_scheduler.state_dict(),
+        'scaler': t.scaler.state_dict() if t.scaler.is_enabled() else None,
+        'model_ema': t.ema.module.state_dict() if t.ema is not None else None,
+        'epoch': epoch, 'step': step,
+        'max_accuracy': t.max_accuracy, 'max_ema_accuracy': t.max_ema_accuracy,
+        'config': t.config.dump(),
+    }
+
+
+def save(t: Trainer, name: str, epoch: int, step: int = 0) -> str:
+    """Write the resumable checkpoint of ``t`` at (epoch, step) as OUTPUT/``name``; returns its path."""
+    path = os.path.join(t.config.OUTPUT, name)
+    logger.info(f'{path} saving......')
+    ckpt_io.save_checkpoint(checkpoint_state(t, epoch, step), path)
+    logger.info(f'{path} saved !!!')
+    return path
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -1,8 +1,10 @@
-"""The errors a user can fix, in one place: each is reported as one line (``ERROR: <message>``, exit 2) by
-every entry point and tool, never as a traceback.
+"""Every error class of the project, in one place, under one base class, :class:`ProjectError`.
 
-``UserError`` is the one base class the entry points catch; the subclasses say which layer found the problem.
-This module imports nothing from the project, so the model library and the experiment layer can both use it.
+The errors a user can fix (:class:`UserError` and its subclasses) are reported as one line
+(``ERROR: <message>``, exit 2) by every entry point and tool, never as a traceback; the subclasses say which
+layer found the problem. :class:`Preempted` is the one that is not a user's: a run stopped by a signal once
+its resumable checkpoint is written. This module imports nothing from the project, so the model library, the
+experiment layer, ``visualize`` and the tools can all use it.
 """
 from __future__ import annotations
 
@@ -12,7 +14,11 @@ from typing import Callable, Optional
 ERROR_EXIT_CODE = 2
 
 
-class UserError(Exception):
+class ProjectError(Exception):
+    """The base class of every error this project raises."""
+
+
+class UserError(ProjectError):
     """A problem the user can fix (a setting, a file, the data): its message is one line that names the
     problem and the fix."""
 
@@ -31,6 +37,22 @@ class DataError(UserError, RuntimeError):
 
 class TrainingError(UserError, RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the last good checkpoint is kept."""
+
+
+class InputError(UserError, ValueError):
+    """``visualize``: an unreadable image or a malformed option value."""
+
+
+class LayoutError(UserError, ValueError):
+    """``visualize``: the block's token grouping cannot be mapped back to image positions."""
+
+
+class SelectionError(UserError, ValueError):
+    """``visualize``: a block/module selection that does not exist; the message lists the valid ones."""
+
+
+class Preempted(ProjectError):
+    """Raised after a SIGTERM/SIGINT once the resumable checkpoint is written (exit code 143)."""
 
 
 def one_line(error: BaseException) -> str:

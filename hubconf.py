@@ -21,13 +21,14 @@ def _create(_name: str, **kwargs):
 
 
 def _entries():
+    """(name, the file of its family) of every model this repository registers."""
     for name in _timm.list_models():
-        fn = _timm.models.model_entrypoint(name)
-        if fn.__module__.startswith('models.'):
-            yield name
+        module = _timm.models.model_entrypoint(name).__module__
+        if module.startswith('models.'):
+            yield name, module.replace('.', '/') + '.py'
 
 
-for _name in _entries():
+for _name, _file in _entries():
     _fn = _partial(_create, _name)
-    _fn.__doc__ = f"timm.create_model('{_name}', **kwargs) (see models/{_name.split('_')[0]}*.py)"
+    _fn.__doc__ = f"timm.create_model('{_name}', **kwargs) (see {_file})"
     globals()[_name] = _fn

@@ -1,12 +1,13 @@
-"""Which weights a run starts from, and what a run's checkpoint holds (the policy over ``checkpoint.py``'s I/O).
+"""Which weights a run starts from (the policy over ``checkpoint.py``'s I/O).
 
 * ``resume_source``: the checkpoint a run continues from or evaluates (``--resume``, auto-resume, or none
   when ``--eval``/``--throughput`` name ``--pretrained`` weights);
 * ``resume_run`` / ``resume_training``: a :class:`engine.Trainer` restored from it (weights, optimizer,
   schedule, scaler, EMA, progress); ``load_weights``: the weights alone (evaluation, throughput);
 * ``load_finetune_weights``: ``--pretrained`` (the family's ``checkpoint_filter_fn``, a new head for
-  another class count, 21841 -> 1000 classes, strict otherwise);
-* ``checkpoint_state`` / ``save``: the resumable checkpoint the epoch loop writes.
+  another class count, 21841 -> 1000 classes, strict otherwise).
+
+What a checkpoint holds is written by ``engine.save`` (the epoch loop's); this module only reads it.
 
 No model code is imported: a model's family module (where ``checkpoint_filter_fn`` lives) is found through
 the model's class.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,12 +26,10 @@ from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
 import checkpoint as ckpt_io
+from engine import Trainer
 from errors import CheckpointError
 from state_dicts import EMA_ENTRIES, state_dict_entry, state_dict_mismatch
 from utils import DistInfo
-
-if TYPE_CHECKING:                       # engine imports this module (``save``); the type only
-    from engine import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -67,30 +66,6 @@ def resume_source(config: CfgNode, info: DistInfo) -> Optional[str]:
     return explicit
 
 
-# ----------------------------------------------------------------------------- what a checkpoint holds
-def checkpoint_state(t: 'Trainer', epoch: int, step: int = 0) -> Dict[str, Any]:
-    """The resumable checkpoint dict (see the checkpoint API contract)."""
-    return {
-        'model': t.model_without_ddp.state_dict(),
-        'optimizer': t.optimizer.state_dict(),
-        'lr_scheduler': t.lr_scheduler.state_dict(),
-        'scaler': t.scaler.state_dict() if t.scaler.is_enabled() else None,
-        'model_ema': t.ema.module.state_dict() if t.ema is not None else None,
-        'epoch': epoch, 'step': step,
-        'max_accuracy': t.max_accuracy, 'max_ema_accuracy': t.max_ema_accuracy,
-        'config': t.config.dump(),
-    }
-
-
-def save(t: 'Trainer', name: str, epoch: int, step: int = 0) -> str:
-    """Write the resumable checkpoint of ``t`` at (epoch, step) as OUTPUT/``name``; returns its path."""
-    path = os.path.join(t.config.OUTPUT, name)
-    logger.info(f'{path} saving......')
-    ckpt_io.save_checkpoint(checkpoint_state(t, epoch, step), path)
-    logger.info(f'{path} saved !!!')
-    return path
-
-
 # ----------------------------------------------------------------------------- resuming
 def load_weights(path: str, model: nn.Module, ema: Optional[ModelEmaV3] = None,
                  prefer_ema: bool = False) -> Dict[str, Any]:
@@ -112,7 +87,7 @@ def load_weights(path: str, model: nn.Module, ema: Optional[ModelEmaV3] = None,
     return ckpt
 
 
-def resume_training(t: 'Trainer', path: str) -> None:
+def resume_training(t: Trainer, path: str) -> None:
     """Weights, optimizer, schedule, scaler, EMA and progress (epoch, step, best accuracies) from ``path``;
     a weights-only file (no optimizer state) starts the schedule from TRAIN.START_EPOCH."""
     ckpt = load_weights(path, t.model_without_ddp, t.ema)
@@ -132,7 +107,7 @@ def resume_training(t: 'Trainer', path: str) -> None:
     logger.info(f"=> loaded successfully '{path}' (epoch {t.epoch}, step {t.step})")
 
 
-def resume_run(t: 'Trainer') -> None:
+def resume_run(t: Trainer) -> None:
     """Restore ``t`` from ``resume_source`` when there is one. A checkpoint that auto-resume found but that
     does not fit says so: the output folder holds another experiment's run."""
     config = t.config
@@ -215,5 +190,4 @@ def load_finetune_weights(model: nn.Module, path: str, index_22k_to_1k: Optional
     logger.info('loaded pretrained weights from %s', path)
 
 
-__all__ = ['resume_source', 'checkpoint_state', 'save', 'load_weights', 'resume_training', 'resume_run',
-           'load_finetune_weights']
+__all__ = ['resume_source', 'load_weights', 'resume_training', 'resume_run', 'load_finetune_weights']

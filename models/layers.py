@@ -53,6 +53,11 @@ class TokenGroups:
     window: Tuple[int, int]
     keys_reduced: bool = False
 
+    def locate(self, row: int, col: int) -> Tuple[int, int]:
+        """(group, token) of grid cell (row, col)."""
+        hit = (self.positions == row * self.grid[1] + col).nonzero()
+        return int(hit[0, 0]), int(hit[0, 1])
+
 
 def whole_grid(hw: Tuple[int, int], keys_reduced: bool = False) -> TokenGroups:
     """Every token of the (H, W) map in one row-major group."""

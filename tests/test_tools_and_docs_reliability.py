@@ -61,3 +61,83 @@ def test_plot_runs_skips_json_lines_that_are_not_records(tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and 'skipped 4 line(s) that are not JSON objects' in warned[0]
     assert os.path.getsize(tmp_path / 'c.png') > 1000
+
+
+# ----------------------------------------------------------------------------- rooms that say what they hold
+def _project_sources():
+    """(path, parsed module) of every Python file of the project outside tests/."""
+    import ast
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith('.') and d not in ('tests', 'shared', '__pycache__')]
+        for name in files:
+            if name.endswith('.py'):
+                path = os.path.join(folder, name)
+                with open(path) as f:
+                    yield os.path.relpath(path, ROOT), ast.parse(f.read())
+
+
+def test_no_import_cycle_between_the_projects_modules():
+    """Top-level modules and packages import each other in one direction only (every import counted, those
+    under ``if TYPE_CHECKING`` and inside functions too)."""
+    import ast
+    tops = {n[:-3] if n.endswith('.py') else n for n in os.listdir(ROOT)
+            if n != 'tests' and (n.endswith('.py') or os.path.isfile(os.path.join(ROOT, n, '__init__.py')))}
+    graph = {t: set() for t in tops}
+    for rel, tree in _project_sources():
+        src = rel.split(os.sep)[0]
+        src = src[:-3] if src.endswith('.py') else src
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            graph.setdefault(src, set()).update(m.split('.')[0] for m in names if m.split('.')[0] in tops)
+    assert {'engine', 'resume', 'checkpoint'} <= tops and 'checkpoint' in graph['engine']     # the walk sees them
+    for start in sorted(tops):
+        seen, todo = set(), [b for b in graph[start] if b != start]
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo += [b for b in graph.get(node, ()) if b != node]
+        assert start not in seen, f'{start} imports itself through {sorted(b for b in graph[start] if b in seen)}'
+
+
+def test_every_error_class_lives_in_errors_under_one_base():
+    import ast
+    import inspect
+
+    import errors
+    defined = {}
+    for rel, tree in _project_sources():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and any(
+                    getattr(b, 'id', getattr(b, 'attr', '')).endswith(('Error', 'Exception')) for b in node.bases):
+                defined.setdefault(rel, []).append(node.name)
+    assert set(defined) == {'errors.py'}, defined
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == 'errors']
+    assert len(classes) >= 8 and all(issubclass(c, errors.ProjectError) for c in classes)
+    import engine
+    import visualize
+    assert engine.Preempted is errors.Preempted and visualize.LayoutError is errors.LayoutError
+
+
+def test_tools_edit_sys_path_in_one_place():
+    """tools/_root.py is the one place a tool puts the repository root on sys.path (``python tools/X.py``);
+    the benchmark's official worker puts the user's official checkout first, which is not a path to ours."""
+    edits = {}
+    for rel, _ in _project_sources():
+        if rel.startswith('tools' + os.sep):
+            with open(os.path.join(ROOT, rel)) as f:
+                n = len(re.findall(r'sys\.path\s*(\[[^\]]*\]\s*=|\.(insert|append|extend)\()', f.read()))
+            if n:
+                edits[rel] = n
+    assert edits == {os.path.join('tools', '_root.py'): 1, os.path.join('tools', 'bench', 'official.py'): 1}
+
+
+def test_hub_entries_name_files_that_exist():
+    import hubconf
+    docs = {name: fn.__doc__ for name, fn in vars(hubconf).items() if not name.startswith('_') and callable(fn)
+            and 'timm.create_model' in (fn.__doc__ or '')}
+    assert 'flatten_swin_t' in docs and 'L2ViT_Tiny' in docs
+    for name, doc in docs.items():
+        path = re.search(r'\(see (\S+)\)', doc).group(1)
+        assert os.path.isfile(os.path.join(ROOT, path)), (name, doc)

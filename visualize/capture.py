@@ -17,17 +17,15 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from errors import UserError
-from .layout import TokenLayout, token_layout
+from errors import SelectionError
+from models.layers import TokenGroups
+
+from .layout import token_layout
 
 logger = logging.getLogger(__name__)
 
 Reduce = Union[int, str]           # an index, or 'mean'
 MAP_KINDS = ('linear', 'softmax')  # the attn_kind values whose tap gives a query x key matrix
-
-
-class SelectionError(UserError, ValueError):
-    """A block/module selection that does not exist; the message lists the valid ones."""
 
 
 @dataclass
@@ -226,7 +224,7 @@ class AttentionMaps:
     and the layout that places its tokens on the (H, W) grid."""
     kind: str
     matrix: torch.Tensor
-    layout: TokenLayout
+    layout: TokenGroups
 
     @property
     def grid(self) -> Tuple[int, int]:

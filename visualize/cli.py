@@ -24,12 +24,12 @@ import torch.nn as nn
 from PIL import Image
 
 from config import load_config
-from errors import UserError, report
+from errors import InputError, UserError, report
 from models import build_model
 from .capture import (AttentionMaps, AttentionSite, SelectionError, attention_maps, attention_sites,
                       capture, list_sites, query_lattice, select_site)
 from .deformable import is_drawn, render_keys
-from .photo import InputError, load_photo, to_input
+from .photo import load_photo, to_input
 from .render import grid_shape, overlay, save_grid
 
 logger = logging.getLogger('visualize')

@@ -27,15 +27,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .capture import AttentionSite, SelectionError, attention_sites, query_lattice, select_site
+from errors import SelectionError
+
+from .capture import AttentionSite, attention_sites, query_lattice, select_site
 from .photo import centre_square, load_photo, to_input
 
 ATTN_KIND = 'deformable'
 NEIGHBORHOOD_KIND = 'neighborhood'
-
-
-def is_deformable(module: nn.Module) -> bool:
-    return getattr(module, 'attn_kind', None) == ATTN_KIND
 
 
 def is_drawn(module: nn.Module) -> bool:

@@ -3,44 +3,25 @@
 An attention tap sees tokens grouped as (B', N, ...) with B' = batch * groups (windows, stripes) in the
 block's own order. A block that implements the token-layout protocol,
 ``block.token_groups(attn_module) -> models.layers.TokenGroups`` (grid, (groups, N) flat positions,
-window shape, keys_reduced), says where every (group, token) sits on its (H, W) grid. For other blocks,
-one group per image with as many keys as queries is taken as the whole image in row-major order.
+window shape, keys_reduced), says where every (group, token) sits on its (H, W) grid; a tap's layout is that
+same type. For other blocks, one group per image with as many keys as queries is taken as the whole image
+in row-major order.
 Spatially reduced keys, and a block that cannot place its tokens (its ``token_groups`` raises ValueError,
 e.g. windows that pad the map), raise :class:`LayoutError`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
-import torch
 import torch.nn as nn
 
-from errors import UserError
-
-
-class LayoutError(UserError, ValueError):
-    """The block's token grouping cannot be mapped back to image positions."""
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """grid: the block's (H, W) token grid; positions: (groups, N) long, flat grid index (row * W + col)
-    of every query token of every group (keys share it: every supported block has n == N); window: the
-    (h, w) spatial shape of one group, the image the depth-wise conv runs on."""
-    grid: Tuple[int, int]
-    positions: torch.Tensor
-    window: Tuple[int, int]
-
-    def locate(self, row: int, col: int) -> Tuple[int, int]:
-        """(group, token) of grid cell (row, col)."""
-        hit = (self.positions == row * self.grid[1] + col).nonzero()
-        return int(hit[0, 0]), int(hit[0, 1])
+from errors import LayoutError
+from models.layers import TokenGroups, whole_grid
 
 
 def token_layout(block: nn.Module, name: str, groups: int, n_query: int, n_key: int, batch: int,
-                 image_hw: Tuple[int, int], attn: Optional[nn.Module] = None) -> TokenLayout:
+                 image_hw: Tuple[int, int], attn: Optional[nn.Module] = None) -> TokenGroups:
     """The layout of block ``name`` whose tap (on attention module ``attn``) saw (groups, n_query) queries
     and n_key keys for ``batch`` images of size ``image_hw``. Raises LayoutError when it cannot be placed."""
     if hasattr(block, 'token_groups'):
@@ -51,14 +32,14 @@ def token_layout(block: nn.Module, name: str, groups: int, n_query: int, n_key: 
         if desc.keys_reduced or n_key != n_query:
             raise LayoutError(f'{name}: keys are spatially reduced ({n_query} queries, {n_key} keys); maps need '
                               f'one key per token (a spatial-reduction ratio of 1)')
-        layout = TokenLayout(tuple(desc.grid), desc.positions, tuple(desc.window))
+        layout = TokenGroups(tuple(desc.grid), desc.positions, tuple(desc.window))
     elif groups == batch and n_query == n_key:
         h_img, w_img = image_hw
         H = round(math.sqrt(n_query * h_img / w_img))
         W = n_query // max(H, 1)
         if H * W != n_query:
             raise LayoutError(f'{name}: {n_query} tokens do not form a grid of the image aspect {h_img}x{w_img}')
-        layout = TokenLayout((H, W), torch.arange(n_query).unsqueeze(0), (H, W))
+        layout = whole_grid((H, W))
     elif n_key != n_query:
         raise LayoutError(f'{name}: keys are spatially reduced ({n_query} queries, {n_key} keys); maps need '
                           f'one key per token')

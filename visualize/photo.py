@@ -8,13 +8,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms.functional import normalize, pil_to_tensor
 
 from data.cached_image_folder import load_image
-from errors import UserError
-
 IMAGE_FIX = 'give --image a file Pillow reads (JPEG, PNG, ...)'
-
-
-class InputError(UserError, ValueError):
-    """An unreadable image or a malformed option value."""
 
 
 def centre_square(image: Image.Image) -> Image.Image:
