@@ -74,6 +74,18 @@ def make_input(batch: int, img_size: int, device: torch.device, channels_last: b
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def _per_image(step: Callable[[], Any], x: torch.Tensor, warmup: int, repeats: int) -> Dict[str, float]:
+    """:func:`time_calls` of ``step`` on the batch ``x`` after a first call outside the peak window (lazy init,
+    compile), with its peak memory, images/s and CPU seconds per image."""
+    step()
+    reset_peak_memory(x.device)
+    res = time_calls(step, x.device, warmup, repeats)
+    res['peak_mb'] = peak_memory_mb(x.device)
+    res['img_s'] = x.shape[0] / res['wall_s']
+    res['cpu_s_per_img'] = res['cpu_s'] / x.shape[0]
+    return res
+
+
 def measure_inference(model: nn.Module, x: torch.Tensor, dtype: str, warmup: int, repeats: int) -> Dict[str, float]:
     device = x.device
     model.eval()
@@ -84,13 +96,7 @@ def measure_inference(model: nn.Module, x: torch.Tensor, dtype: str, warmup: int
         with torch.no_grad(), _autocast(device, dtype):
             model(x)
 
-    step()                                   # first call outside the peak window (lazy init, compile)
-    reset_peak_memory(device)
-    res = time_calls(step, device, warmup, repeats)
-    res['peak_mb'] = peak_memory_mb(device)
-    res['img_s'] = x.shape[0] / res['wall_s']
-    res['cpu_s_per_img'] = res['cpu_s'] / x.shape[0]
-    return res
+    return _per_image(step, x, warmup, repeats)
 
 
 def measure_train(model: nn.Module, x: torch.Tensor, num_classes: int, dtype: str, warmup: int,
@@ -113,13 +119,7 @@ def measure_train(model: nn.Module, x: torch.Tensor, num_classes: int, dtype: st
         scaler.step(opt)
         scaler.update()
 
-    step()
-    reset_peak_memory(device)
-    res = time_calls(step, device, warmup, repeats)
-    res['peak_mb'] = peak_memory_mb(device)
-    res['img_s'] = x.shape[0] / res['wall_s']
-    res['cpu_s_per_img'] = res['cpu_s'] / x.shape[0]
-    return res
+    return _per_image(step, x, warmup, repeats)
 
 
 def measure(model: nn.Module, opts: Dict[str, Any], modes: Sequence[str]) -> Dict[str, Dict[str, float]]:
