@@ -342,3 +342,13 @@ def test_unknown_timm_keyword_is_one_line(startup_server, check):
     err = result.err.strip()
     assert '\n' not in err and err.startswith('ERROR: --cfgs timm:resnet18,no_such_kwarg=1: '), err
     assert "unexpected keyword argument 'no_such_kwarg'" in err
+
+
+def test_dense_backbone_timm_refuses_is_one_line(capsys):
+    """--dense on a model timm cannot build with features_only + dynamic_img_size: one line, exit 2."""
+    assert benchmark.run(['--dense', '--dense-models', 'resnet18', '--dense-sizes', '32x32', '--batch', '1',
+                          '--rounds', '1', '--warmup', '0', '--repeats', '1']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('ERROR: --dense-models resnet18: timm cannot build it'), err
+    assert benchmark.run(['--dense', '--dense-models', 'resnet18', '--dense-sizes', '32by32']) == 2
+    assert 'ERROR: --dense-sizes 32by32: give HxW, e.g. 512x1024' in capsys.readouterr().err

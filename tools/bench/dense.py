@@ -109,8 +109,12 @@ def run_dense(args: argparse.Namespace) -> Dict[str, Any]:
     for _ in range(args.rounds):
         for name in names:
             torch.manual_seed(0)
-            model = timm.create_model(name, features_only=True, dynamic_img_size=True,
-                                      drop_path_rate=0.).to(device)
+            try:
+                model = timm.create_model(name, features_only=True, dynamic_img_size=True, drop_path_rate=0.)
+            except Exception as e:  # noqa: BLE001  (the model's own refusal, as one line)
+                raise ConfigError(f'--dense-models {name}: timm cannot build it as a dense backbone (features_only, '
+                                  f'dynamic_img_size): {type(e).__name__}: {" ".join(str(e).split())}') from None
+            model = model.to(device)
             for h, w in sizes:
                 x = torch.randn(args.batch, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
                 pad = model.feature_info.reduction()[0]   # timm's Swin asks for sides its patch divides
