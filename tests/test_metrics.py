@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -104,18 +102,17 @@ def test_plot_runs_draws_one_line_per_run_per_panel(tmp_path):
     assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ['linear', 'softmax', 'softmax (EMA)']
 
 
-def test_plot_runs_cli(tmp_path):
+def test_plot_runs_cli(tmp_path, startup_server):
+    """The script itself, as a file and as a package module (fresh starts past torch and timm)."""
     a = _run(tmp_path / 'a', 'm', 'one', [_epoch(1), _epoch(2)])
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'plot_runs.py'), a, '-o',
-                           str(tmp_path / 'c.png')], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    proc = startup_server.run([os.path.join(ROOT, 'tools', 'plot_runs.py'), a, '-o', str(tmp_path / 'c.png')])
+    assert proc.code == 0, proc.err
     assert os.path.getsize(tmp_path / 'c.png') > 1000
     # a folder without metrics: one line on stderr, exit 2, through the script's own entry
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'plot_runs.py'), str(tmp_path / 'nope')],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stdout == ''
-    assert proc.stderr.strip().splitlines() == [f"ERROR: no metrics.jsonl in {tmp_path / 'nope'}: give the "
-                                                'output folder of a training run']
+    proc = startup_server.run(['-m', 'tools.plot_runs', str(tmp_path / 'nope')])
+    assert proc.code == 2 and proc.out == ''
+    assert proc.err.strip().splitlines() == [f"ERROR: no metrics.jsonl in {tmp_path / 'nope'}: give the "
+                                             'output folder of a training run']
 
 
 @pytest.mark.parametrize('case', ['labels', 'empty', 'unreadable', 'binary', 'output_dir', 'extension'])
