@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from errors import SelectionError
-from models.layers import TokenGroups
 
 from .layout import token_layout
+
+if TYPE_CHECKING:          # the model library is imported when a model is, never by ``import visualize``
+    from models.layers import TokenGroups
 
 logger = logging.getLogger(__name__)
 

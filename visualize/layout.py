@@ -12,18 +12,21 @@ e.g. windows that pad the map), raise :class:`LayoutError`.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch.nn as nn
 
 from errors import LayoutError
-from models.layers import TokenGroups, whole_grid
+
+if TYPE_CHECKING:          # the model library is imported when a model is, never by ``import visualize``
+    from models.layers import TokenGroups
 
 
 def token_layout(block: nn.Module, name: str, groups: int, n_query: int, n_key: int, batch: int,
                  image_hw: Tuple[int, int], attn: Optional[nn.Module] = None) -> TokenGroups:
     """The layout of block ``name`` whose tap (on attention module ``attn``) saw (groups, n_query) queries
     and n_key keys for ``batch`` images of size ``image_hw``. Raises LayoutError when it cannot be placed."""
+    from models.layers import TokenGroups, whole_grid      # here: `import visualize` leaves the library unloaded
     if hasattr(block, 'token_groups'):
         try:
             desc = block.token_groups(attn)

@@ -6,6 +6,11 @@ code, over resolutions, and of the input pipeline alone.
     python tools/benchmark.py --sweep-resolution --cfgs cfgs/flatten_pvt_t.yaml cfgs/pvt_t.yaml
     python tools/benchmark.py --data /path/to/imagenet --cfgs cfgs/flatten_swin_t.yaml --workers 8
     python tools/benchmark.py --smoke                      # CI-sized: tiny model, one timed repeat
+    python tools/benchmark.py --cfgs 'timm:pvt_v2_b0,num_classes=10'   # a timm model with keyword arguments
+    python tools/benchmark.py --dense                      # backbones at dense-prediction sizes
+    python tools/benchmark.py --op list                    # kernels a model module declares, timed by --op NAME
+
+(``python -m tools.benchmark ...`` is the same.) A bad argument is one line, ``ERROR: ...``, exit status 2.
 
 Method: models come from ``models.build_model(load_config(cfg, opts))`` (random weights). Each measure runs
 ``--warmup`` untimed calls, then ``--repeats`` timed calls (CUDA synchronised before and after each), and
