@@ -38,7 +38,7 @@ def test_readme_describes_what_the_repeated_aug_sampler_yields():
     assert sorted(Counter(counts.values()).items()) == [(2, 1), (3, 426)]
     two = [RepeatedAugSampler(n, rank=r, world_size=2, repeats=repeats).epoch_indices() for r in (0, 1)]
     assert two == [deit_ra_order(n, perm, repeats, r, 2) for r in (0, 1)] and len(two[0]) == 640
-    with open(os.path.join(ROOT, 'README.md')) as f:
+    with open(os.path.join(ROOT, 'docs', 'training.md')) as f:
         readme = ' '.join(f.read().split())
     start = readme.index('`AUG.REPEATED_AUG` turns on')
     text = readme[start:readme.index('Loaders pin memory', start)]
