@@ -18,8 +18,9 @@ Differences from the official code, all deliberate:
     renames them). No released model has 'L'/'S' blocks.
   * The unreleased letters 'P', 'Q', 'E', 'X' and the ``dwc_pes`` / ``fixed_pes`` / ``log_cpb`` options are
     not implemented (a ValueError says so).
-  * ``checkpoint_filter_fn`` implements the official fine-tuning intent (``DAT.load_pretrained``): bicubic
-    resize of ``rpe_table`` / window bias tables, and the 22k -> 1k head row selection.
+  * The official fine-tuning intent (``DAT.load_pretrained``) comes from the shared checkpoint fitting:
+    bicubic resize of ``rpe_table`` / window bias tables (:mod:`models.checkpoint_fit`), and the 22k -> 1k
+    head row selection of ``--pretrained`` with an index file (:mod:`resume`).
 
 Official quirks kept because the released weights depend on them: the deformable reference grid sits half a
 cell off (its last row/column starts outside [-1, 1] and is pulled back by the clamp); ``rpe_table`` is sized
@@ -41,6 +42,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from errors import ConfigError
+from state_dicts import unwrap_state_dict
 
 from .build import ConfigSection, ModelSpec, _plain, config_section, register_config_adapter
 from .checkpoint_fit import fit_state_dict
@@ -357,61 +359,21 @@ class DAT(LinearHeadMixin, nn.Module):
 _OFFICIAL_WINDOW_NAMES = (('.proj_qkv.', '.qkv.'), ('.proj_out.', '.proj.'))
 
 
-def _bicubic(table: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bicubic (align_corners=False, the F.interpolate default the official code uses) resize of
-    (C, h, w) to (C, *size), computed in float32 at least."""
-    dtype = table.dtype
-    work = table.to(torch.promote_types(dtype, torch.float32)).unsqueeze(0)
-    return F.interpolate(work, size=size, mode='bicubic', align_corners=False).squeeze(0).to(dtype)
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT,
-                         lookup_22k: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
-    """Adapt an official DAT++ checkpoint (raw state dict, or wrapped under 'model' / 'state_dict' /
-    'model_ema', keys optionally prefixed 'module.') to ``model``:
-
-      * 'L'/'S' projections ``proj_qkv``/``proj_out`` -> ``qkv``/``proj``;
-      * ``rpe_table`` (heads, 2h-1, 2w-1) and window ``relative_position_bias_table`` ((2w-1)^2, heads)
-        of another size are resized bicubically (the official fine-tuning intent);
-      * ``relative_position_index`` / ``attn_mask`` buffers of another size are replaced by the model's;
-      * a ``cls_head`` of another class count is mapped with ``lookup_22k`` (row indices, e.g. 22k -> 1k);
-        without it the head is passed on unchanged (the experiment layer's fine-tuning load then keeps the
-        model's fresh head, or maps 21841 -> 1000 classes with its index file).
-    """
-    for wrapper in ('model', 'state_dict', 'model_ema'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dict[str, torch.Tensor]:
+    """An official DAT++ checkpoint (any official wrapping, ``module.`` prefixes: :func:`state_dicts.unwrap_state_dict`)
+    adapted to ``model``: the 'L'/'S' projections ``proj_qkv``/``proj_out`` renamed ``qkv``/``proj``, then the shared
+    fitting (:func:`models.checkpoint_fit.fit_state_dict`): ``rpe_table`` and window bias tables of another size
+    resized bicubically (the official fine-tuning intent), re-created buffers, a checkpoint of another model
+    refused. A head of another class count passes unchanged: timm's pretrained loading drops it, ``--pretrained``
+    keeps the fresh head or maps 21841 -> 1000 classes with its index file (:mod:`resume`)."""
     target = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key.startswith('module.'):
-            key = key[len('module.'):]
+    for key, value in unwrap_state_dict(state_dict).items():
         for old, new in _OFFICIAL_WINDOW_NAMES:
             if '.attns.' in key and old in key and key.replace(old, new) in target:
                 key = key.replace(old, new)
-        if key not in target:
-            out[key] = value            # unexpected keys stay visible to a strict load
-            continue
-        want = target[key]
-        if value.shape == want.shape:
-            out[key] = value
-        elif key.endswith('rpe_table') and value.dim() == 3 and value.shape[0] == want.shape[0]:
-            out[key] = _bicubic(value, tuple(want.shape[-2:]))
-        elif key.endswith('relative_position_bias_table') and value.shape[1] == want.shape[1]:
-            s, t = math.isqrt(value.shape[0]), math.isqrt(want.shape[0])
-            grid = value.T.reshape(-1, s, s)
-            out[key] = _bicubic(grid, (t, t)).reshape(-1, t * t).T.contiguous()
-        elif key.endswith(('relative_position_index', 'attn_mask')):
-            out[key] = want
-        elif key.startswith('cls_head.') and lookup_22k is not None:
-            idx = torch.as_tensor(list(lookup_22k), dtype=torch.long)
-            if idx.numel() != want.shape[0]:
-                raise ValueError(f'lookup_22k has {idx.numel()} indices for a {want.shape[0]}-class head')
-            out[key] = value[idx]
-        else:
-            out[key] = value            # a head of another class count, or a real mismatch the caller names
-    return fit_state_dict(out, model)   # the re-created buffers; a checkpoint of another model is refused
+        out[key] = value
+    return fit_state_dict(out, model)
 
 
 # ----------------------------------------------------------------------------- registered variants
