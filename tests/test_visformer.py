@@ -66,7 +66,7 @@ def test_every_config_builds_and_forwards(cfg):
     assert sum(p.numel() for p in model.parameters()) == PINNED[config.MODEL.TYPE][1]
     exponent = config.MODEL.VISFORMER.QK_SCALE_EXPONENT
     assert exponent == (-0.5 if cfg.endswith('_v2') else -0.25)
-    attn = model.stage3[0].attn
+    attn = model.stages[-1].blocks[0].attn
     assert attn.scale == pytest.approx((attn.dim // attn.num_heads) ** (2 * exponent))
     with torch.inference_mode():
         out = model(torch.randn(1, 3, 224, 224))
@@ -121,15 +121,15 @@ def test_shift_follows_the_network_wide_block_index():
     """Officially a v2 block is shifted when its index over ALL blocks is odd (stage 2 of tiny_v2 starts at 5)."""
     with torch.device('meta'):
         model = timm.create_model('swin_visformer_tiny_v2', img_size=448)
-    assert [b.shift for b in model.stage2] == [7, 0, 7, 0, 7, 0]
-    assert [b.shift for b in model.stage3] == [3, 0, 3]
+    assert [b.shift for b in model.stages[2].blocks] == [7, 0, 7, 0, 7, 0]
+    assert [b.shift for b in model.stages[3].blocks] == [3, 0, 3]
     assert [k for k in model.state_dict() if k.endswith('attn_mask')][:2] == ['stage2.0.attn_mask', 'stage2.2.attn_mask']
 
 
 def test_gradients_reach_every_parameter_and_features():
     torch.manual_seed(0)            # drop path may drop a branch for both samples: no gradient there
     model = timm.create_model('swin_visformer_tiny_v2', drop_path_rate=0.1, **SMALL_V2).train()
-    assert any(b.shift for b in model.stage2)
+    assert any(b.shift for b in model.stages[2].blocks)
     model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
     assert not [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     model.eval()
@@ -167,7 +167,7 @@ def test_config_keys_reach_the_model_and_errors_name_them():
             'MODEL.VISFORMER.DEPTHS', '[1, 1, 1, 1]', 'MODEL.VISFORMER.NUM_HEADS', '[1, 1, 2, 2]',
             'MODEL.VISFORMER.QK_SCALE_EXPONENT', '-0.25']
     model = build_model(load_config(cfg, opts))
-    assert model.stage2[0].attn.scale == pytest.approx(16 ** -0.5)
+    assert model.stages[-2].blocks[0].attn.scale == pytest.approx(16 ** -0.5)
     with pytest.raises(ConfigError, match='MODEL.VISFORMER.NUM_HEADS'):
         build_model(load_config(cfg, opts[:-4] + ['MODEL.VISFORMER.NUM_HEADS', '[1, 1, 2]']))
     with pytest.raises(ConfigError, match='DATA.IMG_SIZE'):
