@@ -38,7 +38,7 @@ from state_dicts import unwrap_state_dict
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .checkpoint_fit import fit_state_dict, official_keys, resample_position_map
 from ._builder import build_backbone, square_size
-from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size,
+from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size, init_weights,
                      shifted_window_mask, window_partition, window_reverse)
 
 torch.fx.wrap('check_input_size')       # a torch.fx leaf here too (see check_input_size)
@@ -296,12 +296,10 @@ class Visformer(LinearHeadMixin, nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        """Official init: linear trunc-normal 0.02, BN ones/zeros, convs kaiming-normal (fan_out, relu)."""
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        """Official init: linear trunc-normal 0.02 (the shared ViT rule; no LayerNorm here), BN ones/zeros,
+        convs kaiming-normal (fan_out, relu)."""
+        init_weights(m)
+        if isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Conv2d):
