@@ -161,6 +161,26 @@ def test_official_checkpoint_with_namespace_loads_strictly(tmp_path):
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
+def test_regrouped_stages_keep_official_keys_order_and_parameter_order():
+    """Stages live in a list (one forward loop); the official keys hold under a parent's prefix (EMA, dense
+    wrappers) and load back strictly, and the parameters run in the official key order of the fixture, so an
+    optimizer state saved before the regrouping stays aligned with its tensors."""
+    with torch.device('meta'):
+        full = timm.create_model('swin_visformer_tiny_v2')
+    buffers = ('running_mean', 'running_var', 'num_batches_tracked', 'attn_mask', 'relative_position_index')
+    official = [shape for k, shape, _ in read_fixture('swin_visformer_tiny_v2_keys.txt') if not k.endswith(buffers)]
+    assert [tuple(p.shape) for p in full.parameters()] == official
+    model = timm.create_model('swin_visformer_tiny_v2', **SMALL_V2)
+    randomize(model, 5)
+    parent = torch.nn.ModuleDict({'backbone': model})
+    sd = parent.state_dict()
+    assert list(sd) == ['backbone.' + k for k in model.state_dict()]
+    assert list(sd)[:5] == [f'backbone.pos_embed{i}' for i in range(4)] + ['backbone.stem.0.weight']
+    fresh = torch.nn.ModuleDict({'backbone': timm.create_model('swin_visformer_tiny_v2', **SMALL_V2)})
+    fresh.load_state_dict(sd, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values()))
+
+
 def test_config_keys_reach_the_model_and_errors_name_them():
     cfg = os.path.join(ROOT, 'cfgs', 'visformer_tiny_v2.yaml')
     opts = ['MODEL.VISFORMER.EMBED_DIM', '32', 'MODEL.VISFORMER.INIT_CHANNELS', '8', 'DATA.IMG_SIZE', '64',
