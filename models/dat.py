@@ -152,7 +152,9 @@ class DatStage(nn.Module):
         return x
 
     # TorchScript calls a ModuleList entry only by a literal index or by iterating the list: the per-block lists
-    # and the per-residual ones (two entries a block) are walked to reach entry ``d``, the same code everywhere
+    # and the per-residual ones (two entries a block) are walked to reach entry ``d``, the same code everywhere.
+    # No regrouping into block modules (with key-mapping hooks): the module names (stages.S.attns.B) are the
+    # official ones that visualize shows and writes into its file names.
     def block(self, x: torch.Tensor, d: int) -> torch.Tensor:
         """Block ``d``: LPU, attention and MLP residuals (one DropPath module serves both, officially)."""
         for j, (lpu, attn, mlp, drop_path) in enumerate(zip(self.local_perception_units, self.attns, self.mlps,
