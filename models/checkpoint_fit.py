@@ -4,7 +4,9 @@ built for another input size, and refuse a checkpoint of another model.
 * absolute position tables (``pos_embed``, ``pos_embed<i>``, ``absolute_pos_embed``, focused-attention
   ``positional_encoding``) of another size are resampled bicubically to the model's grid (timm's
   ``resample_abs_pos_embed``, without antialiasing: the official fine-tuning scripts' ``F.interpolate``);
-* relative position bias tables of another window are resized (timm's ``resize_rel_pos_bias_table_simple``);
+* relative position bias tables of another window are resized bicubically (timm's
+  ``resize_rel_pos_bias_table_simple``, in float32 at least): flat ``relative_position_bias_table``
+  ((2w-1)^2, heads) and map-shaped ``rpe_table`` (heads, 2h-1, 2w-1), DAT++'s deformable tables;
 * the buffers a model re-creates from its size (``relative_position_index``, ``attn_mask``) are the model's;
 * a checkpoint sharing fewer than half of the model's tensor names is a :class:`errors.CheckpointError`.
 
@@ -25,6 +27,7 @@ from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table_simple
 from errors import CheckpointError
 
 POSITION_TABLE = re.compile(r'(^|\.)(pos_embed\d*|absolute_pos_embed|positional_encoding)$')
+RELATIVE_TABLES = ('relative_position_bias_table', 'rpe_table')
 RECREATED_BUFFERS = ('relative_position_index', 'attn_mask')
 MIN_SHARED = 0.5        # the fraction of the model's tensor names a checkpoint of it must have
 
@@ -70,14 +73,24 @@ def resample_position_table(v: torch.Tensor, shape: Sequence[int], grid: Optiona
 
 
 def _resize_rel_table(v: torch.Tensor, shape: Sequence[int]) -> Optional[torch.Tensor]:
-    """((2w-1)^2, heads) relative position bias table -> the model's ((2w'-1)^2, heads); None if not one."""
-    if v.dim() != 2 or len(shape) != 2 or v.shape[1] != shape[1]:
+    """A relative position bias table resized to the model's ``shape``: flat ((2w-1)^2, heads) ->
+    ((2w'-1)^2, heads), or map-shaped (heads, 2h-1, 2w-1) -> (heads, 2h'-1, 2w'-1); None if ``v`` is
+    neither (the strict load then names it)."""
+    shape = tuple(shape)
+    if v.dim() != len(shape) or v.dim() not in (2, 3):
         return None
-    side = math.isqrt(shape[0])
-    if side * side != shape[0] or side % 2 == 0 or math.isqrt(v.shape[0]) ** 2 != v.shape[0]:
-        return None
-    w = (side + 1) // 2
-    return resize_rel_pos_bias_table_simple(v, (w, w), tuple(shape))
+    if v.dim() == 2:
+        side = math.isqrt(shape[0])
+        if (v.shape[1] != shape[1] or side * side != shape[0] or side % 2 == 0
+                or math.isqrt(v.shape[0]) ** 2 != v.shape[0]):
+            return None
+        window = ((side + 1) // 2,) * 2
+    else:
+        if v.shape[0] != shape[0] or shape[1] % 2 == 0 or shape[2] % 2 == 0:
+            return None
+        window = ((shape[1] + 1) // 2, (shape[2] + 1) // 2)
+    work = v.to(torch.promote_types(v.dtype, torch.float32))       # bicubic in float32 at least
+    return resize_rel_pos_bias_table_simple(work, window, shape).to(v.dtype)
 
 
 def check_shared_keys(state_dict: Dict[str, Any], model: nn.Module, what: str = 'the checkpoint') -> None:
@@ -110,7 +123,7 @@ def fit_state_dict(state_dict: Dict[str, Any], model: nn.Module,
             fitted = None
             if POSITION_TABLE.search(k):
                 fitted = resample_position_table(v, want.shape, grid_of(k) if grid_of is not None else None)
-            elif k.endswith('relative_position_bias_table'):
+            elif k.endswith(RELATIVE_TABLES):
                 fitted = _resize_rel_table(v, want.shape)
             v = v if fitted is None else fitted
         out[k] = v
@@ -118,6 +131,38 @@ def fit_state_dict(state_dict: Dict[str, Any], model: nn.Module,
         if k.endswith(RECREATED_BUFFERS):
             out[k] = v
     return out
+
+
+def official_keys(module: nn.Module, to_official: Callable[[str], str], from_official: Callable[[str], str]) -> None:
+    """Keep the official state-dict keys of a model whose modules are regrouped (stages in a list the one forward
+    loop walks): ``state_dict()`` renames each key below the module's prefix with ``to_official`` (order kept),
+    ``load_state_dict`` renames the given keys with ``from_official`` before loading (strict checks included).
+    Parameter and module names (``named_parameters``, ``group_matcher``) are the regrouped ones."""
+
+    def save(mod: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        # this module's keys are the tail of ``state_dict`` here: popping and re-adding them all keeps the order
+        for k in [k for k in state_dict if k.startswith(prefix)]:
+            state_dict[prefix + to_official(k[len(prefix):])] = state_dict.pop(k)
+        _rename_metadata(state_dict, prefix, to_official)
+
+    def load(mod: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        for k in [k for k in state_dict if k.startswith(prefix)]:
+            new = prefix + from_official(k[len(prefix):])
+            if new != k:
+                state_dict[new] = state_dict.pop(k)
+        _rename_metadata(state_dict, prefix, from_official)
+
+    module.register_state_dict_post_hook(save)
+    module.register_load_state_dict_pre_hook(load)
+
+
+def _rename_metadata(state_dict: Any, prefix: str, rename: Callable[[str], str]) -> None:
+    """The per-module version entries (``state_dict._metadata``, keyed by module name) renamed like the keys."""
+    meta = getattr(state_dict, '_metadata', None)
+    if not meta:
+        return
+    for name in [n for n in meta if n.startswith(prefix) and n != prefix[:-1]]:
+        meta[prefix + rename(name[len(prefix):] + '.')[:-1]] = meta.pop(name)
 
 
 def _looks_like_checkpoint(path: str) -> bool:

@@ -18,8 +18,9 @@ Differences from the official code, all deliberate:
     renames them). No released model has 'L'/'S' blocks.
   * The unreleased letters 'P', 'Q', 'E', 'X' and the ``dwc_pes`` / ``fixed_pes`` / ``log_cpb`` options are
     not implemented (a ValueError says so).
-  * ``checkpoint_filter_fn`` implements the official fine-tuning intent (``DAT.load_pretrained``): bicubic
-    resize of ``rpe_table`` / window bias tables, and the 22k -> 1k head row selection.
+  * The official fine-tuning intent (``DAT.load_pretrained``) comes from the shared checkpoint fitting:
+    bicubic resize of ``rpe_table`` / window bias tables (:mod:`models.checkpoint_fit`), and the 22k -> 1k
+    head row selection of ``--pretrained`` with an index file (:mod:`resume`).
 
 Official quirks kept because the released weights depend on them: the deformable reference grid sits half a
 cell off (its last row/column starts outside [-1, 1] and is pulled back by the clamp); ``rpe_table`` is sized
@@ -34,44 +35,24 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, register_notrace_function, register_notrace_module, trunc_normal_
+from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from errors import ConfigError
+from state_dicts import unwrap_state_dict
 
-from .build import ConfigSection, ModelSpec, config_section, register_config_adapter
-from .focused_attention import AttentionTap, AttentionTap3
+from .build import ConfigSection, ModelSpec, _plain, config_section, register_config_adapter
 from .checkpoint_fit import fit_state_dict
 from ._builder import build_backbone
-from .layers import (LinearHeadMixin, WindowAttention, shifted_window_mask, window_partition,
-                     window_reverse)
-from .neighborhood_attention import neighborhood_attention, neighborhood_av, neighborhood_probs
+from .dat_attention import DatWindowAttention, DeformableAttention, LayerNormProxy, NeighborhoodAttention
+from .layers import LinearHeadMixin
 
-__all__ = ['DAT', 'DeformableAttention', 'NeighborhoodAttention', 'DatWindowAttention', 'checkpoint_filter_fn',
-           'LETTERS']
+__all__ = ['DAT', 'DatStage', 'checkpoint_filter_fn', 'LETTERS']
 
-
-# What each attention kind's tap receives:
-#   deformable:   tap(pos (B, g, Hk, Wk, 2), reference (B, g, Hk, Wk, 2), probs (B*heads, H*W, Hk*Wk)), (y, x)
-#   neighborhood: tap(probs (B, heads, H, W, k*k)) in natten's layout, called only when the tap is hooked
-ATTN_DEFORMABLE = 'deformable'
-ATTN_NEIGHBORHOOD = 'neighborhood'
 LETTERS = ('N', 'D', 'L', 'S')      # block letters implemented (of the official N, D, L, S, P, Q, E, X)
-
-
-class LayerNormProxy(nn.Module):
-    """LayerNorm over the channels of an NCHW map; parameters ``norm.weight`` / ``norm.bias``."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class ResidualDepthwiseConvMlp(nn.Module):
@@ -121,236 +102,6 @@ class LayerScale(nn.Module):
         return x * self.weight.view(-1, 1, 1)
 
 
-# ----------------------------------------------------------------------------- 'N'
-@register_notrace_module    # one fx node (timm's tracer): the graph runs the eager fast path, bitwise as eager
-class NeighborhoodAttention(nn.Module):
-    """Neighbourhood attention (natten 0.14.6 semantics, dilation 1) on an NCHW map -> same shape.
-
-    Keys ``rpb`` (heads, 2k-1, 2k-1), ``qkv``, ``proj`` (Linear). A map smaller than the kernel is
-    zero-padded at the bottom/right before ``qkv`` (padded tokens carry the qkv bias) and cropped after."""
-
-    attn_kind = ATTN_NEIGHBORHOOD
-
-    def __init__(self, dim: int, kernel_size: int, num_heads: int, attn_drop: float = 0.,
-                 proj_drop: float = 0.) -> None:
-        super().__init__()
-        if kernel_size < 3 or kernel_size % 2 == 0:
-            raise ValueError(f'nat_ksizes={kernel_size}: the neighbourhood kernel must be odd and >= 3')
-        if dim % num_heads:
-            raise ValueError(f'heads={num_heads} must divide the stage width dims={dim}')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.kernel_size = kernel_size
-        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.tap = AttentionTap()
-        trunc_normal_(self.rpb, std=.02, a=-2., b=2.)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        B, H0, W0, C = x.shape
-        k = self.kernel_size
-        if H0 < k or W0 < k:
-            x = F.pad(x, (0, 0, 0, max(0, k - W0), 0, max(0, k - H0)))
-        H, W = x.shape[1:3]
-        q, key, v = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5).unbind(0)
-        q = q * self.scale
-        if self.tap.hooked() and not torch.jit.is_tracing():   # probabilities are read: explicit path
-            attn = self.attn_drop(self.tap(neighborhood_probs(q, key, self.rpb.to(q.dtype), k)))
-            out = neighborhood_av(attn, v, k)
-        else:
-            drop = self.attn_drop.p if self.training else 0.
-            out = neighborhood_attention(q, key, v, self.rpb.to(q.dtype), k, dropout_p=drop)
-        out = out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)[:, :H0, :W0]
-        return self.proj_drop(self.proj(out)).permute(0, 3, 1, 2)
-
-    def extra_repr(self) -> str:
-        return f'num_heads={self.num_heads}, kernel_size={self.kernel_size}'
-
-
-# ----------------------------------------------------------------------------- 'D'
-def reference_points(Hk: int, Wk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(Hk, Wk, 2) (y, x) key reference points, the official grid: cell centres (i + 0.5) divided by
-    (n - 1), mapped to [-1, 1]; the last row/column lies outside [-1, 1] (the clamp pulls it back)."""
-    ys = torch.linspace(0.5, Hk - 0.5, Hk, dtype=dtype, device=device) / (Hk - 1.0) * 2.0 - 1.0
-    xs = torch.linspace(0.5, Wk - 0.5, Wk, dtype=dtype, device=device) / (Wk - 1.0) * 2.0 - 1.0
-    # .to: a no-op in eager; under torch.jit.trace (the TorchScript-based ONNX exporter) the traced size
-    # makes (n - 1.0) a float64 tensor, and the grid must stay in ``dtype``
-    return torch.stack(torch.meshgrid([ys, xs], indexing='ij'), dim=-1).to(dtype)
-
-
-def query_grid(H: int, W: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(H, W, 2) (y, x) query pixel centres in align-corners coordinates: index / (n - 1) * 2 - 1."""
-    ys = torch.arange(H, dtype=dtype, device=device) / (H - 1.0) * 2.0 - 1.0
-    xs = torch.arange(W, dtype=dtype, device=device) / (W - 1.0) * 2.0 - 1.0
-    return torch.stack(torch.meshgrid([ys, xs], indexing='ij'), dim=-1).to(dtype)     # .to: see reference_points
-
-
-@register_notrace_module    # one fx node (timm's tracer): sampling positions and key grid depend on the map size
-class DeformableAttention(nn.Module):
-    """Deformable multi-head attention (DAttentionBaseline) on an NCHW map -> same shape.
-
-    Queries are all H x W positions; keys/values are the block input sampled (bilinearly, align-corners)
-    at Hk x Wk points per offset group: reference points + offsets predicted from the queries by
-    ``conv_offset`` (depth-wise ksize conv with ``stride`` -> LayerNorm -> GELU -> 1x1 conv to 2 channels,
-    shared by the groups). The relative position bias is sampled from ``rpe_table`` (heads, 2*q_h-1,
-    2*q_w-1) at the query-to-key displacement. Args follow the official names; ``q_size`` is the map size
-    the table is built for."""
-
-    attn_kind = ATTN_DEFORMABLE
-
-    def __init__(self, dim: int, num_heads: int, groups: int, q_size: Tuple[int, int], stride: int, ksize: int,
-                 offset_range_factor: float = -1, use_pe: bool = True, no_off: bool = False,
-                 attn_drop: float = 0., proj_drop: float = 0.) -> None:
-        super().__init__()
-        if dim % num_heads or num_heads % groups:
-            raise ValueError(f'groups={groups} must divide heads={num_heads}, which must divide dims={dim}')
-        if stride < 1 or ksize < 1:
-            raise ValueError(f'strides={stride} and ksizes={ksize} must be positive')
-        self.dim, self.num_heads, self.groups = dim, num_heads, groups
-        self.head_dim = dim // num_heads
-        self.group_channels = dim // groups
-        self.group_heads = num_heads // groups
-        self.scale = self.head_dim ** -0.5
-        self.q_size = q_size
-        self.stride, self.ksize = stride, ksize
-        self.offset_range_factor = offset_range_factor
-        self.use_pe, self.no_off = use_pe, no_off
-        gc = self.group_channels
-        self.conv_offset = nn.Sequential(
-            nn.Conv2d(gc, gc, ksize, stride, ksize // 2 if ksize != stride else 0, groups=gc),
-            LayerNormProxy(gc),
-            nn.GELU(),
-            nn.Conv2d(gc, 2, 1, bias=False))
-        if no_off:
-            self.conv_offset.requires_grad_(False)
-        self.proj_q = nn.Conv2d(dim, dim, 1)
-        self.proj_k = nn.Conv2d(dim, dim, 1)
-        self.proj_v = nn.Conv2d(dim, dim, 1)
-        self.proj_out = nn.Conv2d(dim, dim, 1)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.attn_drop = nn.Dropout(attn_drop)
-        if use_pe and not no_off:
-            self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * q_size[0] - 1, 2 * q_size[1] - 1))
-            trunc_normal_(self.rpe_table, std=.01)
-        else:
-            self.rpe_table = None
-        self.tap = AttentionTap3()
-
-    def sample_positions(self, q: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Sampling positions and reference points, each (B*g, Hk, Wk, 2) (y, x) in [-1, 1] coordinates;
-        the reference grid in ``dtype`` (the block input's, as officially)."""
-        B, C, H, W = q.shape
-        offset = self.conv_offset(q.reshape(B * self.groups, self.group_channels, H, W))   # (Bg, 2, Hk, Wk)
-        Hk, Wk = offset.shape[-2:]
-        if Hk < 2 or Wk < 2:
-            raise ValueError(f'a deformable block on a {H}x{W} map with strides={self.stride} samples a '
-                             f'{Hk}x{Wk} key grid; it needs at least 2x2 (use a larger image or smaller stride)')
-        if self.offset_range_factor >= 0 and not self.no_off:
-            limit = torch.tensor([1.0 / (Hk - 1.0), 1.0 / (Wk - 1.0)], dtype=offset.dtype, device=offset.device)
-            offset = offset.tanh() * limit.view(1, 2, 1, 1) * self.offset_range_factor
-        offset = offset.permute(0, 2, 3, 1)
-        with torch.no_grad():
-            reference = reference_points(Hk, Wk, dtype, q.device).expand(B * self.groups, Hk, Wk, 2)
-        if self.no_off:
-            offset = torch.zeros_like(offset)
-        pos = offset + reference
-        if self.offset_range_factor < 0:
-            pos = pos.clamp(-1., 1.)
-        return pos, reference
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        if H < 2 or W < 2:
-            raise ValueError(f'a deformable block needs a map of at least 2x2, got {H}x{W}')
-        g, heads, d = self.groups, self.num_heads, self.head_dim
-        q = self.proj_q(x)
-        pos, reference = self.sample_positions(q, x.dtype)
-        Hk, Wk = pos.shape[1:3]
-        n = Hk * Wk
-        if self.no_off:
-            sampled = F.avg_pool2d(x, kernel_size=self.stride, stride=self.stride)
-        else:
-            sampled = F.grid_sample(x.reshape(B * g, self.group_channels, H, W), pos.flip(-1),
-                                    mode='bilinear', align_corners=True)               # (Bg, gc, Hk, Wk)
-        sampled = sampled.reshape(B, C, 1, n)
-        q = q.reshape(B * heads, d, H * W)
-        k = self.proj_k(sampled).reshape(B * heads, d, n)
-        v = self.proj_v(sampled).reshape(B * heads, d, n)
-        attn = torch.einsum('b c m, b c n -> b m n', q, k) * self.scale              # (B*heads, HW, n)
-        rpe_table = self.rpe_table        # a local: TorchScript refines an Optional local, not an attribute
-        if rpe_table is not None:
-            displacement = (query_grid(H, W, x.dtype, x.device).reshape(1, H * W, 1, 2)
-                            - pos.reshape(B * g, 1, n, 2)) * 0.5                      # (Bg, HW, n, 2) in [-1, 1]
-            table = rpe_table.to(x.dtype)[None].expand(B, -1, -1, -1)
-            table = table.reshape(B * g, self.group_heads, rpe_table.shape[-2], rpe_table.shape[-1])
-            bias = F.grid_sample(table, displacement.flip(-1), mode='bilinear', align_corners=True)
-            attn = attn + bias.reshape(B * heads, H * W, n)
-        attn = attn.softmax(dim=2)
-        pos_out, ref_out, attn = self.tap(pos.reshape(B, g, Hk, Wk, 2), reference.reshape(B, g, Hk, Wk, 2),
-                                          attn)
-        attn = self.attn_drop(attn)
-        out = torch.einsum('b m n, b c n -> b c m', attn, v).reshape(B, C, H, W)
-        return self.proj_drop(self.proj_out(out))
-
-    def extra_repr(self) -> str:
-        return (f'dim={self.dim}, num_heads={self.num_heads}, groups={self.groups}, q_size={self.q_size}, '
-                f'stride={self.stride}, ksize={self.ksize}, offset_range_factor={self.offset_range_factor}')
-
-
-# ----------------------------------------------------------------------------- 'L' / 'S'
-@register_notrace_function  # an fx leaf (timm's tracer and torch.fx): the check runs on the real map
-def check_window_map(x: torch.Tensor, window: int, fmap_size: Optional[Tuple[int, int]]) -> torch.Tensor:
-    """``x`` (B, C, H, W) unchanged; a ValueError when the windows do not tile the map, or when a shifted
-    block (``fmap_size``: the map its mask is built for) gets another map size."""
-    H, W = x.shape[-2:]
-    if H % window or W % window:
-        raise ValueError(f'window_sizes={window} must divide the {H}x{W} map of a window block')
-    if fmap_size is not None and (H != fmap_size[0] or W != fmap_size[1]):
-        raise ValueError(f"an 'S' block's mask is built for a {fmap_size} map (from img_size) but got "
-                         f"{H}x{W}; set img_size to the input size")
-    return x
-
-
-torch.fx.wrap('check_window_map')
-
-
-class DatWindowAttention(WindowAttention):
-    """'L' (window) / 'S' (shifted window, shift ceil(w/2)) attention on an NCHW map, built on the shared
-    :class:`WindowAttention`. The map must tile into windows; 'S' keeps the official ``attn_mask`` buffer,
-    made for ``fmap_size``."""
-
-    def __init__(self, dim: int, num_heads: int, window: int, shift: int = 0,
-                 fmap_size: Optional[Tuple[int, int]] = None, attn_drop: float = 0., proj_drop: float = 0.) -> None:
-        super().__init__(dim, window, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
-        trunc_normal_(self.relative_position_bias_table, std=.01)
-        self.shift = shift
-        self.fmap_size = fmap_size
-        if shift:
-            if not 0 < shift < window:
-                raise ValueError(f'window_sizes={window}: the shift {shift} must lie in (0, window)')
-            self.register_buffer('attn_mask', shifted_window_mask(fmap_size, window, shift))
-        else:
-            self.attn_mask = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        B, C, H, W = x.shape
-        w = self.window
-        x = check_window_map(x, w, self.fmap_size if self.shift else None)
-        y = x.permute(0, 2, 3, 1)
-        if self.shift:
-            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        windows = self.attend_windows(window_partition(y, w), self.attn_mask)
-        y = window_reverse(windows, w, H, W)
-        if self.shift:
-            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
-        return y.permute(0, 3, 1, 2)
-
-
 # ----------------------------------------------------------------------------- stage and model
 class DatStage(nn.Module):
     """One resolution: ``depth`` blocks of (LPU, attention, MLP). Keys in official order: ``proj`` (only if
@@ -390,34 +141,29 @@ class DatStage(nn.Module):
         self.local_perception_units = nn.ModuleList([
             nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if use_lpu else nn.Identity() for _ in range(depth)])
 
-    def block(self, x: torch.Tensor, d: int) -> torch.Tensor:
-        """Block ``d``: LPU, attention and MLP residuals (one DropPath module serves both, officially)."""
-        if self.use_lpu:
-            x = x + self.local_perception_units[d](x)
-        x = x + self.drop_path[d](self.layer_scales[2 * d](self.attns[d](self.layer_norms[2 * d](x))))
-        return x + self.drop_path[d](self.layer_scales[2 * d + 1](self.mlps[d](self.layer_norms[2 * d + 1](x))))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, dim_in, H, W) -> (B, dim, H, W): ``proj``, then the blocks (each its own gradient checkpoint)."""
         x = self.proj(x)
-        if torch.jit.is_scripting():
-            return self.scripted_blocks(x)
         for d in range(self.depth):
-            if self.grad_checkpointing and x.requires_grad:
+            if not torch.jit.is_scripting() and self.grad_checkpointing and x.requires_grad:
                 x = cp.checkpoint(self.block, x, d, use_reentrant=False)
             else:
                 x = self.block(x, d)
         return x
 
-    # TorchScript indexes a ModuleList only by a literal: ``scripted_blocks`` zips the per-block lists and scans
-    # the per-residual ones (two entries a block) with ``_layer_norm`` / ``_layer_scale``
-    def scripted_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """The blocks as TorchScript compiles them: the same maths as :meth:`block`."""
-        for d, (lpu, attn, mlp, drop_path) in enumerate(zip(self.local_perception_units, self.attns, self.mlps,
+    # TorchScript calls a ModuleList entry only by a literal index or by iterating the list: the per-block lists
+    # and the per-residual ones (two entries a block) are walked to reach entry ``d``, the same code everywhere.
+    # No regrouping into block modules (with key-mapping hooks): the module names (stages.S.attns.B) are the
+    # official ones that visualize shows and writes into its file names.
+    def block(self, x: torch.Tensor, d: int) -> torch.Tensor:
+        """Block ``d``: LPU, attention and MLP residuals (one DropPath module serves both, officially)."""
+        for j, (lpu, attn, mlp, drop_path) in enumerate(zip(self.local_perception_units, self.attns, self.mlps,
                                                               self.drop_path)):
-            if self.use_lpu:
-                x = x + lpu(x)
-            x = x + drop_path(self._layer_scale(attn(self._layer_norm(x, 2 * d)), 2 * d))
-            x = x + drop_path(self._layer_scale(mlp(self._layer_norm(x, 2 * d + 1)), 2 * d + 1))
+            if j == d:
+                if self.use_lpu:
+                    x = x + lpu(x)
+                x = x + drop_path(self._layer_scale(attn(self._layer_norm(x, 2 * d)), 2 * d))
+                x = x + drop_path(self._layer_scale(mlp(self._layer_norm(x, 2 * d + 1)), 2 * d + 1))
         return x
 
     def _layer_norm(self, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -615,61 +361,21 @@ class DAT(LinearHeadMixin, nn.Module):
 _OFFICIAL_WINDOW_NAMES = (('.proj_qkv.', '.qkv.'), ('.proj_out.', '.proj.'))
 
 
-def _bicubic(table: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bicubic (align_corners=False, the F.interpolate default the official code uses) resize of
-    (C, h, w) to (C, *size), computed in float32 at least."""
-    dtype = table.dtype
-    work = table.to(torch.promote_types(dtype, torch.float32)).unsqueeze(0)
-    return F.interpolate(work, size=size, mode='bicubic', align_corners=False).squeeze(0).to(dtype)
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT,
-                         lookup_22k: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
-    """Adapt an official DAT++ checkpoint (raw state dict, or wrapped under 'model' / 'state_dict' /
-    'model_ema', keys optionally prefixed 'module.') to ``model``:
-
-      * 'L'/'S' projections ``proj_qkv``/``proj_out`` -> ``qkv``/``proj``;
-      * ``rpe_table`` (heads, 2h-1, 2w-1) and window ``relative_position_bias_table`` ((2w-1)^2, heads)
-        of another size are resized bicubically (the official fine-tuning intent);
-      * ``relative_position_index`` / ``attn_mask`` buffers of another size are replaced by the model's;
-      * a ``cls_head`` of another class count is mapped with ``lookup_22k`` (row indices, e.g. 22k -> 1k);
-        without it the head is passed on unchanged (the experiment layer's fine-tuning load then keeps the
-        model's fresh head, or maps 21841 -> 1000 classes with its index file).
-    """
-    for wrapper in ('model', 'state_dict', 'model_ema'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dict[str, torch.Tensor]:
+    """An official DAT++ checkpoint (any official wrapping, ``module.`` prefixes: :func:`state_dicts.unwrap_state_dict`)
+    adapted to ``model``: the 'L'/'S' projections ``proj_qkv``/``proj_out`` renamed ``qkv``/``proj``, then the shared
+    fitting (:func:`models.checkpoint_fit.fit_state_dict`): ``rpe_table`` and window bias tables of another size
+    resized bicubically (the official fine-tuning intent), re-created buffers, a checkpoint of another model
+    refused. A head of another class count passes unchanged: timm's pretrained loading drops it, ``--pretrained``
+    keeps the fresh head or maps 21841 -> 1000 classes with its index file (:mod:`resume`)."""
     target = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key.startswith('module.'):
-            key = key[len('module.'):]
+    for key, value in unwrap_state_dict(state_dict).items():
         for old, new in _OFFICIAL_WINDOW_NAMES:
             if '.attns.' in key and old in key and key.replace(old, new) in target:
                 key = key.replace(old, new)
-        if key not in target:
-            out[key] = value            # unexpected keys stay visible to a strict load
-            continue
-        want = target[key]
-        if value.shape == want.shape:
-            out[key] = value
-        elif key.endswith('rpe_table') and value.dim() == 3 and value.shape[0] == want.shape[0]:
-            out[key] = _bicubic(value, tuple(want.shape[-2:]))
-        elif key.endswith('relative_position_bias_table') and value.shape[1] == want.shape[1]:
-            s, t = math.isqrt(value.shape[0]), math.isqrt(want.shape[0])
-            grid = value.T.reshape(-1, s, s)
-            out[key] = _bicubic(grid, (t, t)).reshape(-1, t * t).T.contiguous()
-        elif key.endswith(('relative_position_index', 'attn_mask')):
-            out[key] = want
-        elif key.startswith('cls_head.') and lookup_22k is not None:
-            idx = torch.as_tensor(list(lookup_22k), dtype=torch.long)
-            if idx.numel() != want.shape[0]:
-                raise ValueError(f'lookup_22k has {idx.numel()} indices for a {want.shape[0]}-class head')
-            out[key] = value[idx]
-        else:
-            out[key] = value            # a head of another class count, or a real mismatch the caller names
-    return fit_state_dict(out, model)   # the re-created buffers; a checkpoint of another model is refused
+        out[key] = value
+    return fit_state_dict(out, model)
 
 
 # ----------------------------------------------------------------------------- registered variants
@@ -737,11 +443,6 @@ def dat_base_384(pretrained: bool = False, **kwargs: Any) -> DAT:
 _ARCH_KEYS = ('patch_size', 'expansion', 'dim_stem', 'dims', 'depths', 'heads', 'window_sizes', 'strides',
               'offset_range_factor', 'stage_spec', 'groups', 'use_pes', 'dwc_pes', 'fixed_pes', 'no_offs',
               'use_dwc_mlps', 'use_conv_patches', 'ksizes', 'nat_ksizes', 'use_lpus')
-
-
-def _plain(value: Any) -> Any:
-    """yacs lists / tuples -> tuples (recursively) for comparisons and hashing."""
-    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def released_name(kwargs: Dict[str, Any], input_size: int) -> Optional[str]:

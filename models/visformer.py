@@ -21,6 +21,7 @@ the official names for all five; ``checkpoint_filter_fn`` also accepts timm's vi
 """
 
 import logging
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,16 +36,16 @@ from timm.models.visformer import SpatialMlp
 from state_dicts import unwrap_state_dict
 
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
-from .checkpoint_fit import fit_state_dict, resample_position_map
+from .checkpoint_fit import fit_state_dict, official_keys, resample_position_map
 from ._builder import build_backbone, square_size
-from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size,
+from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size, init_weights,
                      shifted_window_mask, window_partition, window_reverse)
 
 torch.fx.wrap('check_input_size')       # a torch.fx leaf here too (see check_input_size)
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ['Visformer', 'VisformerBlock', 'BatchNorm', 'checkpoint_filter_fn']
+__all__ = ['Visformer', 'VisformerStage', 'VisformerBlock', 'BatchNorm', 'checkpoint_filter_fn']
 
 
 class BatchNorm(nn.Module):
@@ -181,6 +182,29 @@ class VisformerBlock(nn.Module):
         return f'resolution={self.resolution}, window={self.window}, shift={self.shift}'
 
 
+class VisformerStage(nn.Module):
+    """One stage: patch embedding, the stage's position table added (resampled with ``dynamic_size``), dropout,
+    then the blocks. (B, C_in, H, W), (1, C, h, w) table -> (B, C, H/p, W/p)."""
+
+    def __init__(self, patch_embed: PatchEmbed, blocks: Sequence[nn.Module], drop: float = 0.,
+                 dynamic_size: bool = False) -> None:
+        super().__init__()
+        self.patch_embed = patch_embed
+        self.pos_drop = nn.Dropout(drop)
+        self.blocks = nn.Sequential(*blocks)
+        self.dynamic_size = dynamic_size
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        if self.dynamic_size:
+            pos = position_table_for(pos, x)
+        x = self.pos_drop(x + pos)
+        if not torch.jit.is_scripting() and self.grad_checkpointing and x.requires_grad:
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
 def _shift(window: Optional[int], index: int) -> int:
     """Shift of a v2 block: half a window when its index COUNTED OVER THE WHOLE NETWORK is odd (official rule;
     e.g. the first block of a stage is shifted when the earlier stages hold an odd number of blocks)."""
@@ -236,45 +260,46 @@ class Visformer(LinearHeadMixin, nn.Module):
         self.global_pool = global_pool
         self.img_size = img_size
         self.num_features = self.head_hidden_size = embed_dim * 2
-        self.grad_checkpointing = use_checkpoint
         self.dynamic_img_size = dynamic_img_size
         widths = [embed_dim * 2 ** i // 4 for i in range(self.first, 4)]
         res = [img_size // reduction // 2 ** j for j in range(n)]
 
-        for j, i in enumerate(range(self.first, 4)):             # parameters first, as officially
-            self.register_parameter(f'pos_embed{i}', nn.Parameter(torch.zeros(1, widths[j], res[j], res[j])))
+        # parameters first, as officially; the state-dict keys stay official (pos_embed{i}, patch_embed{i},
+        # stage{i}.{b}) through official_keys: TorchScript walks a list, not attributes named by a computed string
+        self.pos_embeds = nn.ParameterList([nn.Parameter(torch.zeros(1, widths[j], res[j], res[j])) for j in range(n)])
         self.stem = nn.Sequential(nn.Conv2d(in_chans, init_channels, 7, stride=2, padding=3, bias=False),
                                   BatchNorm(init_channels), nn.ReLU(inplace=True))
-        self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         in_chs, size = init_channels, img_size // 2
-        for j, i in enumerate(range(self.first, 4)):
+        self.stages = nn.ModuleList()
+        for j in range(n):
             patch = 4 if (n == 3 and j == 0) else 2
-            self.add_module(f'patch_embed{i}', PatchEmbed(size, patch, in_chs, widths[j], dynamic_img_size))
+            patch_embed = PatchEmbed(size, patch, in_chs, widths[j], dynamic_img_size)
             window = window_sizes[j] if window_sizes is not None else None
-            self.add_module(f'stage{i}', nn.Sequential(*[
+            self.stages.append(VisformerStage(patch_embed, [
                 VisformerBlock(widths[j], heads[j], (res[j], res[j]), window,
                                _shift(window, sum(depths[:j]) + b), mlp_ratio, qk_scale_exponent,
                                not attn[j], sconv[j], group, drop_rate, attn_drop_rate,
                                dpr[sum(depths[:j]) + b], dynamic_size=dynamic_img_size)
-                for b in range(depths[j])]))
+                for b in range(depths[j])], drop_rate, dynamic_img_size))
             in_chs, size = widths[j], res[j]
+        self.set_grad_checkpointing(use_checkpoint)
         self.norm = BatchNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=widths[j], reduction=reduction * 2 ** j, module=f'stage{i}')
-                             for j, i in enumerate(range(self.first, 4))]
-        for i in range(self.first, 4):
-            trunc_normal_(getattr(self, f'pos_embed{i}'), std=.02)
+        self.feature_info = [dict(num_chs=widths[j], reduction=reduction * 2 ** j, module=f'stages.{j}')
+                             for j in range(n)]
+        for pos in self.pos_embeds:
+            trunc_normal_(pos, std=.02)
         self.apply(self._init_weights)
+        official_keys(self, self._official_key, self._internal_key)
+
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        """Official init: linear trunc-normal 0.02, BN ones/zeros, convs kaiming-normal (fan_out, relu)."""
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        """Official init: linear trunc-normal 0.02 (the shared ViT rule; no LayerNorm here), BN ones/zeros,
+        convs kaiming-normal (fan_out, relu)."""
+        init_weights(m)
+        if isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Conv2d):
@@ -296,41 +321,37 @@ class Visformer(LinearHeadMixin, nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        first = self.first
-        return dict(stem=rf'^stem|^patch_embed{first}\.|^pos_embed{first}$',
-                    blocks=[(r'^stage(\d+)' if coarse else r'^stage(\d+)\.(\d+)', None),
-                            (r'^(?:patch_embed|pos_embed)(\d+)', (0,)), (r'^norm', (99999,))])
+        return dict(stem=r'^stem|^stages\.0\.patch_embed\.|^pos_embeds\.0$',
+                    blocks=[(r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                            (r'^stages\.(\d+)\.patch_embed\.', (0,)), (r'^pos_embeds\.(\d+)$', (0,)),
+                            (r'^norm', (99999,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
-    def _add_position(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """A stage's patch-embedded map plus its position table (resampled to other sizes), then dropout."""
-        if self.dynamic_img_size:
-            pos = position_table_for(pos, x)
-        return self.pos_drop(x + pos)
+    @torch.jit.ignore
+    def _official_key(self, key: str) -> str:
+        """A state-dict key in the official names: pos_embeds.j -> pos_embed{i}, stages.j.patch_embed. ->
+        patch_embed{i}., stages.j.blocks. -> stage{i}. (i = j + first, the official stage number)."""
+        for pattern, name in ((r'pos_embeds\.(\d+)$', 'pos_embed{}'), (r'stages\.(\d+)\.patch_embed\.', 'patch_embed{}.'),
+                              (r'stages\.(\d+)\.blocks\.', 'stage{}.')):
+            hit = re.match(pattern, key)
+            if hit:
+                return name.format(int(hit.group(1)) + self.first) + key[hit.end():]
+        return key
 
-    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = self._add_position(getattr(self, f'patch_embed{i}')(x), getattr(self, f'pos_embed{i}'))
-        stage = getattr(self, f'stage{i}')
-        if self.grad_checkpointing and x.requires_grad:
-            return checkpoint_seq(stage, x)
-        return stage(x)
-
-    def _scripted_stages(self, x: torch.Tensor) -> torch.Tensor:
-        """The stages as ``_stage`` runs them, spelled out for TorchScript (no attribute by a computed name, no
-        checkpointing); ``hasattr`` is resolved when compiling, which skips stages absent (v1's stage 0) or
-        pruned."""
-        if hasattr(self, 'stage0'):
-            x = self.stage0(self._add_position(self.patch_embed0(x), self.pos_embed0))
-        if hasattr(self, 'stage1'):
-            x = self.stage1(self._add_position(self.patch_embed1(x), self.pos_embed1))
-        if hasattr(self, 'stage2'):
-            x = self.stage2(self._add_position(self.patch_embed2(x), self.pos_embed2))
-        if hasattr(self, 'stage3'):
-            x = self.stage3(self._add_position(self.patch_embed3(x), self.pos_embed3))
-        return x
+    @torch.jit.ignore
+    def _internal_key(self, key: str) -> str:
+        """The inverse of :meth:`_official_key`; a key of a stage this model does not have stays as it is."""
+        for pattern, name in ((r'pos_embed(\d)$', 'pos_embeds.{}'), (r'patch_embed(\d)\.', 'stages.{}.patch_embed.'),
+                              (r'stage(\d)\.', 'stages.{}.blocks.')):
+            hit = re.match(pattern, key)
+            if hit and 0 <= int(hit.group(1)) - self.first < len(self.stages):
+                return name.format(int(hit.group(1)) - self.first) + key[hit.end():]
+        return key
 
     def _check_input_size(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, 3, H, W) unchanged; without ``dynamic_img_size`` a ValueError naming the image size when
@@ -340,11 +361,8 @@ class Visformer(LinearHeadMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> normed map (B, 2C, H/32, W/32)."""
         x = self.stem(self._check_input_size(x))
-        if torch.jit.is_scripting():
-            x = self._scripted_stages(x)
-        else:
-            for i in self.stage_ids:
-                x = self._stage(i, x)
+        for stage, pos in zip(self.stages, self.pos_embeds):
+            x = stage(x, pos)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -362,28 +380,26 @@ class Visformer(LinearHeadMixin, nn.Module):
         from timm.models._features import feature_take_indices
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"output_fmt={output_fmt!r} must be 'NCHW' or 'NHWC'")
-        ids = self.stage_ids
-        take, max_index = feature_take_indices(len(ids), indices)
-        last = len(ids) - 1 if not (stop_early or intermediates_only) else max_index
+        n = len(self.stages)
+        take, max_index = feature_take_indices(n, indices)
+        last = n - 1 if not (stop_early or intermediates_only) else max_index
         x = self.stem(self._check_input_size(x))
         maps = []
-        for j in range(last + 1):
-            x = self._stage(ids[j], x)
+        for j, (stage, pos) in enumerate(zip(self.stages[:last + 1], self.pos_embeds)):
+            x = stage(x, pos)
             if j in take:
-                y = self.norm(x) if norm and j == len(ids) - 1 else x
+                y = self.norm(x) if norm and j == n - 1 else x
                 maps.append(y.permute(0, 2, 3, 1) if output_fmt == 'NHWC' else y)
         if intermediates_only:
             return maps
-        return (self.norm(x) if last == len(ids) - 1 else x), maps
+        return (self.norm(x) if last == n - 1 else x), maps
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         from timm.models._features import feature_take_indices
-        ids = self.stage_ids
-        take, max_index = feature_take_indices(len(ids), indices)
-        for i in ids[max_index + 1:]:
-            for name in (f'stage{i}', f'patch_embed{i}', f'pos_embed{i}'):
-                delattr(self, name)
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        self.pos_embeds = nn.ParameterList(list(self.pos_embeds)[:max_index + 1])
         self.feature_info = self.feature_info[:max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()

@@ -66,7 +66,7 @@ def test_every_config_builds_and_forwards(cfg):
     assert sum(p.numel() for p in model.parameters()) == PINNED[config.MODEL.TYPE][1]
     exponent = config.MODEL.VISFORMER.QK_SCALE_EXPONENT
     assert exponent == (-0.5 if cfg.endswith('_v2') else -0.25)
-    attn = model.stage3[0].attn
+    attn = model.stages[-1].blocks[0].attn
     assert attn.scale == pytest.approx((attn.dim // attn.num_heads) ** (2 * exponent))
     with torch.inference_mode():
         out = model(torch.randn(1, 3, 224, 224))
@@ -121,15 +121,15 @@ def test_shift_follows_the_network_wide_block_index():
     """Officially a v2 block is shifted when its index over ALL blocks is odd (stage 2 of tiny_v2 starts at 5)."""
     with torch.device('meta'):
         model = timm.create_model('swin_visformer_tiny_v2', img_size=448)
-    assert [b.shift for b in model.stage2] == [7, 0, 7, 0, 7, 0]
-    assert [b.shift for b in model.stage3] == [3, 0, 3]
+    assert [b.shift for b in model.stages[2].blocks] == [7, 0, 7, 0, 7, 0]
+    assert [b.shift for b in model.stages[3].blocks] == [3, 0, 3]
     assert [k for k in model.state_dict() if k.endswith('attn_mask')][:2] == ['stage2.0.attn_mask', 'stage2.2.attn_mask']
 
 
 def test_gradients_reach_every_parameter_and_features():
     torch.manual_seed(0)            # drop path may drop a branch for both samples: no gradient there
     model = timm.create_model('swin_visformer_tiny_v2', drop_path_rate=0.1, **SMALL_V2).train()
-    assert any(b.shift for b in model.stage2)
+    assert any(b.shift for b in model.stages[2].blocks)
     model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
     assert not [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     model.eval()
@@ -161,13 +161,33 @@ def test_official_checkpoint_with_namespace_loads_strictly(tmp_path):
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
+def test_regrouped_stages_keep_official_keys_order_and_parameter_order():
+    """Stages live in a list (one forward loop); the official keys hold under a parent's prefix (EMA, dense
+    wrappers) and load back strictly, and the parameters run in the official key order of the fixture, so an
+    optimizer state saved before the regrouping stays aligned with its tensors."""
+    with torch.device('meta'):
+        full = timm.create_model('swin_visformer_tiny_v2')
+    buffers = ('running_mean', 'running_var', 'num_batches_tracked', 'attn_mask', 'relative_position_index')
+    official = [shape for k, shape, _ in read_fixture('swin_visformer_tiny_v2_keys.txt') if not k.endswith(buffers)]
+    assert [tuple(p.shape) for p in full.parameters()] == official
+    model = timm.create_model('swin_visformer_tiny_v2', **SMALL_V2)
+    randomize(model, 5)
+    parent = torch.nn.ModuleDict({'backbone': model})
+    sd = parent.state_dict()
+    assert list(sd) == ['backbone.' + k for k in model.state_dict()]
+    assert list(sd)[:5] == [f'backbone.pos_embed{i}' for i in range(4)] + ['backbone.stem.0.weight']
+    fresh = torch.nn.ModuleDict({'backbone': timm.create_model('swin_visformer_tiny_v2', **SMALL_V2)})
+    fresh.load_state_dict(sd, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values()))
+
+
 def test_config_keys_reach_the_model_and_errors_name_them():
     cfg = os.path.join(ROOT, 'cfgs', 'visformer_tiny_v2.yaml')
     opts = ['MODEL.VISFORMER.EMBED_DIM', '32', 'MODEL.VISFORMER.INIT_CHANNELS', '8', 'DATA.IMG_SIZE', '64',
             'MODEL.VISFORMER.DEPTHS', '[1, 1, 1, 1]', 'MODEL.VISFORMER.NUM_HEADS', '[1, 1, 2, 2]',
             'MODEL.VISFORMER.QK_SCALE_EXPONENT', '-0.25']
     model = build_model(load_config(cfg, opts))
-    assert model.stage2[0].attn.scale == pytest.approx(16 ** -0.5)
+    assert model.stages[-2].blocks[0].attn.scale == pytest.approx(16 ** -0.5)
     with pytest.raises(ConfigError, match='MODEL.VISFORMER.NUM_HEADS'):
         build_model(load_config(cfg, opts[:-4] + ['MODEL.VISFORMER.NUM_HEADS', '[1, 1, 2]']))
     with pytest.raises(ConfigError, match='DATA.IMG_SIZE'):
