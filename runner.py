@@ -12,9 +12,12 @@ The step, the epoch loop and evaluation are ``engine.py``; which weights a run s
 """
 from __future__ import annotations
 
+import datetime
+import fcntl
 import logging
 import os
-from typing import Optional
+import socket
+from typing import IO, Optional
 
 import torch
 import torch.nn as nn
@@ -22,7 +25,8 @@ from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
 import report
-from data import build_mixup, build_train_loader, build_val_loader, check_data_path, patch_randaugment_posterize
+from data import (build_mixup, build_train_loader, build_val_loader, check_data_path, check_images_open,
+                  patch_randaugment_posterize)
 from engine import RunResult, Trainer, build_criterion, throughput, train, validate
 from errors import ConfigError
 from logger import MetricsWriter, create_logger
@@ -70,6 +74,41 @@ def ensure_output(path: str) -> None:
         raise ConfigError(f"output folder {path} is not writable ({e.strerror or e}); choose another --output") from None
 
 
+LOCK_FILE = '.run.lock'
+_held_locks: list = []          # (path, open file) of the run folders this process holds
+
+
+def lock_run_folder(folder: str) -> None:
+    """Hold ``folder`` for this run: an exclusive POSIX record lock (``lockf``) on ``folder/.run.lock``, which
+    NFS / Lustre enforce across nodes, DataLoader workers do not inherit, and the kernel drops when the
+    process dies, so a lock left by a run that was killed (kill -9, SIGTERM, an elastic restart) never blocks
+    the next one. A folder held by a live run is a
+    ConfigError naming the folder and its holder (host, pid, start time). Released by ``release_run_folders``."""
+    path = os.path.join(folder, LOCK_FILE)
+    f: IO[str] = open(path, 'a+')
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = ' '.join(f.read().split()) or 'another process'
+        f.close()
+        raise ConfigError(f'run folder {folder} is in use by another run ({holder}); wait for it to end, or give '
+                          f'this run its own --output or --tag') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'host {socket.gethostname()} pid {os.getpid()} started '
+            f'{datetime.datetime.now().astimezone().isoformat(timespec="seconds")}\n')
+    f.flush()
+    _held_locks.append((path, f))
+
+
+def release_run_folders() -> None:
+    """Drop every run-folder lock this process holds (the file stays; its lock is what counts)."""
+    while _held_locks:
+        _, f = _held_locks.pop()
+        f.close()
+
+
 def files_dir(config: CfgNode) -> str:
     """Where this run writes its config.yaml, log and metrics: OUTPUT when training; its own sub-folder
     OUTPUT/eval (--eval) or OUTPUT/throughput (--throughput), so that evaluating a finished run's
@@ -83,7 +122,8 @@ def files_dir(config: CfgNode) -> str:
 
 def setup_run(config: CfgNode, info: DistInfo) -> CfgNode:
     """What every mode needs first: the data path (and class count) checked once, before any work; the
-    learning rate scaled (TRAIN.LR_SCALING); the output folder writable; logging; config.yaml written
+    learning rate scaled (TRAIN.LR_SCALING); the output folder writable and held by this run (rank 0);
+    logging; config.yaml written
     (rank 0); seeds. Returns the config the run uses."""
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     if config.DATA.DATA_PATH or not config.THROUGHPUT_MODE:      # fail on a bad --data-path before any work
@@ -91,6 +131,8 @@ def setup_run(config: CfgNode, info: DistInfo) -> CfgNode:
     config = scale_lr(config, info.world_size)
     folder = files_dir(config)
     ensure_output(folder)
+    if info.is_main:            # one run per folder: a second run into a live run's folder stops here
+        lock_run_folder(folder)
     create_logger(folder, info.rank, config.MODEL.NAME)
     if info.is_main:
         path = os.path.join(folder, 'config.yaml')
@@ -148,6 +190,7 @@ def build_trainer(config: CfgNode, info: Optional[DistInfo] = None, loader_val=N
     pin = info.device.type == 'cuda'
     if loader_val is None:
         dataset_val, loader_val = build_val_loader(config, info.rank, info.world_size, pin)
+    check_images_open(loader_val.dataset, 'validation', info.rank, info.world_size)   # not after an epoch
     dataset_train, loader_train, sampler = build_train_loader(config, info.rank, info.world_size, pin)
     logger.info(f'{len(dataset_train)} training and {len(loader_val.dataset)} validation images')
     k = accumulation_steps(config)
@@ -243,4 +286,5 @@ def run(config: CfgNode) -> RunResult:
                 t.metrics.close()
             release_ddp_reducer(t.model)
     finally:
+        release_run_folders()
         cleanup_distributed()

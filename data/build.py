@@ -31,7 +31,7 @@ from config import ConfigError
 from errors import DataError
 from utils import seed_everything
 
-from .cached_image_folder import IMG_EXTENSIONS, CachedImageFolder, load_image
+from .cached_image_folder import DATASET_FIX, IMG_EXTENSIONS, CachedImageFolder, load_image
 from .samplers import ExactEvalSampler, RepeatedAugSampler, ResumableSampler
 
 logger = logging.getLogger(__name__)
@@ -300,6 +300,22 @@ def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: in
         classes = check_class_lists(path)
         ds = _image_folder(os.path.join(path, split), transform, classes, show_progress=rank == 0)
     return SampleDataset(ds, skip_bad=config.DATA.SKIP_BAD_IMAGES)
+
+
+def check_images_open(dataset: SampleDataset, split: str, rank: int = 0, world_size: int = 1) -> None:
+    """Before training: every image of this rank's share of ``split`` opens as an image (its header, and the
+    checksums of formats that have them; no full decode), so that a file that is no image fails now, not
+    after an epoch of training. A DataError naming the file; nothing is checked with DATA.SKIP_BAD_IMAGES
+    (such files are skipped and counted) or in zip mode (the map file was read)."""
+    if dataset.skip_bad or not isinstance(dataset.dataset, ImageFolderDataset):
+        return
+    for path, _ in dataset.dataset.samples[rank::world_size]:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as e:              # PIL raises many types for a broken file
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{split} image {path} cannot be read ({reason}); {DATASET_FIX}") from None
 
 
 def check_num_classes(dataset: SampleDataset, config: CfgNode, split: str) -> None:
