@@ -358,7 +358,11 @@ def validate_config(config: CN) -> None:
     if config.MODEL.NUM_CLASSES <= 0:
         raise ConfigError(f"MODEL.NUM_CLASSES must be positive, got {config.MODEL.NUM_CLASSES}")
     from models.build import validate_model_config
-    validate_model_config(config)        # the family's keys, an unknown MODEL.TYPE, keys of another type
+    validate_model_config(config, _C)    # the family's keys, an unknown MODEL.TYPE, keys of another type, ...
+    from models.build import input_channels
+    channels, key = input_channels(config)
+    if channels not in (1, 3):
+        raise ConfigError(f"{key} {channels}: the data pipeline gives RGB (3) or grayscale (1) images; set 3 or 1")
     if config.AMP_DTYPE not in ('float16', 'bfloat16'):
         raise ConfigError(f"AMP_DTYPE must be 'float16' or 'bfloat16', got {config.AMP_DTYPE!r}")
     if config.DEVICE not in ('auto', 'cuda', 'cpu'):

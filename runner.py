@@ -32,6 +32,7 @@ from errors import ConfigError
 from logger import MetricsWriter, create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
+from models.build import input_channels
 from optimizer import build_optimizer
 from resume import load_finetune_weights, load_weights, resume_run, resume_source
 from utils import (DistInfo, cleanup_distributed, init_distributed, pick_device, release_ddp_reducer,
@@ -154,7 +155,7 @@ def create_model(config: CfgNode, info: DistInfo) -> nn.Module:
     if config.TRAIN.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
     if info.is_main:      # the parameter/FLOPs table on the console, the full module tree in the log file only
-        report.log_model(model, config.DATA.IMG_SIZE)
+        report.log_model(model, config.DATA.IMG_SIZE, input_channels(config)[0])
     logger.info(f'number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}')
     if config.MODEL.PRETRAINED:
         load_finetune_weights(model, config.MODEL.PRETRAINED, index_22k_to_1k=config.MODEL.PRETRAINED_22K_TO_1K or None,
@@ -262,7 +263,8 @@ def measure_throughput(config: CfgNode, info: DistInfo) -> RunResult:
         _, loader_val = build_val_loader(config, info.rank, info.world_size, info.device.type == 'cuda')
         images = next(iter(loader_val))[0]
     else:
-        images = torch.randn(config.DATA.BATCH_SIZE, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
+        images = torch.randn(config.DATA.BATCH_SIZE, input_channels(config)[0], config.DATA.IMG_SIZE,
+                             config.DATA.IMG_SIZE)
     return RunResult(model=model, throughput=throughput(config, images, model, info.device))
 
 

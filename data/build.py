@@ -59,7 +59,23 @@ def patch_randaugment_posterize() -> bool:
     return changed
 
 
+LUMA = (0.299, 0.587, 0.114)          # ITU-R BT.601 weights of R, G, B
+
+
+def to_grayscale(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) normalised RGB -> (1, H, W): the BT.601 luma of the normalised channels (MODEL.IN_CHANS 1)."""
+    weights = torch.tensor(LUMA, dtype=image.dtype, device=image.device)
+    return torch.einsum('chw,c->hw', image, weights).unsqueeze(0)
+
+
 def build_transform(is_train: bool, config: CfgNode) -> Callable:
+    """:func:`rgb_transform`, then :func:`to_grayscale` when the model takes one input channel."""
+    from models.build import input_channels
+    t = rgb_transform(is_train, config)
+    return transforms.Compose([t, to_grayscale]) if input_channels(config)[0] == 1 else t
+
+
+def rgb_transform(is_train: bool, config: CfgNode) -> Callable:
     """Training: timm ``create_transform`` (random resized crop of AUG.SCALE, flip with AUG.HFLIP,
     RandAugment, colour jitter, random erasing per AUG.*); at 32 px and below (CIFAR-style) a resize to
     IMG_SIZE (a no-op for images of that size) + RandomCrop(padding 4) replaces the random resized crop.
