@@ -51,6 +51,15 @@ class FeatureGetter(FeatureGetterNet):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` asks this first: the feature wrapper calls the model's ``forward_intermediates``,
+        whose keyword options TorchScript cannot compile, so say so (and what works) instead of failing deep
+        inside the compiler."""
+        name = (getattr(self.model, 'pretrained_cfg', None) or {}).get('architecture') or type(self.model).__name__
+        raise RuntimeError(f'torch.jit.script does not compile a features_only {name}; script the full model '
+                           f'(torch.jit.script(model) works for every family), or use torch.jit.trace / '
+                           f'torch.export on the features_only model')
+
 
 def _names(items: List[str], limit: int = 8) -> str:
     return ', '.join(items[:limit]) + (f' (+{len(items) - limit} more)' if len(items) > limit else '')
