@@ -226,9 +226,12 @@ def merge_yaml(config: CN, cfg_path: str) -> None:
         raise ConfigError(f"config file not found: '{cfg_path}' (give --cfg a path to a YAML file, e.g. cfgs/flatten_swin_t.yaml)")
     with open(cfg_path, 'r') as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"{cfg_path}: {_yaml_problem(e)}; fix the YAML syntax there") from None
+    if data is None:       # empty, or comments only: silently training the defaults would surprise
+        raise ConfigError(f"{cfg_path} is empty (no KEY: value); write the settings there (e.g. BASE: "
+                          f"['../flatten_swin_t.yaml'] and what differs), or give --cfg the file you meant")
     if not isinstance(data, dict):
         raise ConfigError(f"{cfg_path}: a config file must be a mapping of KEY: value")
     bases = data.pop('BASE', None) or []
