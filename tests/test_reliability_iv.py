@@ -94,7 +94,7 @@ def test_a_live_run_folder_is_refused_and_a_killed_holder_does_not_block(cfgs, s
     ('tiny', ['MODEL.SWIN.IN_CHANS', '2'], ['MODEL.SWIN.IN_CHANS', 'grayscale']),
     ('recipe', ['MODEL.TYPE', 'ghostnet_050', 'MODEL.DROP_PATH_RATE', '0.3'], ['MODEL.DROP_PATH_RATE', 'ghostnet_050']),
     ('recipe', ['MODEL.KWARGS', '{img_size: 32}'], ['MODEL.KWARGS.img_size', 'resnet18']),
-    ('recipe', ['MODEL.KWARGS', '{stem_width: abc}'], ['MODEL.KWARGS.stem_width', 'MODEL.TYPE resnet18']),
+    ('recipe', ['MODEL.KWARGS', '{base_width: abc}'], ['MODEL.KWARGS.base_width', 'MODEL.TYPE resnet18']),
 ])
 def test_settings_a_model_does_not_take_are_one_line_before_any_work(cfgs, small, tmp_path, which, opts, words):
     cfg = cfgs[0] if which == 'tiny' else cfgs[1]
@@ -202,21 +202,39 @@ def test_torchscript_of_a_features_only_model_says_why():
         torch.jit.script(model)
 
 
+class _HeadlessLinearAttention(torch.nn.Module):
+    """A family's linear attention as the README recipe describes it (an ``AttentionTap3`` on (phi_q, phi_k,
+    v), ``attn_kind``), which keeps its head count under another name than ``num_heads``."""
+    attn_kind = 'linear'
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        from models.focused_attention import AttentionTap3
+        self.qkv, self.heads, self.tap = torch.nn.Linear(dim, 3 * dim), heads, AttentionTap3()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.tap(*[torch.relu(t) if i < 2 else t for i, t in enumerate(self.qkv(x).chunk(3, -1))])
+        return (q @ (k.transpose(1, 2) @ v)) / (q @ k.sum(1, keepdim=True).transpose(1, 2) + 1e-6)
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 8, 8, 8)
+        self.blocks = torch.nn.ModuleList([torch.nn.ModuleDict({'attn': _HeadlessLinearAttention()})])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        return self.blocks[0]['attn'](x).mean(1)
+
+
 def test_visualize_tap_without_num_heads_is_one_line(tmp_path, monkeypatch, capsys):
     import visualize.cli as cli
-    real = cli.build_model
-
-    def without_heads(config):
-        model = real(config)
-        for m in model.modules():
-            if getattr(m, 'attn_kind', None) == 'linear' and 'num_heads' in vars(m):
-                del m.num_heads
-        return model
-    monkeypatch.setattr(cli, 'build_model', without_heads)
+    monkeypatch.setattr(cli, 'build_model', lambda config: _Toy())
     photo = tmp_path / 'p.png'
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photo)
     rc = cli.main(['--cfg', os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml'), '--image', str(photo),
-                   '--output', str(tmp_path / 'o'), '--stage', '0', '--block', '0'])
+                   '--output', str(tmp_path / 'o')])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and 'num_heads' in err[0], err
 

@@ -103,17 +103,38 @@ def check_runs(model: nn.Module, x: torch.Tensor, what: str) -> None:
                         f"({' '.join(str(e).split()) or type(e).__name__}); choose another {what}") from None
 
 
-def export(model: nn.Module, x: torch.Tensor, fmt: str, path: str, dynamic_batch: bool = True) -> None:
-    """Write ``model`` traced on ``x`` to ``path``: ONNX (dynamo exporter, optimised; with ``dynamic_batch``
-    its input and output take any batch size) or a .pt2 program (the batch of ``x``)."""
+def export(model: nn.Module, x: torch.Tensor, fmt: str, path: str, dynamic_batch: bool = True) -> bool:
+    """Write ``model`` traced on ``x`` to ``path``: ONNX (dynamo exporter, optimised) or a .pt2 program (the
+    batch of ``x``). With ``dynamic_batch`` the ONNX input and output take any batch size (traced on two
+    images: torch.export fixes a dimension seen as 1); a model that cannot be exported so is exported with
+    the batch of ``x`` and a warning. Returns whether the batch is dynamic."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings('ignore')
-        if fmt == 'onnx':
-            shapes = ({0: torch.export.Dim('batch')},) if dynamic_batch else None
-            torch.onnx.export(model, (x,), path, dynamo=True, input_names=['image'], output_names=['logits'],
-                              dynamic_shapes=shapes, verbose=False)
-        else:
+        if fmt != 'onnx':
             torch.export.save(torch.export.export(model, (x,)), path)
+            return False
+        if dynamic_batch:
+            example = torch.cat([x, x]) if x.shape[0] == 1 else x
+            try:
+                torch.onnx.export(model, (example,), path, dynamo=True, input_names=['image'],
+                                  output_names=['logits'], dynamic_shapes=({0: torch.export.Dim('batch')},),
+                                  verbose=False)
+                if _batch_is_dynamic(path):
+                    return True
+                raise RuntimeError('the exporter fixed the batch dimension')
+            except Exception as e:       # the exporter's many error types: fall back to the example's batch
+                logger.warning('a dynamic batch dimension does not export for this model (%s); exporting a fixed '
+                               'batch of %d instead (--batch sets it)', errors.one_line(e)[:200], x.shape[0])
+        torch.onnx.export(model, (x,), path, dynamo=True, input_names=['image'], output_names=['logits'],
+                          verbose=False)
+        return False
+
+
+def _batch_is_dynamic(path: str) -> bool:
+    """Whether the first input of the ONNX file ``path`` has a symbolic (any-size) first dimension."""
+    import onnx
+    dim = onnx.load(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return bool(dim.dim_param) or not dim.HasField('dim_value')
 
 
 def run_exported(path: str, fmt: str, x: torch.Tensor) -> torch.Tensor:
@@ -179,8 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserError(f'--output {path}: folder {folder} does not exist')
     x = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     check_runs(model, x, '--img-size' if args.img_size else '--batch')
-    dynamic = args.format == 'onnx' and not args.static_batch
-    export(model, x, args.format, path, dynamic)
+    dynamic = export(model, x, args.format, path, args.format == 'onnx' and not args.static_batch)
     shape = ('batch',) + tuple(x.shape[1:]) if dynamic else tuple(x.shape)
     print(f'wrote {path} ({args.format}, input {shape})')
     if args.check:
