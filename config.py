@@ -52,9 +52,12 @@ _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
 
-_C.MODEL.IN_CHANS = 3                    # (ours) input channels of a stock timm model (families: their section)
+_C.MODEL.IN_CHANS = 3                    # (ours) input channels of a stock timm model (families: their section);
+                                         # 1: the data pipeline gives grayscale (BT.601 luma) images
 # (ours) keyword arguments passed to timm.create_model as they are (any MODEL.TYPE), e.g. to shrink a stock
-# timm model: KWARGS: {embed_dim: 32, depths: [1, 1, 2, 1]}. They win over the keys above.
+# timm model: KWARGS: {embed_dim: 32, depths: [1, 1, 2, 1]}. An entry that sets the same model argument as
+# a key above (MODEL.NUM_CLASSES, MODEL.SWIN.EMBED_DIM, ...) with another value is a ConfigError naming both;
+# with KWARGS set the model is built (and run on one image) when the config is loaded, so a bad value fails then.
 _C.MODEL.KWARGS = CN(new_allowed=True)
 # Each model family declares its own section (MODEL.<SECTION>: the keys of its official configs) next to
 # its models; default_config() adds them (models/build.py: ConfigSection).
