@@ -83,8 +83,8 @@ def lock_run_folder(folder: str) -> None:
     """Hold ``folder`` for this run: an exclusive POSIX record lock (``lockf``) on ``folder/.run.lock``, which
     NFS / Lustre enforce across nodes, DataLoader workers do not inherit, and the kernel drops when the
     process dies, so a lock left by a run that was killed (kill -9, SIGTERM, an elastic restart) never blocks
-    the next one. A folder held by a live run is a
-    ConfigError naming the folder and its holder (host, pid, start time). Released by ``release_run_folders``."""
+    the next one. A folder held by a live run is a ConfigError naming the folder and its holder (host, pid,
+    start time). Released by ``release_run_folders``."""
     path = os.path.join(folder, LOCK_FILE)
     f: IO[str] = open(path, 'a+')
     try:
