@@ -177,7 +177,8 @@ def test_unreadable_val_image_after_the_check_keeps_the_epoch(cfgs, small, tmp_p
 def test_pretrained_of_another_model_and_two_heads(cfgs, small, tmp_path):
     """--pretrained: a file of another model whose timm filter raises is one line naming file and model;
     a distilled DeiT's two heads of another class count are both re-initialised."""
-    deit = ['MODEL.TYPE', 'deit_tiny_distilled_patch16_224', 'MODEL.KWARGS', '{patch_size: 8, embed_dim: 16, depth: 1, num_heads: 2}']
+    deit = ['MODEL.TYPE', 'deit_tiny_distilled_patch16_224',
+            'MODEL.KWARGS', '{patch_size: 8, embed_dim: 16, depth: 1, num_heads: 2}']
     import timm
     ours = timm.create_model('deit_tiny_distilled_patch16_224', img_size=32, patch_size=8, embed_dim=16, depth=1,
                              num_heads=2, num_classes=1000)

@@ -11,10 +11,10 @@ wrapping). The input is a (batch, 3, size, size) image batch, size = the model's
 file takes any batch size (its first input dimension is named ``batch``; ``--static-batch`` fixes it to
 ``--batch``), a .pt2 program the ``--batch`` of the example input.
 ``--check`` runs the exported file (ONNX Runtime on CPU, or the loaded .pt2 program) on random batches (of
-1 and 3 images too for a dynamic batch) and prints its largest deviation from the eager model, relative to the largest eager logit, and from a float64
-run of the eager model next to eager float32's own; it exits 1 above ``--tolerance`` unless the file is as
-close to float64 as eager float32 is (a badly conditioned model, e.g. random weights with huge logits, is not
-reproducible to 1e-4 by float32 at all). Bad input is one line on stderr and exit status 2.
+1 and 3 images too for a dynamic batch) and prints its largest deviation from the eager model, relative to
+the largest eager logit, and from a float64 run of the eager model next to eager float32's own; it exits 1
+above ``--tolerance`` unless the file is as close to float64 as eager float32 is (a badly conditioned model,
+e.g. random weights with huge logits, is not reproducible to 1e-4 by float32 at all). Bad input is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
