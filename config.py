@@ -52,9 +52,12 @@ _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
 
-_C.MODEL.IN_CHANS = 3                    # (ours) input channels of a stock timm model (families: their section)
+_C.MODEL.IN_CHANS = 3                    # (ours) input channels of a stock timm model (families: their section);
+                                         # 1: the data pipeline gives grayscale (BT.601 luma) images
 # (ours) keyword arguments passed to timm.create_model as they are (any MODEL.TYPE), e.g. to shrink a stock
-# timm model: KWARGS: {embed_dim: 32, depths: [1, 1, 2, 1]}. They win over the keys above.
+# timm model: KWARGS: {embed_dim: 32, depths: [1, 1, 2, 1]}. An entry that sets the same model argument as
+# a key above (MODEL.NUM_CLASSES, MODEL.SWIN.EMBED_DIM, ...) with another value is a ConfigError naming both;
+# with KWARGS set the model is built (and run on one image) when the config is loaded, so a bad value fails then.
 _C.MODEL.KWARGS = CN(new_allowed=True)
 # Each model family declares its own section (MODEL.<SECTION>: the keys of its official configs) next to
 # its models; default_config() adds them (models/build.py: ConfigSection).
@@ -226,9 +229,12 @@ def merge_yaml(config: CN, cfg_path: str) -> None:
         raise ConfigError(f"config file not found: '{cfg_path}' (give --cfg a path to a YAML file, e.g. cfgs/flatten_swin_t.yaml)")
     with open(cfg_path, 'r') as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"{cfg_path}: {_yaml_problem(e)}; fix the YAML syntax there") from None
+    if data is None:       # empty, or comments only: silently training the defaults would surprise
+        raise ConfigError(f"{cfg_path} is empty (no KEY: value); write the settings there (e.g. BASE: "
+                          f"['../flatten_swin_t.yaml'] and what differs), or give --cfg the file you meant")
     if not isinstance(data, dict):
         raise ConfigError(f"{cfg_path}: a config file must be a mapping of KEY: value")
     bases = data.pop('BASE', None) or []
@@ -358,7 +364,11 @@ def validate_config(config: CN) -> None:
     if config.MODEL.NUM_CLASSES <= 0:
         raise ConfigError(f"MODEL.NUM_CLASSES must be positive, got {config.MODEL.NUM_CLASSES}")
     from models.build import validate_model_config
-    validate_model_config(config)        # the family's keys, an unknown MODEL.TYPE, keys of another type
+    validate_model_config(config, _C)    # the family's keys, an unknown MODEL.TYPE, keys of another type, ...
+    from models.build import input_channels
+    channels, key = input_channels(config)
+    if channels not in (1, 3):
+        raise ConfigError(f"{key} {channels}: the data pipeline gives RGB (3) or grayscale (1) images; set 3 or 1")
     if config.AMP_DTYPE not in ('float16', 'bfloat16'):
         raise ConfigError(f"AMP_DTYPE must be 'float16' or 'bfloat16', got {config.AMP_DTYPE!r}")
     if config.DEVICE not in ('auto', 'cuda', 'cpu'):

@@ -36,7 +36,7 @@ from yacs.config import CfgNode
 
 import checkpoint as ckpt_io
 import report
-from errors import Preempted, TrainingError
+from errors import DataError, Preempted, TrainingError
 from logger import MetricsWriter
 from optimizer import supports_found_inf
 from utils import (DistInfo, PreemptionHandler, all_reduce_max, all_reduce_sum, barrier, derive_seed, get_rank,
@@ -491,11 +491,22 @@ def epoch_record(t: Trainer, epoch: int, stats: EpochStats, val: EvalResult, ema
         'val_acc1': val.acc1, 'val_acc5': val.acc5, 'val_loss': val.loss,
         'images_per_s': stats.images * t.info.world_size / stats.seconds if stats.seconds else None,
         'epoch_time_s': stats.seconds, 'peak_mem_mb': memory_mb(t.info.device),
-        'skipped_steps': stats.skipped_steps, 'bad_images': t.bad_images,
+        'skipped_steps': stats.skipped_steps, 'bad_images': t.bad_images, 'bad_val_images': val.skipped,
     }
     if ema_val is not None:
         rec.update(ema_acc1=ema_val.acc1, ema_acc5=ema_val.acc5, ema_loss=ema_val.loss)
     return rec
+
+
+def _saved_before_failing(t: Trainer, epoch: int, error: DataError) -> DataError:
+    """Validation of epoch ``epoch`` (0-based) hit an unreadable image: save the trained epoch (rank 0) so
+    that rerunning the command resumes after it, and return the error saying so."""
+    if not t.info.is_main:
+        return error
+    name = f'ckpt_epoch_{epoch + 1}.pth'
+    save(t, name, epoch + 1)
+    return DataError(f'{error} (epoch {epoch + 1} was trained and saved as {name} before validating it; '
+                     f'rerun the same command to continue from there)')
 
 
 def train(t: Trainer, loader_val=None) -> RunResult:
@@ -510,9 +521,12 @@ def train(t: Trainer, loader_val=None) -> RunResult:
     with t.preempt:
         for epoch in range(t.epoch, t.total_epochs):
             stats = train_one_epoch(t, epoch, t.step if epoch == t.epoch else 0)
-            result.eval = validate(config, loader_val, t.model_without_ddp, device)
-            if eval_ema:
-                result.ema_eval = validate(config, loader_val, t.ema.module, device, name='ema network')
+            try:
+                result.eval = validate(config, loader_val, t.model_without_ddp, device)
+                if eval_ema:
+                    result.ema_eval = validate(config, loader_val, t.ema.module, device, name='ema network')
+            except DataError as e:          # an image that became unreadable: keep the trained epoch first
+                raise _saved_before_failing(t, epoch, e) from None
             _end_of_epoch(t, epoch, result.eval.acc1, result.ema_eval.acc1 if eval_ema else None)
             if t.metrics is not None:
                 t.metrics.write(epoch_record(t, epoch, stats, result.eval, result.ema_eval if eval_ema else None))
@@ -523,8 +537,9 @@ def train(t: Trainer, loader_val=None) -> RunResult:
     if t.skipped_steps or t.bad_images:
         logger.warning(f'{t.skipped_steps} non-finite steps skipped, {t.bad_images} unreadable training images skipped')
     bad_images = int(all_reduce_sum([t.bad_images], device)[0])       # over all ranks
+    bad_val = result.eval.skipped if result.eval is not None else 0    # validate() summed the ranks already
     if t.info.is_main:              # printed, and written to summary.json / summary.txt in the run folder
-        report.write_summary(config.OUTPUT, time.time() - start, t.skipped_steps, bad_images)
+        report.write_summary(config.OUTPUT, time.time() - start, t.skipped_steps, bad_images, bad_val)
     result.max_accuracy, result.max_ema_accuracy = t.max_accuracy, t.max_ema_accuracy
     result.skipped_steps = t.skipped_steps
     return result

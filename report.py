@@ -83,13 +83,17 @@ def log_model(model: nn.Module, img_size: int, in_chans: int = 3) -> None:
 
 
 # ----------------------------------------------------------------------------- end-of-run summary
-def run_summary(output_dir: str, seconds: float, skipped_steps: int, bad_images: int) -> Dict[str, Any]:
+def run_summary(output_dir: str, seconds: float, skipped_steps: int, bad_images: int,
+                bad_val_images: int = 0) -> Dict[str, Any]:
     """The summary of the training run in ``output_dir``, from its metrics.jsonl (all epochs, including
-    those of earlier sessions of a resumed run) and the checkpoints on disk."""
+    those of earlier sessions of a resumed run) and the checkpoints on disk. ``bad_images``: unreadable
+    training images skipped this session; ``bad_val_images``: unreadable validation images skipped (by the
+    last validation); ``skipped_images`` is their sum."""
     epochs = [r for r in read_metrics(os.path.join(output_dir, METRICS_FILE)) if r.get('kind') == 'epoch'] \
         if os.path.exists(os.path.join(output_dir, METRICS_FILE)) else []
     summary: Dict[str, Any] = {'output': output_dir, 'epochs': len(epochs), 'session_seconds': round(seconds, 1),
-                               'skipped_steps': skipped_steps, 'skipped_images': bad_images}
+                               'skipped_steps': skipped_steps, 'skipped_images': bad_images + bad_val_images,
+                               'skipped_train_images': bad_images, 'skipped_val_images': bad_val_images}
 
     def best(key: str) -> Optional[Dict[str, Any]]:
         scored = [r for r in epochs if isinstance(r.get(key), (int, float))]
@@ -121,15 +125,18 @@ def summary_text(s: Dict[str, Any]) -> str:
     if s.get('train_seconds') is not None:
         speed = f", {s['images_per_s']:.1f} images/s" if s.get('images_per_s') else ''
         lines.append(f"  training time    {s['train_seconds']:.0f} s over all sessions{speed}")
+    split = (f" ({s['skipped_train_images']} training, {s['skipped_val_images']} validation)"
+             if s.get('skipped_val_images') else '')
     lines.append(f"  skipped          {s['skipped_steps']} non-finite steps, {s['skipped_images']} unreadable "
-                 f"images (this session, all ranks)")
+                 f"images{split} (this session, all ranks)")
     lines.append(f"  checkpoints      {', '.join(s['checkpoints']) or 'none'} in {s['output']}")
     return '\n'.join(lines)
 
 
-def write_summary(output_dir: str, seconds: float, skipped_steps: int, bad_images: int) -> Dict[str, Any]:
+def write_summary(output_dir: str, seconds: float, skipped_steps: int, bad_images: int,
+                  bad_val_images: int = 0) -> Dict[str, Any]:
     """Build, log and write (``summary.json``, ``summary.txt``) the end-of-run summary; returns it."""
-    s = run_summary(output_dir, seconds, skipped_steps, bad_images)
+    s = run_summary(output_dir, seconds, skipped_steps, bad_images, bad_val_images)
     text = summary_text(s)
     logger.info('\n' + text)
     with open(os.path.join(output_dir, SUMMARY_JSON), 'w') as f:

@@ -160,16 +160,20 @@ def load_finetune_weights(model: nn.Module, path: str, index_22k_to_1k: Optional
     sd = ckpt_io.extract_model_state(ckpt, prefer_ema=prefer_ema)
     notes = [f'took {_which_weights(ckpt, entry, prefer_ema)}']
     filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    arch = cfg.get('architecture') or type(model).__name__
     try:
         if filter_fn is not None:
             sd = filter_fn(sd, model)
-    except (ValueError, CheckpointError) as e:     # the family's own "this file is not for this model"
-        raise CheckpointError(f"pretrained weights {path} do not fit the model: {e}; does --cfg match the "
-                              f"checkpoint's model?") from None
+    except Exception as e:      # the family's "not for this model", or any error a timm filter raises on it
+        reason = ' '.join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"pretrained weights {path} do not fit the model {arch} ({type(e).__name__} in its "
+                              f"checkpoint filter: {reason}); give --pretrained a checkpoint of this model, or "
+                              f"set --cfg to the checkpoint's model") from None
     target = model.state_dict()
-    head = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier', 'head') or 'head'
-    for suffix in ('weight', 'bias'):
-        key = f'{head}.{suffix}'
+    heads = cfg.get('classifier', 'head') or 'head'      # several for a distilled DeiT: ('head', 'head_dist')
+    for key in [f'{h}.{suffix}' for h in ((heads,) if isinstance(heads, str) else heads)
+                for suffix in ('weight', 'bias')]:
         if key in sd and key in target and sd[key].shape != target[key].shape:
             if index is not None and sd[key].shape[0] == 21841 and target[key].shape[0] == 1000:
                 if len(index) != 1000:

@@ -12,9 +12,12 @@ The step, the epoch loop and evaluation are ``engine.py``; which weights a run s
 """
 from __future__ import annotations
 
+import datetime
+import fcntl
 import logging
 import os
-from typing import Optional
+import socket
+from typing import IO, Optional
 
 import torch
 import torch.nn as nn
@@ -22,12 +25,14 @@ from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
 import report
-from data import build_mixup, build_train_loader, build_val_loader, check_data_path, patch_randaugment_posterize
+from data import (build_mixup, build_train_loader, build_val_loader, check_data_path, check_images_open,
+                  patch_randaugment_posterize)
 from engine import RunResult, Trainer, build_criterion, throughput, train, validate
 from errors import ConfigError
 from logger import MetricsWriter, create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
+from models.build import input_channels
 from optimizer import build_optimizer
 from resume import load_finetune_weights, load_weights, resume_run, resume_source
 from utils import (DistInfo, cleanup_distributed, init_distributed, pick_device, release_ddp_reducer,
@@ -70,6 +75,41 @@ def ensure_output(path: str) -> None:
         raise ConfigError(f"output folder {path} is not writable ({e.strerror or e}); choose another --output") from None
 
 
+LOCK_FILE = '.run.lock'
+_held_locks: list = []          # (path, open file) of the run folders this process holds
+
+
+def lock_run_folder(folder: str) -> None:
+    """Hold ``folder`` for this run: an exclusive POSIX record lock (``lockf``) on ``folder/.run.lock``, which
+    NFS / Lustre enforce across nodes, DataLoader workers do not inherit, and the kernel drops when the
+    process dies, so a lock left by a run that was killed (kill -9, SIGTERM, an elastic restart) never blocks
+    the next one. A folder held by a live run is a ConfigError naming the folder and its holder (host, pid,
+    start time). Released by ``release_run_folders``."""
+    path = os.path.join(folder, LOCK_FILE)
+    f: IO[str] = open(path, 'a+')
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = ' '.join(f.read().split()) or 'another process'
+        f.close()
+        raise ConfigError(f'run folder {folder} is in use by another run ({holder}); wait for it to end, or give '
+                          f'this run its own --output or --tag') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'host {socket.gethostname()} pid {os.getpid()} started '
+            f'{datetime.datetime.now().astimezone().isoformat(timespec="seconds")}\n')
+    f.flush()
+    _held_locks.append((path, f))
+
+
+def release_run_folders() -> None:
+    """Drop every run-folder lock this process holds (the file stays; its lock is what counts)."""
+    while _held_locks:
+        _, f = _held_locks.pop()
+        f.close()
+
+
 def files_dir(config: CfgNode) -> str:
     """Where this run writes its config.yaml, log and metrics: OUTPUT when training; its own sub-folder
     OUTPUT/eval (--eval) or OUTPUT/throughput (--throughput), so that evaluating a finished run's
@@ -83,7 +123,8 @@ def files_dir(config: CfgNode) -> str:
 
 def setup_run(config: CfgNode, info: DistInfo) -> CfgNode:
     """What every mode needs first: the data path (and class count) checked once, before any work; the
-    learning rate scaled (TRAIN.LR_SCALING); the output folder writable; logging; config.yaml written
+    learning rate scaled (TRAIN.LR_SCALING); the output folder writable and held by this run (rank 0);
+    logging; config.yaml written
     (rank 0); seeds. Returns the config the run uses."""
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     if config.DATA.DATA_PATH or not config.THROUGHPUT_MODE:      # fail on a bad --data-path before any work
@@ -91,6 +132,8 @@ def setup_run(config: CfgNode, info: DistInfo) -> CfgNode:
     config = scale_lr(config, info.world_size)
     folder = files_dir(config)
     ensure_output(folder)
+    if info.is_main:            # one run per folder: a second run into a live run's folder stops here
+        lock_run_folder(folder)
     create_logger(folder, info.rank, config.MODEL.NAME)
     if info.is_main:
         path = os.path.join(folder, 'config.yaml')
@@ -112,7 +155,7 @@ def create_model(config: CfgNode, info: DistInfo) -> nn.Module:
     if config.TRAIN.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
     if info.is_main:      # the parameter/FLOPs table on the console, the full module tree in the log file only
-        report.log_model(model, config.DATA.IMG_SIZE)
+        report.log_model(model, config.DATA.IMG_SIZE, input_channels(config)[0])
     logger.info(f'number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}')
     if config.MODEL.PRETRAINED:
         load_finetune_weights(model, config.MODEL.PRETRAINED, index_22k_to_1k=config.MODEL.PRETRAINED_22K_TO_1K or None,
@@ -148,6 +191,7 @@ def build_trainer(config: CfgNode, info: Optional[DistInfo] = None, loader_val=N
     pin = info.device.type == 'cuda'
     if loader_val is None:
         dataset_val, loader_val = build_val_loader(config, info.rank, info.world_size, pin)
+    check_images_open(loader_val.dataset, 'validation', info.rank, info.world_size)   # not after an epoch
     dataset_train, loader_train, sampler = build_train_loader(config, info.rank, info.world_size, pin)
     logger.info(f'{len(dataset_train)} training and {len(loader_val.dataset)} validation images')
     k = accumulation_steps(config)
@@ -219,7 +263,8 @@ def measure_throughput(config: CfgNode, info: DistInfo) -> RunResult:
         _, loader_val = build_val_loader(config, info.rank, info.world_size, info.device.type == 'cuda')
         images = next(iter(loader_val))[0]
     else:
-        images = torch.randn(config.DATA.BATCH_SIZE, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
+        images = torch.randn(config.DATA.BATCH_SIZE, input_channels(config)[0], config.DATA.IMG_SIZE,
+                             config.DATA.IMG_SIZE)
     return RunResult(model=model, throughput=throughput(config, images, model, info.device))
 
 
@@ -243,4 +288,5 @@ def run(config: CfgNode) -> RunResult:
                 t.metrics.close()
             release_ddp_reducer(t.model)
     finally:
+        release_run_folders()
         cleanup_distributed()

@@ -31,7 +31,7 @@ from config import ConfigError
 from errors import DataError
 from utils import seed_everything
 
-from .cached_image_folder import IMG_EXTENSIONS, CachedImageFolder, load_image
+from .cached_image_folder import DATASET_FIX, IMG_EXTENSIONS, CachedImageFolder, load_image
 from .samplers import ExactEvalSampler, RepeatedAugSampler, ResumableSampler
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,23 @@ def patch_randaugment_posterize() -> bool:
     return changed
 
 
+LUMA = (0.299, 0.587, 0.114)          # ITU-R BT.601 weights of R, G, B
+
+
+def to_grayscale(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) normalised RGB -> (1, H, W): the BT.601 luma of the normalised channels (MODEL.IN_CHANS 1)."""
+    weights = torch.tensor(LUMA, dtype=image.dtype, device=image.device)
+    return torch.einsum('chw,c->hw', image, weights).unsqueeze(0)
+
+
 def build_transform(is_train: bool, config: CfgNode) -> Callable:
+    """:func:`rgb_transform`, then :func:`to_grayscale` when the model takes one input channel."""
+    from models.build import input_channels
+    t = rgb_transform(is_train, config)
+    return transforms.Compose([t, to_grayscale]) if input_channels(config)[0] == 1 else t
+
+
+def rgb_transform(is_train: bool, config: CfgNode) -> Callable:
     """Training: timm ``create_transform`` (random resized crop of AUG.SCALE, flip with AUG.HFLIP,
     RandAugment, colour jitter, random erasing per AUG.*); at 32 px and below (CIFAR-style) a resize to
     IMG_SIZE (a no-op for images of that size) + RandomCrop(padding 4) replaces the random resized crop.
@@ -300,6 +316,22 @@ def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: in
         classes = check_class_lists(path)
         ds = _image_folder(os.path.join(path, split), transform, classes, show_progress=rank == 0)
     return SampleDataset(ds, skip_bad=config.DATA.SKIP_BAD_IMAGES)
+
+
+def check_images_open(dataset: SampleDataset, split: str, rank: int = 0, world_size: int = 1) -> None:
+    """Before training: every image of this rank's share of ``split`` opens as an image (its header, and the
+    checksums of formats that have them; no full decode), so that a file that is no image fails now, not
+    after an epoch of training. A DataError naming the file; nothing is checked with DATA.SKIP_BAD_IMAGES
+    (such files are skipped and counted) or in zip mode (the map file was read)."""
+    if dataset.skip_bad or not isinstance(dataset.dataset, ImageFolderDataset):
+        return
+    for path, _ in dataset.dataset.samples[rank::world_size]:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as e:              # PIL raises many types for a broken file
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{split} image {path} cannot be read ({reason}); {DATASET_FIX}") from None
 
 
 def check_num_classes(dataset: SampleDataset, config: CfgNode, split: str) -> None:

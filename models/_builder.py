@@ -10,6 +10,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg
 from timm.models._features import FeatureGetterNet
 
+from errors import CheckpointError
 from state_dicts import OFFICIAL_CHECKPOINT_GLOBALS, unwrap_state_dict
 
 _logger = logging.getLogger(__name__)
@@ -50,6 +51,15 @@ class FeatureGetter(FeatureGetterNet):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` asks this first: the feature wrapper calls the model's ``forward_intermediates``,
+        whose keyword options TorchScript cannot compile, so say so (and what works) instead of failing deep
+        inside the compiler."""
+        name = (getattr(self.model, 'pretrained_cfg', None) or {}).get('architecture') or type(self.model).__name__
+        raise RuntimeError(f'torch.jit.script does not compile a features_only {name}; script the full model '
+                           f'(torch.jit.script(model) works for every family), or use torch.jit.trace / '
+                           f'torch.export on the features_only model')
+
 
 def _names(items: List[str], limit: int = 8) -> str:
     return ', '.join(items[:limit]) + (f' (+{len(items) - limit} more)' if len(items) > limit else '')
@@ -61,7 +71,13 @@ def _reporting_filter(filter_fn: Callable, name: str, features: bool) -> Callabl
     count), tensors resized (position tables / encodings resampled to this model's size) and model tensors the
     file does not provide (left at their initial values; a warning)."""
     def filter_and_report(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
-        out = filter_fn(state_dict, model)
+        try:
+            out = filter_fn(state_dict, model)
+        except Exception as e:      # a file of another model: one line naming it, whatever the filter raised
+            reason = ' '.join(str(e).split()) or type(e).__name__
+            raise CheckpointError(f"weights {(getattr(model, 'pretrained_cfg', None) or {}).get('file') or ''} do "
+                                  f"not fit {name} ({type(e).__name__} in its checkpoint filter: {reason}); give a "
+                                  f"checkpoint of {name}") from None
         source = unwrap_state_dict(state_dict)
         kept = {id(v) for v in out.values()}                  # a renamed tensor is the same object
         dropped = [k for k, v in source.items() if k not in out and id(v) not in kept]

@@ -87,10 +87,12 @@ def config_sections() -> List[ConfigSection]:
 
 @dataclass
 class ModelSpec:
-    """What one ``MODEL.TYPE`` builds: ``timm.create_model(name, **kwargs)``; ``keys`` maps kwarg -> config key."""
+    """What one ``MODEL.TYPE`` builds: ``timm.create_model(name, **kwargs)``; ``keys`` maps kwarg -> config key;
+    ``model_type``: the MODEL.TYPE that selected it (for messages; ``name`` when empty)."""
     name: str
     kwargs: Dict[str, Any] = field(default_factory=dict)
     keys: Dict[str, str] = field(default_factory=dict)
+    model_type: str = ''
 
     def set(self, kwarg: str, value: Any, key: str) -> None:
         self.kwargs[kwarg], self.keys[kwarg] = value, key
@@ -195,35 +197,44 @@ def model_spec(config: Any) -> ModelSpec:
     if adapter is None and model_type not in _timm_names():
         raise _unknown_type(model_type)
     spec = adapter.fn(config) if adapter is not None else timm_spec(config)
+    spec.model_type = model_type
     for kwarg, value in (config.MODEL.get('KWARGS') or {}).items():
-        spec.set(kwarg, _plain(value), f'MODEL.KWARGS.{kwarg}')
+        value, key = _plain(value), f'MODEL.KWARGS.{kwarg}'
+        if kwarg in spec.kwargs and not _same(spec.kwargs[kwarg], value):   # one setting, one place
+            raise ConfigError(f'{key} {value!r} conflicts with {spec.keys[kwarg]} {spec.kwargs[kwarg]!r} (both set '
+                              f'the model argument {kwarg}); set it once, in {spec.keys[kwarg]}, and remove {key}')
+        spec.set(kwarg, value, key)
     return spec
 
 
 def _config_error(err: Exception, spec: ModelSpec) -> ConfigError:
     """The model's error with each keyword argument it mentions replaced by its config key (one line)."""
     msg = ' '.join(str(err).split()) if str(err) else type(err).__name__
+    label = spec.model_type or spec.name
     if not spec.keys:
-        return ConfigError(f'MODEL.TYPE {spec.name}: {msg}')
+        return ConfigError(f'MODEL.TYPE {label}: {msg}')
     names = sorted(spec.keys, key=len, reverse=True)       # one pass: a replaced key is not scanned again
     pattern = re.compile(r'(?<![\w.])(' + '|'.join(re.escape(k) for k in names) + r')(?![\w])')
     msg, hits = pattern.subn(lambda m: spec.keys[m.group(1)], msg)
-    return ConfigError(msg if hits else f'MODEL.TYPE {spec.name}: {msg}')
+    return ConfigError(msg if hits else f'MODEL.TYPE {label}: {msg}')
 
 
 _UNEXPECTED_KWARG = re.compile(r"unexpected keyword argument '(\w+)'")
 
 
-def build_model(config: Any, **overrides: Any) -> nn.Module:
-    """Build the model named by ``config.MODEL.TYPE`` (randomly initialised); ``overrides`` win."""
+def _create(spec: ModelSpec, kwargs: Dict[str, Any], stock: bool) -> Tuple[nn.Module, List[str]]:
+    """``timm.create_model(spec.name, **kwargs)``; a stock timm model (``stock``) that does not take an
+    experiment key of OPTIONAL_TIMM_KWARGS is built without it (never a MODEL.KWARGS entry). Returns the
+    model and the kwargs left out; a model ValueError/TypeError becomes a ConfigError naming the key."""
     import timm  # local: importing models must stay cheap for tools that only list types
 
-    spec = model_spec(config)
-    kwargs = dict(spec.kwargs, **overrides)
-    optional = set(OPTIONAL_TIMM_KWARGS) if config.MODEL.TYPE not in _ADAPTERS else set()
+    kwargs = dict(kwargs)
+    optional = {k for k in OPTIONAL_TIMM_KWARGS if not spec.keys.get(k, '').startswith('MODEL.KWARGS.')} \
+        if stock else set()
+    dropped: List[str] = []
     while True:
         try:
-            return timm.create_model(spec.name, **kwargs)
+            return timm.create_model(spec.name, **kwargs), dropped
         except ConfigError:
             raise
         except TypeError as err:        # a stock timm model that does not take an optional experiment key
@@ -231,10 +242,103 @@ def build_model(config: Any, **overrides: Any) -> nn.Module:
             if hit and hit.group(1) in optional and hit.group(1) in kwargs:
                 kwargs.pop(hit.group(1))
                 optional.discard(hit.group(1))
+                dropped.append(hit.group(1))
                 continue
             raise _config_error(err, spec) from None
         except ValueError as err:
             raise _config_error(err, spec) from None
+
+
+def build_model(config: Any, **overrides: Any) -> nn.Module:
+    """Build the model named by ``config.MODEL.TYPE`` (randomly initialised); ``overrides`` win."""
+    spec = model_spec(config)
+    return _create(spec, dict(spec.kwargs, **overrides), config.MODEL.TYPE not in _ADAPTERS)[0]
+
+
+# The experiment keys a model may take, by model argument: set away from its default, each must reach the model.
+EXPERIMENT_KEYS = {'num_classes': 'MODEL.NUM_CLASSES', 'drop_rate': 'MODEL.DROP_RATE',
+                   'drop_path_rate': 'MODEL.DROP_PATH_RATE', 'in_chans': 'MODEL.IN_CHANS'}
+
+
+def input_channels(config: Any) -> Tuple[int, str]:
+    """(channels of the model's input, the config key that sets them): what the data pipeline must give
+    (3 for a config whose model part does not resolve: validation reports that)."""
+    try:
+        spec = model_spec(config)
+    except ConfigError:
+        return 3, 'MODEL.IN_CHANS'
+    return int(spec.kwargs.get('in_chans', 3)), spec.keys.get('in_chans', 'MODEL.IN_CHANS')
+
+
+def check_experiment_keys(config: Any, spec: ModelSpec, defaults: Any) -> None:
+    """ConfigError naming both keys when an experiment key (EXPERIMENT_KEYS) is set away from its default
+    but the model argument it would set comes from another key (a family section, MODEL.KWARGS) or from
+    nowhere (the MODEL.TYPE does not take it)."""
+    label = spec.model_type or spec.name
+    for kwarg, key in EXPERIMENT_KEYS.items():
+        value = _value_at(config, key)
+        if _same(value, _value_at(defaults, key)) or spec.keys.get(kwarg) == key:
+            continue
+        owner = spec.keys.get(kwarg)
+        if owner is None:
+            raise ConfigError(f'{key} is set ({value!r}) but MODEL.TYPE {label} does not take {kwarg}; remove it '
+                              f'(or choose a MODEL.TYPE that has it)')
+        raise ConfigError(f'{key} {value!r} is not what MODEL.TYPE {label} uses: its {kwarg} is {owner} '
+                          f'({spec.kwargs[kwarg]!r}); set {owner} instead and remove {key}')
+
+
+def _trial(spec: ModelSpec, kwargs: Dict[str, Any], stock: bool, img_size: int, forward: bool
+           ) -> Tuple[Optional[Exception], List[str]]:
+    """Build (and with ``forward`` run one image through, in eval mode) the model: (the error or None, the
+    optional kwargs left out)."""
+    import torch
+    try:
+        model, dropped = _create(spec, kwargs, stock)
+        if forward:
+            model.eval()
+            with torch.no_grad():
+                model(torch.zeros(1, int(kwargs.get('in_chans', 3)), img_size, img_size))
+        return None, dropped
+    except Exception as err:            # anything a bad keyword argument makes the model raise
+        return err, []
+
+
+def check_by_building(config: Any, spec: ModelSpec, defaults: Any) -> None:
+    """Build the model once at load time where the config alone cannot tell whether it fits: with MODEL.KWARGS
+    (built and run on one image, so that a bad value or type fails now, as a ConfigError naming
+    ``MODEL.KWARGS.<key>``), and for a stock timm model with MODEL.DROP_RATE / MODEL.DROP_PATH_RATE away
+    from their defaults (refused when the model does not take them)."""
+    label = spec.model_type or spec.name
+    extra = dict(config.MODEL.get('KWARGS') or {})
+    stock = config.MODEL.TYPE not in _ADAPTERS
+    watched = [k for k in ('drop_rate', 'drop_path_rate')
+               if stock and not _same(spec.kwargs[k], _value_at(defaults, EXPERIMENT_KEYS[k]))]
+    if not extra and not watched:
+        return
+    img_size = int(_value_at(config, 'DATA.IMG_SIZE'))
+    err, dropped = _trial(spec, spec.kwargs, stock, img_size, forward=bool(extra))
+    for k in watched:
+        if k in dropped:
+            raise ConfigError(f'{EXPERIMENT_KEYS[k]} is set ({spec.kwargs[k]!r}) but MODEL.TYPE {label} takes no '
+                              f'{k}; remove it (or set it back to its default '
+                              f'{_value_at(defaults, EXPERIMENT_KEYS[k])!r})')
+    if err is None:
+        return
+    culprit = None
+    if len(extra) == 1:
+        culprit = next(iter(extra))
+    else:                                  # which entry: the first that fails on its own
+        base = {k: v for k, v in spec.kwargs.items() if not spec.keys[k].startswith('MODEL.KWARGS.')}
+        for key in extra:
+            if _trial(spec, dict(base, **{key: spec.kwargs[key]}), stock, img_size, True)[0] is not None:
+                culprit = key
+                break
+    msg = ' '.join(str(err).split()) or type(err).__name__
+    if culprit is None:
+        raise ConfigError(f'MODEL.TYPE {label} with MODEL.KWARGS {dict(extra)} fails: {msg}; fix MODEL.KWARGS')
+    value = spec.kwargs[culprit]
+    raise ConfigError(f'MODEL.KWARGS.{culprit} {value!r} does not fit MODEL.TYPE {label}: {msg}; fix or remove '
+                      f'MODEL.KWARGS.{culprit}')
 
 
 # ----------------------------------------------------------------------------- config keys
@@ -314,11 +418,16 @@ def check_config_keys(config: Any) -> None:
                                   f'read it; remove it or set the key of this model type')
 
 
-def validate_model_config(config: Any) -> None:
+def validate_model_config(config: Any, defaults: Any = None) -> None:
     """Everything the model layer checks before any work, in this order: declared key checks, an unknown
-    MODEL.TYPE (with the closest names), keys set for another MODEL.TYPE, the family adapter's own checks."""
+    MODEL.TYPE (with the closest names), keys set for another MODEL.TYPE, the family adapter's own checks,
+    MODEL.KWARGS entries that duplicate a key, and (given the ``defaults`` config) experiment keys the model
+    does not take and MODEL.KWARGS values the model rejects (:func:`check_by_building`)."""
     check_section_values(config)
     if config.MODEL.TYPE not in _ADAPTERS and config.MODEL.TYPE not in _timm_names():
         raise _unknown_type(config.MODEL.TYPE)
     check_config_keys(config)
-    model_spec(config)
+    spec = model_spec(config)
+    if defaults is not None:
+        check_experiment_keys(config, spec, defaults)
+        check_by_building(config, spec, defaults)

@@ -7,12 +7,14 @@
 
 The model is a registered timm name (``timm.list_models()`` after ``import models``) or a config (``--cfg``);
 ``--checkpoint`` loads weights as ``main.py --eval --resume`` does (strict, safe loading, any official
-wrapping). The input is one (batch, 3, size, size) image batch, size = the model's own by default.
-``--check`` runs the exported file (ONNX Runtime on CPU, or the loaded .pt2 program) on a random batch and
-prints its largest deviation from the eager model, relative to the largest eager logit, and from a float64
-run of the eager model next to eager float32's own; it exits 1 above ``--tolerance`` unless the file is as
-close to float64 as eager float32 is (a badly conditioned model, e.g. random weights with huge logits, is not
-reproducible to 1e-4 by float32 at all). Bad input is one line on stderr and exit status 2.
+wrapping). The input is a (batch, 3, size, size) image batch, size = the model's own by default; an ONNX
+file takes any batch size (its first input dimension is named ``batch``; ``--static-batch`` fixes it to
+``--batch``), a .pt2 program the ``--batch`` of the example input.
+``--check`` runs the exported file (ONNX Runtime on CPU, or the loaded .pt2 program) on random batches (of
+1 and 3 images too for a dynamic batch) and prints its largest deviation from the eager model, relative to
+the largest eager logit, and from a float64 run of the eager model next to eager float32's own; it exits 1
+above ``--tolerance`` unless the file is as close to float64 as eager float32 is (a badly conditioned model,
+e.g. random weights with huge logits, is not reproducible to 1e-4 by float32 at all). Bad input is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -52,28 +54,86 @@ def build(name: Optional[str], cfg: Optional[str], checkpoint: Optional[str],
         model, size = models.build_model(config), config.DATA.IMG_SIZE
     else:
         if not timm.is_model(name):
-            close = timm.list_models(f'*{name}*')[:8]
-            raise UserError(f"unknown model {name!r}; " + (f"did you mean one of {', '.join(close)}?" if close
-                                                          else "see timm.list_models() after `import models`"))
-        model = timm.create_model(name, **({} if img_size is None else {'img_size': img_size}))
+            raise UserError(f"unknown model {name!r}; {_suggest(name, timm.list_models())}")
+        model = _create_at_size(name, img_size)
         size = img_size or model.pretrained_cfg['input_size'][-1]
     if checkpoint is not None:
         if not os.path.isfile(checkpoint):
             raise UserError(f'--checkpoint {checkpoint}: no such file')
-        from resume import load_weights
-        load_weights(checkpoint, model)
+        import checkpoint as ckpt_io        # strict, safe loading of any official wrapping (as --eval --resume)
+        ckpt_io.load_model_state(model, ckpt_io.extract_model_state(ckpt_io.load_checkpoint(checkpoint)), checkpoint)
+        logger.info('loaded the weights of %s', checkpoint)
     return model.eval(), size
 
 
-def export(model: nn.Module, x: torch.Tensor, fmt: str, path: str) -> None:
-    """Write ``model`` traced on ``x`` to ``path``: ONNX (dynamo exporter, optimised) or a .pt2 program."""
+def _suggest(name: str, names: Sequence[str]) -> str:
+    """'did you mean ...?' with the closest registered names (spelling, then substring), or where to look."""
+    import difflib
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6) or \
+        difflib.get_close_matches(name.lower(), [n.lower() for n in names], n=5, cutoff=0.6) or \
+        [n for n in names if name.lower() in n.lower()][:8]
+    return f"did you mean one of {', '.join(close)}?" if close else "see timm.list_models() after `import models`"
+
+
+def _create_at_size(name: str, img_size: Optional[int]) -> nn.Module:
+    """``timm.create_model(name)`` for ``img_size`` inputs: built for that size where the model takes
+    ``img_size`` (UserError naming --img-size if it refuses it); a model without the argument (a CNN) as is."""
+    import timm
+    if img_size is None:
+        return timm.create_model(name)
+    try:
+        return timm.create_model(name, img_size=img_size)
+    except TypeError as e:
+        if 'img_size' not in str(e):
+            raise
+        return timm.create_model(name)
+    except (ValueError, AssertionError) as e:
+        raise UserError(f"--img-size {img_size}: {name} cannot be built for it ({' '.join(str(e).split())}); "
+                        f"choose another --img-size") from None
+
+
+def check_runs(model: nn.Module, x: torch.Tensor, what: str) -> None:
+    """UserError naming ``what`` (the option that set the input) when ``model`` does not run on ``x``."""
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as e:     # any model error on this input shape
+        raise UserError(f"{what}: the model does not run on input {tuple(x.shape)} "
+                        f"({' '.join(str(e).split()) or type(e).__name__}); choose another {what}") from None
+
+
+def export(model: nn.Module, x: torch.Tensor, fmt: str, path: str, dynamic_batch: bool = True) -> bool:
+    """Write ``model`` traced on ``x`` to ``path``: ONNX (dynamo exporter, optimised) or a .pt2 program (the
+    batch of ``x``). With ``dynamic_batch`` the ONNX input and output take any batch size (traced on two
+    images: torch.export fixes a dimension seen as 1); a model that cannot be exported so is exported with
+    the batch of ``x`` and a warning. Returns whether the batch is dynamic."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings('ignore')
-        if fmt == 'onnx':
-            torch.onnx.export(model, (x,), path, dynamo=True, input_names=['image'], output_names=['logits'],
-                              verbose=False)
-        else:
+        if fmt != 'onnx':
             torch.export.save(torch.export.export(model, (x,)), path)
+            return False
+        if dynamic_batch:
+            example = torch.cat([x, x]) if x.shape[0] == 1 else x
+            try:
+                torch.onnx.export(model, (example,), path, dynamo=True, input_names=['image'],
+                                  output_names=['logits'], dynamic_shapes=({0: torch.export.Dim('batch')},),
+                                  verbose=False)
+                if _batch_is_dynamic(path):
+                    return True
+                raise RuntimeError('the exporter fixed the batch dimension')
+            except Exception as e:       # the exporter's many error types: fall back to the example's batch
+                logger.warning('a dynamic batch dimension does not export for this model (%s); exporting a fixed '
+                               'batch of %d instead (--batch sets it)', errors.one_line(e)[:200], x.shape[0])
+        torch.onnx.export(model, (x,), path, dynamo=True, input_names=['image'], output_names=['logits'],
+                          verbose=False)
+        return False
+
+
+def _batch_is_dynamic(path: str) -> bool:
+    """Whether the first input of the ONNX file ``path`` has a symbolic (any-size) first dimension."""
+    import onnx
+    dim = onnx.load(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return bool(dim.dim_param) or not dim.HasField('dim_value')
 
 
 def run_exported(path: str, fmt: str, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +181,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--format', default='onnx', choices=FORMATS, help='onnx (default) or pt2 (torch.export)')
     parser.add_argument('--output', help='file to write (default: <model>.onnx / <model>.pt2 here)')
     parser.add_argument('--img-size', type=int, help="input size (default: the model's own)")
-    parser.add_argument('--batch', type=int, default=1, help='batch size of the example input (default 1)')
+    parser.add_argument('--batch', type=int, default=1,
+                        help='batch size of the example input (default 1); an ONNX file takes any batch size')
+    parser.add_argument('--static-batch', action='store_true',
+                        help='ONNX: fix the batch dimension to --batch (default: dynamic)')
     parser.add_argument('--check', action='store_true', help='compare the exported file with eager on CPU')
     parser.add_argument('--tolerance', type=float, default=1e-4, help='--check fails above this (default 1e-4)')
     args = parser.parse_args(argv)
@@ -135,12 +198,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not os.path.isdir(folder):
         raise UserError(f'--output {path}: folder {folder} does not exist')
     x = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    export(model, x, args.format, path)
-    print(f'wrote {path} ({args.format}, input {tuple(x.shape)})')
+    check_runs(model, x, '--img-size' if args.img_size else '--batch')
+    dynamic = export(model, x, args.format, path, args.format == 'onnx' and not args.static_batch)
+    shape = ('batch',) + tuple(x.shape[1:]) if dynamic else tuple(x.shape)
+    print(f'wrote {path} ({args.format}, input {shape})')
     if args.check:
         runner = 'ONNX Runtime (CPU)' if args.format == 'onnx' else 'torch.export program'
-        ok, message = check_exported(model, x, run_exported(path, args.format, x), args.tolerance)
-        print(f'{runner} {message}')
+        ok = True
+        for batch in sorted({args.batch, 1, 3}) if dynamic else (args.batch,):
+            xb = torch.randn(batch, *x.shape[1:], generator=torch.Generator().manual_seed(batch))
+            passed, message = check_exported(model, xb, run_exported(path, args.format, xb), args.tolerance)
+            print(f'{runner} batch {batch}: {message}')
+            ok = ok and passed
         return 0 if ok else 1
     return 0
 

@@ -65,6 +65,33 @@ def run_label(path: str) -> str:
     return '/'.join(parts[-2:])
 
 
+def run_labels(paths: Sequence[str]) -> List[str]:
+    """:func:`run_label` of each run; runs that share one (same MODEL.NAME and TAG) are told apart by their
+    folder paths without the part they have in common at the end (e.g. ``flatten_swin_t/default (a)`` and
+    ``flatten_swin_t/default (b)`` for a/output/... and b/output/...)."""
+    labels = [run_label(p) for p in paths]
+    folders = [os.path.normpath(os.path.abspath(os.path.dirname(p) if p.endswith('.jsonl') else p)).split(os.sep)
+               for p in paths]
+    for label in set(labels):
+        same = [i for i, x in enumerate(labels) if x == label]
+        if len(same) < 2:
+            continue
+        common = 0                          # length of the path tail all of them share
+        while all(len(folders[i]) > common + 1 for i in same) and \
+                len({folders[i][-common - 1] for i in same}) == 1:
+            common += 1
+        heads = [folders[i][:len(folders[i]) - common] for i in same]
+        for depth in range(1, max(len(h) for h in heads) + 1):
+            tails = ['/'.join(h[-depth:]) for h in heads]
+            if len(set(tails)) == len(tails):
+                break
+        else:
+            tails = [str(n + 1) for n in range(len(same))]
+        for i, tail in zip(same, tails):
+            labels[i] = f'{label} ({tail})'
+    return labels
+
+
 def plot_runs(paths: Sequence[str], output: str, labels: Optional[Sequence[str]] = None, ema: bool = False,
               title: Optional[str] = None):
     """Draw the figure and save it to ``output``; returns the matplotlib Figure (three Axes)."""
@@ -75,13 +102,14 @@ def plot_runs(paths: Sequence[str], output: str, labels: Optional[Sequence[str]]
     if labels is not None and len(labels) != len(paths):
         raise ConfigError(f'{len(labels)} --labels for {len(paths)} runs: give one label per run, or none')
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8))
+    labels = list(labels) if labels is not None else run_labels(paths)
     for i, path in enumerate(paths):
         if not os.path.exists(path if path.endswith('.jsonl') else os.path.join(path, METRICS_FILE)):
             raise DataError(f'no {METRICS_FILE} in {path}: give the output folder of a training run')
         records = epoch_records(path)
         if not records:
             raise DataError(f'{path} has no epoch records yet: plot it once the run has finished an epoch')
-        label = labels[i] if labels is not None else run_label(path)
+        label = labels[i]
         epochs = [r['epoch'] for r in records]
         colour = f'C{i % 10}'
         for ax, (key, _) in zip(axes, PANELS):

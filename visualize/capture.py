@@ -256,7 +256,11 @@ def attention_maps(site: AttentionSite, cap: Capture, image_hw: Tuple[int, int],
     per_image = slice(image * (groups // batch), (image + 1) * (groups // batch))
     if cap.kind == 'softmax':
         return AttentionMaps(cap.kind, _pick(cap.tensors[0][per_image].double(), head, 1, 'head'), layout)
-    heads = site.module.num_heads
+    heads = getattr(site.module, 'num_heads', None)
+    if not isinstance(heads, int) or heads < 1 or phi_q.shape[-1] % heads:
+        raise SelectionError(f'{site.name} ({type(site.module).__name__}) has no usable num_heads attribute '
+                             f'({heads!r}): linear attention maps split phi_q/phi_k ({phi_q.shape[-1]} channels) into '
+                             f'heads; give the attention module its head count as self.num_heads')
     if head != 'mean' and not 0 <= int(head) < heads:
         raise SelectionError(f'head {head} does not exist; valid: 0-{heads - 1} or mean')
     fold_dwc = fold_dwc and isinstance(getattr(site.module, 'dwc', None), nn.Module)   # not every linear module has one
