@@ -73,7 +73,7 @@ def logged(path: str, pattern: str) -> list:
         return re.findall(pattern, f.read())
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='module')
 def baseline(digits, tmp_path_factory):
     """An uninterrupted 3-epoch run with EMA (the reference for resume tests) on the shared digits."""
     assert count_images(digits) == {'train': 300, 'val': N_VAL}

@@ -34,7 +34,7 @@ N_TRAIN, N_VAL = 40, 20                 # 4 train + 2 val images per digit class
 RUN_TIMEOUT = 120                       # one tiny single-process run takes ~10 s (start-up included)
 HANG_LIMIT = 60                         # far below DIST_TIMEOUT (600 s)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.digits(train=4, val=2, drop_val=0)]   # N_TRAIN, N_VAL images
 
 TINY_YAML = f"""
 MODEL:
@@ -132,14 +132,6 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def digits(make_digits) -> str:
-    """The shared digits, 4 train + 2 val images per class (read only: tests that change files copy it)."""
-    path = make_digits(32, train=4, val=2)
-    assert count_images(path) == {'train': N_TRAIN, 'val': N_VAL}
-    return path
-
-
-@pytest.fixture(scope='module')
 def cfg(workdir) -> str:
     path = workdir / 'tiny.yaml'
     path.write_text(TINY_YAML)
@@ -151,6 +143,10 @@ def launcher(workdir) -> str:
     path = workdir / 'launch.py'
     path.write_text(LAUNCHER)
     return str(path)
+
+
+def test_digits_folders_hold_the_counts_the_checks_assume(digits):
+    assert count_images(digits) == {'train': N_TRAIN, 'val': N_VAL}
 
 
 def copy_digits(digits: str, dst: str) -> str:
