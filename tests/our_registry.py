@@ -56,6 +56,23 @@ def family_reps() -> List[str]:
     return sorted(n for n in tiny_names() if not n.endswith('_softmax'))
 
 
+_REDUCTIONS: Dict[str, List[int]] = {}
+
+
+def feature_reductions(name: str) -> List[int]:
+    """The strides of ``name``'s feature maps (timm's ``feature_info``, read off its tiny model once)."""
+    if name not in _REDUCTIONS:
+        model = timm.create_model(name, **tiny_kwargs(name))
+        _REDUCTIONS[name] = [int(i['reduction']) for i in model.feature_info]
+    return _REDUCTIONS[name]
+
+
+def pyramid_reps() -> List[str]:
+    """``family_reps`` whose feature maps form a pyramid (several strides: what dense prediction and the
+    hierarchical-backbone checks take); a plain ViT family (one stride) is covered by the generic checks only."""
+    return [n for n in family_reps() if len(set(feature_reductions(n))) > 1]
+
+
 # ----------------------------------------------------------------------------- tiny sizes
 _PYRAMID = dict(img_size=64, embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4), depths=(1, 1, 1, 1))
 
