@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import MULTI_RANK, Run, count_images, launch, run_folder, run_main
+from harness import MULTI_RANK, Run, count_images, launch, read_records, run_folder, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_NAME = 'tiny_rel'
@@ -531,12 +531,14 @@ def test_auto_resume_into_another_models_run_says_so(after_run):
 
 def test_end_of_run_summary_is_printed_and_written(finished_run):
     """The summary (best Acc@1 and its epoch, checkpoints) on the console and in summary.json, checked
-    against the accuracy lines of the log and the files in the folder."""
+    against the epoch records of metrics.jsonl and the files in the folder."""
     r, folder = finished_run
     assert 'run summary' in r.out
-    accs = [float(a) for a in re.findall(r' \* Acc@1 ([\d.]+)', open(os.path.join(folder, 'log_rank0.txt')).read())]
+    recs = read_records(folder)
     summary = json.load(open(os.path.join(folder, 'summary.json')))
-    assert summary['best']['acc1'] == pytest.approx(max(accs), abs=1e-3) and summary['best']['epoch'] == 1
+    assert [rec['epoch'] for rec in recs] == [1] and summary['epochs'] == 1
+    assert summary['best'] == {'acc1': recs[0]['val_acc1'], 'epoch': 1}
+    assert f"{recs[0]['val_acc1']:.2f}%" in open(os.path.join(folder, 'summary.txt')).read()
     assert summary['checkpoints'] == sorted(f for f in os.listdir(folder) if f.endswith('.pth'))
     assert summary['skipped_steps'] == 0 and summary['skipped_images'] == 0
     assert summary['images_per_s'] > 0
