@@ -292,11 +292,11 @@ class Watched:
 
     @classmethod
     def forked(cls, server: 'ForkServer', argv: Sequence[str], env: Optional[dict] = None,
-               separate_stderr: bool = False) -> 'Watched':
-        """``python main.py ARGV`` forked by ``server``; with ``separate_stderr`` the lines waited for are
-        stdout's and stderr is collected in ``err``."""
+               separate_stderr: bool = False, command: Optional[Sequence[str]] = None) -> 'Watched':
+        """``python main.py ARGV`` (or ``python COMMAND...``) forked by ``server``; with ``separate_stderr`` the
+        lines waited for are stdout's and stderr is collected in ``err``."""
         w = cls(None)
-        w.proc, out, err = server.spawn(argv, env, separate_stderr)
+        w.proc, out, err = server.spawn(argv, env, separate_stderr, command=command)
         threading.Thread(target=lambda: w._pump(open(out)), daemon=True).start()
         if err:
             w._err_done = threading.Event()
@@ -363,6 +363,25 @@ class Watched:
     @property
     def output(self) -> str:
         return ''.join(self.lines)
+
+
+def run_ranks(server: 'ForkServer', argv: Sequence[str] = (), world: int = 2, env: Optional[dict] = None,
+              command: Optional[Sequence[str]] = None, timeout: float = RUN_TIMEOUT) -> List[Run]:
+    """One ``world``-process gloo job without a launcher: ``python main.py ARGV`` (or ``python COMMAND...``)
+    forked by ``server`` once per rank with the variables torchrun gives its workers (RANK, LOCAL_RANK,
+    WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), to the end of every rank: each rank's exit code and merged
+    output. For multi-rank checks where torchrun's agent is not the point (its start-up costs three
+    interpreters)."""
+    common = dict(env or {}, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
+                  LOCAL_WORLD_SIZE=str(world))
+    ranks = [Watched.forked(server, argv, dict(common, RANK=str(r), LOCAL_RANK=str(r)), command=command)
+             for r in range(world)]
+    try:
+        codes = [w.finish(timeout) for w in ranks]
+    finally:
+        for w in ranks:
+            w.kill()
+    return [Run(code=c, out=w.output) for c, w in zip(codes, ranks)]
 
 
 def free_port() -> int:

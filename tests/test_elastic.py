@@ -18,8 +18,8 @@ from typing import Dict, List
 import pytest
 import torch
 
-from harness import (MULTI_RANK, ROOT, Watched, checkpoint_names, free_port, kill_tree, launch, main_cmd, run_folder,
-                     subprocess_env)
+from harness import (MULTI_RANK, ROOT, checkpoint_names, free_port, kill_tree, launch, main_cmd, run_folder,
+                     run_ranks, subprocess_env)
 
 # 100 training images (10 per class: 50 per rank), 20 validation images
 pytestmark = [pytest.mark.slow, MULTI_RANK, pytest.mark.digits(train=10, val=2, drop_val=0)]
@@ -86,15 +86,8 @@ def uninterrupted(digits, tmp_path_factory, fork_server) -> Dict:
     the harness with the environment torchrun gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*): the
     launcher is what the tests below check, not what the reference needs (three interpreter start-ups saved)."""
     out = str(tmp_path_factory.mktemp('uninterrupted'))
-    env = dict(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2')
-    ranks = [Watched.forked(fork_server, main_argv(digits, out), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in (0, 1)]
-    try:
-        codes = [w.finish(timeout=LAUNCH_TIMEOUT) for w in ranks]
-    finally:
-        for w in ranks:
-            w.kill()
-    assert codes == [0, 0], '\n----\n'.join(w.output[-2000:] for w in ranks)
+    ranks = run_ranks(fork_server, main_argv(digits, out), timeout=LAUNCH_TIMEOUT)
+    assert [r.code for r in ranks] == [0, 0], '\n----\n'.join(r.out[-2000:] for r in ranks)
     return final_checkpoint(out)
 
 

@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import traceback
 
 import numpy as np
@@ -27,7 +26,7 @@ import main as entry
 import runner
 from config import get_config, load_config
 from models import build_model
-from harness import MULTI_RANK, count_images, free_port, read_records, run_main
+from harness import MULTI_RANK, count_images, free_port, read_records, run_main, run_ranks
 from utils import PREEMPTED_EXIT_CODE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,19 +241,19 @@ def test_preemption_mid_epoch_then_resume(baseline, digits, tmp_path, monkeypatc
 
 # ----------------------------------------------------------------------------- distributed
 @MULTI_RANK
-def test_torchrun_two_ranks_train_and_exact_validation(digits, tmp_path):
-    """2-process gloo training; its final 2-rank validation (shards of 50 and 49 images) equals the
-    single-process evaluation of the saved weights and the hand-written reference."""
+def test_two_ranks_train_and_exact_validation(digits, tmp_path, fork_server):
+    """2-process gloo training (two ``python main.py`` processes with torchrun's environment, forked by the
+    harness: torchrun itself is tested in test_elastic.py / test_reliability.py); its final 2-rank validation
+    (shards of 50 and 49 images) equals the single-process evaluation of the saved weights and the
+    hand-written reference."""
     out = str(tmp_path / 'ddp')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
-           os.path.join(ROOT, 'main.py'), *args(digits, out, opts=('TRAIN.EPOCHS', '2', 'MODEL_EMA.ENABLE', 'False',
-                                                                   'DATA.BATCH_SIZE', '16', 'DIST_TIMEOUT', '120'))]
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    log = os.path.join(run_dir(out), 'log_rank0.txt')
-    assert logged(log, r'rank 0/2 on cpu')
-    assert logged(log, rf'Accuracy of the network on the {N_VAL} test images')      # both shards, all 99
+    ranks = run_ranks(fork_server, args(digits, out, opts=('TRAIN.EPOCHS', '2', 'MODEL_EMA.ENABLE', 'False',
+                                                           'DATA.BATCH_SIZE', '16', 'DIST_TIMEOUT', '120')),
+                      timeout=400)
+    assert [r.code for r in ranks] == [0, 0], '\n----\n'.join(r.out[-3000:] for r in ranks)
+    log = open(os.path.join(run_dir(out), 'log_rank0.txt')).read()
+    assert 'rank 0/2 on cpu' in log
+    assert f'Accuracy of the network on the {N_VAL} test images' in log      # both shards, all 99
     recs = metrics(run_dir(out))                                             # rank 0 alone writes it
     assert [r['epoch'] for r in recs] == [1, 2]
     acc = acc_text(recs[-1])

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import MULTI_RANK, Run, count_images, launch, read_records, run_folder, run_main
+from harness import MULTI_RANK, Run, count_images, launch, read_records, run_folder, run_main, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_NAME = 'tiny_rel'
@@ -228,17 +228,21 @@ DIST_TIMEOUT: 60
 
 
 @pytest.fixture(scope='module')
-def ema_2rank(digits, workdir, launcher):
-    """main_ema.py on 2 ranks (torchrun, gloo) with a tiny PVT-v1 and no --find-unused-params: 1 epoch,
-    2 steps per rank (40 images / 2 ranks / batch 10), each rank's EMA checksum recorded at exit."""
+def ema_2rank(digits, workdir, launcher, fork_server):
+    """main_ema.py on 2 gloo ranks (forked by the harness with torchrun's environment: the launcher is not
+    the point here) with a tiny PVT-v1 and no --find-unused-params: 1 epoch, 2 steps per rank (40 images /
+    2 ranks / batch 10), each rank's EMA checksum recorded at exit. Returns (the job as one Run: exit code 0
+    only if both ranks exited 0, their outputs), the run folder, the record folder."""
     output, tag = str(workdir / 'runs'), 'ema-2rank'
     record = workdir / 'ema_record'
     record.mkdir()
     cfg = workdir / 'tiny_pvt.yaml'
     cfg.write_text(TINY_PVT_YAML)
-    r = torchrun(launcher, *main_args(str(cfg), digits, output, tag, '--model-ema-decay', '0.5', entry='main_ema.py'),
-                 timeout=240, env={'REL_INJECT': 'ema', 'REL_EMA_OUT': str(record)})
-    return r, run_dir(output, tag), str(record)
+    ranks = run_ranks(fork_server, command=[launcher, *main_args(str(cfg), digits, output, tag, '--model-ema-decay',
+                                                                 '0.5', entry='main_ema.py')],
+                      timeout=240, env={'REL_INJECT': 'ema', 'REL_EMA_OUT': str(record)})
+    job = Run(code=next((r.code for r in ranks if r.code), 0), out='\n----\n'.join(r.out for r in ranks))
+    return job, run_dir(output, tag), str(record)
 
 
 @MULTI_RANK
