@@ -13,7 +13,9 @@ the run leaves behind (its folder, metrics.jsonl, summary.json, checkpoints, log
   interrupt or kill training processes. Built with ``preload=THIRD_PARTY`` (torch and timm only) it runs
   any ``python COMMAND`` whose point is this repository's start-up (imports, environment read at import,
   an entry point's one-line errors): the ``startup_server`` fixture. A process exiting with live
-  DataLoader workers and torchrun use real ``launch``/``Watched``.
+  DataLoader workers and torchrun use real ``launch``/``Watched``. The server program is ``fork_server.py``.
+* ``run_ranks(server, argv)`` runs one multi-rank gloo job as forked ranks with torchrun's environment (for
+  multi-rank checks whose point is not the launcher).
 
 The fixtures built on these (the shared digits folders) are in ``conftest.py``.
 """
