@@ -29,7 +29,7 @@ from yacs.config import CfgNode
 
 from config import ConfigError
 from errors import DataError
-from utils import seed_everything
+from utils import seed_host
 
 from .cached_image_folder import DATASET_FIX, IMG_EXTENSIONS, CachedImageFolder, load_image
 from .samplers import ExactEvalSampler, RepeatedAugSampler, ResumableSampler
@@ -135,7 +135,7 @@ class SampleDataset(Dataset):
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
         if seed is not None:
-            seed_everything(seed)
+            seed_host(seed)
         try:
             return self.dataset[index]
         except DataError as e:

@@ -58,8 +58,15 @@ def fork_server(tmp_path_factory):
     server.close()
 
 
-@pytest.fixture(scope='session')
-def digits(make_digits) -> str:
-    """The standard end-to-end set: 32 px, 300 train (30 per class) and 99 val images (an odd count, so two
-    ranks get unequal shards)."""
-    return make_digits(32, train=30, val=10, drop_val=1)
+# the standard end-to-end set: 32 px, 300 train (30 per class) and 99 val images (an odd count, so two ranks
+# get unequal shards)
+DIGITS = dict(size=32, train=30, val=10, drop_val=1)
+
+
+@pytest.fixture(scope='module')
+def digits(request, make_digits) -> str:
+    """The digits folders of this module: the sizes of its ``pytestmark = pytest.mark.digits(size=..., train=...,
+    val=..., drop_val=...)`` (``make_digits``'s arguments; unset ones from ``DIGITS``), else ``DIGITS``. One
+    folder per set per session, read only (copy it before changing files)."""
+    marker = request.node.get_closest_marker('digits')
+    return make_digits(**dict(DIGITS, **(marker.kwargs if marker else {})))

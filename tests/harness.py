@@ -13,7 +13,9 @@ the run leaves behind (its folder, metrics.jsonl, summary.json, checkpoints, log
   interrupt or kill training processes. Built with ``preload=THIRD_PARTY`` (torch and timm only) it runs
   any ``python COMMAND`` whose point is this repository's start-up (imports, environment read at import,
   an entry point's one-line errors): the ``startup_server`` fixture. A process exiting with live
-  DataLoader workers and torchrun use real ``launch``/``Watched``.
+  DataLoader workers and torchrun use real ``launch``/``Watched``. The server program is ``fork_server.py``.
+* ``run_ranks(server, argv)`` runs one multi-rank gloo job as forked ranks with torchrun's environment (for
+  multi-rank checks whose point is not the launcher).
 
 The fixtures built on these (the shared digits folders) are in ``conftest.py``.
 """
@@ -292,11 +294,11 @@ class Watched:
 
     @classmethod
     def forked(cls, server: 'ForkServer', argv: Sequence[str], env: Optional[dict] = None,
-               separate_stderr: bool = False) -> 'Watched':
-        """``python main.py ARGV`` forked by ``server``; with ``separate_stderr`` the lines waited for are
-        stdout's and stderr is collected in ``err``."""
+               separate_stderr: bool = False, command: Optional[Sequence[str]] = None) -> 'Watched':
+        """``python main.py ARGV`` (or ``python COMMAND...``) forked by ``server``; with ``separate_stderr`` the
+        lines waited for are stdout's and stderr is collected in ``err``."""
         w = cls(None)
-        w.proc, out, err = server.spawn(argv, env, separate_stderr)
+        w.proc, out, err = server.spawn(argv, env, separate_stderr, command=command)
         threading.Thread(target=lambda: w._pump(open(out)), daemon=True).start()
         if err:
             w._err_done = threading.Event()
@@ -365,6 +367,25 @@ class Watched:
         return ''.join(self.lines)
 
 
+def run_ranks(server: 'ForkServer', argv: Sequence[str] = (), world: int = 2, env: Optional[dict] = None,
+              command: Optional[Sequence[str]] = None, timeout: float = RUN_TIMEOUT) -> List[Run]:
+    """One ``world``-process gloo job without a launcher: ``python main.py ARGV`` (or ``python COMMAND...``)
+    forked by ``server`` once per rank with the variables torchrun gives its workers (RANK, LOCAL_RANK,
+    WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), to the end of every rank: each rank's exit code and merged
+    output. For multi-rank checks where torchrun's agent is not the point (its start-up costs three
+    interpreters)."""
+    common = dict(env or {}, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
+                  LOCAL_WORLD_SIZE=str(world))
+    ranks = [Watched.forked(server, argv, dict(common, RANK=str(r), LOCAL_RANK=str(r)), command=command)
+             for r in range(world)]
+    try:
+        codes = [w.finish(timeout) for w in ranks]
+    finally:
+        for w in ranks:
+            w.kill()
+    return [Run(code=c, out=w.output) for c, w in zip(codes, ranks)]
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -402,88 +423,7 @@ def count_images(root: str) -> Dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- forked entry-point processes
-_FORK_SERVER = r'''
-import atexit, importlib, os, runpy, signal, sys, threading, time
-sys.path.insert(0, os.environ['HARNESS_ROOT'])
-for _name in os.environ['HARNESS_PRELOAD'].split(','):       # imported once, before any fork
-    importlib.import_module(_name)
-ROOT_PATH = list(sys.path)
-
-
-def child(argv, env, out, err, command=None, cwd=None):
-    """Become ``python main.py ARGV`` (or ``python COMMAND...``: a script path or ``-m module`` and its
-    arguments) with ENV (its PYTHONPATH put on sys.path) in CWD, stdout to OUT and stderr to ERR (or OUT):
-    own session, fresh stdio objects, the script or module run as __main__."""
-    os.setsid()
-    for target, path in ((1, out), (2, err or out)):
-        fd = os.open(path, os.O_WRONLY)
-        os.dup2(fd, target)
-        os.close(fd)
-    os.environ.clear()
-    os.environ.update(env)
-    if cwd:
-        os.chdir(cwd)
-    sys.path[:] = [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p] + ROOT_PATH
-    sys.stdout = open(1, 'w', buffering=1, closefd=False)
-    sys.stderr = open(2, 'w', buffering=1, closefd=False)
-    command = command or [os.path.join(os.environ['HARNESS_ROOT'], 'main.py'), *argv]
-    module = command[1] if command[0] == '-m' else None
-    sys.argv = [module, *command[2:]] if module else ['-c', *command[2:]] if command[0] == '-c' else list(command)
-    code = 0
-    try:
-        if command[0] == '-c':
-            sys.path.insert(0, '')                                                # as python -c does
-            exec(compile(command[1], '<string>', 'exec'), {'__name__': '__main__'})
-        elif module:
-            sys.path.insert(0, os.getcwd())                                       # as python -m does
-            runpy.run_module(module, run_name='__main__', alter_sys=True)
-        else:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))   # as python does for a script
-            runpy.run_path(sys.argv[0], run_name='__main__')
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if not isinstance(e.code, int) and e.code is not None:
-            print(e.code, file=sys.stderr)
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        code = 1
-    try:
-        threading._shutdown()                  # as the interpreter does at exit: join non-daemon threads
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    finally:
-        os._exit(code)
-
-
-def reap():
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            time.sleep(0.05)
-            continue
-        os.write(1, f'EXIT {pid} {os.waitstatus_to_exitcode(status)}\n'.encode())
-
-
-import json
-threading.Thread(target=reap, daemon=True).start()
-os.write(1, b'READY\n')
-buf = b''
-while True:
-    chunk = os.read(0, 65536)
-    if not chunk:                               # the test session ended
-        os._exit(0)
-    buf += chunk
-    while b'\n' in buf:
-        line, buf = buf.split(b'\n', 1)
-        req = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            child(req['argv'], req['env'], req['out'], req['err'], req.get('command'), req.get('cwd'))
-        os.write(1, f'PID {pid}\n'.encode())
-'''
+FORK_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fork_server.py')
 
 
 class ForkedProcess:
@@ -533,7 +473,7 @@ class ForkServer:
 
     def __init__(self, workdir: str, preload: Sequence[str] = MAIN_MODULES) -> None:
         self.workdir = workdir
-        self.proc = subprocess.Popen([sys.executable, '-c', _FORK_SERVER], cwd=ROOT, stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, FORK_SERVER], cwd=ROOT, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, start_new_session=True,
                                      env=subprocess_env({'HARNESS_ROOT': ROOT, 'HARNESS_PRELOAD': ','.join(preload)}))
         self.exits: Dict[int, int] = {}

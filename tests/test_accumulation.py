@@ -28,10 +28,8 @@ TINY = ['DATA.IMG_SIZE', '32', 'MODEL.SWIN.PATCH_SIZE', '4', 'MODEL.SWIN.EMBED_D
 CPU = DistInfo(device=torch.device('cpu'))
 
 
-@pytest.fixture(scope='module')
-def digits(make_digits) -> str:
-    """The shared digits, 130 training images: 4 optimizer steps of 32 per epoch."""
-    return make_digits(32, train=13, val=2)
+# the shared digits, 130 training images: 4 optimizer steps of 32 per epoch
+pytestmark = pytest.mark.digits(train=13, val=2, drop_val=0)
 
 
 def trainer(data: str, out: str, *opts: str) -> engine.Trainer:

@@ -25,23 +25,39 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 import models  # noqa: F401  (registers the families in timm)
 from checkpoint import save_checkpoint
 from dense import FeaturePyramidBackbone
+from our_registry import feature_reductions, module_of, pyramid_reps, tiny_kwargs
 
-# registered name -> kwargs that shrink it (one entry per family; the Swin softmax baseline too: its windows pad)
-TINY = {
-    'flatten_swin_t': dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
-    'flatten_swin_t_softmax': dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
-    'flatten_pvt_t': dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), mlp_ratios=(2, 2, 2, 2),
-                          depths=(1, 1, 1, 1)),
-    'flatten_pvt_v2_b0': dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), mlp_ratios=(2, 2, 2, 2),
-                              depths=(1, 1, 1, 1)),
-    'flatten_cswin_t': dict(embed_dim=16, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8)),
-    'dat_tiny': dict(dim_stem=16, dims=(16, 32, 64, 128), heads=(1, 2, 4, 8), groups=(1, 1, 2, 4),
-                     depths=(2, 2, 2, 2), stage_spec=(('N', 'D'),) * 4),
-    'L2ViT_Tiny': dict(dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(2, 2, 2, 2)),
-    'official_visformer_tiny': dict(init_channels=8, embed_dim=32, depths=(1, 2, 2), num_heads=2),
-    'swin_visformer_tiny_v2': dict(init_channels=8, embed_dim=32, depths=(1, 1, 2, 2), num_heads=(1, 1, 2, 2)),
+# the families, off the registry (tests/our_registry.py): one tiny variant per family whose feature maps form a
+# pyramid, and the Swin softmax baseline (its windows pad)
+NAMES = pyramid_reps() + ['flatten_swin_t_softmax']
+# dense sizes per family module: the default patches (stride-4 stems: the stride arithmetic below) and two
+# blocks where the resampling checks read a second block's tables; a family without an entry is shrunk as in
+# every other test (our_registry.tiny_kwargs, its input size left to dynamic_img_size)
+DENSE_SHRINK = {
+    'models.flatten_swin': dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
+    'models.flatten_pvt': dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), mlp_ratios=(2, 2, 2, 2),
+                               depths=(1, 1, 1, 1)),
+    'models.flatten_pvt_v2': dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), mlp_ratios=(2, 2, 2, 2),
+                                  depths=(1, 1, 1, 1)),
+    'models.flatten_cswin': dict(embed_dim=16, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8)),
+    'models.dat': dict(dim_stem=16, dims=(16, 32, 64, 128), heads=(1, 2, 4, 8), groups=(1, 1, 2, 4),
+                       depths=(2, 2, 2, 2), stage_spec=(('N', 'D'),) * 4),
+    'models.l2vit': dict(dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(2, 2, 2, 2)),
+    'models.visformer': lambda name: (
+        dict(init_channels=8, embed_dim=32, depths=(1, 2, 2), num_heads=2) if name.startswith('official_') else
+        dict(init_channels=8, embed_dim=32, depths=(1, 1, 2, 2), num_heads=(1, 1, 2, 2))),
 }
-FOUR_STAGE = [n for n in TINY if n != 'official_visformer_tiny']   # strides 4..32: smp's transformer layout
+
+
+def dense_kwargs(name: str) -> dict:
+    """The kwargs that shrink ``name`` for the dense checks (no img_size: each check picks its input size)."""
+    shrink = DENSE_SHRINK.get(module_of(name)) or tiny_kwargs(name)
+    kwargs = shrink(name) if callable(shrink) else shrink
+    return {k: v for k, v in kwargs.items() if k != 'img_size'}
+
+
+TINY = {name: dense_kwargs(name) for name in NAMES}
+FOUR_STAGE = [n for n in NAMES if len(feature_reductions(n)) == 4]   # strides 4..32: smp's transformer layout
 SIZES = [(99, 170), (150, 115)]           # non-square, divisible by neither the patch (4) nor a window (7)
 
 
@@ -69,7 +85,7 @@ def expected_grid(name: str, n: int) -> list:
         sizes = [math.ceil(conv_out(n, 7, 2, 3) / 2)]
     else:                                                 # stride-4 stems (padded patch or 3x3 s2 p1 twice)
         sizes = [math.ceil(n / 4)]
-    while len(sizes) < len(TINY[name].get('depths', (0,) * 4)):
+    while len(sizes) < len(feature_reductions(name)):
         sizes.append(math.ceil(sizes[-1] / 2))
     return sizes
 
@@ -84,7 +100,8 @@ def test_features_only_dynamic_img_size_every_family(name):
     torch.manual_seed(0)
     model = features(name).eval()
     info = model.feature_info
-    assert info.reduction() == ([8, 16, 32] if name == 'official_visformer_tiny' else [4, 8, 16, 32])
+    assert info.reduction() == [32 >> i for i in reversed(range(len(info.reduction())))]     # ..., 8, 16, 32
+    assert info.reduction()[0] == (8 if name == 'official_visformer_tiny' else 4)
     with torch.no_grad():
         for h, w in SIZES:
             maps = model(torch.randn(2, 3, h, w))
@@ -332,8 +349,7 @@ def test_classification_checkpoint_to_feature_backbone_at_another_size(tmp_path,
 
 
 # ----------------------------------------------------------------------------- gradient checkpointing
-@pytest.mark.parametrize('name', ['flatten_swin_t', 'flatten_pvt_v2_b0', 'flatten_cswin_t', 'dat_tiny',
-                                  'L2ViT_Tiny', 'swin_visformer_tiny_v2'])
+@pytest.mark.parametrize('name', pyramid_reps())
 def test_grad_checkpointing_in_feature_mode(name):
     """``set_grad_checkpointing`` on the feature wrapper: same maps and gradients, and layers really run
     again during backward (counted with forward hooks on every Linear / Conv2d)."""

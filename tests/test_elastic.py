@@ -18,9 +18,11 @@ from typing import Dict, List
 import pytest
 import torch
 
-from harness import MULTI_RANK, ROOT, checkpoint_names, kill_tree, launch, main_cmd, run_folder, subprocess_env
+from harness import (MULTI_RANK, ROOT, checkpoint_names, free_port, kill_tree, launch, main_cmd, run_folder,
+                     run_ranks, subprocess_env)
 
-pytestmark = [pytest.mark.slow, MULTI_RANK]
+# 100 training images (10 per class: 50 per rank), 20 validation images
+pytestmark = [pytest.mark.slow, MULTI_RANK, pytest.mark.digits(train=10, val=2, drop_val=0)]
 
 CFG = os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml')
 NAME = 'flatten_swin_digits'
@@ -34,12 +36,6 @@ OPTS = ('DATA.IMG_SIZE', '32', 'MODEL.SWIN.PATCH_SIZE', '4', 'MODEL.SWIN.EMBED_D
         'TRAIN.MIN_LR', '0.0016', 'SAVE_FREQ', '1', 'PRINT_FREQ', '1', 'MODEL_EMA.ENABLE', 'True',
         'MODEL_EMA.DECAY', '0.8', 'MODEL.DROP_PATH_RATE', '0.1', 'DIST_TIMEOUT', '60')
 LAUNCH_TIMEOUT = 420                     # one launcher (both attempts of the elastic run); a hang fails
-
-
-@pytest.fixture(scope='module')
-def data(make_digits) -> str:
-    """100 training images (10 per class: 50 per rank), 20 validation images."""
-    return make_digits(32, train=10, val=2)
 
 
 def torchrun(*launcher: str) -> List[str]:
@@ -85,21 +81,22 @@ def assert_same_tensors(got: Dict, want: Dict) -> None:
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(data, tmp_path_factory) -> Dict:
-    """The reference: one launcher, two processes, no fault."""
+def uninterrupted(digits, tmp_path_factory, fork_server) -> Dict:
+    """The reference: one 2-process job without a fault. Its two ``python main.py`` processes are forked by
+    the harness with the environment torchrun gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*): the
+    launcher is what the tests below check, not what the reference needs (three interpreter start-ups saved)."""
     out = str(tmp_path_factory.mktemp('uninterrupted'))
-    run = launch(torchrun('--standalone', '--nproc_per_node', '2', *main_cmd(main_argv(data, out))[1:]),
-                 timeout=LAUNCH_TIMEOUT)
-    assert run.code == 0, run.console[-3000:]
+    ranks = run_ranks(fork_server, main_argv(digits, out), timeout=LAUNCH_TIMEOUT)
+    assert [r.code for r in ranks] == [0, 0], '\n----\n'.join(r.out[-2000:] for r in ranks)
     return final_checkpoint(out)
 
 
-def test_elastic_restart_resumes_to_the_uninterrupted_weights(data, uninterrupted, tmp_path):
+def test_elastic_restart_resumes_to_the_uninterrupted_weights(digits, uninterrupted, tmp_path):
     """torchrun --max-restarts 1: rank 1 raises at its 5th backward (epoch 2) in the first attempt; torchrun
     restarts the worker group, auto-resume continues from the last (epoch-1) checkpoint, and the final checkpoint
     equals the uninterrupted run's tensor for tensor."""
     out, record = str(tmp_path / 'out'), tmp_path / 'record.txt'
-    entry = main_cmd(main_argv(data, out), prefix=[os.path.join(ROOT, 'tests', 'inject_fault.py')])[1:]
+    entry = main_cmd(main_argv(digits, out), prefix=[os.path.join(ROOT, 'tests', 'inject_fault.py')])[1:]
     run = launch(torchrun('--standalone', '--nproc_per_node', '2', '--max-restarts', '1', '--monitor-interval', '1',
                           *entry),
                  timeout=LAUNCH_TIMEOUT,
@@ -115,15 +112,14 @@ def test_elastic_restart_resumes_to_the_uninterrupted_weights(data, uninterrupte
     assert_same_tensors(final_checkpoint(out), uninterrupted)
 
 
-def test_two_launchers_rendezvous_to_the_uninterrupted_weights(data, uninterrupted, tmp_path):
+def test_two_launchers_rendezvous_to_the_uninterrupted_weights(digits, uninterrupted, tmp_path):
     """Two torchrun launchers (``--nnodes 2 --nproc_per_node 1``, c10d rendezvous on 127.0.0.1) train as one
     2-process job: same final weights as one launcher with two processes."""
-    from harness import free_port
     out = str(tmp_path / 'out')
     launcher = ['--nnodes', '2', '--nproc_per_node', '1', '--rdzv-backend', 'c10d',
                 '--rdzv-endpoint', f'127.0.0.1:{free_port()}', '--rdzv-id', uuid.uuid4().hex[:8],
                 '--local-addr', '127.0.0.1']
-    cmd = torchrun(*launcher, *main_cmd(main_argv(data, out))[1:])
+    cmd = torchrun(*launcher, *main_cmd(main_argv(digits, out))[1:])
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True) for _ in range(2)]
     outputs: List[str] = []

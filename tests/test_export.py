@@ -14,32 +14,44 @@ import timm
 import torch
 
 import models  # noqa: F401  (registration)
+from our_registry import family_reps, module_of, tiny_input_size, tiny_kwargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ort = pytest.importorskip('onnxruntime')    # a requirement (requirements.txt); absent only in partial installs
 
-# tiny variant -> shrinking kwargs; the second entry: the non-native input size its ONNX export is checked at
-# (built with dynamic_img_size=True), or None: ONNX at the native size (Visformer v1 / v2).
-CASES = {
-    'flatten_swin_t': (dict(img_size=64, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-                            window_size=4), 80),
-    'flatten_pvt_t': (dict(img_size=64, embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8),
-                           depths=(1, 1, 1, 1)), 96),
-    'flatten_pvt_v2_b0': (dict(img_size=64, embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8),
-                               depths=(1, 1, 1, 1)), 96),
-    'flatten_cswin_t': (dict(img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
-                             la_split=(16, 8, 4, 2), softmax_split=(1, 2, 2, 2)), 96),
-    'dat_tiny': (dict(img_size=64, dim_stem=16, dims=(16, 32, 64, 128), depths=(1, 1, 2, 1),
-                      heads=(1, 2, 4, 8), groups=(1, 1, 2, 4), window_sizes=(4, 4, 4, 2),
-                      stage_spec=(('N',), ('D',), ('N', 'D'), ('D',)), nat_ksizes=(5, 5, 3, 3),
-                      ksizes=(9, 7, 5, 3), expansion=2), 96),
-    'L2ViT_Tiny': (dict(img_size=64, dims=(16, 32, 64, 128), depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-                        window_size=4), 96),
-    'official_visformer_tiny': (dict(img_size=64, init_channels=16, embed_dim=64, depths=(1, 1, 1),
-                                     num_heads=2), None),
-    'swin_visformer_tiny_v2': (dict(img_size=64, init_channels=16, embed_dim=64, depths=(1, 1, 2, 2),
-                                    num_heads=(1, 1, 2, 4)), None),
+# export sizes per family module (64 px, windows that tile it) and the non-native input size its ONNX export
+# is checked at (built with dynamic_img_size=True), or None: ONNX at the native size (Visformer v1 / v2). The
+# families come off the registry (tests/our_registry.py); one without an entry is exported at its tiny size
+# (our_registry.tiny_kwargs), natively.
+EXPORT_SHRINK = {
+    'models.flatten_swin': (dict(img_size=64, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                                 window_size=4), 80),
+    'models.flatten_pvt': (dict(img_size=64, embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8),
+                                depths=(1, 1, 1, 1)), 96),
+    'models.flatten_pvt_v2': (dict(img_size=64, embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8),
+                                   depths=(1, 1, 1, 1)), 96),
+    'models.flatten_cswin': (dict(img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                                  la_split=(16, 8, 4, 2), softmax_split=(1, 2, 2, 2)), 96),
+    'models.dat': (dict(img_size=64, dim_stem=16, dims=(16, 32, 64, 128), depths=(1, 1, 2, 1),
+                        heads=(1, 2, 4, 8), groups=(1, 1, 2, 4), window_sizes=(4, 4, 4, 2),
+                        stage_spec=(('N',), ('D',), ('N', 'D'), ('D',)), nat_ksizes=(5, 5, 3, 3),
+                        ksizes=(9, 7, 5, 3), expansion=2), 96),
+    'models.l2vit': (dict(img_size=64, dims=(16, 32, 64, 128), depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                          window_size=4), 96),
+    'models.visformer': (lambda name: (
+        dict(img_size=64, init_channels=16, embed_dim=64, depths=(1, 1, 1), num_heads=2)
+        if name.startswith('official_') else
+        dict(img_size=64, init_channels=16, embed_dim=64, depths=(1, 1, 2, 2), num_heads=(1, 1, 2, 4))), None),
 }
+
+
+def export_case(name: str):
+    """(kwargs that shrink ``name`` for export, the second input size or None)."""
+    shrink, second = EXPORT_SHRINK.get(module_of(name), (tiny_kwargs, None))
+    return dict(shrink(name) if callable(shrink) else shrink), second
+
+
+CASES = {name: export_case(name) for name in family_reps()}
 
 
 # in the normal suite (seconds each on 2 idle cores); the other families are marked slow (still run in CI):
@@ -79,9 +91,9 @@ def test_torch_export_and_onnx_runtime_reproduce_eager(name, tmp_path):
     """torch.export at the native size; the ONNX (dynamo) exporter + ONNX Runtime at a second, non-native
     size for the families built with ``dynamic_img_size=True`` (the native path plus padding and position
     resampling: one ONNX export covers both), else at the native size."""
-    second = CASES[name][1]
+    kwargs, second = CASES[name]
     model = tiny(name, **({'dynamic_img_size': True} if second else {}))
-    x = image(64)
+    x = image(kwargs.get('img_size') or tiny_input_size(name))
     with torch.no_grad():
         ref = model(x)
         program = torch.export.export(model, (x,))

@@ -42,7 +42,7 @@ PREEMPTED, ERROR = 143, 2
 RUN_TIMEOUT = 180
 ONE_THREAD = 1                           # in-process runs are compared bit for bit with OMP_NUM_THREADS=1 processes
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.digits(train=16, val=5, drop_val=0),    # 160 train, 50 val images
               pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, 'main.py')), reason='engine not present')]
 
 TINY_YAML = f"""
@@ -78,8 +78,8 @@ SAVE_FREQ: 1
 SUMMARY: Dict[str, int] = collections.Counter()
 
 
-# ----------------------------------------------------------------------------- session fixtures
-@pytest.fixture(scope='session', autouse=True)
+# ----------------------------------------------------------------------------- module fixtures
+@pytest.fixture(scope='module', autouse=True)
 def _fault_summary(request, record_testsuite_property):
     yield
     s = SUMMARY
@@ -99,21 +99,17 @@ def _fault_summary(request, record_testsuite_property):
         print(line)
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp('faults')
 
 
-@pytest.fixture(scope='session')
-def digits(make_digits) -> str:
-    """The shared digits at 32 px, 16 train + 5 val images per class."""
+def test_digits_folders_hold_the_counts_the_checks_assume(digits):
     from harness import count_images
-    path = make_digits(32, train=16, val=5)
-    assert count_images(path) == {'train': 160, 'val': 50}
-    return path
+    assert count_images(digits) == {'train': 160, 'val': 50}
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='module')
 def cfg(workdir) -> str:
     path = workdir / 'tiny.yaml'
     path.write_text(TINY_YAML)
@@ -169,7 +165,7 @@ def check_all_checkpoints_load(folder: str) -> None:
             raise
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='module')
 def baseline(cfg, digits, workdir) -> str:
     """The uninterrupted run: its final checkpoint is the reference for every resumed run."""
     output = str(workdir / 'runs')
@@ -269,7 +265,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(cfg, digits, workdir):
 
 
 # ----------------------------------------------------------------------------- bad input data
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='module')
 def bad_digits(digits, workdir) -> Tuple[str, List[str]]:
     """A copy of the digits with a truncated JPEG and a text file named .jpg in both train and val."""
     path = str(workdir / 'bad_digits')

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import timm
 
 from config import load_config
 from models import build_model
@@ -22,6 +23,7 @@ from models.flops import FVCORE_HANDLES
 from models.focused_attention import get_attention_impl
 from models.layers import WindowAttention
 from models.neighborhood_attention import natten_flops
+from our_registry import family_reps, tiny_input_size, tiny_kwargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,11 +167,13 @@ ELEMENTWISE = {'layer_norm', 'batch_norm', 'group_norm', 'instance_norm', 'adapt
                'upsample_bilinear2d', 'upsample_nearest2d', 'grid_sampler'}
 
 
-@pytest.mark.parametrize('cfg', ['flatten_swin_digits', 'dat_digits', 'l2vit_digits', 'visformer_digits'])
-def test_flop_counter_mode_is_twice_fvcore_products(cfg):
-    config = load_config(os.path.join(ROOT, 'cfgs', 'demo', f'{cfg}.yaml'))
-    model = build_model(config)
-    x = torch.randn(1, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
+@pytest.mark.parametrize('name', family_reps())
+def test_flop_counter_mode_is_twice_fvcore_products(name):
+    """Every family (its tiny variant off the registry, fast paths on): FlopCounterMode counts each product
+    fvcore prices, at 2 flops a multiply-add, and fvcore prices nothing else but the element-wise ops."""
+    model = timm.create_model(name, **tiny_kwargs(name))
+    size = tiny_input_size(name)
+    x = torch.randn(1, 3, size, size)
     by_op = fvcore_analysis(model, x).by_operator()
     assert set(by_op) <= PRODUCTS | ELEMENTWISE, set(by_op) - PRODUCTS - ELEMENTWISE
     products = sum(v for op, v in by_op.items() if op in PRODUCTS)

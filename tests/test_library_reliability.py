@@ -13,36 +13,18 @@ import torch.nn.functional as F
 import models  # noqa: F401  (registers the families)
 from errors import CheckpointError, ConfigError
 from models.impl_choice import ImplChoice
+from our_registry import family_reps, tiny_input_size, tiny_kwargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_PYR = dict(img_size=64, embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4), depths=(1, 1, 1, 1))
-_DAT = dict(img_size=64, patch_size=4, expansion=2, dim_stem=16, dims=(16, 32, 64, 128), depths=(2, 2, 2, 2),
-            heads=(1, 2, 2, 4), groups=(1, 1, 2, 2), stage_spec=(('N', 'D'), ('L', 'S'), ('N', 'D'), ('D', 'D')),
-            window_sizes=(7, 4, 7, 7), use_pes=(True,) * 4, strides=(8, 4, 2, 1), offset_range_factor=(-1,) * 4,
-            use_dwc_mlps=(True,) * 4, use_lpus=(True,) * 4, use_conv_patches=True, nat_ksizes=(5, 7, 3, 3))
-_VIS_V1 = dict(img_size=64, init_channels=8, embed_dim=32, depths=(1, 1, 1), num_heads=2)
-_VIS_V2 = dict(img_size=64, init_channels=8, embed_dim=32, depths=(1, 1, 3, 2), num_heads=(1, 1, 2, 4))
-
-# registered name -> (tiny architecture, input side, layout of forward_features where the model does not declare
-# it as timm's ``output_fmt``)
-FAMILIES = {
-    'flatten_swin_t': (dict(img_size=112, patch_size=2, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
-                       112, 'NLC'),
-    'flatten_pvt_t': (_PYR, 64, 'NLC'),
-    'flatten_pvt_v2_b0': (_PYR, 64, 'NLC'),
-    'flatten_cswin_t': (dict(img_size=96, embed_dim=8, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4),
-                             la_split=(24, 12, 6, 3)), 96, 'NLC'),
-    'dat_tiny': (_DAT, 64, 'NCHW'),
-    'official_visformer_tiny': (_VIS_V1, 64, 'NCHW'),
-    'swin_visformer_tiny_v2': (_VIS_V2, 64, 'NCHW'),
-    'L2ViT_Tiny': (dict(depths=(1, 1, 1, 1), dims=(16, 32, 32, 64), num_heads=(2, 2, 4, 4)), 64, 'NHWC'),
-}
+# one tiny model per family, off the registry (tests/our_registry.py); forward_features is laid out as the
+# model's timm ``output_fmt`` says (timm's default: NCHW)
+FAMILIES = family_reps()
 POSITION_DIMS = {'NLC': (1,), 'NHWC': (1, 2), 'NCHW': (2, 3)}
 
 
 def tiny(name: str, **kwargs) -> torch.nn.Module:
-    return timm.create_model(name, **dict(FAMILIES[name][0], **kwargs))
+    return timm.create_model(name, **dict(tiny_kwargs(name), **kwargs))
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -69,11 +51,11 @@ def reference_head(features: torch.Tensor, head: torch.nn.Linear, pool: str, fmt
     return pooled @ w.T + b
 
 
-@pytest.mark.parametrize('name', list(FAMILIES))
+@pytest.mark.parametrize('name', FAMILIES)
 def test_global_pool_is_timms_on_every_family(name):
-    _, side, fmt = FAMILIES[name]
+    side = tiny_input_size(name)
     model = randomize_(tiny(name, num_classes=5, global_pool='max')).eval()
-    fmt = getattr(model, 'output_fmt', fmt)
+    fmt = getattr(model, 'output_fmt', 'NCHW')
     x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         features = model.forward_features(x)
@@ -91,7 +73,7 @@ def test_global_pool_is_timms_on_every_family(name):
         assert torch.equal(model(x), features)
 
 
-@pytest.mark.parametrize('name', list(FAMILIES))
+@pytest.mark.parametrize('name', FAMILIES)
 def test_unsupported_global_pool_is_a_value_error_naming_it(name):
     with pytest.raises(ValueError, match=r"global_pool='token' is not supported .*'avg', 'max', 'avgmax' or ''"):
         tiny(name, global_pool='token')
@@ -133,9 +115,13 @@ def test_visformer_pretrained_at_another_size_resamples_position_tables(tmp_path
     """timm's pretrained path, strict (same class count): position embeddings resampled, v2 bias tables
     resized, the shift masks the new size needs re-created; every other tensor as saved."""
     path = str(tmp_path / 'src.pth')
-    sd = save(randomize_(tiny(name, img_size=src_size)), path)
-    dst = tiny(name, img_size=dst_size, pretrained=True, pretrained_cfg_overlay=dict(file=path))
-    fresh = tiny(name, img_size=dst_size)
+    own_windows = {k: v for k, v in tiny_kwargs(name).items() if k != 'window_sizes'}   # the variant's: clamped
+
+    def build(size: int, **kwargs) -> torch.nn.Module:
+        return timm.create_model(name, **dict(own_windows, img_size=size, **kwargs))
+    sd = save(randomize_(build(src_size)), path)
+    dst = build(dst_size, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    fresh = build(dst_size)
     resampled = 0
     for k, v in dst.state_dict().items():
         if k.startswith('pos_embed'):
@@ -181,11 +167,11 @@ def test_pretrained_file_of_another_model_is_refused(tmp_path):
     save(tiny('dat_tiny'), path)
     with pytest.raises(CheckpointError, match=r'does not fit FLattenPVTv2: it has 0 of the model') as e:
         timm.create_model('flatten_pvt_v2_b0', pretrained=True, pretrained_cfg_overlay=dict(file=path),
-                          num_classes=10, **_PYR)
+                          num_classes=10, **tiny_kwargs('flatten_pvt_v2_b0'))
     assert '\n' not in str(e.value)
 
 
-@pytest.mark.parametrize('name', list(FAMILIES))
+@pytest.mark.parametrize('name', FAMILIES)
 def test_every_family_filter_refuses_a_foreign_state_dict(name):
     module = sys.modules[type(tiny(name)).__module__]
     model = tiny(name)

@@ -28,7 +28,7 @@ from models.flatten_pvt_v2 import DepthwiseConvMlp
 from models.layers import WindowAttention, shifted_window_mask
 from models.flatten_swin import FocusedLinearWindowAttention
 
-from our_registry import module_of, our_names, tiny_names
+from our_registry import module_of, our_names, tiny_kwargs, tiny_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMM_SUITE = os.path.join(ROOT, 'tests', 'timm_suite', 'test_models.py')
@@ -38,35 +38,6 @@ TIMM_SUITE = os.path.join(ROOT, 'tests', 'timm_suite', 'test_models.py')
 OURS = our_names()
 FLATTEN = [n for n in OURS if timm.models.get_pretrained_cfg(n).paper_ids == 'arXiv:2308.00442']
 FAMILY_REPS = sorted(n for n in tiny_names() if n in FLATTEN)
-
-# tiny sizes per family module (the architecture keywords override the variant's); a module without an
-# entry is built at its own size, as timm's tests do
-_PYR = dict(img_size=64, embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4), depths=(1, 1, 1, 1))
-SMALL = {
-    'models.flatten_pvt': _PYR,
-    'models.flatten_pvt_v2': _PYR,
-    'models.flatten_cswin': dict(img_size=96, embed_dim=8, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4),
-                                 la_split=(24, 12, 6, 3)),
-    'models.dat': dict(img_size=64, patch_size=4, expansion=2, dim_stem=16, dims=(16, 32, 64, 128),
-                       depths=(2, 2, 2, 2), heads=(1, 2, 2, 4), groups=(1, 1, 2, 2),
-                       stage_spec=(('N', 'D'), ('L', 'S'), ('N', 'D'), ('D', 'D')), window_sizes=(7, 4, 7, 7),
-                       use_pes=(True,) * 4, strides=(8, 4, 2, 1), offset_range_factor=(-1,) * 4,
-                       use_dwc_mlps=(True,) * 4, use_lpus=(True,) * 4, use_conv_patches=True,
-                       nat_ksizes=(5, 7, 3, 3)),
-    'models.l2vit': dict(img_size=64, depths=(1, 1, 1, 1), dims=(16, 32, 32, 64), num_heads=(2, 2, 4, 4)),
-}
-
-
-def small_kwargs(name: str) -> dict:
-    if module_of(name) == 'models.flatten_swin':
-        img = 96 if '_384' in name else 112        # 'S' windows 12 / 7 tile the stage maps
-        return dict(img_size=img, patch_size=2, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
-    if module_of(name) == 'models.visformer':
-        v1 = name.startswith('official_')
-        return (dict(img_size=64, init_channels=8, embed_dim=32, depths=(1, 1, 1), num_heads=2) if v1 else
-                dict(img_size=64, init_channels=8, embed_dim=32, depths=(1, 1, 3, 2), num_heads=(1, 1, 2, 4),
-                     window_sizes=(16, 8, 2, 2)))
-    return dict(SMALL.get(module_of(name), {}))
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -98,7 +69,7 @@ def test_registered_names_and_pretrained_cfgs():
 
 @pytest.mark.parametrize('name', OURS)
 def test_create_model_every_name(name):
-    kw = small_kwargs(name)
+    kw = tiny_kwargs(name)
     model = timm.create_model(name, num_classes=5, drop_path_rate=0.1, **kw).eval()
     s = kw['img_size']
     x = torch.randn(1, 3, s, s)
@@ -132,7 +103,7 @@ def test_bad_keyword_is_a_value_error_naming_it():
 # ----------------------------------------------------------------------------- features
 @pytest.mark.parametrize('name', FAMILY_REPS)
 def test_features_only_and_intermediates(name):
-    kw = small_kwargs(name)
+    kw = tiny_kwargs(name)
     s = kw['img_size']
     x = torch.randn(1, 3, s, s)
     feat = timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3), **kw).eval()
@@ -163,7 +134,7 @@ def test_features_only_and_intermediates(name):
 # ----------------------------------------------------------------------------- dynamic_img_size
 @pytest.mark.parametrize('name', FAMILY_REPS)
 def test_dynamic_img_size(name):
-    kw = small_kwargs(name)
+    kw = tiny_kwargs(name)
     if 'swin' in name:       # two blocks in stages 1-3: shifted windows with padding and runtime masks
         kw = dict(kw, depths=(2, 2, 2, 1))
     s = kw['img_size']
@@ -189,7 +160,7 @@ def test_dynamic_img_size(name):
 def test_dynamic_size_equals_a_model_built_at_that_size(name, other):
     """Parameter shapes that do not depend on the size: a dynamic model run at ``other`` must equal the
     model built natively for ``other`` (its masks / grids computed at construction) with the same weights."""
-    kw = small_kwargs(name)
+    kw = tiny_kwargs(name)
     if 'swin' in name:       # one block in stage 4: its 7x7 map at 112 clamps the window (no shifted block)
         kw = dict(kw, depths=(2, 2, 2, 1))
     torch.manual_seed(0)
@@ -205,14 +176,14 @@ def test_dynamic_size_equals_a_model_built_at_that_size(name, other):
 # ----------------------------------------------------------------------------- hub, checkpoints
 def test_torch_hub_local():
     model = torch.hub.load(ROOT, 'flatten_pvt_v2_b0', source='local', num_classes=4,
-                           **small_kwargs('flatten_pvt_v2_b0'))
+                           **tiny_kwargs('flatten_pvt_v2_b0'))
     assert type(model).__name__ == 'FLattenPVTv2' and model.num_classes == 4
 
 
 @pytest.mark.parametrize('name, wrap', [('flatten_swin_t', 'model'), ('flatten_pvt_t', 'state_dict'),
                                         ('flatten_pvt_v2_b0', 'module'), ('flatten_cswin_t', 'model_ema')])
 def test_official_checkpoint_through_pretrained_cfg_overlay(tmp_path, name, wrap):
-    kw = small_kwargs(name)
+    kw = tiny_kwargs(name)
     torch.manual_seed(0)
     src = randomize_(timm.create_model(name, num_classes=7, **kw)).eval()
     sd = src.state_dict()
@@ -413,7 +384,7 @@ def test_pvt_size_keys_and_unused_keys():
 def test_every_parameter_gets_a_gradient(name):
     """No registered model has a parameter outside the computation (DDP needs no find_unused_parameters);
     PVT-v1's official, never-applied final norm stays in the state dict as buffers."""
-    kw = small_kwargs(name)
+    kw = tiny_kwargs(name)
     model = timm.create_model(name, **kw).train()
     model(torch.randn(2, 3, kw['img_size'], kw['img_size'])).sum().backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
@@ -484,7 +455,7 @@ def test_torchscript_matches_eager_and_saves(name):
     loaded back, it equals the eager model (the fast paths there, their reference formulas in the script)
     at the native size and at another one (DAT++: native); a fixed-size script still names the fix for a
     wrong size."""
-    kw = small_kwargs(name)
+    kw = tiny_kwargs(name)
     s = kw.get('img_size', 224)
     torch.manual_seed(0)
     model = randomize_(timm.create_model(name, num_classes=5, dynamic_img_size=True, **kw)).eval()
