@@ -103,3 +103,47 @@ def test_end_to_end_smoke(tmp_path, capsys):
     assert row['softmax_latency_at_top1'] == pytest.approx((ms['tiny-softmax-a'] + ms['tiny-softmax-b']) / 2)
     assert row['speedup'] == pytest.approx(row['softmax_latency_at_top1'] / ms['tiny-FLatten'])
     assert png.stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- --compile / TRAIN.COMPILE
+CFG = os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml')
+TINY = ['DATA.IMG_SIZE', '32', 'MODEL.SWIN.PATCH_SIZE', '4', 'MODEL.SWIN.EMBED_DIM', '16',
+        'MODEL.SWIN.DEPTHS', '[1, 1, 1, 1]', 'MODEL.SWIN.NUM_HEADS', '[1, 1, 2, 2]', 'DATA.BATCH_SIZE', '33',
+        'DATA.NUM_WORKERS', '0', 'MODEL_EMA.ENABLE', 'False']
+
+
+@pytest.fixture
+def quick_compile(monkeypatch):
+    """torch.compile with dynamo's eager backend (the graph capture the option relies on, without minutes of
+    inductor code generation on CPU); records each call."""
+    calls = []
+    real = torch.compile
+
+    def compile_eager(model, **kwargs):
+        calls.append(kwargs)
+        return real(model, backend='eager', dynamic=kwargs.get('dynamic'))
+    monkeypatch.setattr(torch, 'compile', compile_eager)
+    return calls
+
+
+def test_compile_flag_eval_gives_the_eager_accuracy(digits, tmp_path, quick_compile):
+    from harness import run_main
+    argv = ['--cfg', CFG, '--data-path', digits, '--device', 'cpu', '--eval']
+    eager = run_main(argv + ['--output', str(tmp_path / 'e'), '--opts', *TINY]).ok().result
+    assert not quick_compile
+    compiled = run_main(argv + ['--compile', '--output', str(tmp_path / 'c'), '--opts', *TINY]).ok().result
+    assert len(quick_compile) == 1
+    assert compiled.eval.count == eager.eval.count == 99
+    assert (compiled.eval.acc1, compiled.eval.acc5) == (eager.eval.acc1, eager.eval.acc5)
+    assert compiled.eval.loss == pytest.approx(eager.eval.loss, rel=1e-5)
+
+
+def test_compiled_for_inference_refuses_a_different_function(monkeypatch):
+    import engine
+    from config import load_config
+    from errors import ConfigError
+    config = load_config(CFG, ['TRAIN.COMPILE', 'True'])
+    model = torch.nn.Linear(4, 10)
+    monkeypatch.setattr(torch, 'compile', lambda m, **kw: (lambda x: m(x).flip(-1)))
+    with pytest.raises(ConfigError, match='TRAIN.COMPILE'):
+        engine.compiled_for_inference(config, model, torch.randn(8, 4), torch.device('cpu'))

@@ -125,6 +125,55 @@ def make_runner(model: nn.Module, runtime: str, example: torch.Tensor, compile_b
     raise ValueError(f'runtime {runtime!r}: choose one of {RUNTIMES}')
 
 
+def check_predictions(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
+                      ) -> Dict[str, Any]:
+    """``run`` against the eager model on ``images`` (engine.check_same_predictions: top-1 identical outside
+    float ties, logits within float tolerance); raises a one-line ConfigError otherwise."""
+    from engine import check_same_predictions
+    with torch.no_grad():
+        return check_same_predictions(model(images), run(images), 'this runtime')
+
+
+# ----------------------------------------------------------------------------- runtimes
+def digits_images(n: int, size: int) -> torch.Tensor:
+    """The first ``n`` images of the embedded digits val split (data/digits.py), ``size`` px, normalised
+    as the val transform does (ImageNet mean / std) -> (n, 3, size, size)."""
+    import numpy as np
+    from PIL import Image
+    from data.digits import write_digits
+    with tempfile.TemporaryDirectory() as tmp:
+        write_digits(tmp, size, max_train_per_class=0, max_val_per_class=-(-n // 10))
+        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(tmp, 'val')) for f in fs)[:n]
+        arr = np.stack([np.asarray(Image.open(f).convert('RGB'), dtype=np.float32) / 255 for f in files])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def make_runner(model: nn.Module, runtime: str, example: torch.Tensor, compile_backend: str = 'inductor'
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> logits`` of the eval model under ``runtime``; onnxruntime is exported for ``example``'s shape
+    (batch dimension dynamic) and runs on the CPU."""
+    model.eval()
+    if runtime == 'eager':
+        return model
+    if runtime == 'compile':
+        return torch.compile(model, backend=compile_backend)
+    if runtime == 'onnxruntime':
+        import onnxruntime as ort
+        tmp = tempfile.mkdtemp(prefix='latency_onnx_')
+        path = os.path.join(tmp, 'model.onnx')
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings('ignore')
+            torch.onnx.export(model, (example.cpu(),), path, dynamo=True, verbose=False,
+                              dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=1024)},))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy()})[0])
+    raise ValueError(f'runtime {runtime!r}: choose one of {RUNTIMES}')
+
+
 def check_predictions(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                       rtol: float = 1e-3, atol_rel: float = 1e-4) -> Dict[str, Any]:
     """Compare ``run`` with the eager model on ``images``. Top-1 must match wherever the eager top-2 margin
