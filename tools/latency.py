@@ -347,6 +347,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--json', metavar='FILE')
     p.add_argument('--plot', metavar='FILE', help='accuracy against latency (PNG)')
     p.add_argument('--smoke', action='store_true', help='CI-sized: tiny models, one round')
+    p.add_argument('--check', action='store_true',
+                   help='only check the arguments: every model loads its config, --reference holds the FLatten ones')
     args = p.parse_args(argv)
     if args.reference and not os.path.isdir(args.reference):
         p.error(f'--reference {args.reference}: not a directory; pass the official checkout '
@@ -355,11 +357,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error('--runtime onnxruntime runs on the CPU here: add --device cpu')
     if args.smoke:
         args.rounds, args.warmup, args.repeats, args.check_images, args.img_size = 1, 0, 1, 4, 64
+        args.reference = None                   # the official checkout has no tiny models
     return args
+
+
+def check_args(args: argparse.Namespace) -> int:
+    """``--check``: every chosen model's config loads (timm names exist), the --reference checkout has each
+    FLatten config; nothing is built or timed. Returns the number of models checked."""
+    import timm
+    chosen = [p for p in TABLE if p.name in args.models]
+    for p in chosen:
+        config = benchmark.load_cfg(p.spec, args.img_size)
+        if isinstance(config, benchmark.TimmSpec) and not timm.is_model(config.name):
+            raise SystemExit(f'{p.name}: timm has no model {config.name}')
+        if args.reference and p.kind == 'flatten':
+            benchmark.official_cfg_name(args.reference, p.spec)
+    print(f'arguments ok: {len(chosen)} models, nothing measured (--check)')
+    return len(chosen)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    if args.check:
+        return {'checked': check_args(args)}
     result = run(args)
     print_report(result)
     if args.json:
