@@ -147,3 +147,16 @@ def test_compiled_for_inference_refuses_a_different_function(monkeypatch):
     monkeypatch.setattr(torch, 'compile', lambda m, **kw: (lambda x: m(x).flip(-1)))
     with pytest.raises(ConfigError, match='TRAIN.COMPILE'):
         engine.compiled_for_inference(config, model, torch.randn(8, 4), torch.device('cpu'))
+
+
+def test_attention_sweep_smoke(capsys):
+    res = latency.main(['--attention-sweep', '--sizes', '28', '56', '--rounds', '1', '--warmup', '0',
+                        '--repeats', '1', '--global-max-tokens', '49'])
+    small, big = res['rows']
+    assert (small['tokens'], big['tokens']) == (49, 196)
+    assert 'global softmax' in small and 'global softmax' not in big      # skipped above --global-max-tokens
+    assert all(r['focused linear'] > 0 and r['window softmax'] > 0 for r in res['rows'])
+    assert '| 56 | 196 |' in capsys.readouterr().out
+    # each form is an attention over the stage-1 map: (B, H*W, C) in and out
+    for name, (m, call) in latency.attention_modules(56).items():
+        assert call(m, torch.randn(2, 196, 96)).shape == (2, 196, 96), name

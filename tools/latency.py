@@ -282,6 +282,74 @@ def _smoke_table() -> List[Published]:
             Published('tiny-softmax-b', 'swin', 'softmax', 81.0, 'smoke', 'timm:vit_tiny_patch16_224,depth=2')]
 
 
+# ----------------------------------------------------------------------------- official issue #34
+SWEEP_SIZES = (224, 448, 672, 896, 1008)      # multiples of 28 px: 7 x 7 windows tile the stage-1 map
+
+
+def attention_modules(img_size: int, dim: int = 96, heads: int = 3, window: int = 7
+                      ) -> Dict[str, Tuple[nn.Module, Callable[[nn.Module, torch.Tensor], torch.Tensor]]]:
+    """The attention of FLatten-Swin-T's stage 1 at ``img_size`` (an (img/4)^2 token map, C=96, 3 heads) in
+    three forms, each as (module, call on (B, H*W, C) tokens): 'focused linear' (global, as FLatten-Swin's
+    stage 1, with its dwc), 'window softmax' (Swin's window-7 attention with relative position bias,
+    partition and reverse included), 'global softmax' (fused softmax attention over all tokens)."""
+    from models.flatten_swin import FocusedLinearWindowAttention
+    from models.layers import WindowAttention, window_partition, window_reverse
+    side = img_size // 4
+    torch.manual_seed(0)
+    linear = FocusedLinearWindowAttention(dim, side, heads).eval()
+    win = WindowAttention(dim, window, heads).eval()
+    glob = WindowAttention(dim, side, heads, rel_pos_bias=False).eval()
+
+    def windows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        y = m(window_partition(x.view(B, side, side, C), window))
+        return window_reverse(y, window, side, side).reshape(B, L, C)
+    return {'focused linear': (linear, lambda m, x: m(x)), 'window softmax': (win, windows),
+            'global softmax': (glob, lambda m, x: m(x))}
+
+
+def attention_sweep(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--attention-sweep``: the three attention forms of :func:`attention_modules` at each ``--sizes``,
+    batch ``--batch``, alternating within each round; global softmax only up to ``--global-max-tokens``."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = benchmark.environment(device)
+    rows = []
+    for size in args.sizes:
+        mods = attention_modules(size)
+        n = (size // 4) ** 2
+        if n > args.global_max_tokens:
+            mods.pop('global softmax')
+        x = torch.randn(args.batch, n, 96, device=device)
+        times: Dict[str, List[float]] = {k: [] for k in mods}
+        with torch.no_grad():
+            for _ in range(args.rounds):
+                for name, (m, call) in mods.items():
+                    m.to(device)
+                    times[name].append(1e3 * benchmark.time_calls(lambda: call(m, x), device, args.warmup,
+                                                                  args.repeats)['wall_s'])
+        row = {'img_size': size, 'tokens': n, **{k: statistics.median(v) for k, v in times.items()}}
+        rows.append(row)
+        print(f"{size} px ({n} tokens): " + ', '.join(f'{k} {row[k]:.1f} ms' for k in times), file=sys.stderr,
+              flush=True)
+    env['loadavg_end'] = list(os.getloadavg()) if hasattr(os, 'getloadavg') else None
+    return {'environment': env, 'batch': args.batch, 'rows': rows}
+
+
+def print_sweep(result: Dict[str, Any]) -> None:
+    env = result['environment']
+    print(f"stage-1 attention of FLatten-Swin-T (C=96, 3 heads), batch {result['batch']}, {env['device_name']}, "
+          f"{env['threads']} threads, load average {env['loadavg_start'][0]:.1f} -> {env['loadavg_end'][0]:.1f}")
+    print('| image px | tokens | focused linear ms | window-7 softmax ms | global softmax ms | linear / window | '
+          'linear / global |')
+    print('|---:|---:|---:|---:|---:|---:|---:|')
+    for r in result['rows']:
+        lin, win, glob = r['focused linear'], r['window softmax'], r.get('global softmax')
+        g_ms, g_ratio = ('-', '-') if glob is None else (f'{glob:.1f}', f'{lin / glob:.2f}')
+        print(f"| {r['img_size']} | {r['tokens']} | {lin:.1f} | {win:.1f} | {g_ms} | {lin / win:.2f} | {g_ratio} |")
+
+
 def print_report(result: Dict[str, Any]) -> None:
     env = result['environment']
     print(f"device {env['device_name']}, {env['threads']} threads, runtime {env['runtime']}, "
@@ -347,6 +415,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--json', metavar='FILE')
     p.add_argument('--plot', metavar='FILE', help='accuracy against latency (PNG)')
     p.add_argument('--smoke', action='store_true', help='CI-sized: tiny models, one round')
+    p.add_argument('--attention-sweep', action='store_true',
+                   help='official issue #34: focused linear vs window-7 softmax vs global softmax attention, '
+                        'one module (FLatten-Swin-T stage 1) over --sizes')
+    p.add_argument('--sizes', type=int, nargs='+', default=list(SWEEP_SIZES), help='image sizes of the sweep')
+    p.add_argument('--global-max-tokens', type=int, default=16384,
+                   help='skip global softmax above this many tokens (its cost grows with tokens^2)')
     p.add_argument('--check', action='store_true',
                    help='only check the arguments: every model loads its config, --reference holds the FLatten ones')
     args = p.parse_args(argv)
@@ -380,6 +454,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     if args.check:
         return {'checked': check_args(args)}
+    if args.attention_sweep:
+        result = attention_sweep(args)
+        print_sweep(result)
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(result, f, indent=1, default=str)
+        return result
     result = run(args)
     print_report(result)
     if args.json:
