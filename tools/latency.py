@@ -244,8 +244,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 if e['official']:
                     res = e['official'].measure(['infer'])['infer']
                     e['official_ms'].append(1e3 * args.batch / res['img_s'])
-            print(f'round {r + 1}/{args.rounds}: ' + ', '.join(f'{e["pub"].name} {e["ms"][-1]:.0f}'
-                                                               for e in entries), file=sys.stderr, flush=True)
+            print(f'round {r + 1}/{args.rounds}, ms: ' + ', '.join(
+                f'{e["pub"].name} {e["ms"][-1]:.0f}' + (f' (official {e["official_ms"][-1]:.0f})' if e['official'] else '')
+                for e in entries), file=sys.stderr, flush=True)
     finally:
         for e in entries:
             if e['official']:
@@ -327,20 +328,21 @@ def attention_sweep(args: argparse.Namespace) -> Dict[str, Any]:
             for _ in range(args.rounds):
                 for name, (m, call) in mods.items():
                     m.to(device)
-                    times[name].append(1e3 * benchmark.time_calls(lambda: call(m, x), device, args.warmup,
-                                                                  args.repeats)['wall_s'])
+                    t = benchmark.time_calls(lambda: call(m, x), device, args.warmup, args.repeats)
+                    times[name].append(1e3 * t[args.clock + '_s'])
         row = {'img_size': size, 'tokens': n, **{k: statistics.median(v) for k, v in times.items()}}
         rows.append(row)
         print(f"{size} px ({n} tokens): " + ', '.join(f'{k} {row[k]:.1f} ms' for k in times), file=sys.stderr,
               flush=True)
     env['loadavg_end'] = list(os.getloadavg()) if hasattr(os, 'getloadavg') else None
-    return {'environment': env, 'batch': args.batch, 'rows': rows}
+    return {'environment': env, 'batch': args.batch, 'clock': args.clock, 'rows': rows}
 
 
 def print_sweep(result: Dict[str, Any]) -> None:
     env = result['environment']
     print(f"stage-1 attention of FLatten-Swin-T (C=96, 3 heads), batch {result['batch']}, {env['device_name']}, "
           f"{env['threads']} threads, load average {env['loadavg_start'][0]:.1f} -> {env['loadavg_end'][0]:.1f}")
+    print(f"({result['clock']} time per call: median over rounds of the median of repeats)")
     print('| image px | tokens | focused linear ms | window-7 softmax ms | global softmax ms | linear / window | '
           'linear / global |')
     print('|---:|---:|---:|---:|---:|---:|---:|')
@@ -421,6 +423,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--sizes', type=int, nargs='+', default=list(SWEEP_SIZES), help='image sizes of the sweep')
     p.add_argument('--global-max-tokens', type=int, default=16384,
                    help='skip global softmax above this many tokens (its cost grows with tokens^2)')
+    p.add_argument('--clock', choices=['wall', 'cpu'], default='wall',
+                   help="--attention-sweep: wall time, or the process's CPU time (steadier on a shared machine "
+                        'with --threads 1)')
     p.add_argument('--check', action='store_true',
                    help='only check the arguments: every model loads its config, --reference holds the FLatten ones')
     args = p.parse_args(argv)
