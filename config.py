@@ -87,7 +87,7 @@ _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.LR_SCALING = 'linear'           # (ours) linear, none
 _C.TRAIN.LR_SCALE_BATCH = 512            # (ours) reference total batch of the linear rule
 _C.TRAIN.SYNC_BN = False                 # (ours) convert BatchNorm layers to SyncBatchNorm under DDP
-_C.TRAIN.COMPILE = False                 # (ours) torch.compile the model
+_C.TRAIN.COMPILE = False                 # (ours) torch.compile the model: training step, --eval, --throughput
 _C.TRAIN.CHANNELS_LAST = False           # (ours) channels_last memory format for model and images
 
 _C.TRAIN.LR_SCHEDULER = CN()
@@ -310,7 +310,7 @@ def get_config(args) -> CN:
     switches = [('zip', 'DATA.ZIP_MODE'), ('use_checkpoint', 'TRAIN.USE_CHECKPOINT'), ('amp', 'AMP'),
                 ('eval', 'EVAL_MODE'), ('throughput', 'THROUGHPUT_MODE'), ('model_ema', 'MODEL_EMA.ENABLE'),
                 ('model_ema_force_cpu', 'MODEL_EMA.FORCE_CPU'), ('find_unused_params', 'FIND_UNUSED_PARAMS'),
-                ('tensorboard', 'TENSORBOARD'), ('ema', 'MODEL.USE_EMA_WEIGHTS')]
+                ('tensorboard', 'TENSORBOARD'), ('ema', 'MODEL.USE_EMA_WEIGHTS'), ('compile', 'TRAIN.COMPILE')]
     for flag, key in switches:
         if getattr(args, flag, False):
             _set(config, key, True)

@@ -36,7 +36,7 @@ from yacs.config import CfgNode
 
 import checkpoint as ckpt_io
 import report
-from errors import DataError, Preempted, TrainingError
+from errors import ConfigError, DataError, Preempted, TrainingError
 from logger import MetricsWriter
 from optimizer import supports_found_inf
 from utils import (DistInfo, PreemptionHandler, all_reduce_max, all_reduce_sum, barrier, derive_seed, get_rank,
@@ -248,6 +248,47 @@ def throughput(config: CfgNode, images: torch.Tensor, model: nn.Module, device: 
     value = timed * images.shape[0] / (time.time() - start)
     logger.info(f'batch_size {images.shape[0]} throughput {value}')
     return value
+
+
+def check_same_predictions(ref: torch.Tensor, out: torch.Tensor, what: str, rtol: float = 1e-3,
+                           atol_rel: float = 1e-4) -> Dict[str, Any]:
+    """``out`` (N, classes) logits of a faster runtime against the eager ``ref``: top-1 identical wherever
+    the eager top-2 margin exceeds twice the logit tolerance (closer ones are ties at float precision,
+    counted), and |out - ref| <= atol + rtol |ref| with atol = atol_rel x max |ref|. Raises a one-line
+    ConfigError naming ``what`` otherwise; returns the measured differences."""
+    ref, out = ref.detach().float().cpu(), out.detach().float().cpu()
+    atol = atol_rel * ref.abs().max().item()
+    tol = atol + rtol * ref.abs()
+    diff = (out - ref).abs()
+    top2 = ref.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 2 * tol.max(dim=-1).values
+    agree = out.argmax(-1) == ref.argmax(-1)
+    res = {'images': ref.shape[0], 'max_abs_diff': diff.max().item(), 'atol': atol,
+           'top1_agree': int(agree.sum()), 'ties': int((~decided).sum())}
+    if not bool((diff <= tol).all()):
+        raise ConfigError(f'{what}: logits differ from eager by up to {res["max_abs_diff"]:.3g} (> atol '
+                          f'{atol:.3g} + rtol {rtol}); it does not compute the same function here: run eager')
+    if not bool(agree[decided].all()):
+        raise ConfigError(f'{what}: top-1 differs from eager on {int((~agree[decided]).sum())} of '
+                          f'{int(decided.sum())} images; run eager')
+    return res
+
+
+@torch.no_grad()
+def compiled_for_inference(config: CfgNode, model: nn.Module, images: torch.Tensor,
+                           device: torch.device) -> nn.Module:
+    """``model`` itself, or with TRAIN.COMPILE (--compile) ``torch.compile(model)`` once it gave the eager
+    predictions on ``images`` (a validation batch: see :func:`check_same_predictions`)."""
+    if not config.TRAIN.COMPILE:
+        return model
+    model.eval()
+    images = to_device(images, device, config.TRAIN.CHANNELS_LAST)
+    compiled = torch.compile(model, dynamic=False)
+    with torch.autocast(device.type, dtype=amp_dtype(config), enabled=config.AMP):
+        res = check_same_predictions(model(images), compiled(images), 'TRAIN.COMPILE (--compile)')
+    logger.info(f"torch.compile gives the eager predictions on {res['images']} images "
+                f"(max |logit diff| {res['max_abs_diff']:.2g}, top-1 agree {res['top1_agree']})")
+    return compiled
 
 
 # ----------------------------------------------------------------------------- the step

@@ -46,6 +46,9 @@ def build_parser(ema: bool = False) -> argparse.ArgumentParser:
     p.add_argument('--tag', help='tag of the experiment')
     p.add_argument('--eval', action='store_true', help='evaluate only')
     p.add_argument('--throughput', action='store_true', help='measure throughput only')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile the model (TRAIN.COMPILE): training, --eval and --throughput; checked '
+                        'against eager predictions before --eval / --throughput use it')
     p.add_argument('--pretrained', type=str, default=None, help='initial weights for fine-tuning (resized)')
     p.add_argument('--ema', action='store_true',
                    help="take the checkpoint's EMA weights ('model_ema', when it has them) for --pretrained and "

@@ -27,7 +27,7 @@ from yacs.config import CfgNode
 import report
 from data import (build_mixup, build_train_loader, build_val_loader, check_data_path, check_images_open,
                   patch_randaugment_posterize)
-from engine import RunResult, Trainer, build_criterion, throughput, train, validate
+from engine import RunResult, Trainer, build_criterion, compiled_for_inference, throughput, train, validate
 from errors import ConfigError
 from logger import MetricsWriter, create_logger
 from lr_scheduler import build_scheduler
@@ -241,7 +241,8 @@ def evaluate(config: CfgNode, info: DistInfo) -> RunResult:
     elif not config.MODEL.PRETRAINED:
         logger.warning('evaluating a randomly initialised model: give --resume CKPT or --pretrained CKPT')
     result = RunResult(model=model, ema_model=ema.module if ema is not None else None)
-    result.eval = validate(config, loader_val, model, info.device)
+    run_model = compiled_for_inference(config, model, next(iter(loader_val))[0], info.device)
+    result.eval = validate(config, loader_val, run_model, info.device)
     if ema is not None and has_ema:
         result.ema_eval = validate(config, loader_val, ema.module, info.device, name='ema network')
     if info.is_main:
@@ -265,7 +266,8 @@ def measure_throughput(config: CfgNode, info: DistInfo) -> RunResult:
     else:
         images = torch.randn(config.DATA.BATCH_SIZE, input_channels(config)[0], config.DATA.IMG_SIZE,
                              config.DATA.IMG_SIZE)
-    return RunResult(model=model, throughput=throughput(config, images, model, info.device))
+    run_model = compiled_for_inference(config, model, images, info.device)
+    return RunResult(model=model, throughput=throughput(config, images, run_model, info.device))
 
 
 # ----------------------------------------------------------------------------- run

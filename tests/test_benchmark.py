@@ -250,16 +250,17 @@ def test_gpu_benchmark_script_arguments_check_without_a_gpu(tmp_path, monkeypatc
     from models.focused_attention import attention_impl, get_attention_impl
     official = tmp_path / 'official'
     (official / 'cfgs').mkdir(parents=True)
-    for name in ('flatten_swin_t', 'flatten_pvt_v2_b0', 'flatten_cswin_t'):
+    for name in ('flatten_swin_t', 'flatten_pvt_v2_b0', 'flatten_cswin_t', 'flatten_swin_s', 'flatten_swin_b',
+                 'flatten_pvt_t', 'flatten_pvt_s', 'flatten_pvt_m', 'flatten_pvt_b'):
         (official / 'cfgs' / f'{name}.yaml').write_text('')
     shim, calls = tmp_path / 'shim', tmp_path / 'benchmark_calls.jsonl'
     shim.mkdir()
     (shim / 'python').write_text(textwrap.dedent(f'''\
         #!{sys.executable}
         import json, os, sys
-        if len(sys.argv) > 1 and os.path.basename(sys.argv[1]) == 'benchmark.py':
+        if len(sys.argv) > 1 and os.path.basename(sys.argv[1]) in ('benchmark.py', 'latency.py'):
             with open({str(calls)!r}, 'a') as f:
-                f.write(json.dumps(sys.argv[2:]) + '\\n')
+                f.write(json.dumps([os.path.basename(sys.argv[1])] + sys.argv[2:]) + '\\n')
             sys.exit(0)
         os.execv({sys.executable!r}, [{sys.executable!r}] + sys.argv[1:])
     '''))
@@ -270,16 +271,19 @@ def test_gpu_benchmark_script_arguments_check_without_a_gpu(tmp_path, monkeypatc
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = [line.split(':')[0][4:] for line in proc.stdout.splitlines() if line.startswith('=== ')]
-    assert steps[:-1] == ['cuda_tests', 'vs_official', 'vs_timm', 'triton', 'sweep', 'op_neighborhood']
+    assert steps[:-1] == ['cuda_tests', 'fig7_batch1', 'fig7_batch64', 'vs_official', 'vs_timm', 'triton', 'sweep',
+                          'op_neighborhood']
     assert 'tests collected' in (tmp_path / 'out' / 'log.txt').read_text()
     argvs = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert len(argvs) == 5 and all('--check' in a for a in argvs)
+    assert len(argvs) == 7 and all('--check' in a for a in argvs)
+    import latency
+    tools = {'benchmark.py': benchmark.main, 'latency.py': latency.main}
     monkeypatch.chdir(ROOT)                                           # the script runs from the repository root
     capsys.readouterr()
-    for argv in argvs:
+    for script, *argv in argvs:
         with attention_impl(get_attention_impl()):                    # --attention-impl sets it process-wide
-            assert benchmark.main(argv)['checked'] >= 1, argv
-    assert capsys.readouterr().out.count('nothing measured (--check)') == 5
+            assert tools[script](argv)['checked'] >= 1, argv
+    assert capsys.readouterr().out.count('nothing measured (--check)') == 7
     assert len(list((tmp_path / 'out').iterdir())) <= 8              # what the device tool brings back
 
 

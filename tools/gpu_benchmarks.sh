@@ -3,7 +3,7 @@
 #
 #   tools/gpu_benchmarks.sh OUT_DIR [OFFICIAL_CHECKOUT]
 #
-# OUT_DIR receives one JSON per measurement and one log.txt with everything printed (the device tool brings
+# OUT_DIR receives one JSON per measurement (7) and one log.txt with everything printed (the device tool brings
 # back at most 8 files from $OUT, so the steps share one log; each JSON lands when its step ends, so a run
 # stopped by a time limit still returns the steps it finished). OFFICIAL_CHECKOUT
 # (a checkout of LeapLabTHU/FLatten-Transformer) adds the side-by-side ratios; without it those rows are
@@ -48,6 +48,12 @@ fi
 # correctness on the GPU first: every test marked gpu (Triton kernels compiled for real, nccl, float16)
 gpu_files=$(grep -l 'mark\.gpu' tests/*.py)                     # the files that hold gpu-marked tests
 step cuda_tests python -m pytest -q -m gpu "${collect[@]}" $gpu_files
+
+# the GPU half of the paper's Fig. 7 (float32, 224 px, as published): batch-1 latency and batch-64 time per
+# batch (throughput = 64 / latency), FLatten-PVT/Swin against their softmax baselines (+ the official code)
+fig7=(python tools/latency.py "${device[@]}" --warmup 10 --repeats 30 --rounds 3 ${official:+--reference "$official"})
+step fig7_batch1 "${fig7[@]}" --batch 1 --json "$out/fig7_batch1.json"
+step fig7_batch64 "${fig7[@]}" --batch 64 --json "$out/fig7_batch64.json"
 
 bench=(python tools/benchmark.py "${device[@]}" --dtype bfloat16 --batch 128 --warmup 3 --repeats 10)
 if [ -n "$official" ]; then
