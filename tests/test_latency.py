@@ -3,16 +3,12 @@ cases, the prediction check of each runtime option against eager on digits, and 
 No timing is asserted."""
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'tools'))
-
-import latency  # noqa: E402
-from published_top1 import TABLE, Published  # noqa: E402
+from tools import latency
+from tools.published_top1 import TABLE, Published
 
 CURVE = [(80.0, 20.0), (75.0, 10.0), (82.0, 40.0)]          # (top-1, latency ms), deliberately unsorted
 
@@ -106,7 +102,7 @@ def test_end_to_end_smoke(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- --compile / TRAIN.COMPILE
-CFG = os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml')
+CFG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'cfgs', 'demo', 'flatten_swin_digits.yaml')
 TINY = ['DATA.IMG_SIZE', '32', 'MODEL.SWIN.PATCH_SIZE', '4', 'MODEL.SWIN.EMBED_DIM', '16',
         'MODEL.SWIN.DEPTHS', '[1, 1, 1, 1]', 'MODEL.SWIN.NUM_HEADS', '[1, 1, 2, 2]', 'DATA.BATCH_SIZE', '33',
         'DATA.NUM_WORKERS', '0', 'MODEL_EMA.ENABLE', 'False']

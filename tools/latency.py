@@ -33,16 +33,17 @@ import tempfile
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (ROOT, os.path.join(ROOT, 'tools')):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if __name__ == '__main__' and not __package__:   # run as a file: tools/_root.py puts the repository root on the path
+    import _root  # noqa: F401
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import benchmark  # noqa: E402  (the official-code runner, configs, timing, environment)
-from published_top1 import PAPER_CPU_SPEEDUP, TABLE, Published  # noqa: E402
+from tools.bench.configs import TimmSpec, build, load_cfg  # noqa: E402
+from tools.bench.environment import environment  # noqa: E402
+from tools.bench.official import OfficialProcess  # noqa: E402
+from tools.bench.timing import make_input, time_calls  # noqa: E402
+from tools.published_top1 import PAPER_CPU_SPEEDUP, TABLE, Published  # noqa: E402
 
 RUNTIMES = ('eager', 'compile', 'onnxruntime')
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -210,25 +211,25 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     chosen = [p for p in TABLE if p.name in args.models] if not args.smoke else _smoke_table()
-    env = benchmark.environment(device)
+    env = environment(device)
     env['runtime'] = args.runtime
     entries = []
     try:
         for p in chosen:
-            config = benchmark.load_cfg(p.spec, args.img_size, args.opts if not p.spec.startswith('timm:') else ())
-            model = benchmark.build(config).to(device).eval()
+            config = load_cfg(p.spec, args.img_size, args.opts if not p.spec.startswith('timm:') else ())
+            model = build(config).to(device).eval()
             size = _img_size(config)
             images = digits_images(args.check_images, size).to(device)
             runner = make_runner(model, args.runtime, images)
             check = check_predictions(model, runner, images)
-            x = benchmark.make_input(args.batch, size, device, False)
+            x = make_input(args.batch, size, device, False)
             e = {'pub': p, 'model': model, 'runner': runner, 'x': x, 'check': check, 'ms': [], 'official': None,
                  'official_ms': []}
             if args.reference and p.kind == 'flatten':
                 opts = {'device': args.device, 'batch': args.batch, 'img_size': size, 'dtype': 'float32',
                         'channels_last': False, 'compile': False, 'warmup': args.warmup, 'repeats': args.repeats,
                         'num_classes': config.MODEL.NUM_CLASSES, 'fused_optimizer': False}
-                e['official'] = benchmark.OfficialProcess(args.reference, p.spec, model, opts)
+                e['official'] = OfficialProcess(args.reference, p.spec, model, opts)
             entries.append(e)
             print(f'{p.name}: built, {args.runtime} checked on {check["images"]} digits images '
                   f'(max |diff| {check["max_abs_diff"]:.2g})', file=sys.stderr, flush=True)
@@ -239,7 +240,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         e['runner'](e['x'])
                 if r == 0:
                     step()                     # first call at this shape (compile, lazy init) outside the rounds
-                t = benchmark.time_calls(step, device, args.warmup, args.repeats)
+                t = time_calls(step, device, args.warmup, args.repeats)
                 e['ms'].append(1e3 * t['wall_s'])
                 if e['official']:
                     res = e['official'].measure(['infer'])['infer']
@@ -315,7 +316,7 @@ def attention_sweep(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = benchmark.environment(device)
+    env = environment(device)
     rows = []
     for size in args.sizes:
         mods = attention_modules(size)
@@ -328,7 +329,7 @@ def attention_sweep(args: argparse.Namespace) -> Dict[str, Any]:
             for _ in range(args.rounds):
                 for name, (m, call) in mods.items():
                     m.to(device)
-                    t = benchmark.time_calls(lambda: call(m, x), device, args.warmup, args.repeats)
+                    t = time_calls(lambda: call(m, x), device, args.warmup, args.repeats)
                     times[name].append(1e3 * t[args.clock + '_s'])
         row = {'img_size': size, 'tokens': n, **{k: statistics.median(v) for k, v in times.items()}}
         rows.append(row)
@@ -446,8 +447,8 @@ def check_args(args: argparse.Namespace) -> int:
     import timm
     chosen = [p for p in TABLE if p.name in args.models]
     for p in chosen:
-        config = benchmark.load_cfg(p.spec, args.img_size)
-        if isinstance(config, benchmark.TimmSpec) and not timm.is_model(config.name):
+        config = load_cfg(p.spec, args.img_size)
+        if isinstance(config, TimmSpec) and not timm.is_model(config.name):
             raise SystemExit(f'{p.name}: timm has no model {config.name}')
         if args.reference and p.kind == 'flatten':
             benchmark.official_cfg_name(args.reference, p.spec)
