@@ -56,6 +56,9 @@ _C.MODEL.IN_CHANS = 3                    # (ours) input channels of a stock timm
 # (ours) keyword arguments passed to timm.create_model as they are (any MODEL.TYPE), e.g. to shrink a stock
 # timm model: KWARGS: {embed_dim: 32, depths: [1, 1, 2, 1]}. They win over the keys above.
 _C.MODEL.KWARGS = CN(new_allowed=True)
+# (ours) '' = the model's own attention; 'focused_linear' converts the attention of a timm ViT-style model
+# (models.convert_attention; options MODEL.LA.FOCUSING_FACTOR / KERNEL_SIZE / BLOCKS / DWC / FOCUSED)
+_C.MODEL.ATTENTION = ''
 # Each model family declares its own section (MODEL.<SECTION>: the keys of its official configs) next to
 # its models; default_config() adds them (models/build.py: ConfigSection).
 

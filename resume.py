@@ -191,6 +191,11 @@ def load_finetune_weights(model: nn.Module, path: str, index_22k_to_1k: Optional
     except (ValueError, CheckpointError) as e:     # the family's own "this file is not for this model"
         raise CheckpointError(f"pretrained weights {path} do not fit the model: {e}; does --cfg match the "
                               f"checkpoint's model?") from None
+    from models.attention_convert import fill_converted_state
+    sd, added = fill_converted_state(sd, model)      # MODEL.ATTENTION: a softmax checkpoint lacks these
+    if added:
+        notes.append(f'{len(added)} focused-linear tensors not in the file, left at their initialisation: '
+                     f'{", ".join(added[:4])}{" ..." if len(added) > 4 else ""}')
     target = model.state_dict()
     head = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier', 'head') or 'head'
     for suffix in ('weight', 'bias'):

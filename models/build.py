@@ -223,7 +223,7 @@ def build_model(config: Any, **overrides: Any) -> nn.Module:
     optional = set(OPTIONAL_TIMM_KWARGS) if config.MODEL.TYPE not in _ADAPTERS else set()
     while True:
         try:
-            return timm.create_model(spec.name, **kwargs)
+            return _converted(timm.create_model(spec.name, **kwargs), config)
         except ConfigError:
             raise
         except TypeError as err:        # a stock timm model that does not take an optional experiment key
@@ -235,6 +235,20 @@ def build_model(config: Any, **overrides: Any) -> nn.Module:
             raise _config_error(err, spec) from None
         except ValueError as err:
             raise _config_error(err, spec) from None
+
+
+def _converted(model: nn.Module, config: Any) -> nn.Module:
+    """MODEL.ATTENTION: the model's attention converted (models/attention_convert.py); ConfigError naming the key."""
+    kind = config.MODEL.get('ATTENTION', '')
+    if not kind:
+        return model
+    from .attention_convert import convert_attention
+    la = config.MODEL.LA
+    try:
+        return convert_attention(model, kind, blocks=list(la.BLOCKS), focusing_factor=la.FOCUSING_FACTOR,
+                                 kernel_size=la.KERNEL_SIZE, dwc=la.DWC, focused=la.FOCUSED)
+    except ValueError as err:
+        raise ConfigError(f'MODEL.ATTENTION {kind!r}: {err}') from None
 
 
 # ----------------------------------------------------------------------------- config keys
@@ -318,6 +332,9 @@ def validate_model_config(config: Any) -> None:
     """Everything the model layer checks before any work, in this order: declared key checks, an unknown
     MODEL.TYPE (with the closest names), keys set for another MODEL.TYPE, the family adapter's own checks."""
     check_section_values(config)
+    if config.MODEL.get('ATTENTION', '') not in ('', 'focused_linear'):
+        raise ConfigError(f"MODEL.ATTENTION must be '' (the model's own) or 'focused_linear', "
+                          f"got {config.MODEL.ATTENTION!r}")
     if config.MODEL.TYPE not in _ADAPTERS and config.MODEL.TYPE not in _timm_names():
         raise _unknown_type(config.MODEL.TYPE)
     check_config_keys(config)

@@ -54,6 +54,7 @@ SMALL = {
                        use_dwc_mlps=(True,) * 4, use_lpus=(True,) * 4, use_conv_patches=True,
                        nat_ksizes=(5, 7, 3, 3)),
     'models.l2vit': dict(img_size=64, depths=(1, 1, 1, 1), dims=(16, 32, 32, 64), num_heads=(2, 2, 4, 4)),
+    'models.flatten_deit': dict(img_size=64, embed_dim=32, depth=2, num_heads=2),
 }
 
 
