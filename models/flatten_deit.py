@@ -33,6 +33,8 @@ class FLattenDeiT(VisionTransformer):
     settings: both False = vanilla linear attention), la_blocks (block indices; None = all).
     """
 
+    output_fmt = 'NLC'      # forward_features: (B, prefix + H*W, C) tokens
+
     def __init__(self, *args: Any, focusing_factor: float = 3, kernel_size: int = 5, dwc: bool = True,
                  focused: bool = True, la_blocks=None, **kwargs: Any) -> None:
         if kwargs.get('pos_embed', 'learn') != 'learn':

@@ -37,7 +37,9 @@ TIMM_SUITE = os.path.join(ROOT, 'tests', 'timm_suite', 'test_models.py')
 # theirs); the FLatten families are the names whose pretrained_cfg cites the FLatten paper
 OURS = our_names()
 FLATTEN = [n for n in OURS if timm.models.get_pretrained_cfg(n).paper_ids == 'arXiv:2308.00442']
-FAMILY_REPS = sorted(n for n in tiny_names() if n in FLATTEN)
+# (the hierarchical families; flatten_deit_t, a plain ViT with stride-16 tokens, is checked for features and
+# dynamic_img_size in tests/test_convert_attention.py)
+FAMILY_REPS = sorted(n for n in tiny_names() if n in FLATTEN and module_of(n) != 'models.flatten_deit')
 
 # tiny sizes per family module (the architecture keywords override the variant's); a module without an
 # entry is built at its own size, as timm's tests do
@@ -111,6 +113,7 @@ def test_create_model_every_name(name):
     # forward_features is laid out as output_fmt says: channels on its axis, the last stage's map on the others
     fmt, m = getattr(model, 'output_fmt', 'NCHW'), -(-s // model.feature_info[-1]['reduction'])
     assert features.shape == ((1, model.num_features, m, m) if fmt == 'NCHW' else
+                              (1, model.num_prefix_tokens + m * m, model.num_features) if fmt == 'NLC' else
                               (1, m, m, model.num_features)), (fmt, features.shape)
     kinds = {m.attn_kind for m in model.modules() if hasattr(m, 'attn_kind')}
     if name.endswith('_softmax'):
