@@ -15,6 +15,7 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed, resample_abs_pos_embed
+from timm.layers.trace_utils import _assert
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_filter_fn
 
@@ -59,9 +60,8 @@ class FLattenDeiT(VisionTransformer):
             pos = resample_abs_pos_embed(self.pos_embed, (H, W), self.patch_embed.grid_size, num_prefix_tokens=prefix)
             x = x.reshape(B, H * W, C)
         else:
-            if x.shape[1] != self.patch_embed.num_patches:
-                raise ValueError('the input size is not the img_size this model was built for: build it with '
-                                 'img_size=<size>, or with dynamic_img_size=True to run any size')
+            _assert(x.shape[1] == self.patch_embed.num_patches, 'the input size is not the img_size this model '
+                    'was built for: build it with img_size=<size>, or with dynamic_img_size=True to run any size')
             pos = self.pos_embed
         tokens: List[torch.Tensor] = []
         if self.cls_token is not None:

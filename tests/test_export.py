@@ -35,6 +35,7 @@ CASES = {
                       ksizes=(9, 7, 5, 3), expansion=2), 96),
     'L2ViT_Tiny': (dict(img_size=64, dims=(16, 32, 64, 128), depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
                         window_size=4), 96),
+    'flatten_deit_t': (dict(img_size=64, embed_dim=32, depth=2, num_heads=2), 96),
     'official_visformer_tiny': (dict(img_size=64, init_channels=16, embed_dim=64, depths=(1, 1, 1),
                                      num_heads=2), None),
     'swin_visformer_tiny_v2': (dict(img_size=64, init_channels=16, embed_dim=64, depths=(1, 1, 2, 2),
