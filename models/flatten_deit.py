@@ -20,6 +20,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_filter_fn
 
 from ._builder import FeatureGetter, flatten_pretrained_cfg
+from .build import ModelSpec, register_config_adapter, timm_spec
+from .focused_attention import LA_SECTION
 from .attention_convert import FocusedLinearViTAttention, convert_attention, fill_converted_state
 
 __all__ = ['FLattenDeiT', 'flatten_deit_t']
@@ -101,6 +103,17 @@ default_cfgs = generate_default_cfgs({
 VARIANTS = {
     'flatten_deit_t': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
 }
+
+
+@register_config_adapter('flatten_deit_t', reads=[(LA_SECTION, ('FOCUSING_FACTOR', 'KERNEL_SIZE'))])
+def deit_spec(config) -> ModelSpec:
+    """MODEL.TYPE flatten_deit_t: the keys of any timm model plus the focused-linear keys of MODEL.LA (the same
+    keys as MODEL.ATTENTION's switch: FOCUSING_FACTOR, KERNEL_SIZE, DWC, FOCUSED, BLOCKS)."""
+    spec, la = timm_spec(config), config.MODEL.LA
+    for kwarg, key in (('focusing_factor', 'FOCUSING_FACTOR'), ('kernel_size', 'KERNEL_SIZE'), ('dwc', 'DWC'),
+                       ('focused', 'FOCUSED'), ('la_blocks', 'BLOCKS')):
+        spec.set(kwarg, list(la[key]) if key == 'BLOCKS' else la[key], f'MODEL.LA.{key}')
+    return spec
 
 
 def _create(name: str, pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:

@@ -280,6 +280,14 @@ def test_flatten_deit_t_table4_settings_are_keyword_arguments(setting):
     model = timm.create_model('flatten_deit_t', img_size=32, embed_dim=32, depth=1, num_heads=2, **setting)
     attn = model.blocks[0].attn
     assert attn.focused == setting.get('focused', True) and not attn.use_dwc
+    # the shipped ablation YAMLs select the same settings through MODEL.LA
+    from config import load_config
+    from models import build_model
+    name = 'no_dwc' if setting.get('focused', True) else 'vanilla'
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'cfgs', f'flatten_deit_t_{name}.yaml'),
+                         ['MODEL.KWARGS', '{embed_dim: 32, depth: 1, num_heads: 2}', 'DATA.IMG_SIZE', '32'])
+    attn = build_model(config).blocks[0].attn
+    assert attn.focused == setting.get('focused', True) and not attn.use_dwc
 
 
 # ----------------------------------------------------------------------------- through main.py
