@@ -77,11 +77,10 @@ class FLattenDeiT(VisionTransformer):
         return self.pos_drop(x)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        # timm's (pos_embed, cls_token, ...) and, like the official FLatten models, the attention's scale and
-        # positional encodings
-        names = set(super().no_weight_decay())
-        return names | {n for n, _ in self.named_parameters() if n.endswith(('.scale', '.positional_encoding'))}
+    def extra_no_weight_decay(self) -> set:
+        """OUR optional no-decay exclusions (TRAIN.OPTIMIZER.EXTRA_NO_WEIGHT_DECAY; the official modules' rule
+        decays them): the attention's ``scale`` and ``positional_encoding``."""
+        return {n for n, _ in self.named_parameters() if n.endswith(('.scale', '.positional_encoding'))}
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -293,7 +293,7 @@ def test_flatten_deit_t_table4_settings_are_keyword_arguments(setting):
 # ----------------------------------------------------------------------------- through main.py
 @pytest.mark.slow
 def test_converted_stock_vit_trains_reevaluates_and_takes_a_softmax_checkpoint(digits, tmp_path):
-    cfg = recipe(tmp_path, 'vitla', epochs=6)
+    cfg = recipe(tmp_path, 'vitla', epochs=4)
     # a ViT from scratch on 300 digits: a lower learning rate than the recipe's (softmax and linear alike)
     opts = ['MODEL.TYPE', 'deit_tiny_patch16_224', *TINY_VIT, 'MODEL.ATTENTION', 'focused_linear',
             'TRAIN.BASE_LR', '5e-4']
@@ -301,7 +301,7 @@ def test_converted_stock_vit_trains_reevaluates_and_takes_a_softmax_checkpoint(d
     model = run.result.model
     assert all(isinstance(b.attn, FocusedLinearViTAttention) for b in model.blocks)
     best = run.summary['best']['acc1']
-    assert best >= 25.0, f'best val Acc@1 {best}% (chance is 10%)'
+    assert best >= 20.0, f'best val Acc@1 {best}% (chance is 10%; 20% of 99 images: p < 1e-3)'
     again = eval_resume(cfg, digits, str(tmp_path / 'out'), run.path('max_acc.pth'), *opts)
     assert again.result.eval.acc1 == best
     # a softmax checkpoint of the same model: --pretrained loads it, the new parameters named in the log
