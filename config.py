@@ -59,6 +59,9 @@ _C.MODEL.IN_CHANS = 3                    # (ours) input channels of a stock timm
 # a key above (MODEL.NUM_CLASSES, MODEL.SWIN.EMBED_DIM, ...) with another value is a ConfigError naming both;
 # with KWARGS set the model is built (and run on one image) when the config is loaded, so a bad value fails then.
 _C.MODEL.KWARGS = CN(new_allowed=True)
+# (ours) '' = the model's own attention; 'focused_linear' converts the attention of a timm ViT-style model
+# (models.convert_attention; options MODEL.LA.FOCUSING_FACTOR / KERNEL_SIZE / BLOCKS / DWC / FOCUSED)
+_C.MODEL.ATTENTION = ''
 # Each model family declares its own section (MODEL.<SECTION>: the keys of its official configs) next to
 # its models; default_config() adds them (models/build.py: ConfigSection).
 

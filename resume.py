@@ -170,6 +170,11 @@ def load_finetune_weights(model: nn.Module, path: str, index_22k_to_1k: Optional
         raise CheckpointError(f"pretrained weights {path} do not fit the model {arch} ({type(e).__name__} in its "
                               f"checkpoint filter: {reason}); give --pretrained a checkpoint of this model, or "
                               f"set --cfg to the checkpoint's model") from None
+    from models.attention_convert import fill_converted_state
+    sd, added = fill_converted_state(sd, model)      # MODEL.ATTENTION: a softmax checkpoint lacks these
+    if added:
+        notes.append(f'{len(added)} focused-linear tensors not in the file, left at their initialisation: '
+                     f'{", ".join(added[:4])}{" ..." if len(added) > 4 else ""}')
     target = model.state_dict()
     heads = cfg.get('classifier', 'head') or 'head'      # several for a distilled DeiT: ('head', 'head_dist')
     for key in [f'{h}.{suffix}' for h in ((heads,) if isinstance(heads, str) else heads)

@@ -250,9 +250,10 @@ def _create(spec: ModelSpec, kwargs: Dict[str, Any], stock: bool) -> Tuple[nn.Mo
 
 
 def build_model(config: Any, **overrides: Any) -> nn.Module:
-    """Build the model named by ``config.MODEL.TYPE`` (randomly initialised); ``overrides`` win."""
+    """Build the model named by ``config.MODEL.TYPE`` (randomly initialised; its attention converted when
+    MODEL.ATTENTION is set); ``overrides`` win."""
     spec = model_spec(config)
-    return _create(spec, dict(spec.kwargs, **overrides), config.MODEL.TYPE not in _ADAPTERS)[0]
+    return _converted(_create(spec, dict(spec.kwargs, **overrides), config.MODEL.TYPE not in _ADAPTERS)[0], config)
 
 
 # The experiment keys a model may take, by model argument: set away from its default, each must reach the model.
@@ -341,6 +342,20 @@ def check_by_building(config: Any, spec: ModelSpec, defaults: Any) -> None:
                       f'MODEL.KWARGS.{culprit}')
 
 
+def _converted(model: nn.Module, config: Any) -> nn.Module:
+    """MODEL.ATTENTION: the model's attention converted (models/attention_convert.py); ConfigError naming the key."""
+    kind = config.MODEL.get('ATTENTION', '')
+    if not kind:
+        return model
+    from .attention_convert import convert_attention
+    la = config.MODEL.LA
+    try:
+        return convert_attention(model, kind, blocks=list(la.BLOCKS), focusing_factor=la.FOCUSING_FACTOR,
+                                 kernel_size=la.KERNEL_SIZE, dwc=la.DWC, focused=la.FOCUSED)
+    except ValueError as err:
+        raise ConfigError(f'MODEL.ATTENTION {kind!r}: {err}') from None
+
+
 # ----------------------------------------------------------------------------- config keys
 def _plain(value: Any) -> Any:
     """yacs values -> plain Python (CfgNode -> dict, lists -> tuples) for model arguments."""
@@ -424,6 +439,9 @@ def validate_model_config(config: Any, defaults: Any = None) -> None:
     MODEL.KWARGS entries that duplicate a key, and (given the ``defaults`` config) experiment keys the model
     does not take and MODEL.KWARGS values the model rejects (:func:`check_by_building`)."""
     check_section_values(config)
+    if config.MODEL.get('ATTENTION', '') not in ('', 'focused_linear'):
+        raise ConfigError(f"MODEL.ATTENTION must be '' (the model's own) or 'focused_linear', "
+                          f"got {config.MODEL.ATTENTION!r}")
     if config.MODEL.TYPE not in _ADAPTERS and config.MODEL.TYPE not in _timm_names():
         raise _unknown_type(config.MODEL.TYPE)
     check_config_keys(config)

@@ -475,6 +475,10 @@ def _build_section():
                   doc='one digit per stage (an integer like 8421 is accepted)'),
         ConfigKey('CSWIN_LA_SPLIT_SIZE', '56-28-14-7', 'la_split', check=_check_split,
                   convert=lambda v: tuple(int(s) for s in str(v).split('-'))),
+        # read by MODEL.ATTENTION: focused_linear (models/attention_convert.py), not passed to the families
+        ConfigKey('BLOCKS', [], doc='block indices to convert; [] = every block'),
+        ConfigKey('DWC', True, doc='the DWC branch (False: Table 4 without DWC)'),
+        ConfigKey('FOCUSED', True, doc='the focusing function (False: vanilla linear attention, Table 4)'),
     ), shared=True))
 
 

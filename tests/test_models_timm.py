@@ -28,7 +28,7 @@ from models.flatten_pvt_v2 import DepthwiseConvMlp
 from models.layers import WindowAttention, shifted_window_mask
 from models.flatten_swin import FocusedLinearWindowAttention
 
-from our_registry import module_of, our_names, tiny_kwargs, tiny_names
+from our_registry import feature_reductions, module_of, our_names, tiny_kwargs, tiny_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMM_SUITE = os.path.join(ROOT, 'tests', 'timm_suite', 'test_models.py')
@@ -37,7 +37,9 @@ TIMM_SUITE = os.path.join(ROOT, 'tests', 'timm_suite', 'test_models.py')
 # theirs); the FLatten families are the names whose pretrained_cfg cites the FLatten paper
 OURS = our_names()
 FLATTEN = [n for n in OURS if timm.models.get_pretrained_cfg(n).paper_ids == 'arXiv:2308.00442']
-FAMILY_REPS = sorted(n for n in tiny_names() if n in FLATTEN)
+# (the hierarchical families: a plain ViT family, one stride, is checked for features and dynamic_img_size by
+# the generic checks and its own tests)
+FAMILY_REPS = sorted(n for n in tiny_names() if n in FLATTEN and len(set(feature_reductions(n))) > 1)
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -81,6 +83,7 @@ def test_create_model_every_name(name):
     # forward_features is laid out as output_fmt says: channels on its axis, the last stage's map on the others
     fmt, m = getattr(model, 'output_fmt', 'NCHW'), -(-s // model.feature_info[-1]['reduction'])
     assert features.shape == ((1, model.num_features, m, m) if fmt == 'NCHW' else
+                              (1, model.num_prefix_tokens + m * m, model.num_features) if fmt == 'NLC' else
                               (1, m, m, model.num_features)), (fmt, features.shape)
     kinds = {m.attn_kind for m in model.modules() if hasattr(m, 'attn_kind')}
     if name.endswith('_softmax'):

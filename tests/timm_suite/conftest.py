@@ -39,8 +39,23 @@ OUR_MODULE_NAMES = sorted({m.split('.')[-1] for m in OURS_BY_MODULE})   # timm k
 TINY: Set[str] = tiny_names()
 
 
+# timm picks its plain ViTs for the token-layout ('non-standard') tests by name ('deit*' among
+# NON_STD_FILTERS); our plain ViT, FLatten-DeiT, is selected by the same patterns
+_NAME_ALIASES = {'deit*': 'flatten_deit*'}
+
+
+def _aliased(patterns):
+    if not patterns:
+        return patterns
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    return patterns + [alias for p, alias in _NAME_ALIASES.items() if p in patterns]
+
+
 def _ours_only(list_models):
     def wrapped(filter='', module='', *args, **kwargs):
+        filter = _aliased(filter)
+        if 'exclude_filters' in kwargs:
+            kwargs['exclude_filters'] = _aliased(kwargs['exclude_filters'])
         if module:
             module = ([module] if isinstance(module, str) else list(module)) + OUR_MODULE_NAMES
         return [n for n in list_models(filter, module, *args, **kwargs) if n.split('.')[0] in OURS]
