@@ -3,7 +3,8 @@ official-checkpoint pickle allow-list, the FLatten ``pretrained_cfg``, and the i
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List
+from functools import partial
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -101,3 +102,73 @@ def build_backbone(cls: type, name: str, pretrained: bool, filter_fn: Callable, 
         return build_model_with_cfg(cls, name, pretrained, pretrained_filter_fn=filter_fn,
                                     feature_cfg=dict(feature_cls=FeatureGetter, out_indices=tuple(range(num_stages))),
                                     **kwargs)
+
+
+# ----------------------------------------------------------------------------- official state-dict names
+class OfficialKeys:
+    """The official per-stage state-dict names of a model whose stages live in one ``nn.ModuleList``.
+
+    ``pairs``: (our path, official path) per renamed module or parameter, e.g. ('stages.0.blocks', 'block1').
+    :meth:`attach` registers state-dict hooks so that ``state_dict()`` gives the official keys and
+    ``load_state_dict`` takes them (our own paths load too), at any nesting depth (the hooks get the prefix).
+    Hooks rather than a checkpoint filter: every reader of ``state_dict()`` (EMA, resume, timm's loaders,
+    strict ``load_state_dict``) sees the official keys with nothing to call first.
+    """
+
+    def __init__(self, pairs: Iterable[Tuple[str, str]]) -> None:
+        self.pairs = tuple(pairs)
+
+    @staticmethod
+    def _rename(key: str, pairs: Iterable[Tuple[str, str]]) -> str:
+        for src, dst in pairs:
+            if key == src or key.startswith(src + '.'):
+                return dst + key[len(src):]
+        return key
+
+    def official(self, key: str) -> str:
+        """Our parameter / module path -> the official one (unchanged where not renamed)."""
+        return self._rename(key, self.pairs)
+
+    def ours(self, key: str) -> str:
+        """An official state-dict key / module path -> ours (unchanged where not renamed)."""
+        return self._rename(key, ((dst, src) for src, dst in self.pairs))
+
+    def attach(self, model: nn.Module) -> None:
+        cls = type(self)            # partials: torch marks its hooks with an attribute (a bound method has none)
+        model.register_state_dict_post_hook(partial(cls._save_hook, self))
+        model.register_load_state_dict_pre_hook(partial(cls._load_hook, self))
+        model.register_load_state_dict_post_hook(partial(cls._report_hook, self))
+
+    @staticmethod
+    def _renamed(mapping: Dict[str, Any], prefix: str, rename: Callable[[str], str]) -> List[Tuple[str, str]]:
+        return [(k, prefix + rename(k[len(prefix):])) for k in list(mapping) if k.startswith(prefix)
+                and prefix + rename(k[len(prefix):]) != k]
+
+    def _save_hook(self, module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        renamed = dict(self._renamed(state_dict, prefix, self.official))
+        items = list(state_dict.items())        # renamed in place, order kept
+        state_dict.clear()
+        state_dict.update((renamed.get(k, k), v) for k, v in items)
+        meta: Optional[Dict[str, Any]] = getattr(state_dict, '_metadata', None)
+        if meta is not None:
+            for k, new in self._renamed(meta, prefix, self.official):
+                meta[new] = meta.pop(k)
+
+    def _load_hook(self, module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        for k, new in self._renamed(state_dict, prefix, self.ours):
+            state_dict[new] = state_dict.pop(k)
+        meta: Optional[Dict[str, Any]] = getattr(state_dict, '_metadata', None)
+        if meta is not None:
+            for k, new in self._renamed(meta, prefix, self.ours):
+                meta[new] = meta[k]
+
+    def _report_hook(self, module: nn.Module, incompatible: Any) -> None:
+        """Missing keys named as the official ones (any prefix)."""
+        def official(key: str) -> str:
+            starts = [0] + [i + 1 for i, c in enumerate(key) if c == '.']
+            for i in starts:
+                new = self.official(key[i:])
+                if new != key[i:]:
+                    return key[:i] + new
+            return key
+        incompatible.missing_keys[:] = [official(k) for k in incompatible.missing_keys]

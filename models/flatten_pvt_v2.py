@@ -35,9 +35,9 @@ from timm.models import generate_default_cfgs, register_model
 
 from .build import ModelSpec, register_config_adapter
 from .focused_attention import LA_SECTION
-from .flatten_pvt import (NUM_STAGES, PVTBlock, PyramidClassifier, build_backbone, check_pvt_layout,  # noqa: F401
-                          check_stage_lists, checkpoint_filter_fn, init_weights, pvt_cfg, pyramid_section, pyramid_spec, PVT_LA_KEYS, run_blocks,
-                          square_size, stage_sr_ratios, tokens_to_nchw)
+from .flatten_pvt import (NUM_STAGES, PVT_LA_KEYS, PVTBlock, PyramidClassifier, PyramidStage, build_backbone,
+                          check_pvt_layout, check_stage_lists, checkpoint_filter_fn, init_weights, pvt_cfg,
+                          pyramid_section, pyramid_spec, square_size, stage_sr_ratios, tokens_to_nchw)
 from .layers import check_input_size
 
 Grid = Tuple[int, int]
@@ -134,51 +134,29 @@ class FLattenPVTv2(PyramidClassifier):
         self.resolutions = [(img_size // 2 ** (i + 2),) * 2 for i in range(NUM_STAGES)]
         srs = stage_sr_ratios(attn_type, la_sr_ratios)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
+        stages = []
         for i in range(NUM_STAGES):
             dim, res = embed_dims[i], self.resolutions[i]
             embed = (OverlapPatchEmbed(img_size, 7, 4, in_chans, dim, dynamic_img_size) if i == 0 else
                      OverlapPatchEmbed(self.resolutions[i - 1][0], 3, 2, embed_dims[i - 1], dim, dynamic_img_size))
-            setattr(self, f'patch_embed{i + 1}', embed)
             mlp = partial(DepthwiseConvMlp, resolution=res, drop=drop_rate, linear=linear)
-            setattr(self, f'block{i + 1}', nn.ModuleList([
+            blocks = nn.ModuleList([
                 PVTBlock(dim, res, num_heads[i], attn_type[i], srs[i], mlp, mlp_ratios[i], qkv_bias, qk_scale,
                          drop_rate, attn_drop_rate, dpr[sum(depths[:i]) + j], linear, focusing_factor,
                          kernel_size, nested_init=init_pvt_v2)
-                for j in range(depths[i])]))
-            setattr(self, f'norm{i + 1}', nn.LayerNorm(dim, eps=1e-6))
+                for j in range(depths[i])])
+            stages.append(PyramidStage(dim, embed, blocks, res, dynamic_img_size, norm=nn.LayerNorm(dim, eps=1e-6)))
+        self.stages = nn.ModuleList(stages)
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'norm{i + 1}')
+        self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}')
                              for i in range(NUM_STAGES)]
         self.apply(init_pvt_v2)
+        self._official_keys()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """The official rule (names that do not exist in PVTv2: nothing extra is exempt)."""
         return {'pos_embed1', 'pos_embed2', 'pos_embed3', 'pos_embed4', 'cls_token'}
-
-    def _stage(self, i: int, x: torch.Tensor, hw: Optional[Grid]) -> Tuple[torch.Tensor, Grid]:
-        x, hw = getattr(self, f'patch_embed{i + 1}').forward_grid(x)
-        x = run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint, self._block_grid(hw, i))
-        return getattr(self, f'norm{i + 1}')(x), hw
-
-    def _scripted_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
-        x, hw = self.patch_embed1.forward_grid(x)
-        grid = self._block_grid(hw, 0)
-        for blk in self.block1:
-            x = blk(x, grid)
-        x, hw = self.patch_embed2.forward_grid(tokens_to_nchw(self.norm1(x), hw))
-        grid = self._block_grid(hw, 1)
-        for blk in self.block2:
-            x = blk(x, grid)
-        x, hw = self.patch_embed3.forward_grid(tokens_to_nchw(self.norm2(x), hw))
-        grid = self._block_grid(hw, 2)
-        for blk in self.block3:
-            x = blk(x, grid)
-        x, hw = self.patch_embed4.forward_grid(tokens_to_nchw(self.norm3(x), hw))
-        grid = self._block_grid(hw, 3)
-        for blk in self.block4:
-            x = blk(x, grid)
-        return self.norm4(x), hw
 
 
 # ----------------------------------------------------------------------------- registry
