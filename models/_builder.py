@@ -3,12 +3,15 @@ official-checkpoint pickle allow-list, the FLatten ``pretrained_cfg``, and the i
 from __future__ import annotations
 
 import logging
+import sys
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+import timm
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import FeatureGetterNet
 
 from state_dicts import OFFICIAL_CHECKPOINT_GLOBALS, unwrap_state_dict
@@ -172,3 +175,77 @@ class OfficialKeys:
                     return key[:i] + new
             return key
         incompatible.missing_keys[:] = [official(k) for k in incompatible.missing_keys]
+
+
+# ----------------------------------------------------------------------------- variant tables
+@dataclass(frozen=True)
+class Variant:
+    """One registered model of a family.
+
+    arch: keyword arguments of the model class (a caller's keywords override them); cfg: keyword arguments
+    of the family's pretrained-cfg function (``url``, ``input_size``, ...); official_type: the official
+    MODEL.TYPE that builds it (None: no official name); tag: the pretrained tag of its cfg ('' for none);
+    doc: one line for the registered function; softmax: this variant's extra keywords for its softmax
+    twin on top of the family's :class:`SoftmaxTwin` rule, or None for no twin.
+    """
+    arch: Dict[str, Any]
+    cfg: Dict[str, Any] = field(default_factory=dict)
+    official_type: Optional[str] = None
+    tag: str = ''
+    doc: str = ''
+    softmax: Optional[Dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SoftmaxTwin:
+    """The one rule of a family's softmax baselines: ``<name>_softmax`` is ``<name>`` with ``arch`` (plus the
+    variant's own ``softmax`` keywords) and the pretrained cfg of ``<name>`` without its weights (no ``url``)
+    updated by ``cfg`` (the baseline's paper)."""
+    arch: Dict[str, Any]
+    cfg: Dict[str, Any]
+
+    def of(self, variant: Variant) -> Variant:
+        return Variant(arch={**variant.arch, **self.arch, **(variant.softmax or {})},
+                       cfg={**{k: v for k, v in variant.cfg.items() if k != 'url'}, **self.cfg}, tag=variant.tag,
+                       doc=f'softmax baseline of {variant.doc or "the variant"}', softmax=None)
+
+
+SOFTMAX_SUFFIX = '_softmax'
+
+
+def register_family(module: str, create: Callable[..., nn.Module], pretrained_cfg: Callable[..., Dict[str, Any]],
+                    variants: Dict[str, Variant], softmax: Optional[SoftmaxTwin] = None) -> Dict[str, Variant]:
+    """Register a family's variants, and their ``<name>_softmax`` twins by the ``softmax`` rule, with timm:
+    ``module.default_cfgs`` and one entry function per name, importable as ``module.<name>``, that calls
+    ``create(name, pretrained, **dict(variant.arch, **kwargs))``. Returns every variant, twins included."""
+    table = dict(variants)
+    if softmax is not None:
+        table.update({name + SOFTMAX_SUFFIX: softmax.of(v) for name, v in variants.items() if v.softmax is not None})
+    mod = sys.modules[module]
+    mod.default_cfgs = generate_default_cfgs(
+        {f'{name}.{v.tag}' if v.tag else name: pretrained_cfg(**v.cfg) for name, v in table.items()})
+    for name, variant in table.items():
+        setattr(mod, name, register_model(_entry(module, name, variant, create)))
+    return table
+
+
+def _entry(module: str, name: str, variant: Variant, create: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """The timm entry function of one variant (timm reads its ``__name__`` and ``__module__``)."""
+    def entry(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create(name, pretrained, **dict(variant.arch, **kwargs))
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = module
+    entry.__doc__ = variant.doc or None
+    return entry
+
+
+def official_types(variants: Dict[str, Variant]) -> Dict[str, str]:
+    """Official MODEL.TYPE -> registered name, for the variants that have one."""
+    return {v.official_type: name for name, v in variants.items() if v.official_type is not None}
+
+
+def softmax_twin_name(name: str, attn_type: str) -> str:
+    """The registered model a config's attention asks for: ``<name>_softmax`` when every stage is softmax
+    ('S') and the variant has a twin, else ``name``."""
+    twin = name + SOFTMAX_SUFFIX
+    return twin if set(attn_type) == {'S'} and timm.models.is_model(twin) else name

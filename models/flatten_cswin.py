@@ -50,7 +50,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from einops.layers.torch import Rearrange
 from timm.layers import DropPath, Mlp, register_notrace_module, resample_abs_pos_embed, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from state_dicts import unwrap_state_dict
@@ -58,7 +57,8 @@ from state_dicts import unwrap_state_dict
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, merge_heads, split_heads
 from .checkpoint_fit import fit_state_dict
-from ._builder import OfficialKeys, build_backbone, flatten_pretrained_cfg, square_size
+from ._builder import (OfficialKeys, SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg, official_types,
+                       register_family, softmax_twin_name, square_size)
 from .layers import (ClassifierMixin, TokenGroups, check_input_size, init_weights, tokens_to_nchw,
                      tokens_to_nhwc)
 
@@ -482,80 +482,25 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return flatten_pretrained_cfg('stage1_conv_embed.0', url, **kwargs)
 
 
-_CSWIN_BASELINE = dict(paper_ids='arXiv:2107.00652', paper_name='CSWin Transformer', notes=(
-    'softmax baseline of FLatten-CSwin (CSWin layout, LePE stripes); no official weights in the FLatten release',))
-
-default_cfgs = generate_default_cfgs({
-    'flatten_cswin_t': _cfg('https://cloud.tsinghua.edu.cn/f/48ba765ba8b0451d9d5a/?dl=1'),
-    'flatten_cswin_s': _cfg(),
-    'flatten_cswin_b': _cfg(),
-    'flatten_cswin_b_384': _cfg(input_size=(3, 384, 384), crop_pct=1.0),
-    'flatten_cswin_t_softmax': _cfg(**_CSWIN_BASELINE),
-    'flatten_cswin_s_softmax': _cfg(**_CSWIN_BASELINE),
-    'flatten_cswin_b_softmax': _cfg(**_CSWIN_BASELINE),
-    'flatten_cswin_b_384_softmax': _cfg(input_size=(3, 384, 384), crop_pct=1.0, **_CSWIN_BASELINE),
-})
-
-# registered name -> (official MODEL.TYPE, architecture); official names and shapes
-CSWIN_VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
-    'flatten_cswin_t': ('FLatten_CSWin_64_24181_tiny_224', dict(
-        embed_dim=64, depths=(2, 4, 18, 1), num_heads=(2, 4, 8, 16), softmax_split=(1, 2, 7, 7))),
-    'flatten_cswin_s': ('FLatten_CSWin_64_24322_small_224', dict(
-        embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), softmax_split=(1, 2, 7, 7))),
-    'flatten_cswin_b': ('FLatten_CSWin_96_36292_base_224', dict(
-        embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32), softmax_split=(1, 2, 7, 7))),
-    'flatten_cswin_b_384': ('FLatten_CSWin_96_36292_base_384', dict(
-        embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32), softmax_split=(1, 2, 12, 12),
-        img_size=384, la_split=(96, 48, 24, 12))),
-}
-ARCHS = {t: (a['embed_dim'], a['depths'], a['num_heads'], a['softmax_split']) for t, a in CSWIN_VARIANTS.values()}
+def _create(name: str, pretrained: bool = False, **kwargs: Any) -> FLattenCSWinTransformer:
+    return build_backbone(FLattenCSWinTransformer, name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    softmax = name.endswith('_softmax')
-    args = dict(CSWIN_VARIANTS[name[:-len('_softmax')] if softmax else name][1],
-                attn_type='SSSS' if softmax else 'LLSS')
-    return build_backbone(FLattenCSWinTransformer, name, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
-
-
-@register_model
-def flatten_cswin_t(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_t', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_s(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_s', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_b(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_b', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_b_384(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_b_384', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_t_softmax(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_t_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_s_softmax(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_s_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_b_softmax(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_b_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_b_384_softmax(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_b_384_softmax', pretrained, **kwargs)
+_HIRES = dict(input_size=(3, 384, 384), crop_pct=1.0)
+# official MODEL.TYPE names and shapes; attention 'LLSS' (the class default)
+CSWIN_VARIANTS = register_family(__name__, _create, _cfg, {
+    'flatten_cswin_t': Variant(dict(embed_dim=64, depths=(2, 4, 18, 1), num_heads=(2, 4, 8, 16), softmax_split=(1, 2, 7, 7)),
+                               dict(url='https://cloud.tsinghua.edu.cn/f/48ba765ba8b0451d9d5a/?dl=1'),
+                               'FLatten_CSWin_64_24181_tiny_224'),
+    'flatten_cswin_s': Variant(dict(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), softmax_split=(1, 2, 7, 7)),
+                               official_type='FLatten_CSWin_64_24322_small_224'),
+    'flatten_cswin_b': Variant(dict(embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32), softmax_split=(1, 2, 7, 7)),
+                               official_type='FLatten_CSWin_96_36292_base_224'),
+    'flatten_cswin_b_384': Variant(dict(embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32),
+                                        softmax_split=(1, 2, 12, 12), img_size=384, la_split=(96, 48, 24, 12)),
+                                   _HIRES, 'FLatten_CSWin_96_36292_base_384'),
+}, SoftmaxTwin(dict(attn_type='SSSS'), dict(paper_ids='arXiv:2107.00652', paper_name='CSWin Transformer', notes=(
+    'softmax baseline of FLatten-CSwin (CSWin layout, LePE stripes); no official weights in the FLatten release',))))
 
 
 # ----------------------------------------------------------------------------- experiment config
@@ -570,13 +515,13 @@ CSWIN_SECTION = config_section(ConfigSection('CSWIN', (      # (ours) sizes of a
 CSWIN_LA_KEYS = ('CSWIN_LA_SPLIT_SIZE', 'ATTN_TYPE', 'FOCUSING_FACTOR', 'KERNEL_SIZE')
 
 
-@register_config_adapter(*ARCHS, reads=(CSWIN_SECTION, (LA_SECTION, CSWIN_LA_KEYS)))
+@register_config_adapter(*official_types(CSWIN_VARIANTS), reads=(CSWIN_SECTION, (LA_SECTION, CSWIN_LA_KEYS)))
 def cswin_spec(config) -> ModelSpec:
     """MODEL.TYPE FLatten_CSWin_*: the official architecture, overridden by non-empty MODEL.CSWIN size keys;
     attention from MODEL.LA."""
-    name = next(n for n, (t, _) in CSWIN_VARIANTS.items() if t == config.MODEL.TYPE)
-    spec = common_spec(config, name + ('_softmax' if set(config.MODEL.LA.ATTN_TYPE) == {'S'} else ''))
-    spec.kwargs.update(CSWIN_VARIANTS[name][1])
+    name = official_types(CSWIN_VARIANTS)[config.MODEL.TYPE]
+    spec = common_spec(config, softmax_twin_name(name, config.MODEL.LA.ATTN_TYPE))
+    spec.kwargs.update(CSWIN_VARIANTS[name].arch)
     spec.set('img_size', config.DATA.IMG_SIZE, 'DATA.IMG_SIZE')
     spec.read(config, CSWIN_SECTION).read(config, LA_SECTION, CSWIN_LA_KEYS)
     return spec.checked(stage_splits, 'img_size', 'attn_type', 'la_split', 'softmax_split')

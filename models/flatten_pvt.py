@@ -34,7 +34,6 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from state_dicts import unwrap_state_dict
@@ -42,7 +41,8 @@ from state_dicts import unwrap_state_dict
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, interpolate_tokens
 from .checkpoint_fit import fit_state_dict
-from ._builder import OfficialKeys, build_backbone, flatten_pretrained_cfg, square_size  # noqa: F401  (flatten_pvt_v2 imports them)
+from ._builder import (OfficialKeys, SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg,
+                       official_types, register_family, softmax_twin_name, square_size)
 from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, init_weights, tokens_to_nchw,
                      tokens_to_nhwc, whole_grid)
 
@@ -460,74 +460,19 @@ def pvt_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return flatten_pretrained_cfg('patch_embed1.proj', url, **kwargs)
 
 
-_PVT_BASELINE = dict(paper_ids='arXiv:2102.12122', paper_name='Pyramid Vision Transformer', notes=(
-    'softmax baseline of FLatten-PVT (PVT layout); no official weights in the FLatten release',))
-
-default_cfgs = generate_default_cfgs({
-    'flatten_pvt_t': pvt_cfg('https://cloud.tsinghua.edu.cn/f/3ab1d773f19d45648690/?dl=1'),
-    'flatten_pvt_s': pvt_cfg(),
-    'flatten_pvt_m': pvt_cfg(),
-    'flatten_pvt_b': pvt_cfg(),
-    'flatten_pvt_t_softmax': pvt_cfg(**_PVT_BASELINE),
-    'flatten_pvt_s_softmax': pvt_cfg(**_PVT_BASELINE),
-    'flatten_pvt_m_softmax': pvt_cfg(**_PVT_BASELINE),
-    'flatten_pvt_b_softmax': pvt_cfg(**_PVT_BASELINE),
-})
-
-# registered name -> (official MODEL.TYPE, depths); everything else is the PVT default
-PVT_VARIANTS = {
-    'flatten_pvt_t': ('flatten_pvt_tiny', (2, 2, 2, 2)),
-    'flatten_pvt_s': ('flatten_pvt_small', (3, 4, 6, 3)),
-    'flatten_pvt_m': ('flatten_pvt_medium', (3, 4, 18, 3)),
-    'flatten_pvt_b': ('flatten_pvt_large', (3, 8, 27, 3)),
-}
-PVT_DEPTHS = {model_type: depths for model_type, depths in PVT_VARIANTS.values()}   # MODEL.TYPE -> depths
+def _create(name: str, pretrained: bool = False, **kwargs: Any) -> FLattenPVT:
+    return build_backbone(FLattenPVT, name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenPVT:
-    base = name[:-len('_softmax')] if name.endswith('_softmax') else name
-    args = dict(depths=PVT_VARIANTS[base][1], attn_type='SSSS' if name.endswith('_softmax') else 'LLLL')
-    return build_backbone(FLattenPVT, name, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
-
-
-@register_model
-def flatten_pvt_t(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_t', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_s(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_s', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_m(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_m', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_b(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_b', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_t_softmax(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_t_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_s_softmax(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_s_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_m_softmax(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_m_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_b_softmax(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_b_softmax', pretrained, **kwargs)
+# attention 'LLLL' (the class default); every other architecture keyword is the PVT default
+PVT_VARIANTS = register_family(__name__, _create, pvt_cfg, {
+    'flatten_pvt_t': Variant(dict(depths=(2, 2, 2, 2)), dict(url='https://cloud.tsinghua.edu.cn/f/3ab1d773f19d45648690/?dl=1'),
+                             'flatten_pvt_tiny'),
+    'flatten_pvt_s': Variant(dict(depths=(3, 4, 6, 3)), official_type='flatten_pvt_small'),
+    'flatten_pvt_m': Variant(dict(depths=(3, 4, 18, 3)), official_type='flatten_pvt_medium'),
+    'flatten_pvt_b': Variant(dict(depths=(3, 8, 27, 3)), official_type='flatten_pvt_large'),
+}, SoftmaxTwin(dict(attn_type='SSSS'), dict(paper_ids='arXiv:2102.12122', paper_name='Pyramid Vision Transformer', notes=(
+    'softmax baseline of FLatten-PVT (PVT layout); no official weights in the FLatten release',))))
 
 
 # ----------------------------------------------------------------------------- experiment config
@@ -551,16 +496,15 @@ def pyramid_spec(config, name: str, arch: Dict[str, Any], section: ConfigSection
     spec = common_spec(config, name)
     spec.kwargs.update(arch)
     spec.read(config, section).read(config, LA_SECTION, PVT_LA_KEYS)
-    if set(spec.kwargs['attn_type']) == {'S'} and not name.endswith('_softmax'):
-        spec.name = name + '_softmax'
+    spec.name = softmax_twin_name(name, spec.kwargs['attn_type'])
     return spec.checked(lambda *a: check_pvt_layout(*a, linear=linear), 'img_size', 'attn_type', 'la_sr_ratios')
 
 
 PVT_SECTION = pyramid_section('PVT')
 
 
-@register_config_adapter(*PVT_DEPTHS, reads=(PVT_SECTION, (LA_SECTION, PVT_LA_KEYS)))
+@register_config_adapter(*official_types(PVT_VARIANTS), reads=(PVT_SECTION, (LA_SECTION, PVT_LA_KEYS)))
 def pvt_spec(config) -> ModelSpec:
     """MODEL.TYPE flatten_pvt_{tiny,small,medium,large}."""
-    name = next(n for n, (t, _) in PVT_VARIANTS.items() if t == config.MODEL.TYPE)
-    return pyramid_spec(config, name, dict(depths=PVT_DEPTHS[config.MODEL.TYPE]), PVT_SECTION)
+    name = official_types(PVT_VARIANTS)[config.MODEL.TYPE]
+    return pyramid_spec(config, name, PVT_VARIANTS[name].arch, PVT_SECTION)
