@@ -177,6 +177,19 @@ class OfficialKeys:
         incompatible.missing_keys[:] = [official(k) for k in incompatible.missing_keys]
 
 
+class OfficialPaths:
+    """Mixin of a model whose stages live in one ModuleList: :meth:`use_official_keys` gives it the official
+    state-dict names (:class:`OfficialKeys`), and ``get_submodule`` also resolves official module paths (timm
+    finds the pretrained_cfg's ``first_conv``, e.g. ``patch_embed1.proj``, that way)."""
+
+    def use_official_keys(self, pairs: Iterable[Tuple[str, str]]) -> None:
+        self.official_keys = OfficialKeys(pairs)     # (no class annotation: TorchScript would try to type it)
+        self.official_keys.attach(self)
+
+    def get_submodule(self, target: str) -> nn.Module:
+        return super().get_submodule(self.official_keys.ours(target))
+
+
 # ----------------------------------------------------------------------------- variant tables
 @dataclass(frozen=True)
 class Variant:

@@ -57,7 +57,7 @@ from state_dicts import unwrap_state_dict
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, merge_heads, split_heads
 from .checkpoint_fit import fit_state_dict
-from ._builder import (OfficialKeys, SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg, official_types,
+from ._builder import (OfficialPaths, SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg, official_types,
                        register_family, softmax_twin_name, square_size)
 from .layers import (ClassifierMixin, TokenGroups, check_input_size, init_weights, tokens_to_nchw,
                      tokens_to_nhwc)
@@ -334,7 +334,7 @@ def stage_splits(img_size: int, attn_type: str, la_split: Sequence[int],
     return splits
 
 
-class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
+class FLattenCSWinTransformer(OfficialPaths, ClassifierMixin, nn.Module):
     """FLatten-CSwin. forward: (B, 3, S, S) -> (B, num_classes); forward_features -> normed (B, S/32, S/32, C).
 
     Args:
@@ -390,10 +390,8 @@ class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=.02)      # the official extra draw before the model init
         self.apply(init_weights)
-        self.official_keys = OfficialKeys(
-            [(f'stages.{i}.merge', f'merge{i}') for i in range(1, NUM_STAGES)] +
-            [(f'stages.{i}.blocks', f'stage{i + 1}') for i in range(NUM_STAGES)])
-        self.official_keys.attach(self)
+        self.use_official_keys([(f'stages.{i}.merge', f'merge{i}') for i in range(1, NUM_STAGES)] +
+                               [(f'stages.{i}.blocks', f'stage{i + 1}') for i in range(NUM_STAGES)])
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

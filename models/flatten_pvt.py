@@ -41,7 +41,7 @@ from state_dicts import unwrap_state_dict
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, interpolate_tokens
 from .checkpoint_fit import fit_state_dict
-from ._builder import (OfficialKeys, SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg,
+from ._builder import (OfficialPaths, SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg,
                        official_types, register_family, softmax_twin_name, square_size)
 from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, init_weights, tokens_to_nchw,
                      tokens_to_nhwc, whole_grid)
@@ -306,10 +306,10 @@ class PyramidStage(nn.Module):
         return self.norm(x), hw
 
 
-class PyramidClassifier(ClassifierMixin, nn.Module):
+class PyramidClassifier(OfficialPaths, ClassifierMixin, nn.Module):
     """What the PVT and PVTv2 models share: the stages in ``self.stages`` (:class:`PyramidStage`) walked by one
     loop, the official per-stage state-dict names (``patch_embed{i}``, ``pos_embed{i}``, ``block{i}``,
-    ``norm{i}``; :class:`OfficialKeys`), pruning and the timm interface."""
+    ``norm{i}``; :class:`OfficialPaths`), pruning and the timm interface."""
 
     num_stages: int = NUM_STAGES
     use_checkpoint: bool
@@ -317,12 +317,10 @@ class PyramidClassifier(ClassifierMixin, nn.Module):
     resolutions: List[Grid]
 
     def _official_keys(self) -> None:
-        """Name our stage paths as the official per-stage keys in state dicts (see :class:`OfficialKeys`)."""
-        self.official_keys = OfficialKeys(
-            (f'stages.{i}.{ours}', f'{official}{i + 1}') for i in range(NUM_STAGES)
-            for ours, official in (('patch_embed', 'patch_embed'), ('pos_embed', 'pos_embed'),
-                                   ('blocks', 'block'), ('norm', 'norm')))
-        self.official_keys.attach(self)
+        """Name our stage paths as the official per-stage keys in state dicts (see :class:`OfficialPaths`)."""
+        self.use_official_keys((f'stages.{i}.{ours}', f'{official}{i + 1}') for i in range(NUM_STAGES)
+                               for ours, official in (('patch_embed', 'patch_embed'), ('pos_embed', 'pos_embed'),
+                                                      ('blocks', 'block'), ('norm', 'norm')))
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
