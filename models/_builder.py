@@ -3,6 +3,7 @@ official-checkpoint pickle allow-list, the FLatten ``pretrained_cfg``, and the i
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -188,6 +189,22 @@ class OfficialPaths:
 
     def get_submodule(self, target: str) -> nn.Module:
         return super().get_submodule(self.official_keys.ours(target))
+
+    def official_group_matcher(self, matcher: Dict[str, Any]) -> Callable[[str], Tuple[float, ...]]:
+        """timm's dict group matcher written over the official names -> the callable form timm also takes,
+        over our parameter names (the layer groups stay the official ones)."""
+        rules = [(re.compile(regex), ordinal, suffix or ())
+                 for ordinal, spec in enumerate(matcher.values()) if spec is not None
+                 for regex, suffix in (spec if isinstance(spec, (list, tuple)) else [(spec, None)])]
+
+        def order(name: str) -> Tuple[float, ...]:
+            official = self.official_keys.official(name)
+            for regex, ordinal, suffix in rules:
+                found = regex.match(official)
+                if found:
+                    return tuple(float(v) for v in (ordinal, *found.groups(), *suffix))
+            return (float('inf'),)         # unmatched (head): last, as timm does
+        return order
 
 
 # ----------------------------------------------------------------------------- variant tables

@@ -42,7 +42,7 @@ Differences from the official code (weights stay compatible):
     MODEL.NUM_CLASSES, and a size that does not tile is a ConfigError naming the key to change.
 """
 
-from typing import Any, Dict, Final, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Final, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -403,12 +403,11 @@ class FLattenCSWinTransformer(OfficialPaths, ClassifierMixin, nn.Module):
         self.use_checkpoint = enable
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        # a merge groups with the stage it opens (stages.i), as in timm's Swin
-        return dict(stem=r'^stage1_conv_embed',
-                    blocks=r'^stages\.(\d+)' if coarse else [(r'^stages\.(\d+)\.merge', (0,)),
-                                                              (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                                                              (r'^norm', (99999,))])
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[float, ...]]:
+        return self.official_group_matcher(dict(
+            stem=r'^stage1_conv_embed',
+            blocks=r'^(?:stage|merge)(\d+)' if coarse else [(r'^merge(\d+)', (0,)), (r'^stage(\d+)\.(\d+)', None),
+                                                           (r'^norm', (99999,))]))
 
     def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
         """(B, 3, S, S) -> stage-1 tokens (B, S/4 * S/4, C) and their grid."""

@@ -327,10 +327,11 @@ class PyramidClassifier(OfficialPaths, ClassifierMixin, nn.Module):
         self.use_checkpoint = enable
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r'^stages\.0\.(?:patch_embed|pos_embed)',
-                    blocks=[(r'^stages\.(\d+)\.(?:patch_embed|pos_embed|norm)', (0,)),
-                            (r'^stages\.(\d+)\.blocks\.(\d+)', None)] if not coarse else r'^stages\.(\d+)')
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[float, ...]]:
+        return self.official_group_matcher(dict(
+            stem=r'^patch_embed1|^pos_embed1',
+            blocks=[(r'^(?:patch_embed|pos_embed|norm)(\d+)', (0,)), (r'^block(\d+)\.(\d+)', None)]
+            if not coarse else r'^(?:patch_embed|pos_embed|block|norm)(\d+)'))
 
     def _forward_stages(self, x: torch.Tensor, take: List[int], stop: int
                         ) -> Tuple[torch.Tensor, Grid, List[torch.Tensor]]:

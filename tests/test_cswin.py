@@ -305,3 +305,17 @@ def test_every_attention_module_exposes_a_tap(rng):
     assert len(lin) == 3 and lin[0].shape == (2, 16 * 8, 8)       # two 16x8 stripes, dim/2 channels
     soft = seen['stages.2.blocks.1.attns.1']
     assert len(soft) == 1 and torch.allclose(soft[0].sum(-1), torch.ones(()))
+
+
+def test_layer_groups_are_the_official_ones():
+    """timm's layer groups (layer decay) keep the official CSwin matcher over the official names: merge{i} joins
+    block 0 of stage{i}, the final norm is last."""
+    from timm.models import group_parameters
+    model = small_model()
+    groups = group_parameters(model, model.group_matcher())
+    group_of = {model.official_keys.official(n): g for g, names in groups.items() for n in names}
+    assert group_of['stage1_conv_embed.0.weight'] == 0
+    assert group_of['merge1.conv.weight'] == group_of['stage1.0.qkv.weight'] == 1
+    assert group_of['stage2.0.qkv.weight'] == group_of['merge2.conv.weight'] == 2
+    assert group_of['stage3.1.qkv.weight'] == group_of['stage3.0.qkv.weight'] + 1
+    assert group_of['norm.weight'] == max(group_of.values()) - 1 == group_of['head.weight'] - 1
