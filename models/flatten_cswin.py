@@ -14,7 +14,9 @@ resampled bicubically to it); stripe branches zero-pad the map to a multiple of 
 (padded tokens take part as keys, as in the upstream CSWin segmentation backbone) and crop.
 
 State-dict layout matches the official ``FLatten_CSWin_*`` models: ``stage1_conv_embed.{0,2}``,
-``stage{i}.{j}.{qkv,norm1,proj,attns.{k},mlp,norm2}``, ``merge{i}.{conv,norm}``, ``norm``, ``head``.
+``stage{i}.{j}.{qkv,norm1,proj,attns.{k},mlp,norm2}``, ``merge{i}.{conv,norm}``, ``norm``, ``head`` (the modules
+live in ``stages[i-1].blocks`` / ``stages[i].merge``; state dicts and ``get_submodule`` use the official names,
+:class:`models._builder.OfficialPaths`).
 
 Token layout of one block (resolution R x R, C channels):
   * a branch attends inside rectangular windows ("stripes") of H_sp x W_sp tokens and adds a locally

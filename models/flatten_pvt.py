@@ -11,7 +11,8 @@ Both attention kinds take keys and values from a spatially reduced copy of the t
   * a linear block with fewer key tokens than query tokens stretches V back to the query length with
     :func:`interpolate_tokens` before its depth-wise conv (``dwc``), as the official code does.
 
-State-dict layout matches the official ``flatten_pvt_{tiny,small,medium,large}``: ``patch_embed{i}``,
+State-dict layout matches the official ``flatten_pvt_{tiny,small,medium,large}`` (the modules live in
+``stages[i-1]``; state dicts use the official names, :class:`models._builder.OfficialPaths`): ``patch_embed{i}``,
 ``pos_embed{i}``, ``block{i}.{j}``, the official final ``norm``, which the official forward never applies (the
 head reads the token mean of stage 4 directly): kept as buffers (:class:`InertNorm`) so official
 checkpoints load strictly while every parameter gets a gradient; and ``head``. Unlike the official

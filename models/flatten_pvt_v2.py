@@ -15,7 +15,8 @@ Differences from PVT-v1 (the attention modules and block are shared with :mod:`m
     registers no model with it; ours sizes ``positional_encoding`` for the 49 pooled tokens, which is what
     the official code allocates whenever it runs (sr ratios '8421' at 224).
 
-State-dict layout matches the official ``flatten_pvt_v2_b{0..5}``. Unlike the official builders, ours
+State-dict layout matches the official ``flatten_pvt_v2_b{0..5}`` (``patch_embed{i}``, ``block{i}``, ``norm{i}``
+of ``stages[i-1]``, as in :mod:`models.flatten_pvt`). Unlike the official builders, ours
 honour ``num_classes`` and ``img_size``. Seeded initial weights equal the official ones: the official
 code re-initialises inside every sub-module's constructor, and those points are replayed here.
 
