@@ -1,5 +1,8 @@
-"""How the families build their timm models: ``build_model_with_cfg`` with the getter feature wrapper and the
-official-checkpoint pickle allow-list, the FLatten ``pretrained_cfg``, and the input-size rule."""
+"""How the families build and register their timm models: ``build_model_with_cfg`` with the getter feature
+wrapper and the official-checkpoint pickle allow-list, the FLatten ``pretrained_cfg``, the input-size rule, the
+one variant-table form (:class:`Variant`, :func:`register_family`) with its one softmax-twin rule
+(:class:`SoftmaxTwin`), and the official state-dict names of models whose stages live in one ModuleList
+(:class:`OfficialPaths`)."""
 from __future__ import annotations
 
 import logging
