@@ -38,7 +38,6 @@ import torch.nn as nn
 import torch.utils.checkpoint as cp
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from errors import ConfigError
@@ -46,7 +45,7 @@ from state_dicts import unwrap_state_dict
 
 from .build import ConfigSection, ModelSpec, _plain, config_section, register_config_adapter
 from .checkpoint_fit import fit_state_dict
-from ._builder import build_backbone
+from ._builder import Variant, build_backbone, register_family
 from .dat_attention import DatWindowAttention, DeformableAttention, LayerNormProxy, NeighborhoodAttention
 from .layers import LinearHeadMixin
 
@@ -387,12 +386,9 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
                      origin_url='https://github.com/LeapLabTHU/DAT'), **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
-    'dat_tiny.in1k': _cfg(),
-    'dat_small.in1k': _cfg(),
-    'dat_base.in1k': _cfg(),
-    'dat_base_384.in1k': _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
-})
+def _create(name: str, pretrained: bool = False, **kwargs: Any) -> DAT:
+    return build_backbone(DAT, name, pretrained, checkpoint_filter_fn, **kwargs)
+
 
 _COMMON = dict(img_size=224, patch_size=4, expansion=4, depths=(2, 4, 18, 2),
                stage_spec=(('N', 'D'), ('N', 'D') * 2, ('N', 'D') * 9, ('D', 'D')), window_sizes=(7,) * 4,
@@ -400,43 +396,17 @@ _COMMON = dict(img_size=224, patch_size=4, expansion=4, depths=(2, 4, 18, 2),
                no_offs=(False,) * 4, fixed_pes=(False,) * 4, use_dwc_mlps=(True,) * 4, use_lpus=(True,) * 4,
                use_conv_patches=True, ksizes=(9, 7, 5, 3), nat_ksizes=(7,) * 4, drop_rate=0.,
                attn_drop_rate=0.)
-MODEL_ARGS: Dict[str, Dict[str, Any]] = {
-    'dat_tiny': dict(_COMMON, dim_stem=64, dims=(64, 128, 256, 512), heads=(2, 4, 8, 16), groups=(1, 2, 4, 8),
-                     drop_path_rate=0.2),
-    'dat_small': dict(_COMMON, dim_stem=96, dims=(96, 192, 384, 768), heads=(3, 6, 12, 24), groups=(1, 2, 3, 6),
-                      drop_path_rate=0.4),
-    'dat_base': dict(_COMMON, dim_stem=128, dims=(128, 256, 512, 1024), heads=(4, 8, 16, 32),
-                     groups=(2, 4, 8, 16), drop_path_rate=0.7),
-}
-MODEL_ARGS['dat_base_384'] = dict(MODEL_ARGS['dat_base'], drop_path_rate=0.6)   # 224 tables, 384 inputs
-
-
-def _create(name: str, pretrained: bool = False, **kwargs: Any) -> DAT:
-    return build_backbone(DAT, name, pretrained, checkpoint_filter_fn, **dict(MODEL_ARGS[name], **kwargs))
-
-
-@register_model
-def dat_tiny(pretrained: bool = False, **kwargs: Any) -> DAT:
-    """DAT++-T (83.9% ImageNet-1k top-1 at 224)."""
-    return _create('dat_tiny', pretrained, **kwargs)
-
-
-@register_model
-def dat_small(pretrained: bool = False, **kwargs: Any) -> DAT:
-    """DAT++-S (84.6%)."""
-    return _create('dat_small', pretrained, **kwargs)
-
-
-@register_model
-def dat_base(pretrained: bool = False, **kwargs: Any) -> DAT:
-    """DAT++-B (84.9%)."""
-    return _create('dat_base', pretrained, **kwargs)
-
-
-@register_model
-def dat_base_384(pretrained: bool = False, **kwargs: Any) -> DAT:
-    """DAT++-B fine-tuned at 384 (85.9%); tables built for 224, run on 384 inputs."""
-    return _create('dat_base_384', pretrained, **kwargs)
+_BASE = dict(_COMMON, dim_stem=128, dims=(128, 256, 512, 1024), heads=(4, 8, 16, 32), groups=(2, 4, 8, 16))
+# MODEL.TYPE 'dat' for all: the adapter finds the variant by its architecture (released_name); no softmax twins
+DAT_VARIANTS = register_family(__name__, _create, _cfg, {
+    'dat_tiny': Variant(dict(_COMMON, dim_stem=64, dims=(64, 128, 256, 512), heads=(2, 4, 8, 16), groups=(1, 2, 4, 8),
+                             drop_path_rate=0.2), tag='in1k', doc='DAT++-T (83.9% ImageNet-1k top-1 at 224).'),
+    'dat_small': Variant(dict(_COMMON, dim_stem=96, dims=(96, 192, 384, 768), heads=(3, 6, 12, 24), groups=(1, 2, 3, 6),
+                              drop_path_rate=0.4), tag='in1k', doc='DAT++-S (84.6%).'),
+    'dat_base': Variant(dict(_BASE, drop_path_rate=0.7), tag='in1k', doc='DAT++-B (84.9%).'),
+    'dat_base_384': Variant(dict(_BASE, drop_path_rate=0.6), dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+                            tag='in1k', doc='DAT++-B fine-tuned at 384 (85.9%); tables built for 224, run on 384 inputs.'),
+})
 
 
 # ----------------------------------------------------------------------------- config adapter
@@ -448,7 +418,7 @@ _ARCH_KEYS = ('patch_size', 'expansion', 'dim_stem', 'dims', 'depths', 'heads', 
 def released_name(kwargs: Dict[str, Any], input_size: int) -> Optional[str]:
     """The registered variant with this architecture (dat_base_384 for the base layout at 384 inputs)."""
     for name in ('dat_tiny', 'dat_small', 'dat_base'):
-        ref = MODEL_ARGS[name]
+        ref = DAT_VARIANTS[name].arch
         if all(_plain(kwargs.get(k, ref[k])) == _plain(ref[k]) for k in _ARCH_KEYS):
             return 'dat_base_384' if name == 'dat_base' and input_size == 384 else name
     return None
@@ -498,14 +468,13 @@ def dat_spec(config: Any) -> ModelSpec:
     for key, value in section.items():      # unknown keys reach DAT, whose ValueError names them
         kwargs[key] = _plain(value)
         keys[key] = f'MODEL.DAT.{key}'
-    kwargs.update(num_classes=config.MODEL.NUM_CLASSES, drop_rate=config.MODEL.DROP_RATE,
-                  drop_path_rate=config.MODEL.DROP_PATH_RATE, use_checkpoint=config.TRAIN.USE_CHECKPOINT)
-    keys.update(num_classes='MODEL.NUM_CLASSES', drop_rate='MODEL.DROP_RATE', drop_path_rate='MODEL.DROP_PATH_RATE',
-                use_checkpoint='TRAIN.USE_CHECKPOINT')
+    for upper, lower in _SHARED_EXPERIMENT_KEYS:
+        kwargs[lower], keys[lower] = config.MODEL[upper], f'MODEL.{upper}'
+    kwargs['use_checkpoint'], keys['use_checkpoint'] = config.TRAIN.USE_CHECKPOINT, 'TRAIN.USE_CHECKPOINT'
     if 'img_size' not in kwargs:
         kwargs['img_size'], keys['img_size'] = config.DATA.IMG_SIZE, 'DATA.IMG_SIZE'
     defaults = {k: p.default for k, p in inspect.signature(DAT.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    for key in MODEL_ARGS['dat_tiny']:      # a key the section omits gets DAT's default, as officially,
+    for key in DAT_VARIANTS['dat_tiny'].arch:      # a key the section omits gets DAT's default, as officially,
         kwargs.setdefault(key, defaults[key])   # not the registered variant's value
     return ModelSpec(released_name(kwargs, config.DATA.IMG_SIZE) or 'dat_tiny', kwargs, keys)

@@ -14,7 +14,9 @@ resampled bicubically to it); stripe branches zero-pad the map to a multiple of 
 (padded tokens take part as keys, as in the upstream CSWin segmentation backbone) and crop.
 
 State-dict layout matches the official ``FLatten_CSWin_*`` models: ``stage1_conv_embed.{0,2}``,
-``stage{i}.{j}.{qkv,norm1,proj,attns.{k},mlp,norm2}``, ``merge{i}.{conv,norm}``, ``norm``, ``head``.
+``stage{i}.{j}.{qkv,norm1,proj,attns.{k},mlp,norm2}``, ``merge{i}.{conv,norm}``, ``norm``, ``head`` (the modules
+live in ``stages[i-1].blocks`` / ``stages[i].merge``; state dicts and ``get_submodule`` use the official names,
+:class:`models._builder.OfficialPaths`).
 
 Token layout of one block (resolution R x R, C channels):
   * a branch attends inside rectangular windows ("stripes") of H_sp x W_sp tokens and adds a locally
@@ -42,14 +44,14 @@ Differences from the official code (weights stay compatible):
     MODEL.NUM_CLASSES, and a size that does not tile is a ConfigError naming the key to change.
 """
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Final, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from einops.layers.torch import Rearrange
 from timm.layers import DropPath, Mlp, register_notrace_module, resample_abs_pos_embed, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from state_dicts import unwrap_state_dict
@@ -57,8 +59,9 @@ from state_dicts import unwrap_state_dict
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, merge_heads, split_heads
 from .checkpoint_fit import fit_state_dict
-from ._builder import build_backbone, flatten_pretrained_cfg, square_size
-from .layers import (ClassifierMixin, TokenGroups, check_input_size, init_weights, run_blocks, tokens_to_nchw,
+from ._builder import (OfficialPaths, SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg, official_types,
+                       register_family, softmax_twin_name, square_size)
+from .layers import (ClassifierMixin, TokenGroups, check_input_size, init_weights, tokens_to_nchw,
                      tokens_to_nhwc)
 
 torch.fx.wrap('check_input_size')       # a torch.fx leaf here too (see check_input_size)
@@ -271,6 +274,33 @@ class MergeBlock(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])), (x.shape[-2], x.shape[-1])
 
 
+class CSWinStage(nn.Module):
+    """One CSwin stage: the merge from the previous stage (none in stage 1), then the blocks.
+    (B, H*W, C) tokens and their grid -> (B, h*w, C_out) tokens, (h, w)."""
+
+    dynamic: Final[bool]
+
+    def __init__(self, merge: Optional[MergeBlock], blocks: nn.ModuleList, resolution: int, dynamic: bool) -> None:
+        super().__init__()
+        self.merge = merge
+        self.blocks = blocks
+        self.resolution: Grid = (resolution, resolution)
+        self.dynamic = dynamic
+
+    def forward(self, x: torch.Tensor, hw: Grid, use_checkpoint: bool = False) -> Tuple[torch.Tensor, Grid]:
+        if self.merge is not None:
+            x, hw = self.merge.forward_grid(x, hw)
+        # the blocks get no grid at the stage's native map (a fixed-size model sees only those, checked on the
+        # input: no comparison on traced shapes)
+        grid: Optional[Grid] = None if not self.dynamic or hw == self.resolution else hw
+        for blk in self.blocks:
+            if not torch.jit.is_scripting() and use_checkpoint and x.requires_grad:
+                x = checkpoint(blk, x, grid, use_reentrant=False)
+            else:
+                x = blk(x, grid)
+        return x, hw
+
+
 # ----------------------------------------------------------------------------- model
 def stage_splits(img_size: int, attn_type: str, la_split: Sequence[int],
                  softmax_split: Sequence[int]) -> List[int]:
@@ -306,7 +336,7 @@ def stage_splits(img_size: int, attn_type: str, la_split: Sequence[int],
     return splits
 
 
-class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
+class FLattenCSWinTransformer(OfficialPaths, ClassifierMixin, nn.Module):
     """FLatten-CSwin. forward: (B, 3, S, S) -> (B, num_classes); forward_features -> normed (B, S/32, S/32, C).
 
     Args:
@@ -341,24 +371,29 @@ class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         dim = embed_dim
         self.feature_info = []
+        stages = []
         for i in range(NUM_STAGES):
+            merge = None
             if i > 0:
-                self.add_module(f'merge{i}', MergeBlock(dim, dim * 2, res))
+                merge = MergeBlock(dim, dim * 2, res)
                 dim, res = dim * 2, res // 2
             first = sum(depths[:i])
-            self.add_module(f'stage{i + 1}', nn.ModuleList([
+            stages.append(CSWinStage(merge, nn.ModuleList([
                 CSWinBlock(dim, res, num_heads[i], splits[i], attn_type[i], last_stage=i == NUM_STAGES - 1,
                            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
                            attn_drop=attn_drop_rate, drop_path=dpr[first + j],
                            focusing_factor=focusing_factor, kernel_size=kernel_size)
-                for j in range(depths[i])]))
-            self.feature_info.append(dict(num_chs=dim, reduction=PATCH_STRIDE * 2 ** i, module=f'stage{i + 1}'))
+                for j in range(depths[i])]), res, dynamic_img_size))
+            self.feature_info.append(dict(num_chs=dim, reduction=PATCH_STRIDE * 2 ** i, module=f'stages.{i}'))
+        self.stages = nn.ModuleList(stages)
         self.num_features = self.head_hidden_size = dim
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=.02)      # the official extra draw before the model init
         self.apply(init_weights)
+        self.use_official_keys([(f'stages.{i}.merge', f'merge{i}') for i in range(1, NUM_STAGES)] +
+                               [(f'stages.{i}.blocks', f'stage{i + 1}') for i in range(NUM_STAGES)])
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -370,11 +405,11 @@ class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
         self.use_checkpoint = enable
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r'^stage1_conv_embed',
-                    blocks=r'^(?:stage|merge)(\d+)' if coarse else [(r'^merge(\d+)', (0,)),
-                                                                   (r'^stage(\d+)\.(\d+)', None),
-                                                                   (r'^norm', (99999,))])
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[float, ...]]:
+        return self.official_group_matcher(dict(
+            stem=r'^stage1_conv_embed',
+            blocks=r'^(?:stage|merge)(\d+)' if coarse else [(r'^merge(\d+)', (0,)), (r'^stage(\d+)\.(\d+)', None),
+                                                           (r'^norm', (99999,))]))
 
     def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
         """(B, 3, S, S) -> stage-1 tokens (B, S/4 * S/4, C) and their grid."""
@@ -384,48 +419,22 @@ class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
         hw = (x.shape[-2], x.shape[-1])
         return self.stage1_conv_embed[2](x.flatten(2).transpose(1, 2)), hw
 
-    def _run(self, x: torch.Tensor, stop: int):
-        """Yield (stage index, tokens, grid) for stages 0..stop."""
+    def _forward_stages(self, x: torch.Tensor, take: List[int], stop: int, norm_at: int = -1
+                        ) -> Tuple[torch.Tensor, Grid, List[torch.Tensor]]:
+        """The stage loop (eager, fx and TorchScript): image -> tokens of stage ``stop`` (0-based), their grid,
+        and the (B, C_i, H_i, W_i) maps of the stages in ``take`` (stage ``norm_at``'s through the final norm)."""
         x, hw = self._stem(x)
-        for i in range(stop + 1):
-            # a fixed-size model sees only its native maps (checked above): no comparison on traced shapes
-            native = not self.dynamic_img_size or hw == ((self.img_size // (PATCH_STRIDE * 2 ** i)),) * 2
-            if i > 0:
-                x, hw = getattr(self, f'merge{i}').forward_grid(x, hw)
-                native = not self.dynamic_img_size or hw == ((self.img_size // (PATCH_STRIDE * 2 ** i)),) * 2
-            args = () if native else (hw,)
-            x = run_blocks(getattr(self, f'stage{i + 1}'), x, self.use_checkpoint, *args)
-            yield i, x, hw
-
-    def _run_scripted(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
-        """All (kept) stages as TorchScript compiles them: no generator, getattr by name or checkpointing;
-        ``hasattr`` (resolved at compile time) skips stages removed by ``prune_intermediate_layers``.
-        Blocks get the grid only at dynamic sizes (at native sizes both forms compute the same)."""
-        x, hw = self._stem(x)
-        dynamic = self.dynamic_img_size
-        for blk in self.stage1:
-            x = blk(x, hw if dynamic else None)
-        if hasattr(self, 'merge1'):
-            x, hw = self.merge1.forward_grid(x, hw)
-            for blk in self.stage2:
-                x = blk(x, hw if dynamic else None)
-        if hasattr(self, 'merge2'):
-            x, hw = self.merge2.forward_grid(x, hw)
-            for blk in self.stage3:
-                x = blk(x, hw if dynamic else None)
-        if hasattr(self, 'merge3'):
-            x, hw = self.merge3.forward_grid(x, hw)
-            for blk in self.stage4:
-                x = blk(x, hw if dynamic else None)
-        return x, hw
+        maps: List[torch.Tensor] = []
+        for i, stage in enumerate(self.stages):
+            if i <= stop:
+                x, hw = stage(x, hw, self.use_checkpoint)
+                if i in take:
+                    maps.append(tokens_to_nchw(self.norm(x) if i == norm_at else x, hw))
+        return x, hw, maps
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> normed last-stage map (B, S/32, S/32, C) (``output_fmt`` 'NHWC')."""
-        if torch.jit.is_scripting():
-            x, hw = self._run_scripted(x)
-        else:
-            for _, x, hw in self._run(x, self.num_stages - 1):
-                pass
+        x, hw, _ = self._forward_stages(x, [], len(self.stages) - 1)
         return tokens_to_nhwc(self.norm(x), hw)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
@@ -438,10 +447,7 @@ class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
         last = self.num_stages - 1
         take, max_index = feature_take_indices(self.num_stages, indices)
         stop = max_index if (stop_early or intermediates_only) else last
-        out = []
-        for i, x, hw in self._run(x, stop):
-            if i in take:
-                out.append(tokens_to_nchw(self.norm(x) if norm and i == NUM_STAGES - 1 else x, hw))
+        x, hw, out = self._forward_stages(x, list(take), stop, NUM_STAGES - 1 if norm else -1)
         if intermediates_only:
             return out
         return tokens_to_nhwc(self.norm(x) if stop == last else x, hw), out
@@ -449,9 +455,7 @@ class FLattenCSWinTransformer(ClassifierMixin, nn.Module):
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         take, max_index = feature_take_indices(self.num_stages, indices)
-        for i in range(max_index + 1, self.num_stages):
-            delattr(self, f'merge{i}')
-            delattr(self, f'stage{i + 1}')
+        self.stages = self.stages[:max_index + 1]
         self.num_stages = max_index + 1
         if prune_norm or max_index < NUM_STAGES - 1:
             self.norm = nn.Identity()
@@ -468,8 +472,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: FLattenCSWinTransfor
     window is taken to have the new one's aspect: a whole-map branch stays square), and refuses a checkpoint
     of another model (:func:`models.checkpoint_fit.fit_state_dict`)."""
     modules = dict(model.named_modules())
-    return fit_state_dict(unwrap_state_dict(state_dict), model,
-                          grid_of=lambda k: getattr(modules.get(k.rsplit('.', 1)[0]), 'window', None))
+    return fit_state_dict(unwrap_state_dict(state_dict), model, grid_of=lambda k: getattr(
+        modules.get(model.official_keys.ours(k.rsplit('.', 1)[0])), 'window', None))
 
 
 # ----------------------------------------------------------------------------- registry
@@ -477,80 +481,25 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return flatten_pretrained_cfg('stage1_conv_embed.0', url, **kwargs)
 
 
-_CSWIN_BASELINE = dict(paper_ids='arXiv:2107.00652', paper_name='CSWin Transformer', notes=(
-    'softmax baseline of FLatten-CSwin (CSWin layout, LePE stripes); no official weights in the FLatten release',))
-
-default_cfgs = generate_default_cfgs({
-    'flatten_cswin_t': _cfg('https://cloud.tsinghua.edu.cn/f/48ba765ba8b0451d9d5a/?dl=1'),
-    'flatten_cswin_s': _cfg(),
-    'flatten_cswin_b': _cfg(),
-    'flatten_cswin_b_384': _cfg(input_size=(3, 384, 384), crop_pct=1.0),
-    'flatten_cswin_t_softmax': _cfg(**_CSWIN_BASELINE),
-    'flatten_cswin_s_softmax': _cfg(**_CSWIN_BASELINE),
-    'flatten_cswin_b_softmax': _cfg(**_CSWIN_BASELINE),
-    'flatten_cswin_b_384_softmax': _cfg(input_size=(3, 384, 384), crop_pct=1.0, **_CSWIN_BASELINE),
-})
-
-# registered name -> (official MODEL.TYPE, architecture); official names and shapes
-CSWIN_VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
-    'flatten_cswin_t': ('FLatten_CSWin_64_24181_tiny_224', dict(
-        embed_dim=64, depths=(2, 4, 18, 1), num_heads=(2, 4, 8, 16), softmax_split=(1, 2, 7, 7))),
-    'flatten_cswin_s': ('FLatten_CSWin_64_24322_small_224', dict(
-        embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), softmax_split=(1, 2, 7, 7))),
-    'flatten_cswin_b': ('FLatten_CSWin_96_36292_base_224', dict(
-        embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32), softmax_split=(1, 2, 7, 7))),
-    'flatten_cswin_b_384': ('FLatten_CSWin_96_36292_base_384', dict(
-        embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32), softmax_split=(1, 2, 12, 12),
-        img_size=384, la_split=(96, 48, 24, 12))),
-}
-ARCHS = {t: (a['embed_dim'], a['depths'], a['num_heads'], a['softmax_split']) for t, a in CSWIN_VARIANTS.values()}
+def _create(name: str, pretrained: bool = False, **kwargs: Any) -> FLattenCSWinTransformer:
+    return build_backbone(FLattenCSWinTransformer, name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    softmax = name.endswith('_softmax')
-    args = dict(CSWIN_VARIANTS[name[:-len('_softmax')] if softmax else name][1],
-                attn_type='SSSS' if softmax else 'LLSS')
-    return build_backbone(FLattenCSWinTransformer, name, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
-
-
-@register_model
-def flatten_cswin_t(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_t', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_s(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_s', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_b(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_b', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_b_384(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_b_384', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_t_softmax(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_t_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_s_softmax(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_s_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_b_softmax(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_b_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_cswin_b_384_softmax(pretrained: bool = False, **kwargs) -> FLattenCSWinTransformer:
-    return _create('flatten_cswin_b_384_softmax', pretrained, **kwargs)
+_HIRES = dict(input_size=(3, 384, 384), crop_pct=1.0)
+# official MODEL.TYPE names and shapes; attention 'LLSS' (the class default)
+CSWIN_VARIANTS = register_family(__name__, _create, _cfg, {
+    'flatten_cswin_t': Variant(dict(embed_dim=64, depths=(2, 4, 18, 1), num_heads=(2, 4, 8, 16), softmax_split=(1, 2, 7, 7)),
+                               dict(url='https://cloud.tsinghua.edu.cn/f/48ba765ba8b0451d9d5a/?dl=1'),
+                               'FLatten_CSWin_64_24181_tiny_224'),
+    'flatten_cswin_s': Variant(dict(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), softmax_split=(1, 2, 7, 7)),
+                               official_type='FLatten_CSWin_64_24322_small_224'),
+    'flatten_cswin_b': Variant(dict(embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32), softmax_split=(1, 2, 7, 7)),
+                               official_type='FLatten_CSWin_96_36292_base_224'),
+    'flatten_cswin_b_384': Variant(dict(embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32),
+                                        softmax_split=(1, 2, 12, 12), img_size=384, la_split=(96, 48, 24, 12)),
+                                   _HIRES, 'FLatten_CSWin_96_36292_base_384'),
+}, SoftmaxTwin(dict(attn_type='SSSS'), dict(paper_ids='arXiv:2107.00652', paper_name='CSWin Transformer', notes=(
+    'softmax baseline of FLatten-CSwin (CSWin layout, LePE stripes); no official weights in the FLatten release',))))
 
 
 # ----------------------------------------------------------------------------- experiment config
@@ -565,13 +514,13 @@ CSWIN_SECTION = config_section(ConfigSection('CSWIN', (      # (ours) sizes of a
 CSWIN_LA_KEYS = ('CSWIN_LA_SPLIT_SIZE', 'ATTN_TYPE', 'FOCUSING_FACTOR', 'KERNEL_SIZE')
 
 
-@register_config_adapter(*ARCHS, reads=(CSWIN_SECTION, (LA_SECTION, CSWIN_LA_KEYS)))
+@register_config_adapter(*official_types(CSWIN_VARIANTS), reads=(CSWIN_SECTION, (LA_SECTION, CSWIN_LA_KEYS)))
 def cswin_spec(config) -> ModelSpec:
     """MODEL.TYPE FLatten_CSWin_*: the official architecture, overridden by non-empty MODEL.CSWIN size keys;
     attention from MODEL.LA."""
-    name = next(n for n, (t, _) in CSWIN_VARIANTS.items() if t == config.MODEL.TYPE)
-    spec = common_spec(config, name + ('_softmax' if set(config.MODEL.LA.ATTN_TYPE) == {'S'} else ''))
-    spec.kwargs.update(CSWIN_VARIANTS[name][1])
+    name = official_types(CSWIN_VARIANTS)[config.MODEL.TYPE]
+    spec = common_spec(config, softmax_twin_name(name, config.MODEL.LA.ATTN_TYPE))
+    spec.kwargs.update(CSWIN_VARIANTS[name].arch)
     spec.set('img_size', config.DATA.IMG_SIZE, 'DATA.IMG_SIZE')
     spec.read(config, CSWIN_SECTION).read(config, LA_SECTION, CSWIN_LA_KEYS)
     return spec.checked(stage_splits, 'img_size', 'attn_type', 'la_split', 'softmax_split')

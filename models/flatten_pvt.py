@@ -11,7 +11,8 @@ Both attention kinds take keys and values from a spatially reduced copy of the t
   * a linear block with fewer key tokens than query tokens stretches V back to the query length with
     :func:`interpolate_tokens` before its depth-wise conv (``dwc``), as the official code does.
 
-State-dict layout matches the official ``flatten_pvt_{tiny,small,medium,large}``: ``patch_embed{i}``,
+State-dict layout matches the official ``flatten_pvt_{tiny,small,medium,large}`` (the modules live in
+``stages[i-1]``; state dicts use the official names, :class:`models._builder.OfficialPaths`): ``patch_embed{i}``,
 ``pos_embed{i}``, ``block{i}.{j}``, the official final ``norm``, which the official forward never applies (the
 head reads the token mean of stage 4 directly): kept as buffers (:class:`InertNorm`) so official
 checkpoints load strictly while every parameter gets a gradient; and ``head``. Unlike the official
@@ -32,8 +33,8 @@ from typing import Any, Callable, Dict, Final, List, Optional, Sequence, Tuple, 
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from state_dicts import unwrap_state_dict
@@ -41,8 +42,9 @@ from state_dicts import unwrap_state_dict
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, interpolate_tokens
 from .checkpoint_fit import fit_state_dict
-from ._builder import build_backbone, flatten_pretrained_cfg, square_size  # noqa: F401  (flatten_pvt_v2 imports them)
-from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, init_weights, run_blocks, tokens_to_nchw,
+from ._builder import (OfficialPaths, SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg,
+                       official_types, register_family, softmax_twin_name, square_size)
+from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, init_weights, tokens_to_nchw,
                      tokens_to_nhwc, whole_grid)
 
 SOFTMAX_SR_RATIOS = (8, 4, 2, 1)   # PVT's reductions, used by every softmax stage
@@ -267,59 +269,88 @@ def check_stage_lists(**lists: Sequence) -> None:
             raise ValueError(f'{name}={tuple(value)} needs one entry per stage ({NUM_STAGES})')
 
 
-class PyramidClassifier(ClassifierMixin, nn.Module):
-    """What the PVT and PVTv2 models share: per-stage attribute names (``patch_embed{i}``, ``block{i}``),
-    the stage loop with intermediates, pruning and the timm interface. Subclasses define ``_stage``."""
+class PyramidStage(nn.Module):
+    """One pyramid stage: patch embedding of the previous map (or the image), the PVT position embedding and
+    its dropout (PVT-v1), the blocks, the stage norm (PVTv2). (B, C_in, H, W) -> tokens (B, h*w, C), (h, w)."""
+
+    dynamic: Final[bool]
+
+    def __init__(self, dim: int, patch_embed: nn.Module, blocks: nn.ModuleList, resolution: Grid, dynamic: bool,
+                 pos_embed: bool = False, drop: float = 0., norm: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.resolution, self.dynamic = tuple(resolution), dynamic
+        if pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, resolution[0] * resolution[1], dim))
+        else:
+            self.register_parameter('pos_embed', None)
+        self.patch_embed = patch_embed
+        self.pos_drop = nn.Dropout(drop) if pos_embed else nn.Identity()
+        self.blocks = blocks
+        self.norm = norm if norm is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor, use_checkpoint: bool = False) -> Tuple[torch.Tensor, Grid]:
+        x, hw = self.patch_embed.forward_grid(x)
+        # the blocks get no grid at the stage's native map (a fixed-size model sees only those, checked on the
+        # input: no comparison on traced shapes)
+        grid: Optional[Grid] = None if not self.dynamic or hw == self.resolution else hw
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if grid is not None:
+                pos = resample_abs_pos_embed(pos, list(grid), list(self.resolution), num_prefix_tokens=0,
+                                             antialias=False)
+            x = self.pos_drop(x + pos)
+        for blk in self.blocks:
+            if not torch.jit.is_scripting() and use_checkpoint and x.requires_grad:
+                x = checkpoint(blk, x, grid, use_reentrant=False)
+            else:
+                x = blk(x, grid)
+        return self.norm(x), hw
+
+
+class PyramidClassifier(OfficialPaths, ClassifierMixin, nn.Module):
+    """What the PVT and PVTv2 models share: the stages in ``self.stages`` (:class:`PyramidStage`) walked by one
+    loop, the official per-stage state-dict names (``patch_embed{i}``, ``pos_embed{i}``, ``block{i}``,
+    ``norm{i}``; :class:`OfficialPaths`), pruning and the timm interface."""
 
     num_stages: int = NUM_STAGES
     use_checkpoint: bool
     dynamic_img_size: bool
     resolutions: List[Grid]
 
-    def _stage(self, i: int, x: torch.Tensor, hw: Optional[Grid]) -> Tuple[torch.Tensor, Grid]:
-        """Stage i (0-based) on the previous stage's (B, C, H, W) map (or the image) -> tokens, grid."""
-        raise NotImplementedError
-
-    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    def _official_keys(self) -> None:
+        """Name our stage paths as the official per-stage keys in state dicts (see :class:`OfficialPaths`)."""
+        self.use_official_keys((f'stages.{i}.{ours}', f'{official}{i + 1}') for i in range(NUM_STAGES)
+                               for ours, official in (('patch_embed', 'patch_embed'), ('pos_embed', 'pos_embed'),
+                                                      ('blocks', 'block'), ('norm', 'norm')))
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.use_checkpoint = enable
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r'^patch_embed1|^pos_embed1',
-                    blocks=[(r'^(?:patch_embed|pos_embed|norm)(\d+)', (0,)), (r'^block(\d+)\.(\d+)', None)]
-                    if not coarse else r'^(?:patch_embed|pos_embed|block|norm)(\d+)')
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[float, ...]]:
+        return self.official_group_matcher(dict(
+            stem=r'^patch_embed1|^pos_embed1',
+            blocks=[(r'^(?:patch_embed|pos_embed|norm)(\d+)', (0,)), (r'^block(\d+)\.(\d+)', None)]
+            if not coarse else r'^(?:patch_embed|pos_embed|block|norm)(\d+)'))
 
-    def _run(self, x: torch.Tensor, stop: int):
-        """Yield (stage index, tokens, grid) for stages 0..stop."""
-        hw: Optional[Grid] = None
-        for i in range(stop + 1):
-            if i > 0:
-                x = tokens_to_nchw(x, hw)
-            x, hw = self._stage(i, x, hw)
-            yield i, x, hw
-
-    def _scripted_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
-        """All stages on the image -> last-stage tokens, grid: the stage loop for TorchScript, which finds
-        modules by literal names only (the official per-stage attribute names are kept)."""
-        raise NotImplementedError
-
-    def _block_grid(self, hw: Grid, i: int) -> Optional[Grid]:
-        """The grid stage i's blocks are given: None at the stage's native map (a fixed-size model sees only
-        those, checked on the input: no comparison on traced shapes), else ``hw``."""
-        return None if not self.dynamic_img_size or hw == self.resolutions[i] else hw
+    def _forward_stages(self, x: torch.Tensor, take: List[int], stop: int
+                        ) -> Tuple[torch.Tensor, Grid, List[torch.Tensor]]:
+        """The stage loop (eager, fx and TorchScript): image (B, 3, H, W) -> tokens of stage ``stop`` (0-based),
+        their grid, and the (B, C_i, H_i, W_i) maps of the stages in ``take``."""
+        hw: Grid = (x.shape[-2], x.shape[-1])
+        maps: List[torch.Tensor] = []
+        for i, stage in enumerate(self.stages):
+            if i <= stop:
+                x, hw = stage(x if i == 0 else tokens_to_nchw(x, hw), self.use_checkpoint)
+                if i in take:
+                    maps.append(tokens_to_nchw(x, hw))
+        return x, hw, maps
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> last-stage map (B, H/32, W/32, C) (``output_fmt`` 'NHWC')."""
-        if torch.jit.is_scripting():
-            x, hw = self._scripted_stages(x)
-        else:
-            for _, x, hw in self._run(x, self.num_stages - 1):
-                pass
-        return tokens_to_nhwc(self._final_norm(x), hw)
+        x, hw, _ = self._forward_stages(x, [], len(self.stages) - 1)
+        return tokens_to_nhwc(x, hw)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
@@ -332,32 +363,19 @@ class PyramidClassifier(ClassifierMixin, nn.Module):
         last = self.num_stages - 1
         take, max_index = feature_take_indices(self.num_stages, indices)
         stop = max_index if (stop_early or intermediates_only) else last
-        out = []
-        for i, x, hw in self._run(x, stop):
-            if i in take:
-                out.append(tokens_to_nchw(self._intermediate_norm(x, i, norm), hw))
+        x, hw, out = self._forward_stages(x, list(take), stop)
         if intermediates_only:
             return out
-        return tokens_to_nhwc(self._final_norm(x) if stop == last else x, hw), out
-
-    def _intermediate_norm(self, x: torch.Tensor, i: int, norm: bool) -> torch.Tensor:
-        return x
+        return tokens_to_nhwc(x, hw), out
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         take, max_index = feature_take_indices(self.num_stages, indices)
-        for i in range(max_index + 1, self.num_stages):
-            for prefix in ('patch_embed', 'pos_embed', 'pos_drop', 'block', 'norm'):
-                if hasattr(self, f'{prefix}{i + 1}'):
-                    delattr(self, f'{prefix}{i + 1}')
+        self.stages = self.stages[:max_index + 1]
         self.num_stages = max_index + 1
-        self._prune_norm(prune_norm or max_index < NUM_STAGES - 1)
         if prune_head:
             self.reset_classifier(0, '')
         return take
-
-    def _prune_norm(self, prune: bool) -> None:
-        pass
 
 
 class InertNorm(nn.Module):
@@ -396,67 +414,32 @@ class FLattenPVT(PyramidClassifier):
         self.resolutions = [(img_size // 2 ** (i + 2),) * 2 for i in range(NUM_STAGES)]
         srs = stage_sr_ratios(attn_type, la_sr_ratios)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
+        stages = []
         for i in range(NUM_STAGES):
             dim, res = embed_dims[i], self.resolutions[i]
             embed = (PatchEmbed(img_size, patch_size, in_chans, dim, True, dynamic_img_size) if i == 0 else
                      PatchEmbed(self.resolutions[i - 1][0], 2, embed_dims[i - 1], dim, True, dynamic_img_size))
-            setattr(self, f'patch_embed{i + 1}', embed)
-            setattr(self, f'pos_embed{i + 1}', nn.Parameter(torch.zeros(1, res[0] * res[1], dim)))
-            setattr(self, f'pos_drop{i + 1}', nn.Dropout(drop_rate))
             mlp = partial(_timm_mlp, drop=drop_rate)
-            setattr(self, f'block{i + 1}', nn.ModuleList([
+            blocks = nn.ModuleList([
                 PVTBlock(dim, res, num_heads[i], attn_type[i], srs[i], mlp, mlp_ratios[i], qkv_bias, qk_scale,
                          drop_rate, attn_drop_rate, dpr[sum(depths[:i]) + j], focusing_factor=focusing_factor,
                          kernel_size=kernel_size)
-                for j in range(depths[i])]))
+                for j in range(depths[i])])
+            stages.append(PyramidStage(dim, embed, blocks, res, dynamic_img_size, pos_embed=True, drop=drop_rate))
+        self.stages = nn.ModuleList(stages)
         self.norm = InertNorm(embed_dims[-1], eps=1e-6)      # official checkpoints carry it; never applied
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'block{i + 1}')
+        self.feature_info = [dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}')
                              for i in range(NUM_STAGES)]
-        for i in range(NUM_STAGES):
-            trunc_normal_(getattr(self, f'pos_embed{i + 1}'), std=.02)
+        for stage in self.stages:
+            trunc_normal_(stage.pos_embed, std=.02)
         self.apply(init_weights)
+        self._official_keys()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """The official rule: the official FLatten-PVT decays pos_embed1-4 (see extra_no_weight_decay)."""
         return {'cls_token'}
-
-    def _stage(self, i: int, x: torch.Tensor, hw: Optional[Grid]) -> Tuple[torch.Tensor, Grid]:
-        x, hw = getattr(self, f'patch_embed{i + 1}').forward_grid(x)
-        grid = self._block_grid(hw, i)
-        x = getattr(self, f'pos_drop{i + 1}')(x + self._position(getattr(self, f'pos_embed{i + 1}'), grid, i))
-        return run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint, grid), hw
-
-    def _position(self, pos: torch.Tensor, grid: Optional[Grid], i: int) -> torch.Tensor:
-        """Stage i's position embedding, resampled to ``grid`` unless None (the native map)."""
-        if grid is None:
-            return pos
-        return resample_abs_pos_embed(pos, list(grid), list(self.resolutions[i]), num_prefix_tokens=0,
-                                      antialias=False)
-
-    def _scripted_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
-        x, hw = self.patch_embed1.forward_grid(x)
-        grid = self._block_grid(hw, 0)
-        x = self.pos_drop1(x + self._position(self.pos_embed1, grid, 0))
-        for blk in self.block1:
-            x = blk(x, grid)
-        x, hw = self.patch_embed2.forward_grid(tokens_to_nchw(x, hw))
-        grid = self._block_grid(hw, 1)
-        x = self.pos_drop2(x + self._position(self.pos_embed2, grid, 1))
-        for blk in self.block2:
-            x = blk(x, grid)
-        x, hw = self.patch_embed3.forward_grid(tokens_to_nchw(x, hw))
-        grid = self._block_grid(hw, 2)
-        x = self.pos_drop3(x + self._position(self.pos_embed3, grid, 2))
-        for blk in self.block3:
-            x = blk(x, grid)
-        x, hw = self.patch_embed4.forward_grid(tokens_to_nchw(x, hw))
-        grid = self._block_grid(hw, 3)
-        x = self.pos_drop4(x + self._position(self.pos_embed4, grid, 3))
-        for blk in self.block4:
-            x = blk(x, grid)
-        return x, hw
 
 
 def _timm_mlp(dim: int, hidden: int, drop: float = 0.) -> nn.Module:
@@ -477,74 +460,19 @@ def pvt_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return flatten_pretrained_cfg('patch_embed1.proj', url, **kwargs)
 
 
-_PVT_BASELINE = dict(paper_ids='arXiv:2102.12122', paper_name='Pyramid Vision Transformer', notes=(
-    'softmax baseline of FLatten-PVT (PVT layout); no official weights in the FLatten release',))
-
-default_cfgs = generate_default_cfgs({
-    'flatten_pvt_t': pvt_cfg('https://cloud.tsinghua.edu.cn/f/3ab1d773f19d45648690/?dl=1'),
-    'flatten_pvt_s': pvt_cfg(),
-    'flatten_pvt_m': pvt_cfg(),
-    'flatten_pvt_b': pvt_cfg(),
-    'flatten_pvt_t_softmax': pvt_cfg(**_PVT_BASELINE),
-    'flatten_pvt_s_softmax': pvt_cfg(**_PVT_BASELINE),
-    'flatten_pvt_m_softmax': pvt_cfg(**_PVT_BASELINE),
-    'flatten_pvt_b_softmax': pvt_cfg(**_PVT_BASELINE),
-})
-
-# registered name -> (official MODEL.TYPE, depths); everything else is the PVT default
-PVT_VARIANTS = {
-    'flatten_pvt_t': ('flatten_pvt_tiny', (2, 2, 2, 2)),
-    'flatten_pvt_s': ('flatten_pvt_small', (3, 4, 6, 3)),
-    'flatten_pvt_m': ('flatten_pvt_medium', (3, 4, 18, 3)),
-    'flatten_pvt_b': ('flatten_pvt_large', (3, 8, 27, 3)),
-}
-PVT_DEPTHS = {model_type: depths for model_type, depths in PVT_VARIANTS.values()}   # MODEL.TYPE -> depths
+def _create(name: str, pretrained: bool = False, **kwargs: Any) -> FLattenPVT:
+    return build_backbone(FLattenPVT, name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenPVT:
-    base = name[:-len('_softmax')] if name.endswith('_softmax') else name
-    args = dict(depths=PVT_VARIANTS[base][1], attn_type='SSSS' if name.endswith('_softmax') else 'LLLL')
-    return build_backbone(FLattenPVT, name, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
-
-
-@register_model
-def flatten_pvt_t(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_t', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_s(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_s', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_m(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_m', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_b(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_b', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_t_softmax(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_t_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_s_softmax(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_s_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_m_softmax(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_m_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_b_softmax(pretrained: bool = False, **kwargs) -> FLattenPVT:
-    return _create('flatten_pvt_b_softmax', pretrained, **kwargs)
+# attention 'LLLL' (the class default); every other architecture keyword is the PVT default
+PVT_VARIANTS = register_family(__name__, _create, pvt_cfg, {
+    'flatten_pvt_t': Variant(dict(depths=(2, 2, 2, 2)), dict(url='https://cloud.tsinghua.edu.cn/f/3ab1d773f19d45648690/?dl=1'),
+                             'flatten_pvt_tiny'),
+    'flatten_pvt_s': Variant(dict(depths=(3, 4, 6, 3)), official_type='flatten_pvt_small'),
+    'flatten_pvt_m': Variant(dict(depths=(3, 4, 18, 3)), official_type='flatten_pvt_medium'),
+    'flatten_pvt_b': Variant(dict(depths=(3, 8, 27, 3)), official_type='flatten_pvt_large'),
+}, SoftmaxTwin(dict(attn_type='SSSS'), dict(paper_ids='arXiv:2102.12122', paper_name='Pyramid Vision Transformer', notes=(
+    'softmax baseline of FLatten-PVT (PVT layout); no official weights in the FLatten release',))))
 
 
 # ----------------------------------------------------------------------------- experiment config
@@ -568,16 +496,15 @@ def pyramid_spec(config, name: str, arch: Dict[str, Any], section: ConfigSection
     spec = common_spec(config, name)
     spec.kwargs.update(arch)
     spec.read(config, section).read(config, LA_SECTION, PVT_LA_KEYS)
-    if set(spec.kwargs['attn_type']) == {'S'} and not name.endswith('_softmax'):
-        spec.name = name + '_softmax'
+    spec.name = softmax_twin_name(name, spec.kwargs['attn_type'])
     return spec.checked(lambda *a: check_pvt_layout(*a, linear=linear), 'img_size', 'attn_type', 'la_sr_ratios')
 
 
 PVT_SECTION = pyramid_section('PVT')
 
 
-@register_config_adapter(*PVT_DEPTHS, reads=(PVT_SECTION, (LA_SECTION, PVT_LA_KEYS)))
+@register_config_adapter(*official_types(PVT_VARIANTS), reads=(PVT_SECTION, (LA_SECTION, PVT_LA_KEYS)))
 def pvt_spec(config) -> ModelSpec:
     """MODEL.TYPE flatten_pvt_{tiny,small,medium,large}."""
-    name = next(n for n, (t, _) in PVT_VARIANTS.items() if t == config.MODEL.TYPE)
-    return pyramid_spec(config, name, dict(depths=PVT_DEPTHS[config.MODEL.TYPE]), PVT_SECTION)
+    name = official_types(PVT_VARIANTS)[config.MODEL.TYPE]
+    return pyramid_spec(config, name, PVT_VARIANTS[name].arch, PVT_SECTION)

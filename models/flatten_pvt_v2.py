@@ -15,7 +15,8 @@ Differences from PVT-v1 (the attention modules and block are shared with :mod:`m
     registers no model with it; ours sizes ``positional_encoding`` for the 49 pooled tokens, which is what
     the official code allocates whenever it runs (sr ratios '8421' at 224).
 
-State-dict layout matches the official ``flatten_pvt_v2_b{0..5}``. Unlike the official builders, ours
+State-dict layout matches the official ``flatten_pvt_v2_b{0..5}`` (``patch_embed{i}``, ``block{i}``, ``norm{i}``
+of ``stages[i-1]``, as in :mod:`models.flatten_pvt`). Unlike the official builders, ours
 honour ``num_classes`` and ``img_size``. Seeded initial weights equal the official ones: the official
 code re-initialises inside every sub-module's constructor, and those points are replayed here.
 
@@ -26,18 +27,18 @@ optional extra exclusions (focused-attention scales and positional encodings).
 
 import math
 from functools import partial
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.layers import to_2tuple
-from timm.models import generate_default_cfgs, register_model
 
 from .build import ModelSpec, register_config_adapter
 from .focused_attention import LA_SECTION
-from .flatten_pvt import (NUM_STAGES, PVTBlock, PyramidClassifier, build_backbone, check_pvt_layout,  # noqa: F401
-                          check_stage_lists, checkpoint_filter_fn, init_weights, pvt_cfg, pyramid_section, pyramid_spec, PVT_LA_KEYS, run_blocks,
-                          square_size, stage_sr_ratios, tokens_to_nchw)
+from ._builder import SoftmaxTwin, Variant, build_backbone, official_types, register_family, square_size
+from .flatten_pvt import (NUM_STAGES, PVT_LA_KEYS, PVTBlock, PyramidClassifier, PyramidStage, check_pvt_layout,
+                          check_stage_lists, checkpoint_filter_fn, init_weights, pvt_cfg, pyramid_section,
+                          pyramid_spec, stage_sr_ratios, tokens_to_nchw)
 from .layers import check_input_size
 
 Grid = Tuple[int, int]
@@ -134,155 +135,60 @@ class FLattenPVTv2(PyramidClassifier):
         self.resolutions = [(img_size // 2 ** (i + 2),) * 2 for i in range(NUM_STAGES)]
         srs = stage_sr_ratios(attn_type, la_sr_ratios)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
+        stages = []
         for i in range(NUM_STAGES):
             dim, res = embed_dims[i], self.resolutions[i]
             embed = (OverlapPatchEmbed(img_size, 7, 4, in_chans, dim, dynamic_img_size) if i == 0 else
                      OverlapPatchEmbed(self.resolutions[i - 1][0], 3, 2, embed_dims[i - 1], dim, dynamic_img_size))
-            setattr(self, f'patch_embed{i + 1}', embed)
             mlp = partial(DepthwiseConvMlp, resolution=res, drop=drop_rate, linear=linear)
-            setattr(self, f'block{i + 1}', nn.ModuleList([
+            blocks = nn.ModuleList([
                 PVTBlock(dim, res, num_heads[i], attn_type[i], srs[i], mlp, mlp_ratios[i], qkv_bias, qk_scale,
                          drop_rate, attn_drop_rate, dpr[sum(depths[:i]) + j], linear, focusing_factor,
                          kernel_size, nested_init=init_pvt_v2)
-                for j in range(depths[i])]))
-            setattr(self, f'norm{i + 1}', nn.LayerNorm(dim, eps=1e-6))
+                for j in range(depths[i])])
+            stages.append(PyramidStage(dim, embed, blocks, res, dynamic_img_size, norm=nn.LayerNorm(dim, eps=1e-6)))
+        self.stages = nn.ModuleList(stages)
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'norm{i + 1}')
+        self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}')
                              for i in range(NUM_STAGES)]
         self.apply(init_pvt_v2)
+        self._official_keys()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """The official rule (names that do not exist in PVTv2: nothing extra is exempt)."""
         return {'pos_embed1', 'pos_embed2', 'pos_embed3', 'pos_embed4', 'cls_token'}
 
-    def _stage(self, i: int, x: torch.Tensor, hw: Optional[Grid]) -> Tuple[torch.Tensor, Grid]:
-        x, hw = getattr(self, f'patch_embed{i + 1}').forward_grid(x)
-        x = run_blocks(getattr(self, f'block{i + 1}'), x, self.use_checkpoint, self._block_grid(hw, i))
-        return getattr(self, f'norm{i + 1}')(x), hw
-
-    def _scripted_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
-        x, hw = self.patch_embed1.forward_grid(x)
-        grid = self._block_grid(hw, 0)
-        for blk in self.block1:
-            x = blk(x, grid)
-        x, hw = self.patch_embed2.forward_grid(tokens_to_nchw(self.norm1(x), hw))
-        grid = self._block_grid(hw, 1)
-        for blk in self.block2:
-            x = blk(x, grid)
-        x, hw = self.patch_embed3.forward_grid(tokens_to_nchw(self.norm2(x), hw))
-        grid = self._block_grid(hw, 2)
-        for blk in self.block3:
-            x = blk(x, grid)
-        x, hw = self.patch_embed4.forward_grid(tokens_to_nchw(self.norm3(x), hw))
-        grid = self._block_grid(hw, 3)
-        for blk in self.block4:
-            x = blk(x, grid)
-        return self.norm4(x), hw
-
 
 # ----------------------------------------------------------------------------- registry
-_PVT_V2_BASELINE = dict(paper_ids='arXiv:2106.13797', paper_name='PVT v2: Improved Baselines with Pyramid Vision '
-                        'Transformer', notes=('softmax baseline of FLatten-PVTv2 (PVTv2 layout); no official weights '
-                                              'in the FLatten release',))
+def _create(name: str, pretrained: bool = False, **kwargs: Any) -> FLattenPVTv2:
+    return build_backbone(FLattenPVTv2, name, pretrained, checkpoint_filter_fn, **kwargs)
+
 
 _WIDE = (64, 128, 320, 512)
-# registered name -> (official MODEL.TYPE, architecture)
-PVT_V2_VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
-    'flatten_pvt_v2_b0': ('flatten_pvt_v2_b0', dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2))),
-    'flatten_pvt_v2_b1': ('flatten_pvt_v2_b1', dict(embed_dims=_WIDE, depths=(2, 2, 2, 2))),
-    'flatten_pvt_v2_b2': ('flatten_pvt_v2_b2', dict(embed_dims=_WIDE, depths=(3, 4, 6, 3))),
-    'flatten_pvt_v2_b2_li': ('flatten_pvt_v2_b2_li', dict(embed_dims=_WIDE, depths=(3, 4, 6, 3), linear=True)),
-    'flatten_pvt_v2_b3': ('flatten_pvt_v2_b3', dict(embed_dims=_WIDE, depths=(3, 4, 18, 3))),
-    'flatten_pvt_v2_b4': ('flatten_pvt_v2_b4', dict(embed_dims=_WIDE, depths=(3, 8, 27, 3))),
-    'flatten_pvt_v2_b5': ('flatten_pvt_v2_b5', dict(embed_dims=_WIDE, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4))),
-}
-PVT_V2_ARCHS = {t: arch for t, arch in PVT_V2_VARIANTS.values()}      # MODEL.TYPE -> architecture
-_SOFTMAX = ('flatten_pvt_v2_b0', 'flatten_pvt_v2_b1', 'flatten_pvt_v2_b2', 'flatten_pvt_v2_b3', 'flatten_pvt_v2_b4')
-
-default_cfgs = generate_default_cfgs(dict(
-    {name: pvt_cfg() for name in PVT_V2_VARIANTS},
-    flatten_pvt_v2_b0=pvt_cfg('https://cloud.tsinghua.edu.cn/f/5d1f01532b104da28e7b/?dl=1'),
-    **{f'{name}_softmax': pvt_cfg(**_PVT_V2_BASELINE) for name in _SOFTMAX}))
-
-
-def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenPVTv2:
-    softmax = name.endswith('_softmax')
-    args = dict(PVT_V2_VARIANTS[name[:-len('_softmax')] if softmax else name][1],
-                attn_type='SSSS' if softmax else 'LLLL')
-    return build_backbone(FLattenPVTv2, name, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
-
-
-@register_model
-def flatten_pvt_v2_b0(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
-    return _create('flatten_pvt_v2_b0', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b1(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
-    return _create('flatten_pvt_v2_b1', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b2(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
-    return _create('flatten_pvt_v2_b2', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b2_li(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
-    return _create('flatten_pvt_v2_b2_li', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b3(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
-    return _create('flatten_pvt_v2_b3', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b4(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
-    return _create('flatten_pvt_v2_b4', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b5(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
-    return _create('flatten_pvt_v2_b5', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b0_softmax(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
-    return _create('flatten_pvt_v2_b0_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b1_softmax(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
-    return _create('flatten_pvt_v2_b1_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b2_softmax(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
-    return _create('flatten_pvt_v2_b2_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b3_softmax(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
-    return _create('flatten_pvt_v2_b3_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b4_softmax(pretrained: bool = False, **kwargs) -> FLattenPVTv2:
-    return _create('flatten_pvt_v2_b4_softmax', pretrained, **kwargs)
+# MODEL.TYPE = the registered name; attention 'LLLL' (the class default); b5 and b2_li have no softmax twin
+PVT_V2_VARIANTS = register_family(__name__, _create, pvt_cfg, {
+    'flatten_pvt_v2_b0': Variant(dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
+                                 dict(url='https://cloud.tsinghua.edu.cn/f/5d1f01532b104da28e7b/?dl=1'), 'flatten_pvt_v2_b0'),
+    'flatten_pvt_v2_b1': Variant(dict(embed_dims=_WIDE, depths=(2, 2, 2, 2)), official_type='flatten_pvt_v2_b1'),
+    'flatten_pvt_v2_b2': Variant(dict(embed_dims=_WIDE, depths=(3, 4, 6, 3)), official_type='flatten_pvt_v2_b2'),
+    'flatten_pvt_v2_b2_li': Variant(dict(embed_dims=_WIDE, depths=(3, 4, 6, 3), linear=True),
+                                    official_type='flatten_pvt_v2_b2_li', softmax=None),
+    'flatten_pvt_v2_b3': Variant(dict(embed_dims=_WIDE, depths=(3, 4, 18, 3)), official_type='flatten_pvt_v2_b3'),
+    'flatten_pvt_v2_b4': Variant(dict(embed_dims=_WIDE, depths=(3, 8, 27, 3)), official_type='flatten_pvt_v2_b4'),
+    'flatten_pvt_v2_b5': Variant(dict(embed_dims=_WIDE, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
+                                 official_type='flatten_pvt_v2_b5', softmax=None),
+}, SoftmaxTwin(dict(attn_type='SSSS'), dict(paper_ids='arXiv:2106.13797', paper_name='PVT v2: Improved Baselines with '
+               'Pyramid Vision Transformer', notes=('softmax baseline of FLatten-PVTv2 (PVTv2 layout); no official '
+                                                    'weights in the FLatten release',))))
 
 
 # ----------------------------------------------------------------------------- experiment config
 PVT_V2_SECTION = pyramid_section('PVT_V2')
 
 
-@register_config_adapter(*PVT_V2_ARCHS, reads=(PVT_V2_SECTION, (LA_SECTION, PVT_LA_KEYS)))
+@register_config_adapter(*official_types(PVT_V2_VARIANTS), reads=(PVT_V2_SECTION, (LA_SECTION, PVT_LA_KEYS)))
 def pvt_v2_spec(config) -> ModelSpec:
     """MODEL.TYPE flatten_pvt_v2_b{0..5} / flatten_pvt_v2_b2_li."""
-    name = config.MODEL.TYPE
-    arch = dict(PVT_V2_ARCHS[name])
-    spec = pyramid_spec(config, name, arch, PVT_V2_SECTION, linear=bool(arch.get('linear', False)))
-    if spec.name.endswith('_softmax') and spec.name not in default_cfgs:
-        spec.name = name                      # b5 / b2_li have no registered softmax name: same model
-    return spec
+    arch = PVT_V2_VARIANTS[official_types(PVT_V2_VARIANTS)[config.MODEL.TYPE]].arch
+    return pyramid_spec(config, config.MODEL.TYPE, arch, PVT_V2_SECTION, linear=bool(arch.get('linear', False)))

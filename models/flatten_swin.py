@@ -31,7 +31,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from state_dicts import unwrap_state_dict
@@ -39,7 +38,8 @@ from state_dicts import unwrap_state_dict
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import LA_SECTION, FocusedLinearAttentionBase
 from .checkpoint_fit import fit_state_dict
-from ._builder import build_backbone, flatten_pretrained_cfg, square_size
+from ._builder import (SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg, register_family,
+                       softmax_twin_name, square_size)
 from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, WindowAttention, init_weights,
                      relative_position_index, run_blocks, shifted_window_mask, tokens_to_nchw, tokens_to_nhwc,
                      window_partition, window_reverse)
@@ -355,80 +355,24 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return flatten_pretrained_cfg('patch_embed.proj', url, **kwargs)
 
 
-_SWIN_BASELINE = dict(paper_ids='arXiv:2103.14030', paper_name='Swin Transformer', notes=(
-    'softmax baseline of FLatten-Swin (Swin layout); no official weights in the FLatten release',))
-
-default_cfgs = generate_default_cfgs({
-    'flatten_swin_t': _cfg('https://cloud.tsinghua.edu.cn/f/e1518e76703e4e57a7f2/?dl=1'),
-    'flatten_swin_s': _cfg('https://cloud.tsinghua.edu.cn/f/94188e52af354bf4a88b/?dl=1'),
-    'flatten_swin_b': _cfg('https://cloud.tsinghua.edu.cn/f/7a9e5186bad04e7fb3a9/?dl=1'),
-    'flatten_swin_b_384': _cfg('https://cloud.tsinghua.edu.cn/f/0d0330cf2e5249f1abb6/?dl=1',
-                               input_size=(3, 384, 384), crop_pct=1.0),
-    'flatten_swin_t_softmax': _cfg(**_SWIN_BASELINE),
-    'flatten_swin_s_softmax': _cfg(**_SWIN_BASELINE),
-    'flatten_swin_b_softmax': _cfg(**_SWIN_BASELINE),
-    'flatten_swin_b_384_softmax': _cfg(input_size=(3, 384, 384), crop_pct=1.0, **_SWIN_BASELINE),
-})
-
-# variant -> architecture (the official YAMLs)
-_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
-_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
-_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
-SWIN_ARCHS: Dict[str, Dict[str, Any]] = {
-    'flatten_swin_t': dict(_T, window_size=56, attn_type='LLSS', drop_path_rate=0.2),
-    'flatten_swin_s': dict(_S, window_size=56, attn_type='LLSS', drop_path_rate=0.3),
-    'flatten_swin_b': dict(_B, window_size=56, attn_type='LLSS', drop_path_rate=0.5),
-    'flatten_swin_b_384': dict(_B, window_size=96, attn_type='LLSS', drop_path_rate=0.5, img_size=384),
-    'flatten_swin_t_softmax': dict(_T, window_size=7, attn_type='SSSS', drop_path_rate=0.2),
-    'flatten_swin_s_softmax': dict(_S, window_size=7, attn_type='SSSS', drop_path_rate=0.3),
-    'flatten_swin_b_softmax': dict(_B, window_size=7, attn_type='SSSS', drop_path_rate=0.5),
-    'flatten_swin_b_384_softmax': dict(_B, window_size=96, attn_type='SSSS', drop_path_rate=0.5, img_size=384),
-}
+def _create(name: str, pretrained: bool = False, **kwargs: Any) -> FLattenSwinTransformer:
+    return build_backbone(FLattenSwinTransformer, name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _create(name: str, pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    return build_backbone(FLattenSwinTransformer, name, pretrained, checkpoint_filter_fn,
-                          **dict(SWIN_ARCHS[name], **kwargs))
-
-
-@register_model
-def flatten_swin_t(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    return _create('flatten_swin_t', pretrained, **kwargs)
-
-
-@register_model
-def flatten_swin_s(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    return _create('flatten_swin_s', pretrained, **kwargs)
-
-
-@register_model
-def flatten_swin_b(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    return _create('flatten_swin_b', pretrained, **kwargs)
-
-
-@register_model
-def flatten_swin_b_384(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    return _create('flatten_swin_b_384', pretrained, **kwargs)
-
-
-@register_model
-def flatten_swin_t_softmax(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    return _create('flatten_swin_t_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_swin_s_softmax(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    return _create('flatten_swin_s_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_swin_b_softmax(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    return _create('flatten_swin_b_softmax', pretrained, **kwargs)
-
-
-@register_model
-def flatten_swin_b_384_softmax(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    return _create('flatten_swin_b_384_softmax', pretrained, **kwargs)
+# variant -> architecture (the official YAMLs; MODEL.TYPE flatten_swin finds the variant by its architecture)
+_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=56, attn_type='LLSS')
+_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=56, attn_type='LLSS')
+_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=56, attn_type='LLSS')
+SWIN_ARCHS = register_family(__name__, _create, _cfg, {
+    'flatten_swin_t': Variant(dict(_T, drop_path_rate=0.2), dict(url='https://cloud.tsinghua.edu.cn/f/e1518e76703e4e57a7f2/?dl=1')),
+    'flatten_swin_s': Variant(dict(_S, drop_path_rate=0.3), dict(url='https://cloud.tsinghua.edu.cn/f/94188e52af354bf4a88b/?dl=1')),
+    'flatten_swin_b': Variant(dict(_B, drop_path_rate=0.5), dict(url='https://cloud.tsinghua.edu.cn/f/7a9e5186bad04e7fb3a9/?dl=1')),
+    'flatten_swin_b_384': Variant(dict(_B, window_size=96, drop_path_rate=0.5, img_size=384),
+                                  dict(url='https://cloud.tsinghua.edu.cn/f/0d0330cf2e5249f1abb6/?dl=1',
+                                       input_size=(3, 384, 384), crop_pct=1.0),
+                                  softmax=dict(window_size=96)),     # the 384 baseline keeps its 96 windows
+}, SoftmaxTwin(dict(attn_type='SSSS', window_size=7), dict(paper_ids='arXiv:2103.14030', paper_name='Swin Transformer', notes=(
+    'softmax baseline of FLatten-Swin (Swin layout); no official weights in the FLatten release',))))
 
 
 # ----------------------------------------------------------------------------- experiment config
@@ -439,11 +383,12 @@ def _closest_variant(kwargs: Dict[str, Any]) -> str:
         got = kwargs.get(key, 224)
         return tuple(got) == tuple(value) if isinstance(value, tuple) else got == value
 
-    for name, arch in SWIN_ARCHS.items():
+    for name, variant in SWIN_ARCHS.items():
+        arch = variant.arch
         if all(same(k, v) for k, v in dict(arch, img_size=arch.get('img_size', 224)).items()
                if k != 'drop_path_rate'):
             return name
-    return 'flatten_swin_t_softmax' if set(kwargs['attn_type']) == {'S'} else 'flatten_swin_t'
+    return softmax_twin_name('flatten_swin_t', kwargs['attn_type'])
 
 
 SWIN_SECTION = config_section(ConfigSection('SWIN', (

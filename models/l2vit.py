@@ -28,14 +28,13 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
 
 from state_dicts import unwrap_state_dict
 
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_LINEAR, AttentionTap3
 from .checkpoint_fit import fit_state_dict
-from ._builder import build_backbone
+from ._builder import Variant, build_backbone, official_types, register_family
 from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, pool_features, tokens_to_nchw, whole_grid,
                      window_partition, window_reverse)
 
@@ -451,52 +450,29 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
                 origin_url='https://github.com/ChuanyangZheng/L2ViT'), **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
-    'L2ViT_Tiny.in1k': _cfg(),
-    'L2ViT_Small.in1k': _cfg(),
-    'L2ViT_Base.in1k': _cfg(),
-    'L2ViT_Base_384.in22k_ft_in1k': _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+def _create(name: str, pretrained: bool, **kwargs: Any) -> L2ViT:
+    return build_backbone(L2ViT, name, pretrained, checkpoint_filter_fn, **kwargs)
+
+
+# Official variants (ChuanyangZheng/L2ViT classification/models/l2vit.py): MODEL.TYPE = timm name = the official
+# function name (timm has no model of these names); no softmax twins
+ARCHS = register_family(__name__, _create, _cfg, {
+    'L2ViT_Tiny': Variant(dict(depths=(2, 2, 6, 2), dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24)),
+                          official_type='L2ViT_Tiny', tag='in1k',
+                          doc='L2ViT-T (official ``L2ViT_Tiny``): 28.6M params, 4.7 GFLOPs at 224.'),
+    'L2ViT_Small': Variant(dict(depths=(2, 2, 18, 2), dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24)),
+                           official_type='L2ViT_Small', tag='in1k',
+                           doc='L2ViT-S (official ``L2ViT_Small``): 50.2M params, 9.0 GFLOPs at 224.'),
+    'L2ViT_Base': Variant(dict(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32)),
+                          official_type='L2ViT_Base', tag='in1k',
+                          doc='L2ViT-B (official ``L2ViT_Base``): 88.6M params, 15.9 GFLOPs at 224.'),
+    'L2ViT_Base_384': Variant(dict(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32),
+                                   window_size=12),
+                              dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+                              official_type='L2ViT_Base_384', tag='in22k_ft_in1k',
+                              doc='L2ViT-B at 384 with window 12 (official ``L2ViT_Base_384``): same weights as L2ViT-B.'),
 })
-
-
-def _create(name: str, pretrained: bool, model_args: Dict[str, Any], **kwargs: Any) -> L2ViT:
-    return build_backbone(L2ViT, name, pretrained, checkpoint_filter_fn, **dict(model_args, **kwargs))
-
-
-# Official variants (ChuanyangZheng/L2ViT classification/models/l2vit.py): heads 3/6/12/24 unless given.
-ARCHS: Dict[str, Dict[str, Any]] = {
-    'L2ViT_Tiny': dict(depths=(2, 2, 6, 2), dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24)),
-    'L2ViT_Small': dict(depths=(2, 2, 18, 2), dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24)),
-    'L2ViT_Base': dict(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32)),
-    'L2ViT_Base_384': dict(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32),
-                           window_size=12),
-}
-# MODEL.TYPE = timm name = the official function name (timm has no model of these names)
-OFFICIAL_NAMES = tuple(ARCHS)
-
-
-@register_model
-def L2ViT_Tiny(pretrained: bool = False, **kwargs: Any) -> L2ViT:
-    """L2ViT-T (official ``L2ViT_Tiny``): 28.6M params, 4.7 GFLOPs at 224."""
-    return _create('L2ViT_Tiny', pretrained, ARCHS['L2ViT_Tiny'], **kwargs)
-
-
-@register_model
-def L2ViT_Small(pretrained: bool = False, **kwargs: Any) -> L2ViT:
-    """L2ViT-S (official ``L2ViT_Small``): 50.2M params, 9.0 GFLOPs at 224."""
-    return _create('L2ViT_Small', pretrained, ARCHS['L2ViT_Small'], **kwargs)
-
-
-@register_model
-def L2ViT_Base(pretrained: bool = False, **kwargs: Any) -> L2ViT:
-    """L2ViT-B (official ``L2ViT_Base``): 88.6M params, 15.9 GFLOPs at 224."""
-    return _create('L2ViT_Base', pretrained, ARCHS['L2ViT_Base'], **kwargs)
-
-
-@register_model
-def L2ViT_Base_384(pretrained: bool = False, **kwargs: Any) -> L2ViT:
-    """L2ViT-B at 384 with window 12 (official ``L2ViT_Base_384``): same weights as L2ViT-B."""
-    return _create('L2ViT_Base_384', pretrained, ARCHS['L2ViT_Base_384'], **kwargs)
+OFFICIAL_NAMES = tuple(official_types(ARCHS))
 
 
 # ---------------------------------------------------------------------- experiment config

@@ -75,7 +75,7 @@ def tokens_to_nhwc(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     return x.reshape(x.shape[0], hw[0], hw[1], x.shape[-1])
 
 
-_EXTRA_NO_DECAY = re.compile(r'(^|\.)(scale|positional_encoding|pos_embed\d+)$')
+_EXTRA_NO_DECAY = re.compile(r'(^|\.)(scale|positional_encoding|pos_embed\d*)$')
 
 
 # The global poolings every family's head implements (timm's names): 'avg', 'max', 'avgmax' (the mean of

@@ -29,7 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, register_notrace_function, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 from timm.models.visformer import SpatialMlp
 
@@ -37,7 +36,7 @@ from state_dicts import unwrap_state_dict
 
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .checkpoint_fit import fit_state_dict, official_keys, resample_position_map
-from ._builder import build_backbone, square_size
+from ._builder import Variant, build_backbone, official_types, register_family, square_size
 from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size, init_weights,
                      shifted_window_mask, window_partition, window_reverse)
 
@@ -433,68 +432,33 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
                 origin_url='https://github.com/danczs/Visformer', paper_ids='arXiv:2104.12533'), **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
-    'official_visformer_tiny.in1k': _cfg(),
-    'official_visformer_small.in1k': _cfg(),
-    'swin_visformer_tiny_v2.in1k': _cfg(),
-    'swin_visformer_small_v2.in1k': _cfg(),
-    'swin_visformer_medium_v2.in1k': _cfg(),
-})
+def _create(name: str, pretrained: bool, **kwargs: Any) -> Visformer:
+    return build_backbone(Visformer, name, pretrained, checkpoint_filter_fn, num_stages=len(kwargs['depths']),
+                          **kwargs)
+
 
 _V1 = dict(depths=(7, 4, 4), mlp_ratio=4., group=8, attn_stages='011', spatial_conv='100', qk_scale_exponent=-0.25)
 _V2 = dict(mlp_ratio=4., group=8, attn_stages='0011', spatial_conv='1100', window_sizes=(56, 28, 14, 7),
            qk_scale_exponent=-0.5)
-# timm name -> architecture (danczs/Visformer models.py / swin_models.py)
-ARCHS: Dict[str, Dict[str, Any]] = {
-    'official_visformer_tiny': dict(_V1, init_channels=16, embed_dim=192, num_heads=3),
-    'official_visformer_small': dict(_V1, init_channels=32, embed_dim=384, num_heads=6),
-    'swin_visformer_tiny_v2': dict(_V2, init_channels=24, embed_dim=192, depths=(1, 4, 6, 3),
-                                   num_heads=(1, 3, 6, 12)),
-    'swin_visformer_small_v2': dict(_V2, init_channels=32, embed_dim=256, depths=(1, 10, 14, 3),
-                                    num_heads=(2, 4, 8, 16)),
-    'swin_visformer_medium_v2': dict(_V2, init_channels=32, embed_dim=384, depths=(1, 8, 14, 2),
-                                     num_heads=(2, 4, 8, 16)),
-}
-# MODEL.TYPE (official function name) -> timm name
-TIMM_NAMES = {'visformer_tiny': 'official_visformer_tiny', 'visformer_small': 'official_visformer_small',
-              'swin_visformer_tiny_v2': 'swin_visformer_tiny_v2', 'swin_visformer_small_v2': 'swin_visformer_small_v2',
-              'swin_visformer_medium_v2': 'swin_visformer_medium_v2'}
-
-
-def _create(name: str, pretrained: bool, **kwargs: Any) -> Visformer:
-    n = len(kwargs.get('depths', ARCHS[name].get('depths', ())))
-    return build_backbone(Visformer, name, pretrained, checkpoint_filter_fn, num_stages=n,
-                          **dict(ARCHS[name], **kwargs))
-
-
-@register_model
-def official_visformer_tiny(pretrained: bool = False, **kwargs: Any) -> Visformer:
-    """Official ``visformer_tiny`` (v1, BatchNorm wrappers): 10.3M params, 1.3 GFLOPs."""
-    return _create('official_visformer_tiny', pretrained, **kwargs)
-
-
-@register_model
-def official_visformer_small(pretrained: bool = False, **kwargs: Any) -> Visformer:
-    """Official ``visformer_small`` (v1, BatchNorm wrappers): 40.2M params, 4.9 GFLOPs."""
-    return _create('official_visformer_small', pretrained, **kwargs)
-
-
-@register_model
-def swin_visformer_tiny_v2(pretrained: bool = False, **kwargs: Any) -> Visformer:
-    """Visformer-tiny v2 (Swin windows in stages 2-3): 9.4M params, 1.3 GFLOPs; qk exponent -0.5."""
-    return _create('swin_visformer_tiny_v2', pretrained, **kwargs)
-
-
-@register_model
-def swin_visformer_small_v2(pretrained: bool = False, **kwargs: Any) -> Visformer:
-    """Visformer-small v2: 23.6M params, 4.3 GFLOPs; qk exponent -0.5."""
-    return _create('swin_visformer_small_v2', pretrained, **kwargs)
-
-
-@register_model
-def swin_visformer_medium_v2(pretrained: bool = False, **kwargs: Any) -> Visformer:
-    """Visformer-medium v2: 44.5M params, 8.5 GFLOPs; qk exponent -0.5."""
-    return _create('swin_visformer_medium_v2', pretrained, **kwargs)
+# timm name -> architecture (danczs/Visformer models.py / swin_models.py) and the official function name
+# (MODEL.TYPE); no softmax twins
+ARCHS = register_family(__name__, _create, _cfg, {
+    'official_visformer_tiny': Variant(dict(_V1, init_channels=16, embed_dim=192, num_heads=3), official_type='visformer_tiny',
+                                       tag='in1k', doc='Official ``visformer_tiny`` (v1, BatchNorm wrappers): 10.3M params, 1.3 GFLOPs.'),
+    'official_visformer_small': Variant(dict(_V1, init_channels=32, embed_dim=384, num_heads=6),
+                                        official_type='visformer_small', tag='in1k',
+                                        doc='Official ``visformer_small`` (v1, BatchNorm wrappers): 40.2M params, 4.9 GFLOPs.'),
+    'swin_visformer_tiny_v2': Variant(dict(_V2, init_channels=24, embed_dim=192, depths=(1, 4, 6, 3), num_heads=(1, 3, 6, 12)),
+                                      official_type='swin_visformer_tiny_v2', tag='in1k',
+                                      doc='Visformer-tiny v2 (Swin windows in stages 2-3): 9.4M params, 1.3 GFLOPs; qk exponent -0.5.'),
+    'swin_visformer_small_v2': Variant(dict(_V2, init_channels=32, embed_dim=256, depths=(1, 10, 14, 3), num_heads=(2, 4, 8, 16)),
+                                       official_type='swin_visformer_small_v2', tag='in1k',
+                                       doc='Visformer-small v2: 23.6M params, 4.3 GFLOPs; qk exponent -0.5.'),
+    'swin_visformer_medium_v2': Variant(dict(_V2, init_channels=32, embed_dim=384, depths=(1, 8, 14, 2), num_heads=(2, 4, 8, 16)),
+                                        official_type='swin_visformer_medium_v2', tag='in1k',
+                                        doc='Visformer-medium v2: 44.5M params, 8.5 GFLOPs; qk exponent -0.5.'),
+})
+TIMM_NAMES = official_types(ARCHS)          # MODEL.TYPE (official function name) -> timm name
 
 
 # ---------------------------------------------------------------------- experiment config

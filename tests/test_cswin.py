@@ -69,8 +69,8 @@ def test_num_classes_and_img_size_are_honoured():
     model = build_model(cfg('flatten_cswin_t', 'MODEL.NUM_CLASSES', '10', 'DATA.IMG_SIZE', '96',
                             'MODEL.LA.CSWIN_LA_SPLIT_SIZE', '24-12-6-3'))
     assert model.head.weight.shape == (10, 512)
-    assert model.stage1[0].attns[0].positional_encoding.shape == (1, 24 * 24, 64)
-    assert model.stage2[0].attns[0].positional_encoding.shape == (1, 12 * 12, 128)
+    assert model.stages[0].blocks[0].attns[0].positional_encoding.shape == (1, 24 * 24, 64)
+    assert model.stages[1].blocks[0].attns[0].positional_encoding.shape == (1, 12 * 12, 128)
 
 
 @torch.no_grad()
@@ -93,10 +93,11 @@ def test_forward_reduced_size(name):
 def test_base_384_split_sizes_forward():
     """The shipped 384 path: '96-48-24-12' = the stage resolutions, softmax stripes 12 at stage 3."""
     model = build_model(cfg('flatten_cswin_b_384', 'MODEL.NUM_CLASSES', '3')).eval()
-    windows = [model.stage1[0].attns[0].window, model.stage2[0].attns[0].window,
-               model.stage3[0].attns[0].window, model.stage3[0].attns[1].window, model.stage4[0].attns[0].window]
+    first = [stage.blocks[0] for stage in model.stages]
+    windows = [first[0].attns[0].window, first[1].attns[0].window, first[2].attns[0].window,
+               first[2].attns[1].window, first[3].attns[0].window]
     assert windows == [(96, 96), (48, 48), (24, 12), (12, 24), (12, 12)]
-    assert model.stage1[0].attns[0].positional_encoding.shape == (1, 96 * 96, 96)
+    assert model.stages[0].blocks[0].attns[0].positional_encoding.shape == (1, 96 * 96, 96)
     out = model(torch.randn(1, 3, 384, 384))
     assert out.shape == (1, 3) and torch.isfinite(out).all()
 
@@ -107,7 +108,7 @@ def test_base_384_split_sizes_forward():
 def test_linear_and_softmax_variants(attn, split):
     model = build_model(cfg('flatten_cswin_t', 'DATA.IMG_SIZE', '96', 'MODEL.LA.ATTN_TYPE', attn,
                             'MODEL.LA.CSWIN_LA_SPLIT_SIZE', split)).eval()
-    kinds = {type(a) for stage in (model.stage1, model.stage2, model.stage3, model.stage4)
+    kinds = {type(a) for stage in (s.blocks for s in model.stages)
              for blk in stage for a in blk.attns}
     assert kinds == {FocusedLinearStripeAttention if t == 'L' else LePEAttention for t in attn}
     out = model(torch.randn(1, 3, 96, 96))
@@ -259,7 +260,7 @@ def small_model(**kw):
 def test_gradient_reaches_every_parameter(rng):
     torch.manual_seed(0)
     model = small_model()
-    assert len(model.stage1[0].attns) == 2 and len(model.stage3[0].attns) == 2
+    assert len(model.stages[0].blocks[0].attns) == 2 and len(model.stages[2].blocks[0].attns) == 2
     model(torch.randn(2, 3, 64, 64, generator=rng)).logsumexp(-1).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
@@ -300,7 +301,21 @@ def test_every_attention_module_exposes_a_tap(rng):
             m.tap.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, inp))
     model(torch.randn(1, 3, 64, 64, generator=rng))
     assert len(seen) == 2 + 2 + 4 + 1
-    lin = seen['stage1.0.attns.0']
+    lin = seen['stages.0.blocks.0.attns.0']
     assert len(lin) == 3 and lin[0].shape == (2, 16 * 8, 8)       # two 16x8 stripes, dim/2 channels
-    soft = seen['stage3.1.attns.1']
+    soft = seen['stages.2.blocks.1.attns.1']
     assert len(soft) == 1 and torch.allclose(soft[0].sum(-1), torch.ones(()))
+
+
+def test_layer_groups_are_the_official_ones():
+    """timm's layer groups (layer decay) keep the official CSwin matcher over the official names: merge{i} joins
+    block 0 of stage{i}, the final norm is last."""
+    from timm.models import group_parameters
+    model = small_model()
+    groups = group_parameters(model, model.group_matcher())
+    group_of = {model.official_keys.official(n): g for g, names in groups.items() for n in names}
+    assert group_of['stage1_conv_embed.0.weight'] == 0
+    assert group_of['merge1.conv.weight'] == group_of['stage1.0.qkv.weight'] == 1
+    assert group_of['stage2.0.qkv.weight'] == group_of['merge2.conv.weight'] == 2
+    assert group_of['stage3.1.qkv.weight'] == group_of['stage3.0.qkv.weight'] + 1
+    assert group_of['norm.weight'] == max(group_of.values()) - 1 == group_of['head.weight'] - 1

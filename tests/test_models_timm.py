@@ -371,7 +371,7 @@ def test_pvt_size_keys_and_unused_keys():
     model = build_model(load_config(cfg, ['DATA.IMG_SIZE', '64', 'MODEL.PVT.DEPTHS', '[1, 1, 1, 1]',
                                           'MODEL.PVT.EMBED_DIMS', '[8, 16, 24, 32]',
                                           'MODEL.PVT.NUM_HEADS', '[1, 2, 3, 4]']))
-    assert [len(getattr(model, f'block{i}')) for i in range(1, 5)] == [1, 1, 1, 1]
+    assert [len(stage.blocks) for stage in model.stages] == [1, 1, 1, 1]
     assert model.feature_info[3]['num_chs'] == 32
     with pytest.raises(ConfigError, match=r'MODEL\.PVT\.DEPTHS'):
         load_config(os.path.join(ROOT, 'cfgs/flatten_swin_t.yaml'), ['MODEL.PVT.DEPTHS', '[1, 1, 1, 1]'])

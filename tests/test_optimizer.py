@@ -25,7 +25,7 @@ OFFICIAL = {
     'flatten_cswin_t': ({'pos_embed', 'cls_token'}, set()),
 }
 # Ours, off by default: the focused attention's scale and positional_encoding, PVT-v1's pos_embed1-4.
-EXTRA = re.compile(r'(\.scale|\.positional_encoding|^pos_embed\d)$')
+EXTRA = re.compile(r'(\.scale|\.positional_encoding|^stages\.\d\.pos_embed)$')   # PVT: state-dict pos_embed{i}
 
 
 def official_no_decay(model: torch.nn.Module, skip: set, keywords: set) -> set:
@@ -67,7 +67,7 @@ def test_extra_exclusion_key(family):
     extra = {n for n, _ in model.named_parameters() if EXTRA.search(n)}
     assert no_decay == official_no_decay(model, *OFFICIAL[name]) | extra
     if name == 'flatten_pvt_t':
-        assert {'pos_embed1', 'pos_embed4'} <= extra
+        assert {'stages.0.pos_embed', 'stages.3.pos_embed'} <= extra
 
 
 def test_fused_on_cpu_and_found_inf_skips():

@@ -118,11 +118,11 @@ def test_official_key_layout():
 
 def test_official_layer_norm_eps():
     model = _tiny_v1()
-    assert model.patch_embed1.norm.eps == 1e-5 and model.block1[0].attn.norm.eps == 1e-5   # embed, reduction
-    assert model.block1[0].norm1.eps == model.block2[0].norm2.eps == model.norm.eps == 1e-6
+    assert model.stages[0].patch_embed.norm.eps == 1e-5 and model.stages[0].blocks[0].attn.norm.eps == 1e-5   # embed, reduction
+    assert model.stages[0].blocks[0].norm1.eps == model.stages[1].blocks[0].norm2.eps == model.norm.eps == 1e-6
     v2 = _tiny_v2(linear=True)
-    assert v2.patch_embed2.norm.eps == v2.block1[0].attn.norm.eps == 1e-5
-    assert v2.block1[0].norm1.eps == v2.norm4.eps == 1e-6
+    assert v2.stages[1].patch_embed.norm.eps == v2.stages[0].blocks[0].attn.norm.eps == 1e-5
+    assert v2.stages[0].blocks[0].norm1.eps == v2.stages[3].norm.eps == 1e-6
 
 
 @pytest.mark.parametrize('name', ['flatten_pvt_t', 'flatten_pvt_v2_b0'])
@@ -272,6 +272,23 @@ def _tiny_v2(linear):
                         attn_type='SLLS', la_sr_ratios='1421', linear=linear)
 
 
+def test_state_dict_names_are_the_official_ones_at_any_depth():
+    """The stages live in one ModuleList; state dicts still use the official per-stage names (written out here),
+    load strictly at any nesting depth, and name missing keys officially."""
+    torch.manual_seed(0)
+    src, dst = _tiny_v2(False), _tiny_v2(False)
+    sd = src.state_dict()
+    official = {f'{name}{i}' for i in range(1, 5) for name in ('patch_embed', 'block', 'norm')} | {'head'}
+    assert {k.split('.')[0] for k in sd} == official
+    wrapped = torch.nn.Sequential(dst)
+    wrapped.load_state_dict({f'0.{k}': v for k, v in sd.items()}, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(src.parameters(), dst.parameters()))
+    assert list(wrapped.state_dict()) == [f'0.{k}' for k in sd]
+    sd.pop('block3.0.norm1.weight')
+    assert wrapped.load_state_dict({f'0.{k}': v for k, v in sd.items()}, strict=False).missing_keys == [
+        '0.block3.0.norm1.weight']
+
+
 @pytest.mark.parametrize('family', ['v1', 'v2', 'v2_linear'])
 def test_gradients_reach_every_parameter_with_and_without_checkpointing(family, rng):
     torch.manual_seed(0)
@@ -300,7 +317,7 @@ def test_use_checkpoint_config_and_weight_decay_lists():
     assert model.use_checkpoint
     v1 = _tiny_v1()
     names = {n for n, _ in v1.named_parameters()}
-    assert {f'pos_embed{i}' for i in range(1, 5)} <= names
+    assert {f'stages.{i}.pos_embed' for i in range(4)} <= names       # state-dict name: pos_embed{i + 1}
     # the official rules (LeapLabTHU/FLatten-Transformer): PVT-v1 {'cls_token'} (pos_embed1-4 decayed),
     # PVTv2 {'pos_embed1'..'pos_embed4', 'cls_token'} (names PVTv2 does not have); no keyword lists
     assert v1.no_weight_decay() == {'cls_token'}
@@ -309,9 +326,9 @@ def test_use_checkpoint_config_and_weight_decay_lists():
     # our opt-in extras: full names of every scale, positional encoding and (v1) position embedding
     for m in (v1, model):
         want = {n for n in dict(m.named_parameters())
-                if n.split('.')[-1] in ('scale', 'positional_encoding') or n.startswith('pos_embed')}
+                if n.split('.')[-1] in ('scale', 'positional_encoding', 'pos_embed')}
         assert m.extra_no_weight_decay() == want and any(n.endswith('attn.scale') for n in want)
-    assert {f'pos_embed{i}' for i in range(1, 5)} <= v1.extra_no_weight_decay()
+    assert {f'stages.{i}.pos_embed' for i in range(4)} <= v1.extra_no_weight_decay()
     # the official final norm: in the state dict (strict official loading), but buffers, not parameters
     assert not getattr(v1, 'has_unused_parameters', False) and not getattr(model, 'has_unused_parameters', False)
     assert {'norm.weight', 'norm.bias'} <= set(v1.state_dict()) and not names & {'norm.weight', 'norm.bias'}
@@ -328,13 +345,13 @@ def test_taps_expose_every_attention():
         model(torch.randn(1, 3, 64, 64))
     assert len(seen) == n_attn == 5
     for name, out in seen:
-        if name.startswith(('block1', 'block3')):          # 'L' stages: (phi_q, phi_k, v)
+        if name.startswith(('stages.0.', 'stages.2.')):    # 'L' stages: (phi_q, phi_k, v)
             assert isinstance(out, tuple) and len(out) == 3
         else:                                              # 'S' stages: probabilities over reduced keys
             torch.testing.assert_close(out.sum(-1), torch.ones_like(out.sum(-1)))
     shapes = dict((n, o[1].shape if isinstance(o, tuple) else o.shape) for n, o in seen)
-    assert shapes['block1.0.attn.tap'] == (1, 64, 16)       # 16x16 map reduced by 2 -> 64 keys
-    assert shapes['block2.0.attn.tap'] == (1, 2, 64, 4)     # 8x8 map, softmax sr 4 -> 4 keys
+    assert shapes['stages.0.blocks.0.attn.tap'] == (1, 64, 16)       # 16x16 map reduced by 2 -> 64 keys
+    assert shapes['stages.1.blocks.0.attn.tap'] == (1, 2, 64, 4)     # 8x8 map, softmax sr 4 -> 4 keys
 
 
 # ----------------------------------------------------------------------------- config handling
@@ -342,15 +359,15 @@ def test_num_classes_and_img_size_are_honoured():
     config = cfg('flatten_pvt_t', 'DATA.IMG_SIZE', '96', 'MODEL.NUM_CLASSES', '7',
                  'MODEL.LA.PVT_LA_SR_RATIOS', '8421')
     model = build_model(config).eval()
-    assert model.pos_embed1.shape == (1, 24 * 24, 64) and model.pos_embed4.shape == (1, 9, 512)
-    assert model.block1[0].attn.positional_encoding.shape == (1, 9, 64)
+    assert model.stages[0].pos_embed.shape == (1, 24 * 24, 64) and model.stages[3].pos_embed.shape == (1, 9, 512)
+    assert model.stages[0].blocks[0].attn.positional_encoding.shape == (1, 9, 64)
     assert n_params(model) == hand_count('flatten_pvt_t', img=96, classes=7, la_sr='8421')
     with torch.no_grad():
         assert model(torch.randn(2, 3, 96, 96)).shape == (2, 7)
         with pytest.raises(ValueError, match='DATA.IMG_SIZE'):
             model(torch.randn(1, 3, 64, 64))
     v2 = build_model(cfg('flatten_pvt_v2_b0', 'DATA.IMG_SIZE', '128', 'MODEL.NUM_CLASSES', '4'))
-    assert v2.block2[0].attn.positional_encoding.shape == (1, 16 * 16, 64)
+    assert v2.stages[1].blocks[0].attn.positional_encoding.shape == (1, 16 * 16, 64)
     assert n_params(v2) == hand_count('flatten_pvt_v2_b0', img=128, classes=4)
 
 
