@@ -133,38 +133,6 @@ def fit_state_dict(state_dict: Dict[str, Any], model: nn.Module,
     return out
 
 
-def official_keys(module: nn.Module, to_official: Callable[[str], str], from_official: Callable[[str], str]) -> None:
-    """Keep the official state-dict keys of a model whose modules are regrouped (stages in a list the one forward
-    loop walks): ``state_dict()`` renames each key below the module's prefix with ``to_official`` (order kept),
-    ``load_state_dict`` renames the given keys with ``from_official`` before loading (strict checks included).
-    Parameter and module names (``named_parameters``, ``group_matcher``) are the regrouped ones."""
-
-    def save(mod: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        # this module's keys are the tail of ``state_dict`` here: popping and re-adding them all keeps the order
-        for k in [k for k in state_dict if k.startswith(prefix)]:
-            state_dict[prefix + to_official(k[len(prefix):])] = state_dict.pop(k)
-        _rename_metadata(state_dict, prefix, to_official)
-
-    def load(mod: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-        for k in [k for k in state_dict if k.startswith(prefix)]:
-            new = prefix + from_official(k[len(prefix):])
-            if new != k:
-                state_dict[new] = state_dict.pop(k)
-        _rename_metadata(state_dict, prefix, from_official)
-
-    module.register_state_dict_post_hook(save)
-    module.register_load_state_dict_pre_hook(load)
-
-
-def _rename_metadata(state_dict: Any, prefix: str, rename: Callable[[str], str]) -> None:
-    """The per-module version entries (``state_dict._metadata``, keyed by module name) renamed like the keys."""
-    meta = getattr(state_dict, '_metadata', None)
-    if not meta:
-        return
-    for name in [n for n in meta if n.startswith(prefix) and n != prefix[:-1]]:
-        meta[prefix + rename(name[len(prefix):] + '.')[:-1]] = meta.pop(name)
-
-
 def _looks_like_checkpoint(path: str) -> bool:
     """A file torch.load or safetensors can read: a zip (torch.save), a pickle (legacy torch.save), or a
     ``.safetensors`` file (timm chooses its reader by that extension)."""

@@ -16,15 +16,18 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.layers.trace_utils import _assert
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_filter_fn
 
-from ._builder import FeatureGetter, flatten_pretrained_cfg
+from state_dicts import unwrap_state_dict
+
+from .checkpoint_fit import check_shared_keys
+from ._builder import FeatureGetter, Variant, flatten_pretrained_cfg, register_family
 from .build import ModelSpec, register_config_adapter, timm_spec
 from .focused_attention import LA_SECTION
 from .attention_convert import FocusedLinearViTAttention, convert_attention, fill_converted_state
 
-__all__ = ['FLattenDeiT', 'flatten_deit_t']
+__all__ = ['FLattenDeiT']      # + the registered names (timm's register_model adds them)
 
 _logger = logging.getLogger(__name__)
 
@@ -86,22 +89,15 @@ class FLattenDeiT(VisionTransformer):
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """timm's ViT filter (DeiT / ViT checkpoints, pos_embed resampled), then the focused-linear parameters fitted:
     a softmax DeiT checkpoint leaves them at their initialisation (logged), another size resamples them."""
-    out, added = fill_converted_state(vit_filter_fn(state_dict, model), model)
+    state_dict = vit_filter_fn(unwrap_state_dict(state_dict), model)
+    check_shared_keys(state_dict, model)         # a checkpoint of another model: one line, not a strict-load dump
+    out, added = fill_converted_state(state_dict, model)
     if added:
         _logger.warning('%d focused-linear tensors not in the checkpoint start from their initialisation: %s',
                         len(added), ', '.join(added[:6]) + (' ...' if len(added) > 6 else ''))
     return out
 
 
-default_cfgs = generate_default_cfgs({
-    'flatten_deit_t': dict(flatten_pretrained_cfg('patch_embed.proj', notes=(
-        'no official weights: FLatten-DeiT-T is not in the official release (paper: 74.1 top-1)',)), pool_size=None),
-})
-
-# registered name -> VisionTransformer arguments (DeiT-T)
-VARIANTS = {
-    'flatten_deit_t': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
-}
 # the tiny architecture the test suite builds this family at (tests/our_registry.py reads it)
 TEST_TINY_KWARGS = dict(img_size=64, embed_dim=32, depth=2, num_heads=2)
 
@@ -120,11 +116,17 @@ def deit_spec(config) -> ModelSpec:
 def _create(name: str, pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
     out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(FLattenDeiT, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls=FeatureGetter),
-                                **dict(VARIANTS[name], **kwargs))
+                                feature_cfg=dict(out_indices=out_indices, feature_cls=FeatureGetter), **kwargs)
 
 
-@register_model
-def flatten_deit_t(pretrained: bool = False, **kwargs: Any) -> FLattenDeiT:
-    """FLatten-DeiT-T: DeiT-T, focused linear attention (p = 3, DWC 5) in all 12 blocks."""
-    return _create('flatten_deit_t', pretrained, **kwargs)
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return dict(flatten_pretrained_cfg('patch_embed.proj', notes=(
+        'no official weights: FLatten-DeiT-T is not in the official release (paper: 74.1 top-1)',)),
+        pool_size=None, **kwargs)
+
+
+# registered name -> VisionTransformer arguments (DeiT-T); the softmax twin is timm's own deit_tiny_patch16_224
+VARIANTS = register_family(__name__, _create, _cfg, {
+    'flatten_deit_t': Variant(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+                              doc='FLatten-DeiT-T: DeiT-T, focused linear attention (p = 3, DWC 5) in all 12 blocks.'),
+})

@@ -21,7 +21,6 @@ the official names for all five; ``checkpoint_filter_fn`` also accepts timm's vi
 """
 
 import logging
-import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,8 +34,8 @@ from timm.models.visformer import SpatialMlp
 from state_dicts import unwrap_state_dict
 
 from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
-from .checkpoint_fit import fit_state_dict, official_keys, resample_position_map
-from ._builder import Variant, build_backbone, official_types, register_family, square_size
+from .checkpoint_fit import fit_state_dict, resample_position_map
+from ._builder import OfficialPaths, Variant, build_backbone, official_types, register_family, square_size
 from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size, init_weights,
                      shifted_window_mask, window_partition, window_reverse)
 
@@ -216,7 +215,7 @@ def _flags(name: str, value: str, n: int) -> List[bool]:
     return [c == '1' for c in value]
 
 
-class Visformer(LinearHeadMixin, nn.Module):
+class Visformer(OfficialPaths, LinearHeadMixin, nn.Module):
     """Visformer v1 (3 stages) or v2 (4 stages). forward: (B, 3, img_size, img_size) -> (B, num_classes).
 
     Stage i (numbered so that the last is 3: v1 uses 1-3, v2 0-3) has width embed_dim * 2**(i - 2), a
@@ -264,7 +263,7 @@ class Visformer(LinearHeadMixin, nn.Module):
         res = [img_size // reduction // 2 ** j for j in range(n)]
 
         # parameters first, as officially; the state-dict keys stay official (pos_embed{i}, patch_embed{i},
-        # stage{i}.{b}) through official_keys: TorchScript walks a list, not attributes named by a computed string
+        # stage{i}.{b}) through OfficialPaths: TorchScript walks a list, not attributes named by a computed string
         self.pos_embeds = nn.ParameterList([nn.Parameter(torch.zeros(1, widths[j], res[j], res[j])) for j in range(n)])
         self.stem = nn.Sequential(nn.Conv2d(in_chans, init_channels, 7, stride=2, padding=3, bias=False),
                                   BatchNorm(init_channels), nn.ReLU(inplace=True))
@@ -290,7 +289,9 @@ class Visformer(LinearHeadMixin, nn.Module):
         for pos in self.pos_embeds:
             trunc_normal_(pos, std=.02)
         self.apply(self._init_weights)
-        official_keys(self, self._official_key, self._internal_key)
+        self.use_official_keys(pair for j in range(n) for pair in (
+            (f'pos_embeds.{j}', f'pos_embed{j + self.first}'), (f'stages.{j}.patch_embed', f'patch_embed{j + self.first}'),
+            (f'stages.{j}.blocks', f'stage{j + self.first}')))
 
 
     @staticmethod
@@ -330,27 +331,6 @@ class Visformer(LinearHeadMixin, nn.Module):
         self.grad_checkpointing = enable
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def _official_key(self, key: str) -> str:
-        """A state-dict key in the official names: pos_embeds.j -> pos_embed{i}, stages.j.patch_embed. ->
-        patch_embed{i}., stages.j.blocks. -> stage{i}. (i = j + first, the official stage number)."""
-        for pattern, name in ((r'pos_embeds\.(\d+)$', 'pos_embed{}'), (r'stages\.(\d+)\.patch_embed\.', 'patch_embed{}.'),
-                              (r'stages\.(\d+)\.blocks\.', 'stage{}.')):
-            hit = re.match(pattern, key)
-            if hit:
-                return name.format(int(hit.group(1)) + self.first) + key[hit.end():]
-        return key
-
-    @torch.jit.ignore
-    def _internal_key(self, key: str) -> str:
-        """The inverse of :meth:`_official_key`; a key of a stage this model does not have stays as it is."""
-        for pattern, name in ((r'pos_embed(\d)$', 'pos_embeds.{}'), (r'patch_embed(\d)\.', 'stages.{}.patch_embed.'),
-                              (r'stage(\d)\.', 'stages.{}.blocks.')):
-            hit = re.match(pattern, key)
-            if hit and 0 <= int(hit.group(1)) - self.first < len(self.stages):
-                return name.format(int(hit.group(1)) - self.first) + key[hit.end():]
-        return key
 
     def _check_input_size(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, 3, H, W) unchanged; without ``dynamic_img_size`` a ValueError naming the image size when

@@ -276,7 +276,7 @@ def test_gpu_benchmark_script_arguments_check_without_a_gpu(tmp_path, monkeypatc
     assert 'tests collected' in (tmp_path / 'out' / 'log.txt').read_text()
     argvs = [json.loads(line) for line in calls.read_text().splitlines()]
     assert len(argvs) == 7 and all('--check' in a for a in argvs)
-    import latency
+    from tools import latency
     tools = {'benchmark.py': benchmark.main, 'latency.py': latency.main}
     monkeypatch.chdir(ROOT)                                           # the script runs from the repository root
     capsys.readouterr()

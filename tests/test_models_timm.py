@@ -56,13 +56,21 @@ def test_registered_names_and_pretrained_cfgs():
     # clash with timm's own (a clash would overwrite timm's entry; our entrypoints must be ours)
     assert {module_of(n) for n in OURS} >= {'models.flatten_swin', 'models.flatten_pvt', 'models.flatten_pvt_v2',
                                             'models.flatten_cswin', 'models.dat', 'models.l2vit', 'models.visformer'}
-    assert all(n + '_softmax' in OURS for n in FLATTEN if not n.endswith('_softmax') and not n.endswith(('_b5', '_li')))
+    # a FLatten family with softmax baselines has one per variant (PVTv2 b5 / b2_li: no official softmax
+    # counterpart); FLatten-DeiT-T's baseline is timm's own deit_tiny_patch16_224
+    twinned = {module_of(n) for n in OURS if n.endswith('_softmax')}
+    assert all(n + '_softmax' in OURS for n in FLATTEN if module_of(n) in twinned and not n.endswith('_softmax')
+               and not n.endswith(('_b5', '_li')))
+    assert timm.is_model('deit_tiny_patch16_224')
     for name in OURS:
         cfg = timm.models.get_pretrained_cfg(name)
         assert cfg is not None and cfg.url in ('', None) and cfg.hf_hub_id in ('', None), name   # never downloads
         assert cfg.num_classes == 1000 and cfg.classifier and cfg.first_conv, name   # names: timm's suite checks
         assert cfg.input_size == (3, 384, 384) if '_384' in name else cfg.input_size == (3, 224, 224)
-        assert cfg.pool_size == (cfg.input_size[1] // 32, cfg.input_size[2] // 32), name   # every family: /32
+        if cfg.pool_size is not None:       # every map-pooled family: /32
+            assert cfg.pool_size == (cfg.input_size[1] // 32, cfg.input_size[2] // 32), name
+        else:                               # token-pooled (a plain ViT family): one stride-16 token grid
+            assert set(feature_reductions(name)) == {16}, name
     for name in FLATTEN:
         assert timm.models.get_pretrained_cfg(name).paper_ids == 'arXiv:2308.00442'
     # the official download addresses are kept as metadata

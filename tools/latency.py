@@ -41,7 +41,7 @@ import torch.nn as nn  # noqa: E402
 
 from tools.bench.configs import TimmSpec, build, load_cfg  # noqa: E402
 from tools.bench.environment import environment  # noqa: E402
-from tools.bench.official import OfficialProcess  # noqa: E402
+from tools.bench.official import OfficialProcess, official_cfg_name  # noqa: E402
 from tools.bench.timing import make_input, time_calls  # noqa: E402
 from tools.published_top1 import PAPER_CPU_SPEEDUP, TABLE, Published  # noqa: E402
 
@@ -133,72 +133,6 @@ def check_predictions(model: nn.Module, run: Callable[[torch.Tensor], torch.Tens
     from engine import check_same_predictions
     with torch.no_grad():
         return check_same_predictions(model(images), run(images), 'this runtime')
-
-
-# ----------------------------------------------------------------------------- runtimes
-def digits_images(n: int, size: int) -> torch.Tensor:
-    """The first ``n`` images of the embedded digits val split (data/digits.py), ``size`` px, normalised
-    as the val transform does (ImageNet mean / std) -> (n, 3, size, size)."""
-    import numpy as np
-    from PIL import Image
-    from data.digits import write_digits
-    with tempfile.TemporaryDirectory() as tmp:
-        write_digits(tmp, size, max_train_per_class=0, max_val_per_class=-(-n // 10))
-        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(tmp, 'val')) for f in fs)[:n]
-        arr = np.stack([np.asarray(Image.open(f).convert('RGB'), dtype=np.float32) / 255 for f in files])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
-    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-
-
-def make_runner(model: nn.Module, runtime: str, example: torch.Tensor, compile_backend: str = 'inductor'
-                ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> logits`` of the eval model under ``runtime``; onnxruntime is exported for ``example``'s shape
-    (batch dimension dynamic) and runs on the CPU."""
-    model.eval()
-    if runtime == 'eager':
-        return model
-    if runtime == 'compile':
-        return torch.compile(model, backend=compile_backend)
-    if runtime == 'onnxruntime':
-        import onnxruntime as ort
-        tmp = tempfile.mkdtemp(prefix='latency_onnx_')
-        path = os.path.join(tmp, 'model.onnx')
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings('ignore')
-            torch.onnx.export(model, (example.cpu(),), path, dynamo=True, verbose=False,
-                              dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=1024)},))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
-        name = session.get_inputs()[0].name
-        return lambda x: torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy()})[0])
-    raise ValueError(f'runtime {runtime!r}: choose one of {RUNTIMES}')
-
-
-def check_predictions(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                      rtol: float = 1e-3, atol_rel: float = 1e-4) -> Dict[str, Any]:
-    """Compare ``run`` with the eager model on ``images``. Top-1 must match wherever the eager top-2 margin
-    exceeds the logit tolerance (a closer margin is a tie at float precision: counted as 'ties'); logits must
-    satisfy |run - eager| <= atol + rtol |eager| with atol = atol_rel x max |eager|. Raises ValueError
-    naming the mismatch; returns the measured differences."""
-    with torch.no_grad():
-        ref = model(images).float().cpu()
-        out = run(images).float().cpu()
-    atol = atol_rel * ref.abs().max().item()
-    tol = atol + rtol * ref.abs()
-    diff = (out - ref).abs()
-    top2 = ref.topk(2, dim=-1).values
-    decided = (top2[:, 0] - top2[:, 1]) > 2 * tol.max(dim=-1).values
-    agree = out.argmax(-1) == ref.argmax(-1)
-    res = {'images': images.shape[0], 'max_abs_diff': diff.max().item(), 'atol': atol,
-           'top1_agree': int(agree.sum()), 'ties': int((~decided).sum())}
-    if not bool((diff <= tol).all()):
-        raise ValueError(f'logits differ from eager by up to {res["max_abs_diff"]:.3g} (> atol {atol:.3g} + '
-                         f'rtol {rtol}); this runtime does not compute the same function: use --runtime eager')
-    if not bool(agree[decided].all()):
-        raise ValueError(f'top-1 differs from eager on {int((~agree[decided]).sum())} of {int(decided.sum())} '
-                         f'decided images; use --runtime eager')
-    return res
 
 
 # ----------------------------------------------------------------------------- run
@@ -451,7 +385,7 @@ def check_args(args: argparse.Namespace) -> int:
         if isinstance(config, TimmSpec) and not timm.is_model(config.name):
             raise SystemExit(f'{p.name}: timm has no model {config.name}')
         if args.reference and p.kind == 'flatten':
-            benchmark.official_cfg_name(args.reference, p.spec)
+            official_cfg_name(args.reference, p.spec)
     print(f'arguments ok: {len(chosen)} models, nothing measured (--check)')
     return len(chosen)
 
