@@ -7,7 +7,7 @@ Public entry points:
 
 The experiment keys of the official Swin-codebase config live here (keys that are new in this codebase are
 marked "(ours)"); the model keys are declared by each model family next to its models (its official
-config section) and by ``models/build.py`` (any timm model: MODEL.TYPE, MODEL.KWARGS).
+config section) and by ``models/config_adapter.py`` (any timm model: MODEL.TYPE, MODEL.KWARGS).
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ _C.MODEL.KWARGS = CN(new_allowed=True)
 # (models.convert_attention; options MODEL.LA.FOCUSING_FACTOR / KERNEL_SIZE / BLOCKS / DWC / FOCUSED)
 _C.MODEL.ATTENTION = ''
 # Each model family declares its own section (MODEL.<SECTION>: the keys of its official configs) next to
-# its models; default_config() adds them (models/build.py: ConfigSection).
+# its models; default_config() adds them (models/config_adapter.py: ConfigSection).
 
 # ----------------------------------------------------------------------------- training
 _C.TRAIN = CN()
@@ -162,8 +162,8 @@ _C.TENSORBOARD = False                   # (ours) set by --tensorboard: also wri
 
 def default_config() -> CN:
     """A mutable copy of the defaults: the experiment keys above plus the config section every model family
-    declares (models/build.py: ``ConfigSection``)."""
-    from models.build import config_sections
+    declares (models/config_adapter.py: ``ConfigSection``)."""
+    from models.config_adapter import config_sections
     import models  # noqa: F401  (local: the families declare their sections on import)
 
     config = _C.clone()
@@ -331,8 +331,8 @@ def get_config(args) -> CN:
 def resolve_config(config: CN) -> None:
     """In place, before validation: a placeholder path in angle brackets (an official YAML ships e.g.
     ``PRETRAINED: "<path-to-weights.pth>"``) counts as unset (``--pretrained PATH`` sets a real one); then each
-    model family's own reconciliation of its section (models/build.py: ``ConfigSection.resolve``)."""
-    from models.build import resolve_sections
+    model family's own reconciliation of its section (models/config_adapter.py: ``ConfigSection.resolve``)."""
+    from models.config_adapter import resolve_sections
 
     for key in ('PRETRAINED', 'RESUME'):
         value = config.MODEL[key]
@@ -352,7 +352,7 @@ def _set(config: CN, key: str, value: Any) -> None:
 # ----------------------------------------------------------------------------- validation
 def validate_config(config: CN) -> None:
     """Cheap checks that fail before any work, each with one line naming the key and the fix. The model
-    keys are checked by the model layer (``models.build.validate_model_config``: each family's declared
+    keys are checked by the model layer (``models.config_adapter.validate_model_config``: each family's declared
     key checks and layout checks, an unknown MODEL.TYPE with the closest registered names)."""
     if config.DATA.BATCH_SIZE <= 0:
         raise ConfigError(f"DATA.BATCH_SIZE must be positive, got {config.DATA.BATCH_SIZE} "
@@ -366,9 +366,9 @@ def validate_config(config: CN) -> None:
         raise ConfigError(f"DATA.IMG_SIZE must be positive, got {config.DATA.IMG_SIZE}")
     if config.MODEL.NUM_CLASSES <= 0:
         raise ConfigError(f"MODEL.NUM_CLASSES must be positive, got {config.MODEL.NUM_CLASSES}")
-    from models.build import validate_model_config
+    from models.config_adapter import validate_model_config
     validate_model_config(config, _C)    # the family's keys, an unknown MODEL.TYPE, keys of another type, ...
-    from models.build import input_channels
+    from models.config_adapter import input_channels
     channels, key = input_channels(config)
     if channels not in (1, 3):
         raise ConfigError(f"{key} {channels}: the data pipeline gives RGB (3) or grayscale (1) images; set 3 or 1")

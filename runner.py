@@ -32,7 +32,7 @@ from errors import ConfigError
 from logger import MetricsWriter, create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
-from models.build import input_channels
+from models.config_adapter import input_channels
 from optimizer import build_optimizer
 from resume import load_finetune_weights, load_weights, resume_run, resume_source
 from utils import (DistInfo, cleanup_distributed, init_distributed, pick_device, release_ddp_reducer,

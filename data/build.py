@@ -70,7 +70,7 @@ def to_grayscale(image: torch.Tensor) -> torch.Tensor:
 
 def build_transform(is_train: bool, config: CfgNode) -> Callable:
     """:func:`rgb_transform`, then :func:`to_grayscale` when the model takes one input channel."""
-    from models.build import input_channels
+    from models.config_adapter import input_channels
     t = rgb_transform(is_train, config)
     return transforms.Compose([t, to_grayscale]) if input_channels(config)[0] == 1 else t
 

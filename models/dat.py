@@ -43,9 +43,9 @@ from timm.models._features import feature_take_indices
 from errors import ConfigError
 from state_dicts import unwrap_state_dict
 
-from .build import ConfigSection, ModelSpec, _plain, config_section, register_config_adapter
+from .config_adapter import ConfigSection, ModelSpec, _plain, config_section, register_config_adapter
 from .checkpoint_fit import fit_state_dict
-from ._builder import Variant, build_backbone, register_family
+from .builder import Variant, build_backbone, register_family
 from .dat_attention import DatWindowAttention, DeformableAttention, LayerNormProxy, NeighborhoodAttention
 from .layers import LinearHeadMixin
 

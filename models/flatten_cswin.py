@@ -16,7 +16,7 @@ resampled bicubically to it); stripe branches zero-pad the map to a multiple of 
 State-dict layout matches the official ``FLatten_CSWin_*`` models: ``stage1_conv_embed.{0,2}``,
 ``stage{i}.{j}.{qkv,norm1,proj,attns.{k},mlp,norm2}``, ``merge{i}.{conv,norm}``, ``norm``, ``head`` (the modules
 live in ``stages[i-1].blocks`` / ``stages[i].merge``; state dicts and ``get_submodule`` use the official names,
-:class:`models._builder.OfficialPaths`).
+:class:`models.builder.OfficialPaths`).
 
 Token layout of one block (resolution R x R, C channels):
   * a branch attends inside rectangular windows ("stripes") of H_sp x W_sp tokens and adds a locally
@@ -56,10 +56,10 @@ from timm.models._features import feature_take_indices
 
 from state_dicts import unwrap_state_dict
 
-from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
+from .config_adapter import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, merge_heads, split_heads
 from .checkpoint_fit import fit_state_dict
-from ._builder import (OfficialPaths, SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg, official_types,
+from .builder import (OfficialPaths, SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg, official_types,
                        register_family, softmax_twin_name, square_size)
 from .layers import (ClassifierMixin, TokenGroups, check_input_size, init_weights, tokens_to_nchw,
                      tokens_to_nhwc)

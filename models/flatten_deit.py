@@ -22,8 +22,8 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from state_dicts import unwrap_state_dict
 
 from .checkpoint_fit import check_shared_keys
-from ._builder import FeatureGetter, Variant, flatten_pretrained_cfg, register_family
-from .build import ModelSpec, register_config_adapter, timm_spec
+from .builder import FeatureGetter, Variant, flatten_pretrained_cfg, register_family
+from .config_adapter import ModelSpec, register_config_adapter, timm_spec
 from .focused_attention import LA_SECTION
 from .attention_convert import FocusedLinearViTAttention, convert_attention, fill_converted_state
 

@@ -12,7 +12,7 @@ Both attention kinds take keys and values from a spatially reduced copy of the t
     :func:`interpolate_tokens` before its depth-wise conv (``dwc``), as the official code does.
 
 State-dict layout matches the official ``flatten_pvt_{tiny,small,medium,large}`` (the modules live in
-``stages[i-1]``; state dicts use the official names, :class:`models._builder.OfficialPaths`): ``patch_embed{i}``,
+``stages[i-1]``; state dicts use the official names, :class:`models.builder.OfficialPaths`): ``patch_embed{i}``,
 ``pos_embed{i}``, ``block{i}.{j}``, the official final ``norm``, which the official forward never applies (the
 head reads the token mean of stage 4 directly): kept as buffers (:class:`InertNorm`) so official
 checkpoints load strictly while every parameter gets a gradient; and ``head``. Unlike the official
@@ -39,10 +39,10 @@ from timm.models._features import feature_take_indices
 
 from state_dicts import unwrap_state_dict
 
-from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
+from .config_adapter import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_SOFTMAX, LA_SECTION, AttentionTap, FocusedLinearAttentionBase, interpolate_tokens
 from .checkpoint_fit import fit_state_dict
-from ._builder import (OfficialPaths, SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg,
+from .builder import (OfficialPaths, SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg,
                        official_types, register_family, softmax_twin_name, square_size)
 from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, init_weights, tokens_to_nchw,
                      tokens_to_nhwc, whole_grid)

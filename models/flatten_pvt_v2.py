@@ -33,9 +33,9 @@ import torch
 import torch.nn as nn
 from timm.layers import to_2tuple
 
-from .build import ModelSpec, register_config_adapter
+from .config_adapter import ModelSpec, register_config_adapter
 from .focused_attention import LA_SECTION
-from ._builder import SoftmaxTwin, Variant, build_backbone, official_types, register_family, square_size
+from .builder import SoftmaxTwin, Variant, build_backbone, official_types, register_family, square_size
 from .flatten_pvt import (NUM_STAGES, PVT_LA_KEYS, PVTBlock, PyramidClassifier, PyramidStage, check_pvt_layout,
                           check_stage_lists, checkpoint_filter_fn, init_weights, pvt_cfg, pyramid_section,
                           pyramid_spec, stage_sr_ratios, tokens_to_nchw)

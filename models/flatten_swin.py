@@ -35,10 +35,10 @@ from timm.models._features import feature_take_indices
 
 from state_dicts import unwrap_state_dict
 
-from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
+from .config_adapter import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import LA_SECTION, FocusedLinearAttentionBase
 from .checkpoint_fit import fit_state_dict
-from ._builder import (SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg, register_family,
+from .builder import (SoftmaxTwin, Variant, build_backbone, flatten_pretrained_cfg, register_family,
                        softmax_twin_name, square_size)
 from .layers import (ClassifierMixin, PatchEmbed, TokenGroups, WindowAttention, init_weights,
                      relative_position_index, run_blocks, shifted_window_mask, tokens_to_nchw, tokens_to_nhwc,

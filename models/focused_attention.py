@@ -466,7 +466,7 @@ def _check_kernel(value: int) -> Optional[str]:
 
 
 def _build_section():
-    from .build import ConfigKey, ConfigSection, config_section
+    from .config_adapter import ConfigKey, ConfigSection, config_section
     return config_section(ConfigSection('LA', (
         ConfigKey('FOCUSING_FACTOR', 3, 'focusing_factor'),
         ConfigKey('KERNEL_SIZE', 5, 'kernel_size', check=_check_kernel),

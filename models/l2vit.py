@@ -31,10 +31,10 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 
 from state_dicts import unwrap_state_dict
 
-from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
+from .config_adapter import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .focused_attention import ATTN_LINEAR, AttentionTap3
 from .checkpoint_fit import fit_state_dict
-from ._builder import Variant, build_backbone, official_types, register_family
+from .builder import Variant, build_backbone, official_types, register_family
 from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, pool_features, tokens_to_nchw, whole_grid,
                      window_partition, window_reverse)
 

@@ -33,9 +33,9 @@ from timm.models.visformer import SpatialMlp
 
 from state_dicts import unwrap_state_dict
 
-from .build import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
+from .config_adapter import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .checkpoint_fit import fit_state_dict, resample_position_map
-from ._builder import OfficialPaths, Variant, build_backbone, official_types, register_family, square_size
+from .builder import OfficialPaths, Variant, build_backbone, official_types, register_family, square_size
 from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size, init_weights,
                      shifted_window_mask, window_partition, window_reverse)
 

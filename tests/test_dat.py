@@ -19,7 +19,7 @@ import yaml
 import models  # noqa: F401  (registration)
 from config import ConfigError, load_config
 from models import build_model
-from models.build import model_spec
+from models.config_adapter import model_spec
 from models.dat import DAT, checkpoint_filter_fn
 from models.dat_attention import DeformableAttention, NeighborhoodAttention, reference_points
 from models.neighborhood_attention import (natten_flops, neighborhood_attention, neighborhood_attention_naive,

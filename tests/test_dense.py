@@ -339,7 +339,7 @@ def test_classification_checkpoint_to_feature_backbone_at_another_size(tmp_path,
             assert torch.equal(loaded[k], source[k]), k
     head = 'cls_head' if name.startswith('dat') else 'head'
     assert not any(k.startswith(head + '.') for k in loaded)
-    lines = [r.getMessage() for r in caplog.records if r.name == 'models._builder']
+    lines = [r.getMessage() for r in caplog.records if r.name == 'models.builder']
     assert len(lines) == 1 and f'{head}.weight (feature backbone)' in lines[0]
     assert all(k in lines[0] for k in list(refs)[:1])
     assert 'not in the file' not in lines[0]

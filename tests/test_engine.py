@@ -616,7 +616,7 @@ def test_randaugment_posterize_patch_is_explicit(startup_server):
 
 def test_default_model_type_is_registered_and_dead_keys_are_gone():
     from config import default_config
-    from models.build import model_types
+    from models.config_adapter import model_types
     c = default_config()
     assert c.MODEL.TYPE in model_types()
     for key in ('KA', 'DIM_REDUCTION', 'STAGES', 'STAGES_NUM', 'RPB', 'PADDING_MODE', 'SHARE_DWC_KERNEL',
