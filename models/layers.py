@@ -47,11 +47,13 @@ class TokenGroups:
     grid: the block's (H, W) token grid; positions: (groups, N) long, flat grid index (row * W + col) of
     every query token of every group of ONE image, in the order the attention sees them; window: the
     (h, w) shape of one group, the image a depth-wise conv in the attention runs on; keys_reduced: keys
-    are a spatially reduced copy of the tokens (no per-key position)."""
+    are a spatially reduced copy of the tokens (no per-key position); prefix: tokens with no grid position
+    (class, distillation, register tokens) that come first in every group, before the positioned ones."""
     grid: Tuple[int, int]
     positions: torch.Tensor
     window: Tuple[int, int]
     keys_reduced: bool = False
+    prefix: int = 0
 
     def locate(self, row: int, col: int) -> Tuple[int, int]:
         """(group, token) of grid cell (row, col)."""
@@ -59,9 +61,9 @@ class TokenGroups:
         return int(hit[0, 0]), int(hit[0, 1])
 
 
-def whole_grid(hw: Tuple[int, int], keys_reduced: bool = False) -> TokenGroups:
-    """Every token of the (H, W) map in one row-major group."""
-    return TokenGroups(tuple(hw), torch.arange(hw[0] * hw[1]).unsqueeze(0), tuple(hw), keys_reduced)
+def whole_grid(hw: Tuple[int, int], keys_reduced: bool = False, prefix: int = 0) -> TokenGroups:
+    """Every token of the (H, W) map in one row-major group, after ``prefix`` unpositioned tokens."""
+    return TokenGroups(tuple(hw), torch.arange(hw[0] * hw[1]).unsqueeze(0), tuple(hw), keys_reduced, prefix)
 
 
 def tokens_to_nchw(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:

@@ -7,6 +7,12 @@ per-query maps over the block's token grid.
     acts on V over each group's (h, w) grid, i.e. V -> D V with a sparse (N, N) matrix D per kernel, so
     the block mixes V with A + D per head. As in the official visualisation the folded matrix is shown
     as |A + D|, row-normalised (the kernel can be negative); the dwc bias is not a token mixing and is left out.
+
+Prefix tokens (class, distillation, register tokens: ``TokenGroups.prefix``, read by :mod:`.layout`) have no
+grid position: their rows and columns are dropped from the drawn maps after the row normalisation (a grid
+query's map keeps its weights over the grid tokens, which then sum to 1 minus the share it gives the prefix
+tokens; that share is kept in ``AttentionMaps.prefix_share``). The dwc runs on the grid tokens only, so its
+matrix has no prefix rows or columns.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from errors import SelectionError
 
@@ -64,13 +71,17 @@ def _locate(name: str, stages: Sequence[str]) -> Tuple[str, str, int]:
     """(block path, stage path, block index) of attention module ``name``. Under a stage of the model's
     ``feature_info``, the block is the first indexed module below the stage (the attention module itself when
     the stage indexes its attention modules directly, ``<stage>.attns.<i>``); elsewhere the last indexed
-    module above the attention module (:func:`_split_block`)."""
+    module above the attention module (:func:`_split_block`). A ``feature_info`` module that is itself an
+    indexed module holding its attention module directly (timm's ViT lists every ``blocks.<i>``) is a block
+    of one stage, its parent."""
     for stage in stages:
         if name.startswith(stage + '.'):
             rest = name[len(stage) + 1:].split('.')
             for i, part in enumerate(rest):
                 if part.isdigit():
                     return '.'.join([stage] + rest[:i + 1]), stage, int(part)
+            if stage.rsplit('.', 1)[-1].isdigit():
+                break
             return name, stage, 0
     return _split_block(name)
 
@@ -222,11 +233,14 @@ def linear_attention_matrix(phi_q: torch.Tensor, phi_k: torch.Tensor, num_heads:
 
 @dataclass
 class AttentionMaps:
-    """Per-image attention of one site, reduced over heads: matrix (groups, N, n) per image (rows sum to 1)
-    and the layout that places its tokens on the (H, W) grid."""
+    """Per-image attention of one site, reduced over heads: matrix (groups, N, N) over the grid tokens of
+    each group (prefix tokens dropped; rows sum to 1 without them), the layout that places those tokens on the
+    (H, W) grid, and prefix_share (groups, N): the attention each grid query gives the prefix tokens (None
+    when there are none)."""
     kind: str
     matrix: torch.Tensor
     layout: TokenGroups
+    prefix_share: Optional[torch.Tensor] = None
 
     @property
     def grid(self) -> Tuple[int, int]:
@@ -242,6 +256,13 @@ class AttentionMaps:
         out[self.layout.positions[g]] = self.matrix[g, t]
         return out.view(H, W)
 
+    def query_prefix_share(self, row: int, col: int) -> Optional[float]:
+        """The share of grid cell (row, col)'s attention that goes to the prefix tokens (None without any)."""
+        if self.prefix_share is None:
+            return None
+        g, t = self.layout.locate(row, col)
+        return float(self.prefix_share[g, t])
+
 
 def attention_maps(site: AttentionSite, cap: Capture, image_hw: Tuple[int, int], image: int = 0,
                    head: Reduce = 'mean', fold_dwc: bool = True, dwc_channel: Reduce = 0) -> AttentionMaps:
@@ -255,7 +276,7 @@ def attention_maps(site: AttentionSite, cap: Capture, image_hw: Tuple[int, int],
     layout = token_layout(site.block_module, site.name, groups, n_query, n_key, batch, image_hw, site.module)
     per_image = slice(image * (groups // batch), (image + 1) * (groups // batch))
     if cap.kind == 'softmax':
-        return AttentionMaps(cap.kind, _pick(cap.tensors[0][per_image].double(), head, 1, 'head'), layout)
+        return _grid_maps(cap.kind, _pick(cap.tensors[0][per_image].double(), head, 1, 'head'), layout)
     heads = getattr(site.module, 'num_heads', None)
     if not isinstance(heads, int) or heads < 1 or phi_q.shape[-1] % heads:
         raise SelectionError(f'{site.name} ({type(site.module).__name__}) has no usable num_heads attribute '
@@ -265,6 +286,8 @@ def attention_maps(site: AttentionSite, cap: Capture, image_hw: Tuple[int, int],
         raise SelectionError(f'head {head} does not exist; valid: 0-{heads - 1} or mean')
     fold_dwc = fold_dwc and isinstance(getattr(site.module, 'dwc', None), nn.Module)   # not every linear module has one
     dwc = dwc_matrix(dwc_kernel(site.module, dwc_channel).double(), layout.window) if fold_dwc else None
+    if dwc is not None and layout.prefix:        # the dwc mixes the grid tokens only
+        dwc = F.pad(dwc, (layout.prefix, 0, layout.prefix, 0))
     d = phi_q.shape[-1] // heads
     chosen = range(heads) if head == 'mean' else [int(head)]
     total = 0
@@ -272,7 +295,16 @@ def attention_maps(site: AttentionSite, cap: Capture, image_hw: Tuple[int, int],
         channels = slice(h * d, (h + 1) * d)
         total = total + linear_attention_matrix(phi_q[per_image, :, channels], phi_k[per_image, :, channels], 1,
                                                 dwc)[:, 0]
-    return AttentionMaps(cap.kind, total / len(chosen), layout)
+    return _grid_maps(cap.kind, total / len(chosen), layout)
+
+
+def _grid_maps(kind: str, matrix: torch.Tensor, layout: TokenGroups) -> AttentionMaps:
+    """AttentionMaps of a (groups, P + N, P + N) matrix whose first P = layout.prefix tokens are unpositioned:
+    their rows and columns dropped, the grid queries' share of attention on them kept."""
+    P = layout.prefix
+    if not P:
+        return AttentionMaps(kind, matrix, layout)
+    return AttentionMaps(kind, matrix[:, P:, P:], layout, matrix[:, P:, :P].sum(dim=-1))
 
 
 def query_lattice(grid: Tuple[int, int], stride: int) -> List[Tuple[int, int]]:

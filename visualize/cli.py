@@ -213,7 +213,7 @@ def render_all(args: argparse.Namespace, image: Image.Image, results: Sequence[R
         rows.append(tiles[:len(shown)])
         nr, nc = grid_shape(len(shown))
         panels = [tiles[i * nc:(i + 1) * nc] for i in range(nr)]
-        titles = [[f'query ({r}, {c})' for r, c in shown[i * nc:(i + 1) * nc]] for i in range(nr)]
+        titles = [[_query_title(res.maps, r, c) for r, c in shown[i * nc:(i + 1) * nc]] for i in range(nr)]
         path = f'{prefix}_grid.png'
         save_grid(panels, titles, path, title=res.title)
         written.append(path)
@@ -223,6 +223,12 @@ def render_all(args: argparse.Namespace, image: Image.Image, results: Sequence[R
         save_grid(rows, titles, path, row_labels=['\n'.join(r.about) for r in results])
         written.append(path)
     return written
+
+
+def _query_title(maps: AttentionMaps, row: int, col: int) -> str:
+    """'query (r, c)', with the share of its attention on the prefix tokens (not drawn) when the block has any."""
+    share = maps.query_prefix_share(row, col)
+    return f'query ({row}, {col})' + ('' if share is None else f', {100 * share:.0f}% on prefix tokens')
 
 
 def _kind(site: AttentionSite) -> str:
