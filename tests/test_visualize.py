@@ -259,3 +259,81 @@ def test_whole_image_family_and_unsupported_layout(photo):
         else:
             with pytest.raises(LayoutError, match='spatially reduced'):
                 attention_maps(site, cap, (64, 64))
+
+
+# ----------------------------------------------------------------------------- prefix tokens (converted ViTs)
+DEIT = os.path.join(ROOT, 'cfgs/flatten_deit_t.yaml')
+# a stock timm ViT converted through the config: 32 px, patch 8 -> a 4x4 grid, 2 blocks of 2 heads
+VIT_LA = ['MODEL.TYPE', 'vit_tiny_patch16_224', 'MODEL.ATTENTION', 'focused_linear', 'MODEL.LA.KERNEL_SIZE', '3',
+          'DATA.IMG_SIZE', '32', 'MODEL.NUM_CLASSES', '10']
+VIT_KWARGS = '{{patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2{}}}'
+
+
+def _focused_map_reference(attn, x: torch.Tensor, prefix: int, grid, query: int) -> torch.Tensor:
+    """The drawn map of grid query ``query`` recomputed in float64 from the definition: q, k from the module's
+    qkv weights, k + positional encoding, phi(t) = f_p(relu(t) + 1e-6) / softplus(scale) with
+    f_p(t) = t^p ||t|| / ||t^p||, per head A_ij = q_i.k_j / (sum_j q_i.k_j + N 1e-6) over all N tokens,
+    the dwc of channel 0 added on the grid tokens only (column j = the conv of the j-th one-hot image),
+    |A + D| row-normalised, the mean over heads; then the prefix columns removed. Returns (grid tokens,)."""
+    d64 = lambda t: t.detach().double()
+    x = d64(x)[0]                                                  # (N, C), image 0
+    N, C = x.shape
+    q, k, _ = (x @ d64(attn.qkv.weight).T + d64(attn.qkv.bias)).split(C, dim=-1)
+    k = k + d64(attn.positional_encoding)[0]
+
+    def phi(t):
+        t = (F.relu(t) + 1e-6) / F.softplus(d64(attn.scale)[0])
+        p = attn.focusing_factor
+        return t ** p * t.norm(dim=-1, keepdim=True) / (t ** p).norm(dim=-1, keepdim=True)
+
+    q, k = phi(q), phi(k)
+    D = torch.zeros(N, N, dtype=torch.float64)
+    D[prefix:, prefix:] = _dwc_reference(d64(attn.dwc.weight)[0, 0], grid)
+    h = attn.num_heads
+    d = C // h
+    rows = []
+    for head in range(h):
+        sl = slice(head * d, (head + 1) * d)
+        a = q[query + prefix, sl] @ k[:, sl].T                     # (N,) one query row
+        row = (a / (a.sum() + N * 1e-6) + D[query + prefix]).abs()
+        rows.append(row / row.sum())
+    return torch.stack(rows).mean(0)[prefix:]
+
+
+@pytest.mark.parametrize('extra, prefix', [('', 1), (', reg_tokens: 2', 3), (", class_token: False, global_pool: avg", 0)])
+def test_converted_vit_block_with_prefix_tokens_matches_the_definition(photo, extra, prefix):
+    """A stock timm ViT converted through MODEL.ATTENTION (class token, + register tokens, none): the drawn map
+    of a query is its row of the focused linear attention with the dwc, prefix columns removed; the prefix
+    tokens' share is the rest of the row."""
+    torch.manual_seed(0)
+    model = build_model(load_config(DEIT, VIT_LA + ['MODEL.KWARGS', VIT_KWARGS.format(extra)])).eval()
+    site = select_site(attention_sites(model), 0, 1)               # timm's ViT: one stage, blocks 0-1
+    assert site.name == 'blocks.1.attn' and site.module.num_prefix_tokens == prefix
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():                                          # non-trivial scale, encoding and dwc
+        for name in ('scale', 'positional_encoding', 'dwc.weight'):
+            t = site.module.get_parameter(name)
+            t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+    with Image.open(photo) as f:
+        x = to_input(f.convert('RGB'), 32)
+    seen = []
+    h = site.module.register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+    maps = attention_maps(site, capture(model, site, x), (32, 32))
+    h.remove()
+    assert maps.grid == (4, 4) and maps.layout.prefix == prefix
+    for r, c in ((1, 2), (3, 0)):
+        ref = _focused_map_reference(site.module, seen[0], prefix, (4, 4), r * 4 + c)
+        torch.testing.assert_close(maps.query_map(r, c).flatten(), ref, rtol=1e-5, atol=1e-8)
+        share = maps.query_prefix_share(r, c)
+        assert (share is None) if not prefix else abs(share - (1 - float(ref.sum()))) < 1e-6
+
+
+def test_cli_draws_flatten_deit_t(photo, tmp_path, capsys):
+    """python -m visualize on flatten_deit_t (class token): one stage of blocks, the maps written."""
+    opts = ['DATA.IMG_SIZE', '32', 'MODEL.KWARGS', '{patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}']
+    assert main(['--cfg', DEIT, '--opts', *opts, '--list']) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith('--stage 0 --block 1: blocks.1.attn')
+    out = tmp_path / 'o'
+    assert main(['--cfg', DEIT, '--opts', *opts, '--image', photo, '--stage', '0', '--block', '1',
+                 '--queries', '1,2', '--output', str(out)]) == 0
+    assert sorted(os.listdir(out)) == ['blocks.1.attn_grid.png', 'blocks.1.attn_r1_c2.png']
