@@ -312,3 +312,40 @@ def test_converted_stock_vit_trains_reevaluates_and_takes_a_softmax_checkpoint(d
     run_main(['--cfg', cfg, '--data-path', digits, '--output', str(tmp_path / 'out'), '--tag', 'pre',
               '--device', 'cpu', '--eval', '--pretrained', path, '--opts', *opts]).ok()
     assert '8 focused-linear tensors not in the file, left at their initialisation' in caplog.text
+
+
+# ----------------------------------------------------------------------------- the tools and main_ema.py
+def test_tools_and_main_ema_take_a_converted_config(make_digits, tmp_path, capsys):
+    """MODEL.ATTENTION focused_linear on a stock timm ViT through tools/model_stats.py (parameters: the
+    softmax model's plus the focused-linear tensors counted here, to the table's 1e-3 M), tools/benchmark.py --cfgs, tools/export.py
+    --cfg --check (ONNX Runtime against eager, batch 1 and 3) and main_ema.py (one epoch, EMA checkpoint)."""
+    import importlib.util
+    import yaml
+    from tools import benchmark, model_stats
+    cfg = recipe(tmp_path, 'vitla', epochs=1)
+    with open(cfg) as f:
+        recipe_yaml = yaml.safe_load(f)
+    recipe_yaml['MODEL'].update(TYPE='vit_tiny_patch16_224', ATTENTION='focused_linear',
+                                KWARGS={'patch_size': 8, 'embed_dim': 32, 'depth': 1, 'num_heads': 2},
+                                LA={'KERNEL_SIZE': 3})
+    with open(cfg, 'w') as f:
+        yaml.safe_dump(recipe_yaml, f)
+    softmax = tiny_vit(depth=1, num_classes=10)
+    # per converted block: scale (C) + positional encoding ((1 + 16) x C) + dwc (head_dim x 3 x 3 + head_dim)
+    extra = 32 + 17 * 32 + 16 * 9 + 16
+    assert model_stats.main([cfg]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split('|')
+    assert row[2].strip() == 'vit_tiny_patch16_224'
+    assert float(row[3]) == round((sum(p.numel() for p in softmax.parameters()) + extra) / 1e6, 3)
+    float(row[4])                      # counted (fvcore on the converted module: flatten_deit_t's FLOP test)
+    result = benchmark.main(['--smoke', '--no-flops', '--modes', 'infer', 'train', '--cfgs', cfg])
+    assert [r['mode'] for r in result['models']] == ['infer', 'train']
+    assert all(r['ours']['img_s'] > 0 for r in result['models'])
+    spec = importlib.util.spec_from_file_location('export_tool', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools', 'export.py'))
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    assert export.main(['--cfg', cfg, '--output', str(tmp_path / 'vitla.onnx'), '--check']) == 0
+    run = run_main(['--cfg', cfg, '--data-path', make_digits(size=32, train=2, val=1), '--output',
+                    str(tmp_path / 'out'), '--device', 'cpu'], ema=True).ok()
+    assert all(isinstance(b.attn, FocusedLinearViTAttention) for b in run.result.model.blocks)
+    assert os.path.isfile(run.path('max_ema_acc.pth'))
