@@ -317,8 +317,9 @@ def test_converted_stock_vit_trains_reevaluates_and_takes_a_softmax_checkpoint(d
 # ----------------------------------------------------------------------------- the tools and main_ema.py
 def test_tools_and_main_ema_take_a_converted_config(make_digits, tmp_path, capsys):
     """MODEL.ATTENTION focused_linear on a stock timm ViT through tools/model_stats.py (parameters: the
-    softmax model's plus the focused-linear tensors counted here, to the table's 1e-3 M), tools/benchmark.py --cfgs, tools/export.py
-    --cfg --check (ONNX Runtime against eager, batch 1 and 3) and main_ema.py (one epoch, EMA checkpoint)."""
+    softmax model's plus the focused-linear tensors counted here, to the table's 1e-3 M), tools/benchmark.py
+    --cfgs, tools/export.py --cfg --check (ONNX Runtime against eager, batch 1 and 3) and main_ema.py (one
+    epoch, EMA checkpoint)."""
     import importlib.util
     import yaml
     from tools import benchmark, model_stats
@@ -341,7 +342,8 @@ def test_tools_and_main_ema_take_a_converted_config(make_digits, tmp_path, capsy
     result = benchmark.main(['--smoke', '--no-flops', '--modes', 'infer', 'train', '--cfgs', cfg])
     assert [r['mode'] for r in result['models']] == ['infer', 'train']
     assert all(r['ours']['img_s'] > 0 for r in result['models'])
-    spec = importlib.util.spec_from_file_location('export_tool', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools', 'export.py'))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location('export_tool', os.path.join(root, 'tools', 'export.py'))
     export = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(export)
     assert export.main(['--cfg', cfg, '--output', str(tmp_path / 'vitla.onnx'), '--check']) == 0

@@ -300,7 +300,8 @@ def _focused_map_reference(attn, x: torch.Tensor, prefix: int, grid, query: int)
     return torch.stack(rows).mean(0)[prefix:]
 
 
-@pytest.mark.parametrize('extra, prefix', [('', 1), (', reg_tokens: 2', 3), (", class_token: False, global_pool: avg", 0)])
+@pytest.mark.parametrize('extra, prefix', [('', 1), (', reg_tokens: 2', 3),
+                                           (', class_token: False, global_pool: avg', 0)])
 def test_converted_vit_block_with_prefix_tokens_matches_the_definition(photo, extra, prefix):
     """A stock timm ViT converted through MODEL.ATTENTION (class token, + register tokens, none): the drawn map
     of a query is its row of the focused linear attention with the dwc, prefix columns removed; the prefix
