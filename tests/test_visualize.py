@@ -171,12 +171,12 @@ def test_cli_writes_pngs_and_compares(photo, tmp_path):
     out = tmp_path / 'vis'
     opts = ['--opts', *GLOBAL]
     rc = main(['--cfg', os.path.join(ROOT, CFG), *opts, '--image', photo, '--stage', '0', '--block', '1',
-               '--query-stride', '7', '--size', '96', '--output', str(out),
+               '--query-stride', '14', '--size', '96', '--output', str(out),
                '--compare-cfg', os.path.join(ROOT, 'cfgs/swin_t.yaml'),
                '--compare-opts', *SMALL, 'MODEL.LA.ATTN_TYPE', 'SSS'])
     assert rc == 0
     files = sorted(os.listdir(out))
-    lattice = [(r, c) for r in (3, 10, 17, 24) for c in (3, 10, 17, 24)]       # 28x28 grid, stride 7
+    lattice = [(r, c) for r in (7, 21) for c in (7, 21)]                       # 28x28 grid, stride 14
     singles = [f'layers.0.blocks.1.attn_r{r}_c{c}.png' for r, c in lattice]
     expected = singles + [f'compare_{f}' for f in singles] + [
         'layers.0.blocks.1.attn_grid.png', 'compare_layers.0.blocks.1.attn_grid.png', 'compare_grid.png']
@@ -185,7 +185,7 @@ def test_cli_writes_pngs_and_compares(photo, tmp_path):
         with Image.open(out / f) as im:
             assert im.size == (96, 96) and im.mode == 'RGB'
     with Image.open(out / 'compare_grid.png') as im:
-        assert im.size[0] > im.size[1]                 # 2 rows of 16 queries
+        assert im.size[0] > im.size[1]                 # 2 rows of 4 queries
 
 
 def test_cli_explicit_queries(photo, tmp_path):
