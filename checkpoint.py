@@ -256,15 +256,17 @@ def find_resume_checkpoint(output_dir: str) -> Optional[str]:
     for path in glob.glob(os.path.join(output_dir, '*.pth')):
         try:
             ckpt = _safe_load(path, 'cpu', mmap=True)      # metadata only: tensors stay on disk
-        except CheckpointError as e:
-            _set_aside(path, str(e))
+            mtime = os.path.getmtime(path)
+        except (CheckpointError, FileNotFoundError) as e:
+            if os.path.isfile(path):       # else a live run pruned it since the listing (--eval beside it)
+                _set_aside(path, str(e))
             continue
         progress = _progress(ckpt)
         del ckpt
         if progress is None:
             logger.info('ignoring %s for auto-resume: it records no epoch', path)
             continue
-        found.append((progress, os.path.getmtime(path), path))
+        found.append((progress, mtime, path))
     if not found:
         return None
     found.sort()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -67,6 +67,25 @@ def resume_source(config: CfgNode, info: DistInfo) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- resuming
+def load_evaluated(config: CfgNode, info: DistInfo, model: nn.Module, ema: Optional[ModelEmaV3] = None
+                   ) -> Tuple[Optional[str], Dict[str, Any]]:
+    """--eval / --throughput: :func:`resume_source`, then :func:`load_weights` (``{}`` when there is no
+    source). An auto-resume checkpoint that a live run of the same folder pruned between the two (it rotates
+    its ckpt_epoch_* files) is looked up again, up to three times."""
+    attempts = 3
+    while True:
+        attempts -= 1
+        source = resume_source(config, info)
+        if not source:
+            return None, {}
+        try:
+            return source, load_weights(source, model, ema, config.MODEL.USE_EMA_WEIGHTS)
+        except CheckpointError:
+            if os.path.isfile(source) or source == (config.MODEL.RESUME or None) or not attempts:
+                raise
+            logger.info('%s was removed by the run writing this folder; looking again', source)
+
+
 def load_weights(path: str, model: nn.Module, ema: Optional[ModelEmaV3] = None,
                  prefer_ema: bool = False) -> Dict[str, Any]:
     """Load the model (and EMA) weights of checkpoint ``path``; returns the checkpoint dict. Without EMA

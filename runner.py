@@ -34,7 +34,7 @@ from lr_scheduler import build_scheduler
 from models import build_model
 from models.config_adapter import input_channels
 from optimizer import build_optimizer
-from resume import load_finetune_weights, load_weights, resume_run, resume_source
+from resume import load_evaluated, load_finetune_weights, resume_run
 from utils import (DistInfo, cleanup_distributed, init_distributed, pick_device, release_ddp_reducer,
                    seed_everything)
 
@@ -234,11 +234,9 @@ def evaluate(config: CfgNode, info: DistInfo) -> RunResult:
     _, loader_val = build_val_loader(config, info.rank, info.world_size, info.device.type == 'cuda')
     model = create_model(config, info)
     ema = create_ema(config, model)
-    source = resume_source(config, info)
-    has_ema = False
-    if source:
-        has_ema = isinstance(load_weights(source, model, ema, config.MODEL.USE_EMA_WEIGHTS).get('model_ema'), dict)
-    elif not config.MODEL.PRETRAINED:
+    source, ckpt = load_evaluated(config, info, model, ema)
+    has_ema = isinstance(ckpt.get('model_ema'), dict)
+    if not source and not config.MODEL.PRETRAINED:
         logger.warning('evaluating a randomly initialised model: give --resume CKPT or --pretrained CKPT')
     result = RunResult(model=model, ema_model=ema.module if ema is not None else None)
     run_model = compiled_for_inference(config, model, next(iter(loader_val))[0], info.device)
@@ -257,9 +255,7 @@ def evaluate(config: CfgNode, info: DistInfo) -> RunResult:
 def measure_throughput(config: CfgNode, info: DistInfo) -> RunResult:
     """--throughput: images/s of the model on one validation batch (random images without --data-path)."""
     model = create_model(config, info)
-    source = resume_source(config, info)
-    if source:
-        load_weights(source, model, prefer_ema=config.MODEL.USE_EMA_WEIGHTS)
+    load_evaluated(config, info, model)
     if config.DATA.DATA_PATH:
         _, loader_val = build_val_loader(config, info.rank, info.world_size, info.device.type == 'cuda')
         images = next(iter(loader_val))[0]

@@ -85,6 +85,39 @@ def test_a_live_run_folder_is_refused_and_a_killed_holder_does_not_block(cfgs, s
     run_main(argv).ok()             # the lock of the killed holder went with it
 
 
+def test_eval_beside_a_live_run_survives_its_checkpoint_rotation(tmp_path, monkeypatch):
+    """A live run prunes ckpt_epoch_* while --eval of its folder looks for the newest: a file listed and then
+    removed is skipped (never set aside or a traceback), and a chosen file removed before loading is looked
+    up again."""
+    import checkpoint as ckpt_io
+    import resume
+    import torch.nn as nn
+    model = nn.Linear(2, 2)
+    for epoch in (1, 2):
+        ckpt_io.save_checkpoint({'model': model.state_dict(), 'epoch': epoch}, str(tmp_path / f'ckpt_epoch_{epoch}.pth'))
+    listed = glob.glob
+    monkeypatch.setattr(ckpt_io.glob, 'glob', lambda p: listed(p) + [str(tmp_path / 'ckpt_epoch_3.pth')])
+    assert ckpt_io.find_resume_checkpoint(str(tmp_path)) == str(tmp_path / 'ckpt_epoch_2.pth')
+    assert not listed(str(tmp_path / '*.corrupt'))
+    monkeypatch.setattr(ckpt_io.glob, 'glob', listed)
+    from config import load_config
+    from utils import DistInfo
+    config = load_config(os.path.join(ROOT, 'cfgs', 'demo', 'flatten_swin_digits.yaml'),
+                         ['OUTPUT', str(tmp_path), 'EVAL_MODE', 'True'], validate=False)
+    real_load, calls = resume.load_weights, []
+
+    def load_after_a_prune(path, *a, **k):        # the live run removes the newest file just before it is read
+        calls.append(path)
+        if len(calls) == 1:
+            os.remove(path)
+        return real_load(path, *a, **k)
+    monkeypatch.setattr(resume, 'load_weights', load_after_a_prune)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device('cpu'))
+    source, ckpt = resume.load_evaluated(config, info, model)
+    assert calls == [str(tmp_path / 'ckpt_epoch_2.pth'), str(tmp_path / 'ckpt_epoch_1.pth')]
+    assert source == calls[-1] and ckpt['epoch'] == 1
+
+
 # ----------------------------------------------------------------------------- settings honoured or refused
 @pytest.mark.parametrize('which,opts,words', [
     ('tiny', ['MODEL.KWARGS', '{embed_dim: 24}'], ['MODEL.KWARGS.embed_dim', 'MODEL.SWIN.EMBED_DIM']),
