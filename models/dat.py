@@ -47,7 +47,7 @@ from .config_adapter import ConfigSection, ModelSpec, _plain, config_section, re
 from .checkpoint_fit import fit_state_dict
 from .builder import Variant, build_backbone, register_family
 from .dat_attention import DatWindowAttention, DeformableAttention, LayerNormProxy, NeighborhoodAttention
-from .layers import LinearHeadMixin
+from .layers import LinearHeadMixin, StageCheckpointing
 
 __all__ = ['DAT', 'DatStage', 'checkpoint_filter_fn', 'LETTERS']
 
@@ -189,7 +189,7 @@ def _per_stage(name: str, value: Any, n: int = 4) -> list:
     return [value] * n
 
 
-class DAT(LinearHeadMixin, nn.Module):
+class DAT(StageCheckpointing, LinearHeadMixin, nn.Module):
     """DAT++ classifier. forward: (B, 3, H, W) -> (B, num_classes).
 
     Arguments are the official ``MODEL.DAT`` keys (per-stage lists of 4). ``img_size`` is the resolution
@@ -298,12 +298,6 @@ class DAT(LinearHeadMixin, nn.Module):
                         (r'^stages\.(\d+)\.proj', (0,)),
                         (r'^down_projs\.(\d+)', (99999,)),
                         (r'^cls_norm', (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, dims[-1], H/32, W/32), after ``cls_norm``."""

@@ -35,8 +35,8 @@ from .config_adapter import ConfigKey, ConfigSection, ModelSpec, common_spec, co
 from .focused_attention import ATTN_LINEAR, AttentionTap3
 from .checkpoint_fit import fit_state_dict
 from .builder import Variant, build_backbone, official_types, register_family
-from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, pool_features, tokens_to_nchw, whole_grid,
-                     window_partition, window_reverse)
+from .layers import (LinearHeadMixin, StageCheckpointing, TokenGroups, WindowAttention, pool_features, tokens_to_nchw,
+                     whole_grid, window_partition, window_reverse)
 
 _logger = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def _check_stage_list(name: str, value: Sequence[Any], n: int) -> None:
         raise ValueError(f'{name}={tuple(value)} needs one entry per stage ({n} stages, from depths)')
 
 
-class L2ViT(LinearHeadMixin, nn.Module):
+class L2ViT(StageCheckpointing, LinearHeadMixin, nn.Module):
     """L2ViT classifier. forward: (B, 3, H, W) -> (B, num_classes); any H, W (odd maps are padded).
 
     Args:
@@ -365,12 +365,6 @@ class L2ViT(LinearHeadMixin, nn.Module):
                     blocks=r'^(?:downsample_layers|stages)\.(\d+)' if coarse else [
                         (r'^downsample_layers\.(\d+)', (0,)), (r'^stages\.(\d+)\.(\d+)', None),
                         (r'^norm', (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> normed tokens as a map (B, H/32, W/32, C) (channels last)."""

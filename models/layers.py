@@ -149,6 +149,17 @@ class LinearHeadMixin:
         return self.head(x)
 
 
+class StageCheckpointing:
+    """``set_grad_checkpointing`` of a model whose ``stages`` each keep their own ``grad_checkpointing`` flag
+    (DAT++, L2ViT, Visformer)."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+
 class ClassifierMixin(LinearHeadMixin):
     """The timm head contract shared by the FLatten families: ``forward_features`` gives the last-stage map
     (B, H, W, C) (``output_fmt`` 'NHWC', as timm's Swin), the head pools it (``global_pool``; '' keeps the

@@ -36,8 +36,8 @@ from state_dicts import unwrap_state_dict
 from .config_adapter import ConfigKey, ConfigSection, ModelSpec, common_spec, config_section, register_config_adapter
 from .checkpoint_fit import fit_state_dict, resample_position_map
 from .builder import OfficialPaths, Variant, build_backbone, official_types, register_family, square_size
-from .layers import (LinearHeadMixin, TokenGroups, WindowAttention, check_input_size, init_weights,
-                     shifted_window_mask, window_partition, window_reverse)
+from .layers import (LinearHeadMixin, StageCheckpointing, TokenGroups, WindowAttention, check_input_size,
+                     init_weights, shifted_window_mask, window_partition, window_reverse)
 
 torch.fx.wrap('check_input_size')       # a torch.fx leaf here too (see check_input_size)
 
@@ -215,7 +215,7 @@ def _flags(name: str, value: str, n: int) -> List[bool]:
     return [c == '1' for c in value]
 
 
-class Visformer(OfficialPaths, LinearHeadMixin, nn.Module):
+class Visformer(OfficialPaths, StageCheckpointing, LinearHeadMixin, nn.Module):
     """Visformer v1 (3 stages) or v2 (4 stages). forward: (B, 3, img_size, img_size) -> (B, num_classes).
 
     Stage i (numbered so that the last is 3: v1 uses 1-3, v2 0-3) has width embed_dim * 2**(i - 2), a
@@ -325,12 +325,6 @@ class Visformer(OfficialPaths, LinearHeadMixin, nn.Module):
                     blocks=[(r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.blocks\.(\d+)', None),
                             (r'^stages\.(\d+)\.patch_embed\.', (0,)), (r'^pos_embeds\.(\d+)$', (0,)),
                             (r'^norm', (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
 
     def _check_input_size(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, 3, H, W) unchanged; without ``dynamic_img_size`` a ValueError naming the image size when

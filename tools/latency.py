@@ -53,9 +53,12 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def softmax_latency_at(top1: float, curve: Sequence[Tuple[float, float]]) -> Tuple[Optional[float], str]:
     """The softmax curve's latency at ``top1``. ``curve``: (top1, latency) of the softmax models. Returns
     (latency, how): how is 'exact', 'interpolated', 'bound' (top1 above the curve: the most accurate
-    model's latency, so a speed-up against it is a lower bound) or 'below' (latency None)."""
+    model's latency, so a speed-up against it is a lower bound), 'below' or 'none' (no softmax model timed;
+    latency None for both)."""
     pts = sorted(curve)
-    if not pts or top1 < pts[0][0]:
+    if not pts:
+        return None, 'none'
+    if top1 < pts[0][0]:
         return None, 'below'
     if top1 > pts[-1][0]:
         return pts[-1][1], 'bound'
@@ -303,7 +306,8 @@ def print_report(result: Dict[str, Any]) -> None:
     print('|---|---:|---|---:|---:|---:|')
     for s in result['equal_accuracy']:
         if s['speedup'] is None:
-            print(f"| {s['model']} | {s['top1']} | below the softmax curve | - | - | - |")
+            why = 'no softmax model timed' if s['how'] == 'none' else 'below the softmax curve'
+            print(f"| {s['model']} | {s['top1']} | {why} | - | - | - |")
             continue
         mark = '>=' if s['how'] == 'bound' else ''
         off = f"{mark}{s['speedup_official_code']:.2f}x" if 'speedup_official_code' in s else '-'
