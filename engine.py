@@ -25,7 +25,7 @@ import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -275,14 +275,15 @@ def check_same_predictions(ref: torch.Tensor, out: torch.Tensor, what: str, rtol
 
 
 @torch.no_grad()
-def compiled_for_inference(config: CfgNode, model: nn.Module, images: torch.Tensor,
-                           device: torch.device) -> nn.Module:
+def compiled_for_inference(config: CfgNode, model: nn.Module,
+                           images: Union[torch.Tensor, Callable[[], torch.Tensor]], device: torch.device) -> nn.Module:
     """``model`` itself, or with TRAIN.COMPILE (--compile) ``torch.compile(model)`` once it gave the eager
-    predictions on ``images`` (a validation batch: see :func:`check_same_predictions`)."""
+    predictions on ``images`` (a validation batch, or a function returning one: it is only called when
+    compiling; see :func:`check_same_predictions`)."""
     if not config.TRAIN.COMPILE:
         return model
     model.eval()
-    images = to_device(images, device, config.TRAIN.CHANNELS_LAST)
+    images = to_device(images() if callable(images) else images, device, config.TRAIN.CHANNELS_LAST)
     compiled = torch.compile(model, dynamic=False)
     with torch.autocast(device.type, dtype=amp_dtype(config), enabled=config.AMP):
         res = check_same_predictions(model(images), compiled(images), 'TRAIN.COMPILE (--compile)')

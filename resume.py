@@ -28,6 +28,7 @@ from yacs.config import CfgNode
 import checkpoint as ckpt_io
 from engine import Trainer
 from errors import CheckpointError
+from models.checkpoint_fit import run_checkpoint_filter
 from state_dicts import EMA_ENTRIES, state_dict_entry, state_dict_mismatch
 from utils import DistInfo
 
@@ -179,16 +180,8 @@ def load_finetune_weights(model: nn.Module, path: str, index_22k_to_1k: Optional
     sd = ckpt_io.extract_model_state(ckpt, prefer_ema=prefer_ema)
     notes = [f'took {_which_weights(ckpt, entry, prefer_ema)}']
     filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
+    sd = run_checkpoint_filter(filter_fn, sd, model, f'--pretrained {path}')
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    arch = cfg.get('architecture') or type(model).__name__
-    try:
-        if filter_fn is not None:
-            sd = filter_fn(sd, model)
-    except Exception as e:      # the family's "not for this model", or any error a timm filter raises on it
-        reason = ' '.join(str(e).split()) or type(e).__name__
-        raise CheckpointError(f"pretrained weights {path} do not fit the model {arch} ({type(e).__name__} in its "
-                              f"checkpoint filter: {reason}); give --pretrained a checkpoint of this model, or "
-                              f"set --cfg to the checkpoint's model") from None
     from models.attention_convert import fill_converted_state
     sd, added = fill_converted_state(sd, model)      # MODEL.ATTENTION: a softmax checkpoint lacks these
     if added:

@@ -239,7 +239,7 @@ def evaluate(config: CfgNode, info: DistInfo) -> RunResult:
     if not source and not config.MODEL.PRETRAINED:
         logger.warning('evaluating a randomly initialised model: give --resume CKPT or --pretrained CKPT')
     result = RunResult(model=model, ema_model=ema.module if ema is not None else None)
-    run_model = compiled_for_inference(config, model, next(iter(loader_val))[0], info.device)
+    run_model = compiled_for_inference(config, model, lambda: next(iter(loader_val))[0], info.device)
     result.eval = validate(config, loader_val, run_model, info.device)
     if ema is not None and has_ema:
         result.ema_eval = validate(config, loader_val, ema.module, info.device, name='ema network')

@@ -18,8 +18,9 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import FeatureGetterNet
 
-from errors import CheckpointError
 from state_dicts import OFFICIAL_CHECKPOINT_GLOBALS, unwrap_state_dict
+
+from .checkpoint_fit import run_checkpoint_filter
 
 _logger = logging.getLogger(__name__)
 
@@ -79,13 +80,8 @@ def _reporting_filter(filter_fn: Callable, name: str, features: bool) -> Callabl
     count), tensors resized (position tables / encodings resampled to this model's size) and model tensors the
     file does not provide (left at their initial values; a warning)."""
     def filter_and_report(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
-        try:
-            out = filter_fn(state_dict, model)
-        except Exception as e:      # a file of another model: one line naming it, whatever the filter raised
-            reason = ' '.join(str(e).split()) or type(e).__name__
-            raise CheckpointError(f"weights {(getattr(model, 'pretrained_cfg', None) or {}).get('file') or ''} do "
-                                  f"not fit {name} ({type(e).__name__} in its checkpoint filter: {reason}); give a "
-                                  f"checkpoint of {name}") from None
+        out = run_checkpoint_filter(filter_fn, state_dict, model,
+                                    (getattr(model, 'pretrained_cfg', None) or {}).get('file') or name)
         source = unwrap_state_dict(state_dict)
         kept = {id(v) for v in out.values()}                  # a renamed tensor is the same object
         dropped = [k for k, v in source.items() if k not in out and id(v) not in kept]

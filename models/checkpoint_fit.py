@@ -107,6 +107,23 @@ def check_shared_keys(state_dict: Dict[str, Any], model: nn.Module, what: str = 
             f'give a checkpoint of this architecture')
 
 
+def run_checkpoint_filter(filter_fn: Optional[Callable], state_dict: Dict[str, Any], model: nn.Module,
+                          source: str) -> Dict[str, Any]:
+    """``filter_fn(state_dict, model)`` (a family's ``checkpoint_filter_fn`` or timm's; None: unchanged). Any
+    exception it raises on a file of another model becomes one CheckpointError line naming ``source`` (the
+    file), the model and the filter's own reason."""
+    if filter_fn is None:
+        return state_dict
+    try:
+        return filter_fn(state_dict, model)
+    except Exception as e:          # the family's "not for this model", or whatever a timm filter raises
+        arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+        reason = ' '.join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"weights {source} do not fit the model {arch} ({type(e).__name__} in its checkpoint "
+                              f"filter: {reason}); give a checkpoint of {arch}, or the config of the file's "
+                              f"model") from None
+
+
 def fit_state_dict(state_dict: Dict[str, Any], model: nn.Module,
                    grid_of: Optional[Callable[[str], Optional[Grid]]] = None) -> Dict[str, Any]:
     """``state_dict`` (already in the model's names) fitted to ``model`` as the module docstring says;
