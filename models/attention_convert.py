@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention, resample_abs_pos_embed
 
+from .checkpoint_fit import resample_position_table
 from .focused_attention import FocusedLinearAttentionBase
 
 _logger = logging.getLogger(__name__)
@@ -205,8 +206,6 @@ def fill_converted_state(state_dict: Dict[str, Any], model: nn.Module) -> Tuple[
                 out[key] = value
                 added.append(key)
             elif key.endswith('positional_encoding') and have.shape != value.shape:
-                P = attn.num_prefix_tokens
-                side = math.isqrt(have.shape[1] - P)
-                out[key] = resample_abs_pos_embed(have, list(attn.grid), [side, side], num_prefix_tokens=P,
-                                                  antialias=False)
+                fitted = resample_position_table(have, value.shape, attn.grid, attn.num_prefix_tokens)
+                out[key] = have if fitted is None else fitted       # else the strict load names it
     return out, added

@@ -42,13 +42,14 @@ def resample_position_map(v: torch.Tensor, H: int, W: int) -> torch.Tensor:
     return out.transpose(1, 2).reshape(1, v.shape[1], H, W)
 
 
-def resample_position_table(v: torch.Tensor, shape: Sequence[int], grid: Optional[Grid] = None
-                            ) -> Optional[torch.Tensor]:
+def resample_position_table(v: torch.Tensor, shape: Sequence[int], grid: Optional[Grid] = None,
+                            num_prefix_tokens: int = 0) -> Optional[torch.Tensor]:
     """A checkpoint's absolute position table resampled to the model's ``shape`` (bicubic):
 
     * (1, C, h, w) map -> (1, C, H, W);
-    * (1, n, C) row-major tokens -> (1, N, C): the model's grid is ``grid`` (default: square), the
-      checkpoint's is taken to have the same aspect.
+    * (1, P + n, C) tokens, ``num_prefix_tokens`` P (class / register rows, kept as they are) then the grid
+      row-major -> (1, P + N, C): the model's grid is ``grid`` (default: square), the checkpoint's is taken
+      to have the same aspect, else to be square.
 
     None when ``v`` cannot be read as such a grid (the caller leaves it to the strict load to name)."""
     shape = tuple(shape)
@@ -58,18 +59,22 @@ def resample_position_table(v: torch.Tensor, shape: Sequence[int], grid: Optiona
         if v.shape[1] != shape[1]:
             return None
         return resample_position_map(v, shape[2], shape[3])
-    if v.dim() != 3 or v.shape[2] != shape[2]:
+    P = num_prefix_tokens
+    if v.dim() != 3 or v.shape[2] != shape[2] or min(v.shape[1], shape[1]) <= P:
         return None
     if grid is None:
-        side = math.isqrt(shape[1])
+        side = math.isqrt(shape[1] - P)
         grid = (side, side)
-    if grid[0] * grid[1] != shape[1]:
+    if grid[0] * grid[1] != shape[1] - P:
         return None
-    scale = math.sqrt(v.shape[1] / (grid[0] * grid[1]))
+    n = v.shape[1] - P
+    scale = math.sqrt(n / (grid[0] * grid[1]))
     old = (round(grid[0] * scale), round(grid[1] * scale))
-    if old[0] * old[1] != v.shape[1]:
-        return None
-    return resample_abs_pos_embed(v, list(grid), list(old), num_prefix_tokens=0, antialias=False)
+    if old[0] * old[1] != n:                    # not of the model's aspect: a square grid (timm's default)
+        old = (math.isqrt(n),) * 2
+        if old[0] * old[1] != n:
+            return None
+    return resample_abs_pos_embed(v, list(grid), list(old), num_prefix_tokens=P, antialias=False)
 
 
 def _resize_rel_table(v: torch.Tensor, shape: Sequence[int]) -> Optional[torch.Tensor]:
