@@ -88,9 +88,9 @@ def test_check_rejects_a_different_function(tiny):
 
 def test_end_to_end_smoke(tmp_path, capsys):
     out, png = tmp_path / 'fig7.json', tmp_path / 'fig7.png'
-    latency.main(['--smoke', '--json', str(out), '--plot', str(png)])
+    latency.main(['--smoke', '--floor', '--json', str(out), '--plot', str(png)])
     text = capsys.readouterr().out
-    assert '| tiny-FLatten | 80.0 |' in text and 'interpolated' in text
+    assert '| tiny-FLatten | 80.0 |' in text and 'interpolated' in text and 'attention core free' in text
     result = json.loads(out.read_text())
     assert result['environment']['runtime'] == 'eager' and 'loadavg_end' in result['environment']
     ms = {r['model']: r['ms'] for r in result['models']}
@@ -99,6 +99,28 @@ def test_end_to_end_smoke(tmp_path, capsys):
     assert row['softmax_latency_at_top1'] == pytest.approx((ms['tiny-softmax-a'] + ms['tiny-softmax-b']) / 2)
     assert row['speedup'] == pytest.approx(row['softmax_latency_at_top1'] / ms['tiny-FLatten'])
     assert png.stat().st_size > 0
+    (flat,) = [r for r in result['models'] if 'floor_ms' in r]          # --floor: the FLatten model only
+    assert flat['model'] == 'tiny-FLatten' and flat['floor_ms'] > 0
+
+
+def test_attention_core_free_leaves_the_projections():
+    """--floor's stand-in: a focused linear attention outputs proj(q) (recomputed here from its weights), and
+    the real attention is back after the context."""
+    from models.flatten_pvt import FocusedLinearSRAttention
+    from models.flatten_swin import FocusedLinearWindowAttention
+    torch.manual_seed(0)
+    pvt, swin = FocusedLinearSRAttention(16, (4, 4), 2).eval(), FocusedLinearWindowAttention(16, 4, 2).eval()
+    x = torch.randn(3, 16, 16, dtype=torch.float64)
+    pvt, swin = pvt.double(), swin.double()
+    linear = lambda m, t: t @ m.weight.T + m.bias          # noqa: E731
+    with torch.no_grad():
+        full = pvt(x), swin(x)
+        with latency.attention_core_free():
+            torch.testing.assert_close(pvt(x), linear(pvt.proj, linear(pvt.q, x)))
+            q = x @ swin.qkv.weight[:16].T + swin.qkv.bias[:16]
+            torch.testing.assert_close(swin(x), linear(swin.proj, q))
+        assert not torch.allclose(pvt(x), linear(pvt.proj, linear(pvt.q, x)))
+        torch.testing.assert_close((pvt(x), swin(x)), full)
 
 
 # ----------------------------------------------------------------------------- --compile / TRAIN.COMPILE

@@ -21,17 +21,24 @@ piecewise-linear curve latency(top-1); each FLatten model's speed-up is the curv
 model's top-1 (linear interpolation between the two softmax models whose top-1 brackets it, exact at a
 tie) divided by the FLatten model's latency. Above the most accurate softmax model the speed-up against that
 model is reported as a lower bound ('>='); below the least accurate, nothing.
+
+``--floor``: each FLatten model is timed a second time with its focused attention core free
+(:func:`attention_core_free`: every focused linear attention returns its projected queries), so the time left
+is the rest of the model: projections, MLPs, norms, patch embeddings, softmax stages. With ``--reference``
+the report divides the official code's latency by it: the most our code could be ahead of the official code
+if the attention core cost nothing, the bound that the float32 work both codes share sets.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 if __name__ == '__main__' and not __package__:   # run as a file: tools/_root.py puts the repository root on the path
     import _root  # noqa: F401
@@ -138,6 +145,20 @@ def check_predictions(model: nn.Module, run: Callable[[torch.Tensor], torch.Tens
         return check_same_predictions(model(images), run(images), 'this runtime')
 
 
+@contextlib.contextmanager
+def attention_core_free() -> Iterator[None]:
+    """Inside: every focused linear attention (:class:`models.focused_attention.FocusedLinearAttentionBase`)
+    returns its projected queries q (B, N, C) as its output, at no cost; the projections around it still
+    run. What a model then costs is everything but its focused attention core (``--floor``)."""
+    from models.focused_attention import FocusedLinearAttentionBase
+    attend = FocusedLinearAttentionBase.attend
+    FocusedLinearAttentionBase.attend = lambda self, q, k, v, hw=None: q
+    try:
+        yield
+    finally:
+        FocusedLinearAttentionBase.attend = attend
+
+
 # ----------------------------------------------------------------------------- run
 def _img_size(config) -> int:
     return config.DATA.IMG_SIZE
@@ -161,7 +182,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             check = check_predictions(model, runner, images)
             x = make_input(args.batch, size, device, False)
             e = {'pub': p, 'model': model, 'runner': runner, 'x': x, 'check': check, 'ms': [], 'official': None,
-                 'official_ms': []}
+                 'official_ms': [], 'floor': None, 'floor_ms': []}
+            if args.floor and p.kind == 'flatten':
+                with attention_core_free():      # compile / export trace the model without its core
+                    e['floor'] = make_runner(model, args.runtime, images)
             if args.reference and p.kind == 'flatten':
                 opts = {'device': args.device, 'batch': args.batch, 'img_size': size, 'dtype': 'float32',
                         'channels_last': False, 'compile': False, 'warmup': args.warmup, 'repeats': args.repeats,
@@ -179,6 +203,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     step()                     # first call at this shape (compile, lazy init) outside the rounds
                 t = time_calls(step, device, args.warmup, args.repeats)
                 e['ms'].append(1e3 * t['wall_s'])
+                if e['floor']:
+                    def floor_step(e=e):
+                        with torch.no_grad(), attention_core_free():
+                            e['floor'](e['x'])
+                    if r == 0:
+                        floor_step()
+                    e['floor_ms'].append(1e3 * time_calls(floor_step, device, args.warmup, args.repeats)['wall_s'])
                 if e['official']:
                     res = e['official'].measure(['infer'])['infer']
                     e['official_ms'].append(1e3 * args.batch / res['img_s'])
@@ -201,6 +232,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             row['official_ms_rounds'] = e['official_ms']
             row['vs_official'] = row['official_ms'] / row['ms']
             row['vs_official_rounds'] = [o / m for o, m in zip(e['official_ms'], e['ms'])]
+        if e['floor_ms']:
+            row['floor_ms'] = statistics.median(e['floor_ms'])
+            row['core_share'] = 1 - row['floor_ms'] / row['ms']
+            if 'official_ms' in row:
+                row['bound_vs_official'] = row['official_ms'] / row['floor_ms']
         rows.append(row)
     table = [p for p in TABLE] if not args.smoke else _smoke_table()
     speedups = equal_accuracy_speedups({r['model']: r['ms'] for r in rows}, table)
@@ -301,6 +337,16 @@ def print_report(result: Dict[str, Any]) -> None:
         top1 = '-' if r['top1'] is None else f"{r['top1']:.1f}"
         print(f"| {r['model']} | {top1} | {r['ms']:.1f} ({min(r['ms_rounds']):.1f}-{max(r['ms_rounds']):.1f}) "
               f"| {off} |")
+    floors = [r for r in result['models'] if 'floor_ms' in r]
+    if floors:
+        print()
+        print('| FLatten model | ms | ms with the attention core free | core share | official code ms | '
+              'bound: official / core-free |')
+        print('|---|---:|---:|---:|---:|---:|')
+        for r in floors:
+            off = (f"{r['official_ms']:.1f} | {r['bound_vs_official']:.2f}x" if 'bound_vs_official' in r
+                   else '- | -')
+            print(f"| {r['model']} | {r['ms']:.1f} | {r['floor_ms']:.1f} | {100 * r['core_share']:.0f}% | {off} |")
     print()
     print('| FLatten model | top-1 | softmax latency at that top-1 | speed-up | official code\'s speed-up | paper (CPU) |')
     print('|---|---:|---|---:|---:|---:|')
@@ -353,6 +399,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--check-images', type=int, default=8, help='digits val images of the prediction check')
     p.add_argument('--reference', metavar='DIR', help="the official code's checkout: adds its FLatten models")
+    p.add_argument('--floor', action='store_true',
+                   help='also time each FLatten model with its attention core free: the bound on ours vs official')
     p.add_argument('--json', metavar='FILE')
     p.add_argument('--plot', metavar='FILE', help='accuracy against latency (PNG)')
     p.add_argument('--smoke', action='store_true', help='CI-sized: tiny models, one round')
