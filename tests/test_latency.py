@@ -36,6 +36,18 @@ def test_equal_accuracy_speedup_per_family():
     assert rows['G1']['speedup'] == pytest.approx(2.5) and rows['G1']['how'] == 'exact'   # family b's own curve
 
 
+def test_official_code_speedup_needs_a_softmax_curve():
+    """Only FLatten models timed (with the official code beside them): no speed-up on either side, no error."""
+    table = [Published('F1', 'a', 'flatten', 81.0, 's', '')] + [
+        Published(f'S{i}', 'a', 'softmax', acc, 's', '') for i, (acc, _) in enumerate(CURVE)]
+    (alone,) = latency.speedups_of_rows([{'model': 'F1', 'kind': 'flatten', 'ms': 15.0, 'official_ms': 20.0}], table)
+    assert alone['how'] == 'none' and alone['speedup'] is None and 'speedup_official_code' not in alone
+    rows = [{'model': 'F1', 'kind': 'flatten', 'ms': 15.0, 'official_ms': 20.0}] + [
+        {'model': f'S{i}', 'kind': 'softmax', 'ms': ms} for i, (_, ms) in enumerate(CURVE)]
+    (both,) = latency.speedups_of_rows(rows, table)
+    assert both['speedup_official_code'] == pytest.approx(30.0 / 20.0)     # 81.0 lies halfway on 20 .. 40 ms
+
+
 def test_published_table_matches_the_papers():
     top1 = {p.name: p.top1 for p in TABLE}
     # equal-accuracy pairs of Fig. 7 (FLatten table of Fig. 6; PVT and Swin papers)

@@ -97,6 +97,17 @@ def equal_accuracy_speedups(latency: Dict[str, float], table: Sequence[Published
 
 
 # ----------------------------------------------------------------------------- runtimes
+def speedups_of_rows(rows: Sequence[Dict[str, Any]], table: Sequence[Published]) -> List[Dict[str, Any]]:
+    """:func:`equal_accuracy_speedups` of the measured ``rows`` (model, kind, ms, optional official_ms), with the
+    official code's speed-up (the same softmax curve over the official FLatten latency) where it was timed."""
+    speedups = equal_accuracy_speedups({r['model']: r['ms'] for r in rows}, table)
+    official = {r['model']: r['official_ms'] for r in rows if 'official_ms' in r}
+    for s in speedups:
+        if s['model'] in official and s['softmax_latency_at_top1'] is not None and s['how'] != 'below':
+            s['speedup_official_code'] = s['softmax_latency_at_top1'] / official[s['model']]
+    return speedups
+
+
 def digits_images(n: int, size: int) -> torch.Tensor:
     """The first ``n`` images of the embedded digits val split (data/digits.py), ``size`` px, normalised
     as the val transform does (ImageNet mean / std) -> (n, 3, size, size)."""
@@ -203,7 +214,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     step()                     # first call at this shape (compile, lazy init) outside the rounds
                 t = time_calls(step, device, args.warmup, args.repeats)
                 e['ms'].append(1e3 * t['wall_s'])
-                if e['floor']:
+                if e['floor'] is not None:
                     def floor_step(e=e):
                         with torch.no_grad(), attention_core_free():
                             e['floor'](e['x'])
@@ -238,13 +249,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             if 'official_ms' in row:
                 row['bound_vs_official'] = row['official_ms'] / row['floor_ms']
         rows.append(row)
-    table = [p for p in TABLE] if not args.smoke else _smoke_table()
-    speedups = equal_accuracy_speedups({r['model']: r['ms'] for r in rows}, table)
-    official_lat = {r['model']: r['official_ms'] for r in rows if 'official_ms' in r}
-    official_lat.update({r['model']: r['ms'] for r in rows if r['kind'] == 'softmax'})
-    for s in speedups:
-        if s['model'] in official_lat and s['how'] != 'below':
-            s['speedup_official_code'] = s['softmax_latency_at_top1'] / official_lat[s['model']]
+    speedups = speedups_of_rows(rows, TABLE if not args.smoke else _smoke_table())
     return {'environment': env, 'args': {k: v for k, v in vars(args).items() if k != 'func'}, 'models': rows,
             'equal_accuracy': speedups}
 
