@@ -23,7 +23,7 @@ tie) divided by the FLatten model's latency. Above the most accurate softmax mod
 model is reported as a lower bound ('>='); below the least accurate, nothing.
 
 ``--floor``: each FLatten model is timed a second time with its focused attention core free
-(:func:`attention_core_free`: every focused linear attention returns its projected queries), so the time left
+(:func:`without_attention_core`: every focused linear attention returns its projected queries), so the time left
 is the rest of the model: projections, MLPs, norms, patch embeddings, softmax stages. With ``--reference``
 the report divides the official code's latency by it: the most our code could be ahead of the official code
 if the attention core cost nothing, the bound that the float32 work both codes share sets.
@@ -31,14 +31,14 @@ if the attention core cost nothing, the bound that the float32 work both codes s
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import json
 import os
 import statistics
 import sys
 import tempfile
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 if __name__ == '__main__' and not __package__:   # run as a file: tools/_root.py puts the repository root on the path
     import _root  # noqa: F401
@@ -96,7 +96,6 @@ def equal_accuracy_speedups(latency: Dict[str, float], table: Sequence[Published
     return rows
 
 
-# ----------------------------------------------------------------------------- runtimes
 def speedups_of_rows(rows: Sequence[Dict[str, Any]], table: Sequence[Published]) -> List[Dict[str, Any]]:
     """:func:`equal_accuracy_speedups` of the measured ``rows`` (model, kind, ms, optional official_ms), with the
     official code's speed-up (the same softmax curve over the official FLatten latency) where it was timed."""
@@ -108,6 +107,7 @@ def speedups_of_rows(rows: Sequence[Dict[str, Any]], table: Sequence[Published])
     return speedups
 
 
+# ----------------------------------------------------------------------------- runtimes
 def digits_images(n: int, size: int) -> torch.Tensor:
     """The first ``n`` images of the embedded digits val split (data/digits.py), ``size`` px, normalised
     as the val transform does (ImageNet mean / std) -> (n, 3, size, size)."""
@@ -156,18 +156,22 @@ def check_predictions(model: nn.Module, run: Callable[[torch.Tensor], torch.Tens
         return check_same_predictions(model(images), run(images), 'this runtime')
 
 
-@contextlib.contextmanager
-def attention_core_free() -> Iterator[None]:
-    """Inside: every focused linear attention (:class:`models.focused_attention.FocusedLinearAttentionBase`)
-    returns its projected queries q (B, N, C) as its output, at no cost; the projections around it still
-    run. What a model then costs is everything but its focused attention core (``--floor``)."""
+def _attend_nothing(self: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    return q
+
+
+def without_attention_core(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose focused linear attentions (:class:`models.focused_attention.FocusedLinearAttentionBase`)
+    output their projected queries q (B, N, C) at no cost; the projections around them still run. What it
+    costs is everything but the focused attention core (``--floor``). Each such module gets a subclass of its
+    own class, so torch.compile traces (and guards) the copy apart from the model."""
     from models.focused_attention import FocusedLinearAttentionBase
-    attend = FocusedLinearAttentionBase.attend
-    FocusedLinearAttentionBase.attend = lambda self, q, k, v, hw=None: q
-    try:
-        yield
-    finally:
-        FocusedLinearAttentionBase.attend = attend
+    floor = copy.deepcopy(model)
+    for m in floor.modules():
+        if isinstance(m, FocusedLinearAttentionBase):
+            m.__class__ = type(f'CoreFree{type(m).__name__}', (type(m),), {'attend': _attend_nothing})
+    return floor
 
 
 # ----------------------------------------------------------------------------- run
@@ -195,8 +199,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             e = {'pub': p, 'model': model, 'runner': runner, 'x': x, 'check': check, 'ms': [], 'official': None,
                  'official_ms': [], 'floor': None, 'floor_ms': []}
             if args.floor and p.kind == 'flatten':
-                with attention_core_free():      # compile / export trace the model without its core
-                    e['floor'] = make_runner(model, args.runtime, images)
+                e['floor'] = make_runner(without_attention_core(model), args.runtime, images)
             if args.reference and p.kind == 'flatten':
                 opts = {'device': args.device, 'batch': args.batch, 'img_size': size, 'dtype': 'float32',
                         'channels_last': False, 'compile': False, 'warmup': args.warmup, 'repeats': args.repeats,
@@ -216,7 +219,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 e['ms'].append(1e3 * t['wall_s'])
                 if e['floor'] is not None:
                     def floor_step(e=e):
-                        with torch.no_grad(), attention_core_free():
+                        with torch.no_grad():
                             e['floor'](e['x'])
                     if r == 0:
                         floor_step()
