@@ -1,6 +1,6 @@
 """Any registered timm model is a MODEL.TYPE, and a new family is one module.
 
-* Stock timm baselines (resnet18, convnext_atto, and timm's Swin-T shrunk through MODEL.KWARGS) train on the
+* Stock timm baselines (resnet18 and timm's Swin-T shrunk through MODEL.KWARGS, convnext_atto) train on the
   embedded digits through main.py with one recipe file (only MODEL.TYPE / MODEL.KWARGS differ), learn well
   above chance (10 classes: 10%), and ``--eval --resume`` of the best checkpoint reproduces the logged
   accuracy exactly.
@@ -54,7 +54,8 @@ SAVE_FREQ: 100
 
 SWIN_KWARGS = ['MODEL.KWARGS', '{embed_dim: 32, depths: [1, 1, 2, 1], num_heads: [1, 2, 4, 8], window_size: 4}']
 BASELINES = {
-    'resnet18': ['TRAIN.BASE_LR', '4e-3', 'TRAIN.EPOCHS', '4'],   # BatchNorm from scratch: 2x lr, 4 epochs
+    # BatchNorm from scratch: 2x lr, 4 epochs; one BasicBlock per stage (timm's ResNet takes ``layers``)
+    'resnet18': ['TRAIN.BASE_LR', '4e-3', 'TRAIN.EPOCHS', '4', 'MODEL.KWARGS', '{layers: [1, 1, 1, 1]}'],
     'convnext_atto': [],
     'swin_tiny_patch4_window7_224': SWIN_KWARGS,
 }

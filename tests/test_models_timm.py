@@ -418,6 +418,13 @@ def test_every_family_has_a_tiny_variant_in_the_normal_timm_suite():
     for mod in {module_of(n) for n in OURS}:
         assert any(module_of(n) == mod for n in tiny), mod
     assert all(n + '_softmax' in tiny for n in tiny if n in FLATTEN and n + '_softmax' in OURS)
+    # a twin left to -m timm_full has its softmax blocks in the hybrid tiny variant's 'S' stages
+    from timm_suite.conftest import COVERED_BY_HYBRID
+    for twin in COVERED_BY_HYBRID:
+        name = twin[:-len('_softmax')]
+        assert name in tiny, twin
+        kinds = {type(m) for m in timm.create_model(name, **tiny_kwargs(name)).modules()}
+        assert {FocusedLinearStripeAttention, LePEAttention} <= kinds, twin
 
 
 def test_models_import_no_experiment_modules():

@@ -16,7 +16,8 @@ filters and only narrows what they return to our names:
   ones parametrised by timm's own names (``test_model_inference`` on timm's hub test models, the
   ``regnetx_002`` fx-features test) test timm itself: they are deselected.
 - the normal run keeps the tiny variant of every family and its ``_softmax`` baseline
-  (``tests/our_registry.py``: the names with the smallest size word). Every other registered name is marked
+  (``tests/our_registry.py``: the names with the smallest size word), except a twin whose softmax blocks
+  the hybrid tiny variant already runs (``COVERED_BY_HYBRID``). Every other registered name is marked
   ``timm_full`` and runs only when asked for: ``python -m pytest tests/timm_suite -m timm_full``.
 """
 from __future__ import annotations
@@ -37,6 +38,11 @@ OURS_BY_MODULE = names_by_module()
 OURS: Set[str] = set(our_names())
 OUR_MODULE_NAMES = sorted({m.split('.')[-1] for m in OURS_BY_MODULE})   # timm keys modules by the last part
 TINY: Set[str] = tiny_names()
+# Tiny softmax twins whose attention the hybrid tiny variant already runs through every test here: the
+# 'S' stages of flatten_cswin_t (LLSS) are the twin's softmax LePE stripes and its global last stage, the
+# same module and branches; the twin runs with -m timm_full. (The Swin twin stays: its shifted windows and
+# mask appear in no FLatten-Swin-T block; the PVT twins stay: FLatten-PVT is LLLL.)
+COVERED_BY_HYBRID: Set[str] = {'flatten_cswin_t_softmax'}
 
 
 # timm picks its plain ViTs for the token-layout ('non-standard') tests by name ('deit*' among
@@ -103,7 +109,7 @@ def pytest_collection_modifyitems(config, items):
         families, why = NOT_YET.get(item.originalname, ((), ''))
         if _kinds(arch) & set(families):
             item.add_marker(pytest.mark.xfail(reason=why, strict=True))
-        if arch in TINY:
+        if arch in TINY and arch not in COVERED_BY_HYBRID:
             keep.append(item)
         else:
             item.add_marker(FULL_MARK)
