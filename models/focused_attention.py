@@ -172,7 +172,7 @@ def _token_norm(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(y, dim=-1).square_().sum(1).sqrt_()
 
 
-def _kernel_input(x: torch.Tensor, pos: Optional[torch.Tensor], heads: int, dtype: torch.dtype) -> torch.Tensor:
+def kernel_input(x: torch.Tensor, pos: Optional[torch.Tensor], heads: int, dtype: torch.dtype) -> torch.Tensor:
     """relu(x + pos) as a new per-head buffer (B, h, N, d) of ``dtype``; x (B, N, C) may be any strided view."""
     B, N, C = x.shape
     xh = x.unflatten(-1, (heads, C // heads)).transpose(1, 2)
@@ -208,7 +208,7 @@ class _FocusedKernelFn(torch.autograd.Function):
     def forward(ctx, x, pos, s, p, heads):
         B, N, C = x.shape
         sh = s.view(1, heads, 1, C // heads)
-        y = _kernel_input(x, pos, heads, s.dtype).add_(EPS).div_(sh)
+        y = kernel_input(x, pos, heads, s.dtype).add_(EPS).div_(sh)
         a = _token_norm(y)
         y.div_(a.view(B, 1, N, 1) * _pow_headroom(p)).pow_(p)
         y.mul_((a / _token_norm(y)).view(B, 1, N, 1))
@@ -223,7 +223,7 @@ class _FocusedKernelFn(torch.autograd.Function):
         p, heads = ctx.p, ctx.heads
         B, N, C = x.shape
         sh = s.view(1, heads, 1, C // heads)
-        yhat = _kernel_input(x, pos, heads, s.dtype).add_(EPS).div_(sh)            # y for now
+        yhat = kernel_input(x, pos, heads, s.dtype).add_(EPS).div_(sh)            # y for now
         a = _token_norm(yhat).view(B, 1, N, 1)
         yhat.div_(a)
         u = yhat.div(_pow_headroom(p)).pow_(p)                                     # 2^(kp) (y / a)^p
@@ -290,14 +290,15 @@ class _LinearCoreFn(torch.autograd.Function):
 def fast_focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
                                   pos: Optional[torch.Tensor], focusing_factor: float, num_heads: int,
                                   dwc: Optional[nn.Conv2d] = None, hw: Optional[Tuple[int, int]] = None,
-                                  core: Optional[Callable] = None, tap: Optional[Callable] = None
-                                  ) -> torch.Tensor:
+                                  core: Optional[Callable] = None, tap: Optional[Callable] = None,
+                                  feature_map: Optional[Callable] = None) -> torch.Tensor:
     """``linear_attention(phi(q), phi(k + pos), v) (+ dwc branch on v laid out as hw)``, the fast way.
 
     q (B, N, C), k, v (B, n, C), any strides (e.g. views of one qkv projection); scale (1, 1, C) raw;
     pos (1, n, C) or None. Returns (B, N, C) in v's dtype. The maths runs in at least float32 (the power p
     overflows float16 otherwise); the dwc convolution runs in v's dtype, as in the reference.
-    ``core(phi_q, phi_k, v, residual)`` replaces the product (the Triton kernel plugs in here); ``tap``, when
+    ``core(phi_q, phi_k, v, residual)`` replaces the product (the Triton kernel plugs in here);
+    ``feature_map(x, pos, s, p, heads)`` replaces the focused kernel (tools/latency.py times the rest); ``tap``, when
     given, is called on (phi_q, phi_k, v) in the (B, n, C) layout for observation (its result is not used).
     """
     B, N, C = q.shape
@@ -312,8 +313,9 @@ def fast_focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         residual = dwc(maps).permute(0, 2, 3, 1).reshape(B, h, N, d)             # a view when channels-last
     with torch.autocast(device_type=v.device.type, enabled=False):
         s = F.softplus(scale.to(compute)).reshape(C)
-        phi_q = _FocusedKernelFn.apply(q, None, s, focusing_factor, h)
-        phi_k = _FocusedKernelFn.apply(k, None if pos is None else pos.to(compute), s, focusing_factor, h)
+        phi = feature_map or _FocusedKernelFn.apply
+        phi_q = phi(q, None, s, focusing_factor, h)
+        phi_k = phi(k, None if pos is None else pos.to(compute), s, focusing_factor, h)
         if tap is not None:
             tap(merge_heads(phi_q), merge_heads(phi_k), v.to(compute))
         vc = vh.to(compute)

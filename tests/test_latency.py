@@ -112,7 +112,7 @@ def test_end_to_end_smoke(tmp_path, capsys):
     assert row['speedup'] == pytest.approx(row['softmax_latency_at_top1'] / ms['tiny-FLatten'])
     assert png.stat().st_size > 0
     (flat,) = [r for r in result['models'] if 'floor_ms' in r]          # --floor: the FLatten model only
-    assert flat['model'] == 'tiny-FLatten' and flat['floor_ms'] > 0
+    assert flat['model'] == 'tiny-FLatten' and flat['floor_ms'] > 0 and flat['unfocused_ms'] > 0
 
 
 def test_attention_core_free_leaves_the_projections():
@@ -132,6 +132,16 @@ def test_attention_core_free_leaves_the_projections():
         q = x @ swin.qkv.weight[:16].T + swin.qkv.bias[:16]
         torch.testing.assert_close(free_swin(x), linear(swin.proj, q))
         assert not torch.allclose(pvt(x), linear(pvt.proj, linear(pvt.q, x)))
+        # the focusing function free: linear attention of relu(q), relu(k + pos) (float64 recomputation, one
+        # head of C = 16 here for PVT: 2 heads of 8) plus the DWC branch, through the fast path's products
+        unfocused = latency.without_focusing(pvt)
+        qh, kh, vh = (t.view(3, 16, 2, 8).transpose(1, 2) for t in (
+            linear(pvt.q, x).relu(), (linear(pvt.kv, x)[..., :16] + pvt.positional_encoding).relu(),
+            linear(pvt.kv, x)[..., 16:]))
+        a = qh @ kh.transpose(-2, -1)
+        attn = (a @ vh / (a.sum(-1, keepdim=True) + 16 * 1e-6)).transpose(1, 2).reshape(3, 16, 16)
+        expect = linear(pvt.proj, attn + pvt.rank_restoration(linear(pvt.kv, x)[..., 16:], (4, 4)))
+        torch.testing.assert_close(unfocused(x), expect)
         compiled, compiled_free = (torch.compile(m, backend='eager') for m in (pvt, free_pvt))
         torch.testing.assert_close((compiled(x), compiled_free(x)), (full[0], free_pvt(x)))
         torch.testing.assert_close((pvt(x), swin(x)), full)

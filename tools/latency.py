@@ -26,7 +26,9 @@ model is reported as a lower bound ('>='); below the least accurate, nothing.
 (:func:`without_attention_core`: every focused linear attention returns its projected queries), so the time left
 is the rest of the model: projections, MLPs, norms, patch embeddings, softmax stages. With ``--reference``
 the report divides the official code's latency by it: the most our code could be ahead of the official code
-if the attention core cost nothing, the bound that the float32 work both codes share sets.
+if the attention core cost nothing, the bound that the float32 work both codes share sets. Eager runs also
+time a third copy with only the focusing function free (:func:`without_focusing`): the core's products,
+DWC and layouts still run, the bound for the cheapest core linear attention allows.
 """
 from __future__ import annotations
 
@@ -174,6 +176,32 @@ def without_attention_core(model: nn.Module) -> nn.Module:
     return floor
 
 
+def _relu_map(x: torch.Tensor, pos: Optional[torch.Tensor], s: torch.Tensor, p: float, heads: int) -> torch.Tensor:
+    from models.focused_attention import kernel_input
+    return kernel_input(x, pos, heads, s.dtype)
+
+
+def _attend_unfocused(self: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    from models.focused_attention import fast_focused_linear_attention
+    return fast_focused_linear_attention(q, k, v, self.scale, self.kv_positional_encoding(k.shape[1]),
+                                         self.focusing_factor, self.num_heads, None if hw is None else self.dwc, hw,
+                                         feature_map=_relu_map)
+
+
+def without_focusing(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose focused linear attentions run the fast path with the focusing function
+    replaced by one pass (relu(x + pos) into the per-head buffer): the products, normaliser, DWC and layouts
+    still run, so what it costs is the model with the cheapest core this attention could have (``--floor``,
+    eager only: the fast path's autograd Functions do not export)."""
+    from models.focused_attention import FocusedLinearAttentionBase
+    floor = copy.deepcopy(model)
+    for m in floor.modules():
+        if isinstance(m, FocusedLinearAttentionBase):
+            m.__class__ = type(f'Unfocused{type(m).__name__}', (type(m),), {'attend': _attend_unfocused})
+    return floor
+
+
 # ----------------------------------------------------------------------------- run
 def _img_size(config) -> int:
     return config.DATA.IMG_SIZE
@@ -197,9 +225,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             check = check_predictions(model, runner, images)
             x = make_input(args.batch, size, device, False)
             e = {'pub': p, 'model': model, 'runner': runner, 'x': x, 'check': check, 'ms': [], 'official': None,
-                 'official_ms': [], 'floor': None, 'floor_ms': []}
+                 'official_ms': [], 'floor': None, 'floor_ms': [], 'unfocused': None, 'unfocused_ms': []}
             if args.floor and p.kind == 'flatten':
                 e['floor'] = make_runner(without_attention_core(model), args.runtime, images)
+                if args.runtime == 'eager':
+                    e['unfocused'] = without_focusing(model)
             if args.reference and p.kind == 'flatten':
                 opts = {'device': args.device, 'batch': args.batch, 'img_size': size, 'dtype': 'float32',
                         'channels_last': False, 'compile': False, 'warmup': args.warmup, 'repeats': args.repeats,
@@ -217,13 +247,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     step()                     # first call at this shape (compile, lazy init) outside the rounds
                 t = time_calls(step, device, args.warmup, args.repeats)
                 e['ms'].append(1e3 * t['wall_s'])
-                if e['floor'] is not None:
-                    def floor_step(e=e):
+                for key in ('floor', 'unfocused'):
+                    if e[key] is None:
+                        continue
+                    def floor_step(e=e, key=key):
                         with torch.no_grad():
-                            e['floor'](e['x'])
+                            e[key](e['x'])
                     if r == 0:
                         floor_step()
-                    e['floor_ms'].append(1e3 * time_calls(floor_step, device, args.warmup, args.repeats)['wall_s'])
+                    e[key + '_ms'].append(1e3 * time_calls(floor_step, device, args.warmup, args.repeats)['wall_s'])
                 if e['official']:
                     res = e['official'].measure(['infer'])['infer']
                     e['official_ms'].append(1e3 * args.batch / res['img_s'])
@@ -251,6 +283,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             row['core_share'] = 1 - row['floor_ms'] / row['ms']
             if 'official_ms' in row:
                 row['bound_vs_official'] = row['official_ms'] / row['floor_ms']
+        if e['unfocused_ms']:
+            row['unfocused_ms'] = statistics.median(e['unfocused_ms'])
+            if 'official_ms' in row:
+                row['bound_unfocused_vs_official'] = row['official_ms'] / row['unfocused_ms']
         rows.append(row)
     speedups = speedups_of_rows(rows, TABLE if not args.smoke else _smoke_table())
     return {'environment': env, 'args': {k: v for k, v in vars(args).items() if k != 'func'}, 'models': rows,
@@ -348,13 +384,16 @@ def print_report(result: Dict[str, Any]) -> None:
     floors = [r for r in result['models'] if 'floor_ms' in r]
     if floors:
         print()
-        print('| FLatten model | ms | ms with the attention core free | core share | official code ms | '
-              'bound: official / core-free |')
-        print('|---|---:|---:|---:|---:|---:|')
+        print('| FLatten model | ms | ms with the attention core free | core share | ms with the focusing '
+              'function free | official code ms | bound: official / core-free | official / focusing-free |')
+        print('|---|---:|---:|---:|---:|---:|---:|---:|')
         for r in floors:
+            unf = f"{r['unfocused_ms']:.1f}" if 'unfocused_ms' in r else '-'
             off = (f"{r['official_ms']:.1f} | {r['bound_vs_official']:.2f}x" if 'bound_vs_official' in r
                    else '- | -')
-            print(f"| {r['model']} | {r['ms']:.1f} | {r['floor_ms']:.1f} | {100 * r['core_share']:.0f}% | {off} |")
+            off += f" | {r['bound_unfocused_vs_official']:.2f}x" if 'bound_unfocused_vs_official' in r else ' | -'
+            print(f"| {r['model']} | {r['ms']:.1f} | {r['floor_ms']:.1f} | {100 * r['core_share']:.0f}% | {unf} "
+                  f"| {off} |")
     print()
     print('| FLatten model | top-1 | softmax latency at that top-1 | speed-up | official code\'s speed-up | paper (CPU) |')
     print('|---|---:|---|---:|---:|---:|')
