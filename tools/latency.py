@@ -163,17 +163,23 @@ def _attend_nothing(self: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.
     return q
 
 
-def without_attention_core(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose focused linear attentions (:class:`models.focused_attention.FocusedLinearAttentionBase`)
-    output their projected queries q (B, N, C) at no cost; the projections around them still run. What it
-    costs is everything but the focused attention core (``--floor``). Each such module gets a subclass of its
-    own class, so torch.compile traces (and guards) the copy apart from the model."""
+def _with_attend(model: nn.Module, prefix: str, attend: Callable) -> nn.Module:
+    """A copy of ``model`` in which every focused linear attention (:class:`models.focused_attention.
+    FocusedLinearAttentionBase`) is an instance of a subclass of its class with ``attend`` replaced: torch.compile
+    traces (and guards) the copy apart from the model."""
     from models.focused_attention import FocusedLinearAttentionBase
-    floor = copy.deepcopy(model)
-    for m in floor.modules():
+    copied = copy.deepcopy(model)
+    for m in copied.modules():
         if isinstance(m, FocusedLinearAttentionBase):
-            m.__class__ = type(f'CoreFree{type(m).__name__}', (type(m),), {'attend': _attend_nothing})
-    return floor
+            m.__class__ = type(f'{prefix}{type(m).__name__}', (type(m),), {'attend': attend})
+    return copied
+
+
+def without_attention_core(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose focused linear attentions output their projected queries q (B, N, C) at no
+    cost; the projections around them still run. What it costs is everything but the focused attention core
+    (``--floor``)."""
+    return _with_attend(model, 'CoreFree', _attend_nothing)
 
 
 def _relu_map(x: torch.Tensor, pos: Optional[torch.Tensor], s: torch.Tensor, p: float, heads: int) -> torch.Tensor:
@@ -194,12 +200,7 @@ def without_focusing(model: nn.Module) -> nn.Module:
     replaced by one pass (relu(x + pos) into the per-head buffer): the products, normaliser, DWC and layouts
     still run, so what it costs is the model with the cheapest core this attention could have (``--floor``,
     eager only: the fast path's autograd Functions do not export)."""
-    from models.focused_attention import FocusedLinearAttentionBase
-    floor = copy.deepcopy(model)
-    for m in floor.modules():
-        if isinstance(m, FocusedLinearAttentionBase):
-            m.__class__ = type(f'Unfocused{type(m).__name__}', (type(m),), {'attend': _attend_unfocused})
-    return floor
+    return _with_attend(model, 'Unfocused', _attend_unfocused)
 
 
 # ----------------------------------------------------------------------------- run
