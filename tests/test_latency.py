@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tools import latency
 from tools.published_top1 import TABLE, Published
@@ -132,18 +133,22 @@ def test_attention_core_free_leaves_the_projections():
         q = x @ swin.qkv.weight[:16].T + swin.qkv.bias[:16]
         torch.testing.assert_close(free_swin(x), linear(swin.proj, q))
         assert not torch.allclose(pvt(x), linear(pvt.proj, linear(pvt.q, x)))
-        # the focusing function free: linear attention of relu(q), relu(k + pos) (float64 recomputation, one
-        # head of C = 16 here for PVT: 2 heads of 8) plus the DWC branch, through the fast path's products
+        # the focusing function free: linear attention of relu(q), relu(k + pos) per head (2 heads of 8
+        # channels), plus the DWC branch (one 3 x 3 depth-wise kernel shared by the heads, on each head's 4 x 4
+        # image of v), all recomputed here in float64
         unfocused = latency.without_focusing(pvt)
-        qh, kh, vh = (t.view(3, 16, 2, 8).transpose(1, 2) for t in (
-            linear(pvt.q, x).relu(), (linear(pvt.kv, x)[..., :16] + pvt.positional_encoding).relu(),
-            linear(pvt.kv, x)[..., 16:]))
+        k, v = linear(pvt.kv, x).split(16, dim=-1)
+        heads = lambda t: t.view(3, 16, 2, 8).transpose(1, 2)                  # noqa: E731  (B, h, N, d)
+        qh, kh, vh = heads(linear(pvt.q, x).relu()), heads((k + pvt.positional_encoding).relu()), heads(v)
         a = qh @ kh.transpose(-2, -1)
-        attn = (a @ vh / (a.sum(-1, keepdim=True) + 16 * 1e-6)).transpose(1, 2).reshape(3, 16, 16)
-        expect = linear(pvt.proj, attn + pvt.rank_restoration(linear(pvt.kv, x)[..., 16:], (4, 4)))
+        attn = a @ vh / (a.sum(-1, keepdim=True) + 16 * 1e-6)
+        images = vh.reshape(6, 4, 4, 8).permute(0, 3, 1, 2)                    # (B * h, d, H, W)
+        dwc = F.conv2d(images, pvt.dwc.weight, pvt.dwc.bias, padding=pvt.dwc.padding, groups=8)
+        dwc = dwc.permute(0, 2, 3, 1).reshape(3, 2, 16, 8)
+        expect = linear(pvt.proj, (attn + dwc).transpose(1, 2).reshape(3, 16, 16))
         torch.testing.assert_close(unfocused(x), expect)
         compiled, compiled_free = (torch.compile(m, backend='eager') for m in (pvt, free_pvt))
-        torch.testing.assert_close((compiled(x), compiled_free(x)), (full[0], free_pvt(x)))
+        torch.testing.assert_close((compiled(x), compiled_free(x)), (full[0], linear(pvt.proj, linear(pvt.q, x))))
         torch.testing.assert_close((pvt(x), swin(x)), full)
 
 
